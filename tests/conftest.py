@@ -1,0 +1,126 @@
+"""Shared fakes and checks for the test suite.
+
+Step functions live here (a module spawned workers can import) as well as in
+the test modules; lambdas and closures are tested on purpose elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+START_METHODS = ["fork", "spawn", "forkserver"]
+
+
+
+def _is_python_helper(process: psutil.Process) -> bool:
+    """Python's own resource tracker and forkserver (not torchqueue's): they live as long as the interpreter."""
+    cmdline = " ".join(process.cmdline())
+    return "multiprocessing.resource_tracker" in cmdline or "multiprocessing.forkserver" in cmdline
+
+
+def double(x):
+    return 2 * x
+
+
+def square(x):
+    return x * x
+
+
+def identity(x):
+    return x
+
+
+def random_sleep(x):
+    """Sleeps 0-3 ms, differently per element, so workers finish out of order."""
+    time.sleep(random.random() * 0.003)
+    return x
+
+
+def fail_on_seven(x):
+    if x == 7:
+        raise ValueError("element seven is bad")
+    return x
+
+
+class NeedsTwoArgs(Exception):
+    """An exception that cannot be rebuilt from a message alone."""
+
+    def __init__(self, a, b):
+        super().__init__(a, b)
+
+
+def raise_unrebuildable(x):
+    raise NeedsTwoArgs("a", "b")
+
+
+def exit_hard(x):
+    if x == 3:
+        os._exit(7)
+    return x
+
+
+def kill_self(x):
+    if x == 3:
+        os.kill(os.getpid(), 9)
+    return x
+
+
+def failing_source(n):
+    """An input iterable that raises after ``n`` elements."""
+    yield from range(n)
+    raise OSError("the source broke")
+
+
+def worker_children() -> list[psutil.Process]:
+    """Live descendants of this process, Python's own helpers excepted (not their children)."""
+    me = psutil.Process()
+    helpers = set()
+    for child in me.children():
+        try:
+            if _is_python_helper(child):
+                helpers.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    out = []
+    for child in me.children(recursive=True):
+        try:
+            if child.pid in helpers or child.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        out.append(child)
+    return out
+
+
+def assert_no_workers(seconds: float = 10.0) -> None:
+    """Every worker process is gone (waits up to ``seconds`` for them to finish exiting)."""
+    deadline = time.monotonic() + seconds
+    while (kids := worker_children()) and time.monotonic() < deadline:
+        psutil.wait_procs(kids, timeout=0.1)
+    assert not worker_children(), f"worker processes still alive: {[p.pid for p in worker_children()]}"
+
+
+def shm_segments() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.iterdir()} if shm.exists() else set()
+
+
+@pytest.fixture
+def no_leaks():
+    """Asserts that a test leaves no worker process and no shared-memory segment behind."""
+    before = shm_segments()
+    yield
+    assert_no_workers()
+    left = shm_segments() - before
+    assert not left, f"shared-memory segments left behind: {sorted(left)}"
+
+
+@pytest.fixture(params=START_METHODS)
+def start_method(request) -> str:
+    return request.param

@@ -1,0 +1,149 @@
+"""Errors reach the consumer with their type, step and traceback; dead workers never hang it."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+
+import pytest
+
+import torchqueue as tq
+from conftest import (
+    assert_no_workers,
+    double,
+    exit_hard,
+    fail_on_seven,
+    failing_source,
+    identity,
+    kill_self,
+    raise_unrebuildable,
+    random_sleep,
+)
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_step_exception_is_raised_with_its_type_step_and_traceback(start_method, ordered):
+    got = []
+    seq = tq.Sequence(tq.ProcessStep(fail_on_seven, 2, name="checker"), ordered=ordered, context=start_method)
+    with pytest.raises(ValueError) as info:
+        for value in seq(range(20)):
+            got.append(value)
+    message = str(info.value)
+    assert "element seven is bad" in message and "checker" in message
+    assert "Traceback" in message and "fail_on_seven" in message
+    if ordered:  # everything before the failing element was delivered, nothing after
+        assert got == list(range(7))
+    seq.close()
+    assert_no_workers()
+
+
+def test_regression_1_an_exception_does_not_end_the_epoch_as_if_it_finished():
+    with tq.Sequence(tq.PoolStep(fail_on_seven, nworkers=2), tq.RepackStep(4)) as seq:
+        with pytest.raises(ValueError, match="seven"):
+            list(seq([list(range(5)), list(range(5, 10))]))
+
+
+def test_an_exception_that_cannot_be_rebuilt_becomes_a_pipeline_error():
+    with tq.Sequence(tq.ProcessStep(raise_unrebuildable, name="odd")) as seq:
+        with pytest.raises(tq.PipelineError, match="NeedsTwoArgs in step 'odd'"):
+            list(seq(range(3)))
+
+
+def test_an_exception_of_the_input_iterable_is_raised_in_order():
+    got = []
+    with tq.Sequence(tq.ProcessStep(double, 2)) as seq:
+        with pytest.raises(OSError, match="the source broke") as info:
+            for value in seq(failing_source(5)):
+                got.append(value)
+    assert got == [0, 2, 4, 6, 8] and "'input'" in str(info.value)
+
+
+def test_a_failed_sequence_refuses_further_use_with_a_clear_error():
+    seq = tq.Sequence(tq.ProcessStep(fail_on_seven))
+    with pytest.raises(ValueError):
+        list(seq(range(10)))
+    with pytest.raises(tq.PipelineError, match="earlier error"):
+        seq.queue_iterable(range(3))
+    seq.close()
+
+
+def test_regression_2_a_failed_or_closed_sequence_does_not_affect_another():
+    failed = tq.Sequence(tq.ProcessStep(fail_on_seven, 2))
+    with pytest.raises(ValueError):
+        list(failed(range(10)))
+    closed = tq.Sequence(tq.ProcessStep(double, 2))
+    list(closed(range(3)))
+    closed.close()
+    with tq.Sequence(tq.ProcessStep(double, 2)) as fresh:
+        assert list(fresh(range(10))) == [2 * i for i in range(10)]
+    failed.close()
+
+
+@pytest.mark.parametrize(
+    "steps, element, words",
+    [
+        ((tq.UnpackStep(),), 5, "UnpackStep"),
+        ((tq.PoolStep(double, nworkers=2),), 5, "PoolStep"),
+        ((tq.ProcessStep(identity), tq.PackStep(2), tq.UnpackStep(), tq.UnpackStep()), 5, "UnpackStep"),
+    ],
+)
+def test_regression_4_an_error_in_a_stream_step_is_raised_not_hung(steps, element, words):
+    with tq.Sequence(*steps) as seq:
+        with pytest.raises(TypeError, match=words):
+            list(seq([element]))
+
+
+def test_on_error_skip_drops_failing_elements_warns_once_and_counts_them():
+    with tq.Sequence(tq.ProcessStep(fail_on_seven, 2, name="checker"), on_error="skip") as seq:
+        with pytest.warns(RuntimeWarning, match="checker") as warned:
+            out = list(seq(list(range(20)) + [7, 7]))
+        assert out == [x for x in range(20) if x != 7]
+        assert len([w for w in warned if "checker" in str(w.message)]) == 1
+        assert seq.stats()["checker"].skipped == 3
+
+
+def test_on_error_skip_in_a_pool_drops_only_the_failing_items():
+    with tq.Sequence(tq.PoolStep(fail_on_seven, nworkers=2, name="pool"), on_error="skip") as seq:
+        with pytest.warns(RuntimeWarning, match="pool"):
+            out = list(seq([list(range(5)), list(range(5, 10))]))
+    assert out == [[0, 1, 2, 3, 4], [5, 6, 8, 9]]
+
+
+def test_on_error_skip_in_a_stream_step_drops_bad_elements():
+    with tq.Sequence(tq.UnpackStep(), on_error="skip") as seq:
+        with pytest.warns(RuntimeWarning, match="UnpackStep"):
+            assert list(seq([[1, 2], 3, [4]])) == [1, 2, 4]
+
+
+@pytest.mark.parametrize("function, words", [(kill_self, "SIGKILL"), (exit_hard, "code 7")])
+def test_regression_6_a_dead_worker_raises_worker_died_error_naming_step_and_cause(function, words):
+    start = time.monotonic()
+    with tq.Sequence(tq.ProcessStep(random_sleep, 2), tq.ProcessStep(function, 2, name="fragile"), tq.RepackStep(3)) as seq:
+        with pytest.raises(tq.WorkerDiedError, match=words) as info:
+            list(seq(range(50)))
+    assert "fragile" in str(info.value)
+    assert time.monotonic() - start < 15
+
+
+def test_a_worker_that_cannot_start_is_reported_with_its_traceback(tmp_path):
+    module = tmp_path / "vanishing_module.py"
+    module.write_text(textwrap.dedent("""
+        def inc(x):
+            return x + 1
+    """))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import vanishing_module
+
+        seq = tq.Sequence(tq.ProcessStep(vanishing_module.inc, name="inc"), context="spawn")
+        module.unlink()
+        with pytest.raises(tq.PipelineError, match="could not start") as info:
+            list(seq(range(3)))
+        assert "vanishing_module" in str(info.value)
+        seq.close()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("vanishing_module", None)

@@ -1,0 +1,110 @@
+"""Random pipelines: ordered output equals the sequential reference; unordered, the same multiset."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import torchqueue as tq
+from torchqueue._generators import pack, repack, unpack
+from conftest import assert_no_workers
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def jitter(x):
+    """Identity with a delay that depends on the element, so workers finish out of order."""
+    time.sleep(random.random() * 0.002)
+    return x
+
+
+def tag(x):
+    return ("t", x) if not isinstance(x, list) else [("t", v) for v in x]
+
+
+def reference(kinds, epoch):
+    """What running every step in order in one process gives."""
+    stream = list(epoch)
+    for kind, arg in kinds:
+        if kind == "process":
+            stream = [tag(x) for x in stream]
+        elif kind == "pool":
+            stream = [[tag(x) for x in element] for element in stream]
+        elif kind == "pack":
+            stream = list(pack(stream, arg))
+        elif kind == "unpack":
+            stream = list(unpack(stream))
+        elif kind == "repack":
+            stream = list(repack(stream, arg))
+    return stream
+
+
+def build(kinds, workers, capacities):
+    elements = []
+    for (kind, arg), n, cap in zip(kinds, workers, capacities):
+        if kind == "process":
+            elements.append(tq.ProcessStep(_tag_jitter, n))
+        elif kind == "pool":
+            elements.append(tq.PoolStep(_tag_jitter, nworkers=n))
+        elif kind == "pack":
+            elements.append(tq.PackStep(arg))
+        elif kind == "unpack":
+            elements.append(tq.UnpackStep())
+        elif kind == "repack":
+            elements.append(tq.RepackStep(arg))
+        if cap:
+            elements.append(tq.Queue(cap))
+    return elements
+
+
+def _tag_jitter(x):
+    return tag(jitter(x))
+
+
+@st.composite
+def pipelines(draw):
+    """Step kinds chosen so that every element is a list where a step needs an iterable."""
+    kinds = []
+    listy = True  # the input epochs are lists of lists
+    for _ in range(draw(st.integers(1, 4))):
+        options = ["process", "pack"] + (["pool", "unpack", "repack"] if listy else [])
+        kind = draw(st.sampled_from(options))
+        arg = draw(st.integers(1, 4)) if kind in ("pack", "repack") else None
+        kinds.append((kind, arg))
+        listy = kind in ("pack", "repack", "pool") or (kind == "process" and listy)
+        if kind == "unpack":
+            listy = False
+    workers = [draw(st.integers(1, 3)) for _ in kinds]
+    capacities = [draw(st.sampled_from([0, 1, 3])) for _ in kinds]
+    epochs = draw(
+        st.lists(st.lists(st.lists(st.integers(0, 99), max_size=5), max_size=8), min_size=1, max_size=3)
+    )
+    return kinds, workers, capacities, epochs
+
+
+def canonical(value):
+    return repr(value)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pipeline=pipelines(), ordered=st.booleans())
+def test_random_pipelines_match_the_sequential_reference(pipeline, ordered):
+    kinds, workers, capacities, epochs = pipeline
+    with tq.Sequence(*build(kinds, workers, capacities), ordered=ordered, context="fork") as seq:
+        for epoch in epochs:
+            seq.queue_iterable(epoch)
+        got = [list(seq) for _ in epochs]
+    for out, epoch in zip(got, epochs):
+        want = reference(kinds, epoch)
+        if ordered:
+            assert out == want
+        else:
+            assert len(out) == len(want)
+            if not any(kind in ("pack", "repack") for kind, _ in kinds):
+                assert Counter(map(canonical, out)) == Counter(map(canonical, want))
+    assert_no_workers()

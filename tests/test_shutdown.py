@@ -1,0 +1,187 @@
+"""Shutdown: every exit path leaves no worker and no shared memory; user signal handlers are kept."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+import torchqueue as tq
+from conftest import START_METHODS, assert_no_workers, double, random_sleep
+
+pytestmark = [pytest.mark.timeout(120)]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def run_script(tmp_path):
+    """Starts Python scripts that use torchqueue (stdout: JSON lines); kills what is left at the end."""
+    started: list[subprocess.Popen] = []
+
+    def run(body: str, **kwargs) -> subprocess.Popen:
+        path = tmp_path / f"script{len(started)}.py"
+        path.write_text(textwrap.dedent(body))
+        process = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, cwd=ROOT, text=True, **kwargs)
+        started.append(process)
+        return process
+
+    yield run
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
+        process.stdout.close()
+
+
+def read_json_line(process: subprocess.Popen) -> dict:
+    line = process.stdout.readline()
+    assert line, f"script ended early with code {process.wait(30)}"
+    return json.loads(line)
+
+
+def wait_gone(pids: list[int], seconds: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.05)  # polling an external condition, not synchronising with our own code
+    return alive
+
+
+PIPELINE = """
+import json, os, sys, time, psutil
+import torchqueue as tq
+
+def slow(x):
+    time.sleep(0.05)
+    return x
+
+def worker_pids():
+    helpers = {{c.pid for c in psutil.Process().children()
+               if "multiprocessing.resource_tracker" in " ".join(c.cmdline())
+               or "multiprocessing.forkserver" in " ".join(c.cmdline())}}
+    return [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in helpers]
+
+if __name__ == "__main__":
+    seq = tq.Sequence(tq.ProcessStep(slow, 2), tq.PoolStep(slow, nworkers=2), context=sys.argv[1] if len(sys.argv) > 1 else "{method}")
+    it = seq((range(i, i + 3) for i in range(10**6)))
+    next(it)
+    print(json.dumps({{"pid": os.getpid(), "workers": worker_pids()}}), flush=True)
+"""
+
+
+def test_close_is_idempotent_and_with_blocks_close(no_leaks):
+    seq = tq.Sequence(tq.ProcessStep(double, 2))
+    assert list(seq(range(4))) == [0, 2, 4, 6]
+    seq.close()
+    seq.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        seq.queue_iterable(range(3))
+    with tq.Sequence(tq.ProcessStep(double, 2)) as other:
+        list(other(range(4)))
+    assert_no_workers()
+
+
+def test_close_in_the_middle_of_an_epoch(no_leaks):
+    seq = tq.Sequence(tq.ProcessStep(random_sleep, 2), tq.PoolStep(random_sleep, nworkers=2))
+    it = seq(([i] * 5 for i in range(10**6)))
+    assert next(it) == [0] * 5
+    seq.close()
+    with pytest.raises(RuntimeError):
+        next(it)
+
+
+def test_break_and_dropping_the_last_reference_stops_everything(no_leaks):
+    for value in tq.Sequence(tq.ProcessStep(double, 2), tq.ProcessStep(double, 2))(range(10**9)):
+        if value > 10:
+            break
+    del value
+    gc.collect()
+    assert_no_workers()
+
+
+def test_closing_a_sequence_while_another_thread_iterates_it_ends_that_iteration(no_leaks):
+    import threading
+
+    seq = tq.Sequence(tq.ProcessStep(random_sleep, 2))
+    it = seq(range(10**9))
+    next(it)
+    errors = []
+
+    def consume():
+        try:
+            for _ in it:
+                pass
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    seq.close()
+    thread.join(30)
+    assert not thread.is_alive() and errors
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_interpreter_exit_without_close_leaves_no_worker(method, run_script):
+    process = run_script(PIPELINE.format(method=method))
+    info = read_json_line(process)
+    assert len(info["workers"]) == 4
+    assert process.wait(60) == 0
+    assert wait_gone(info["workers"]) == []
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_regression_5_workers_exit_when_their_parent_is_killed(method, run_script):
+    process = run_script(PIPELINE.format(method=method).replace('print(json', 'print(json').rstrip() + "\n    time.sleep(600)\n")
+    info = read_json_line(process)
+    os.kill(info["pid"], signal.SIGKILL)
+    process.wait(30)
+    assert wait_gone(info["workers"]) == []
+
+
+def test_ctrl_c_to_the_process_group_stops_everything_cleanly(run_script):
+    head, _ = PIPELINE.format(method="fork").split("    it = seq(")
+    body = head + textwrap.indent(textwrap.dedent("""
+        try:
+            it = seq((range(i, i + 3) for i in range(10**6)))
+            next(it)
+            print(json.dumps({"pid": os.getpid(), "workers": worker_pids()}), flush=True)
+            for _ in it:
+                pass
+        except KeyboardInterrupt:
+            print(json.dumps({"interrupted": True}), flush=True)
+            seq.close()
+            print(json.dumps({"workers": worker_pids()}), flush=True)
+    """), "    ")
+    process = run_script(body, start_new_session=True)
+    info = read_json_line(process)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: workers get it too
+    assert read_json_line(process) == {"interrupted": True}
+    assert read_json_line(process) == {"workers": []}
+    assert process.wait(60) == 0
+    assert wait_gone(info["workers"]) == []
+
+
+def test_regression_8_user_signal_handlers_are_left_alone():
+    def handler(signum, frame):
+        pass
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with tq.Sequence(tq.ProcessStep(double, 2)) as seq:
+            list(seq(range(10)))
+        assert signal.getsignal(signal.SIGINT) is handler
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,60 @@
+"""stats(): per-step figures, the bottleneck, a readable table and a plot."""
+
+import time
+
+import matplotlib
+import pytest
+
+import torchqueue as tq
+from conftest import double, identity
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
+
+
+def busy(x):
+    deadline = time.perf_counter() + 0.004
+    while time.perf_counter() < deadline:
+        pass
+    return x
+
+
+def test_stats_count_elements_and_name_the_bottleneck():
+    with tq.Sequence(tq.ProcessStep(identity, 1, name="fast"), tq.PoolStep(busy, nworkers=1), tq.RepackStep(10)) as seq:
+        out = list(seq([list(range(50)), list(range(50))]))
+        stats = seq.stats()
+    assert len(out) == 10
+    assert list(stats) == ["fast", "busy", "RepackStep(10)"]
+    assert stats["fast"].elements_in == 2 and stats["fast"].elements_out == 2
+    assert stats["busy"].elements_in == 100 and stats["busy"].elements_out == 100
+    assert stats["busy"].busy_s >= 100 * 0.004 * 0.9
+    assert stats["RepackStep(10)"].elements_in == 2 and stats["RepackStep(10)"].elements_out == 10
+    assert stats.bottleneck == "busy"
+    assert 0.0 <= stats["fast"].queue_fill <= 1.0
+    assert stats["fast"].wait_in_s > 0
+
+
+def test_printing_stats_shows_one_row_per_step_and_a_hint():
+    with tq.Sequence(tq.ProcessStep(busy, 1, name="slowstep"), tq.ProcessStep(double, 1)) as seq:
+        list(seq(range(100)))
+        text = str(seq.stats())
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["step", "workers", "in"]
+    assert lines[1].startswith("slowstep") and lines[2].startswith("double")
+    assert "slowstep" in lines[-1] and "more workers" in lines[-1]
+
+
+def test_stats_before_start_are_zero():
+    seq = tq.Sequence(tq.ProcessStep(double, 2))
+    stats = seq.stats()
+    assert stats["double"].elements_in == 0 and stats["double"].nworkers == 2
+    seq.close()
+
+
+def test_plot_returns_a_matplotlib_figure(tmp_path):
+    matplotlib.use("Agg")
+    with tq.Sequence(tq.ProcessStep(busy, 1), tq.ProcessStep(double, 1)) as seq:
+        list(seq(range(20)))
+        figure = seq.stats().plot()
+    figure.savefig(tmp_path / "stats.png")
+    assert (tmp_path / "stats.png").stat().st_size > 1000
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["busy", "double"]

@@ -1,0 +1,77 @@
+"""Step declarations validate their arguments at the call, saying what to change."""
+
+import dataclasses
+
+import pytest
+import torch.multiprocessing as mp
+
+import torchqueue as tq
+from conftest import double
+
+
+@pytest.mark.parametrize(
+    "make, error, words",
+    [
+        (lambda: tq.ProcessStep(42, 1), TypeError, "callable"),
+        (lambda: tq.ProcessStep(double, 0), ValueError, ">= 1"),
+        (lambda: tq.ProcessStep(double, 1.5), TypeError, "int"),
+        (lambda: tq.ProcessStep(double, True), TypeError, "int"),
+        (lambda: tq.PoolStep("f", nworkers=2), TypeError, "callable"),
+        (lambda: tq.PoolStep(double, nworkers=-1), ValueError, ">= 1"),
+        (lambda: tq.RepackStep(0), ValueError, "batch_size"),
+        (lambda: tq.RepackStep(2, drop_last="yes"), TypeError, "drop_last"),
+        (lambda: tq.PackStep(0), ValueError, "PackStep"),
+        (lambda: tq.Queue(0), ValueError, "capacity"),
+        (lambda: tq.Queue("3"), TypeError, "capacity"),
+        (lambda: tq.ProcessStep(double, 1, name=""), TypeError, "name"),
+    ],
+)
+def test_bad_step_arguments_raise_at_the_call(make, error, words):
+    with pytest.raises(error, match=words):
+        make()
+
+
+def test_steps_are_frozen_declarations():
+    step = tq.ProcessStep(double, 2, name="d")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        step.nworkers = 3  # type: ignore[misc]
+    assert step == tq.ProcessStep(double, 2, name="d")
+
+
+@pytest.mark.parametrize(
+    "elements, error, words",
+    [
+        ((), ValueError, "at least one step"),
+        ((tq.Queue(2),), ValueError, "at least one step"),
+        ((tq.ProcessStep(double), 42), TypeError, "element 1"),
+        ((tq.ProcessStep(double), tq.Queue(1), tq.Queue(2)), ValueError, "two queues"),
+        ((tq.ProcessStep(double, name="a"), tq.ProcessStep(double, name="a")), ValueError, "unique"),
+        ((tq.ProcessStep(double), mp.Queue()), ValueError, "unbounded"),
+    ],
+)
+def test_bad_sequences_raise_at_construction(elements, error, words):
+    with pytest.raises(error, match=words):
+        tq.Sequence(*elements)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [({"ordered": "yes"}, TypeError), ({"on_error": "ignore"}, ValueError), ({"context": "thread"}, ValueError), ({"context": 3}, TypeError)],
+)
+def test_bad_sequence_options_raise_at_construction(kwargs, error):
+    with pytest.raises(error):
+        tq.Sequence(tq.ProcessStep(double), **kwargs)
+
+
+def test_a_non_iterable_input_raises_in_the_caller():
+    with tq.Sequence(tq.ProcessStep(double)) as seq:
+        with pytest.raises(TypeError, match="iterable"):
+            seq.queue_iterable(42)
+
+
+def test_an_unpicklable_function_under_spawn_raises_at_construction():
+    import threading
+
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        tq.Sequence(tq.ProcessStep(lambda x: (lock, x)), context="spawn")

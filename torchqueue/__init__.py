@@ -1,0 +1,34 @@
+"""torchqueue: staged multi-process data pipelines for PyTorch.
+
+Module map (see ``torchqueue/README.md`` for the life of one element):
+
+- ``steps``: declarations (ProcessStep, PoolStep, PackStep, UnpackStep, RepackStep, Queue);
+- ``sequence``: ``Sequence``, epochs in and outputs out;
+- ``stats``: ``Stats`` and ``StepStats``;
+- ``errors``: ``PipelineError``, ``WorkerDiedError``;
+- private: ``_plan`` (elements -> stages and bounds), ``_runtime`` (processes, feeder,
+  shutdown), ``_worker`` (worker loops), ``_channel`` (bounded pipes), ``_collect``
+  (reorder and join), ``_messages`` (envelope and control messages), ``_serialize``,
+  ``_generators`` (pack / unpack / repack).
+"""
+
+from torchqueue.errors import PipelineError, WorkerDiedError
+from torchqueue.sequence import Sequence
+from torchqueue.stats import Stats, StepStats
+from torchqueue.steps import PackStep, PoolStep, ProcessStep, Queue, RepackStep, UnpackStep
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PackStep",
+    "PipelineError",
+    "PoolStep",
+    "ProcessStep",
+    "Queue",
+    "RepackStep",
+    "Sequence",
+    "Stats",
+    "StepStats",
+    "UnpackStep",
+    "WorkerDiedError",
+]

@@ -1,0 +1,148 @@
+"""A bounded, many-to-many message pipe between processes that never blocks for good.
+
+Each message is a length-prefixed byte string on an OS pipe. A semaphore
+counts free slots (``capacity`` messages at most are in the pipe), one lock
+serialises writers and one serialises readers. Both pipe ends are
+non-blocking and every wait is a ``select`` or a lock/semaphore acquire with a
+short timeout, after which the caller's ``alive`` check runs: a stop request or
+a dead peer ends the wait instead of hanging it.
+
+    writers (any process)            readers (any process)
+      slots.acquire()   ─┐          ┌─ rlock: select + read one whole message
+      wlock: write len+bytes ─► pipe ─► slots.release()
+
+A writer killed in the middle of a message leaves the pipe unusable; its
+death is what the liveness checks report, and the pipeline is shut down.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+from collections.abc import Callable
+from multiprocessing.context import BaseContext
+from typing import Any
+
+POLL_S = 0.05
+"""How often a blocked call wakes to run its ``alive`` check."""
+
+_HEADER = struct.Struct("<Q")
+
+
+class Stopped(Exception):
+    """Raised by a blocking call whose ``alive`` check returned False."""
+
+
+def wait_acquire(lock: Any, alive: Callable[[], bool]) -> None:
+    """Acquire a multiprocessing lock or semaphore, checking ``alive`` while waiting."""
+    while not lock.acquire(timeout=POLL_S):
+        if not alive():
+            raise Stopped
+
+
+class Channel:
+    """A bounded pipe of byte messages, shared by forking or pickling it to workers.
+
+    Invariant: at most ``capacity`` messages are written and not yet read.
+    """
+
+    def __init__(self, ctx: BaseContext, capacity: int) -> None:
+        self.capacity = capacity
+        self._reader, self._writer = ctx.Pipe(duplex=False)
+        os.set_blocking(self._reader.fileno(), False)
+        os.set_blocking(self._writer.fileno(), False)
+        self._rlock = ctx.Lock()
+        self._wlock = ctx.Lock()
+        self._slots = ctx.BoundedSemaphore(capacity)
+
+    def fill(self) -> float:
+        """Fraction of the capacity in use now (0 to 1)."""
+        try:
+            free = self._slots.get_value()
+        except NotImplementedError:  # macOS
+            return 0.0
+        return (self.capacity - free) / self.capacity
+
+    def put(self, data: bytes, alive: Callable[[], bool]) -> None:
+        """Write one message, waiting for a free slot; raise ``Stopped`` when ``alive()`` turns False."""
+        wait_acquire(self._slots, alive)
+        try:
+            wait_acquire(self._wlock, alive)
+        except Stopped:
+            self._slots.release()
+            raise
+        try:
+            fd = self._writer.fileno()
+            _write_all(fd, _HEADER.pack(len(data)), alive)
+            _write_all(fd, data, alive)
+        finally:
+            self._wlock.release()
+
+    def get(self, alive: Callable[[], bool], timeout: float | None = None) -> bytes | None:
+        """Read one message, or return ``None`` when none started within ``timeout`` seconds.
+
+        With ``timeout=None`` it waits until a message comes or ``alive()`` turns False.
+        """
+        if not self._rlock.acquire(timeout=POLL_S if timeout is None else min(timeout, POLL_S)):
+            if not alive():
+                raise Stopped
+            return None
+        try:
+            fd = self._reader.fileno()
+            if not _wait_readable(fd, timeout, alive):
+                return None
+            (size,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, alive))
+            data = _read_exact(fd, size, alive)
+        finally:
+            self._rlock.release()
+        self._slots.release()
+        return data
+
+    def close(self) -> None:
+        """Close this process's ends of the pipe."""
+        self._reader.close()
+        self._writer.close()
+
+
+def _wait_readable(fd: int, timeout: float | None, alive: Callable[[], bool]) -> bool:
+    waited = 0.0
+    while True:
+        step = POLL_S if timeout is None else min(POLL_S, max(timeout - waited, 0.0))
+        readable, _, _ = select.select([fd], [], [], step)
+        if readable:
+            return True
+        waited += step
+        if not alive():
+            raise Stopped
+        if timeout is not None and waited >= timeout:
+            return False
+
+
+def _write_all(fd: int, data: bytes, alive: Callable[[], bool]) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            _, writable, _ = select.select([], [fd], [], POLL_S)
+            if not writable and not alive():
+                raise Stopped from None
+
+
+def _read_exact(fd: int, size: int, alive: Callable[[], bool]) -> bytearray:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        try:
+            n = os.readv(fd, [view[got:]])
+        except BlockingIOError:
+            readable, _, _ = select.select([fd], [], [], POLL_S)
+            if not readable and not alive():
+                raise Stopped from None
+            continue
+        if n == 0:
+            raise EOFError("pipe closed in the middle of a message")
+        got += n
+    return buffer

@@ -1,0 +1,76 @@
+"""The one vocabulary of what travels between processes.
+
+Data moves in an envelope, a plain tuple ``(epoch, seq, part, nparts, payload)``:
+
+- ``epoch``: the number of the queued iterable (0, 1, ...) the element belongs to;
+- ``seq``: its position in that epoch, counted where positions are assigned
+  (the feeder, or a stream step that re-chunks);
+- ``part`` / ``nparts``: a PoolStep hands an element out as ``nparts`` groups of
+  items; everything else travels whole as part 0 of 1;
+- ``payload``: the user's value, or one of the control messages below.
+
+Control messages are frozen dataclasses. They crossed a process boundary as
+pickles, so compare them with ``isinstance``, never ``is``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+
+class Envelope(NamedTuple):
+    epoch: int
+    seq: int
+    part: int
+    nparts: int
+    payload: Any
+
+
+@dataclass(frozen=True)
+class EndOfEpoch:
+    """Takes the last position of an epoch: ``count`` positions came before it."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Holds the position of an element that was dropped (``on_error="skip"`` or a cancelled epoch)."""
+
+    step: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An exception raised by a step function, carried in order to the consumer.
+
+    ``pickled`` is the pickled exception when it pickles, else ``None``.
+    """
+
+    step: str
+    exc_type: str
+    message: str
+    traceback: str
+    pid: int
+    pickled: bytes | None
+
+
+# Side-channel notices (worker -> consumer), outside the data stream.
+
+
+@dataclass(frozen=True)
+class SkipNotice:
+    """First element a worker dropped under ``on_error="skip"``; the consumer warns once per step."""
+
+    step: str
+    summary: str
+
+
+@dataclass(frozen=True)
+class StartupFailure:
+    """A worker could not start (its step did not unpickle, an import failed, ...)."""
+
+    step: str
+    worker: int
+    traceback: str

@@ -1,0 +1,171 @@
+"""From the elements a user lists to the stages and edges the runtime starts.
+
+``make_plan`` validates the list (steps and queues, in any valid order),
+inserts the implicit capacity-1 queues, names every step uniquely, and
+works out the two bounds the runtime enforces:
+
+- an edge's message capacity: ``capacity`` elements; an edge into or out of a
+  PoolStep carries elements in up to ``2 * nworkers`` parts, so it holds that
+  many times more messages;
+- a segment's credits: a segment runs from where positions are assigned (the
+  feeder, or a stream step) to the next reader that reorders (a stream step,
+  or the consumer). Its credits, one per element in flight, are the sum of
+  its edges' capacities and its workers, which bounds every buffer in it.
+
+A PoolStep directly followed by a ProcessStep gets a one-process join stage
+between them, since a ProcessStep wants whole elements and its workers cannot
+join parts among themselves.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.queues
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torchqueue.steps import PoolStep, ProcessStep, Queue, Step, StreamStep
+
+MAP, POOL, STREAM = "map", "pool", "stream"
+
+
+@dataclass(frozen=True)
+class JoinStep(StreamStep):
+    """Internal: re-joins a PoolStep's parts into whole elements for a following ProcessStep."""
+
+    name: str | None = field(default=None, kw_only=True)
+
+    def default_name(self) -> str:
+        return "join"
+
+    def stream(self, elements: Iterator[Any]) -> Iterator[Any]:
+        return elements
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    name: str
+    step: Step
+    kind: str
+    nworkers: int
+
+    def parts_per_element(self) -> int:
+        return 2 * self.nworkers if self.kind == POOL else 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Stages in order; ``capacities[i]`` (elements) feeds stage ``i``, the last feeds the consumer."""
+
+    stages: tuple[StagePlan, ...]
+    capacities: tuple[int, ...]
+
+    def message_capacity(self, edge: int) -> int:
+        """Messages edge ``edge`` holds: its capacity times the parts per element of a pool it touches."""
+        touching = [self.stages[i] for i in (edge - 1, edge) if 0 <= i < len(self.stages)]
+        return self.capacities[edge] * max([s.parts_per_element() for s in touching], default=1)
+
+    def assigns_seq(self, stage: int) -> bool:
+        """Whether positions are (re)assigned at the output of ``stage`` (-1: the feeder)."""
+        return stage == -1 or self.stages[stage].kind == STREAM
+
+    def segment_end(self, stage: int) -> int:
+        """The reader that closes the segment starting at ``stage``'s output (len(stages): consumer)."""
+        for later in self.stages[stage + 1 :]:
+            if later.kind == STREAM:
+                return later.index
+        return len(self.stages)
+
+    def credits(self, stage: int) -> int:
+        """Elements that may be in flight in the segment starting at ``stage``'s output."""
+        end = self.segment_end(stage)
+        between = self.stages[stage + 1 : end]
+        return sum(self.capacities[stage + 1 : end + 1]) + sum(s.nworkers for s in between)
+
+    def splits_into(self, stage: int) -> bool:
+        """Whether the writer at ``stage``'s output must split elements into pool parts."""
+        nxt = stage + 1
+        if nxt >= len(self.stages) or self.stages[nxt].kind != POOL:
+            return False
+        return stage == -1 or self.stages[stage].kind != POOL
+
+
+def _kind(step: Step) -> str:
+    if isinstance(step, PoolStep):
+        return POOL
+    if isinstance(step, ProcessStep):
+        return MAP
+    return STREAM
+
+
+def _as_queue(element: Any) -> Queue | None:
+    if isinstance(element, Queue):
+        return element
+    if isinstance(element, multiprocessing.queues.Queue):
+        return Queue.from_multiprocessing(element)
+    return None
+
+
+def make_plan(elements: tuple[Any, ...]) -> Plan:
+    """Validate ``elements`` and lay out stages and edge capacities (see the module docstring)."""
+    steps: list[Step] = []
+    capacities: list[int] = []
+    pending: Queue | None = None
+    for position, element in enumerate(elements):
+        queue = _as_queue(element)
+        if queue is not None:
+            if pending is not None:
+                raise ValueError(f"two queues in a row at position {position}: merge them into one Queue(n)")
+            pending = queue
+        elif isinstance(element, Step):
+            capacities.append(pending.capacity if pending else 1)
+            pending = None
+            steps.append(element)
+        else:
+            raise TypeError(
+                f"Sequence element {position} is a {type(element).__name__}: expected a step "
+                "(ProcessStep, PoolStep, PackStep, UnpackStep, RepackStep) or a queue (tq.Queue(n))"
+            )
+    if not steps:
+        raise ValueError("a Sequence needs at least one step, e.g. tq.Sequence(tq.ProcessStep(fn, 2))")
+    capacities.append(pending.capacity if pending else 1)
+
+    # A ProcessStep right after a PoolStep reads through a join stage.
+    laid: list[tuple[Step, int]] = []
+    for step, capacity in zip(steps, capacities):
+        if laid and isinstance(step, ProcessStep) and _kind(laid[-1][0]) == POOL:
+            laid.append((JoinStep(), 1))
+        laid.append((step, capacity))
+
+    names = _unique_names([step for step, _ in laid])
+    stages = tuple(
+        StagePlan(index, names[index], step, _kind(step), getattr(step, "nworkers", 1))
+        for index, (step, _) in enumerate(laid)
+    )
+    return Plan(stages, tuple(c for _, c in laid) + (capacities[-1],))
+
+
+def _unique_names(steps: list[Step]) -> list[str]:
+    """User names as given (they must be unique); default names get ``#2``, ``#3`` on repeats."""
+    given = [step.name for step in steps if step.name is not None]
+    duplicated = [name for name, count in Counter(given).items() if count > 1]
+    if duplicated:
+        raise ValueError(f"step names must be unique in a Sequence; {duplicated[0]!r} is used twice")
+    taken = set(given)
+    seen: Counter[str] = Counter()
+    names = []
+    for step in steps:
+        if step.name is not None:
+            names.append(step.name)
+            continue
+        base = f"{names[-1]}:join" if isinstance(step, JoinStep) else step.default_name()
+        seen[base] += 1
+        name = base if seen[base] == 1 else f"{base}#{seen[base]}"
+        while name in taken:
+            seen[base] += 1
+            name = f"{base}#{seen[base]}"
+        taken.add(name)
+        names.append(name)
+    return names

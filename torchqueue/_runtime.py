@@ -1,0 +1,297 @@
+"""The running pipeline of one Sequence: its processes, edges, feeder thread and shutdown.
+
+    user iterables ─► feeder thread ─► edge 0 ─► stage 0 workers ─► edge 1 ─► ... ─► edge n ─► consumer
+    (this process)    assigns (epoch, seq)        (processes)                                 Collector, in order
+
+NOTE [Shutdown protocol]
+------------------------
+Every blocking call in this package (channel get/put, credit and lock
+acquires) wakes at least every ``POLL_S`` seconds to check the stop event,
+so no thread or worker can stay blocked once it is set. ``Runtime.close``:
+
+1. sets the stop event; the feeder thread and the workers leave their loops
+   by ``Stopped`` at their next wake-up (nothing is flushed: a stopped
+   pipeline's data is dropped);
+2. joins the feeder thread (it is upstream and sends nothing after stop);
+3. joins every worker for up to ``JOIN_S`` in all, then ``terminate()``s
+   (SIGTERM) the ones still running (for instance inside a long user
+   function), then ``kill()``s (SIGKILL) what is still there;
+4. closes this process's ends of the edges.
+
+``close`` is idempotent, runs from ``Sequence.close``, leaving a ``with``
+block, an error reaching the consumer, and a ``weakref.finalize`` on the
+Sequence (garbage collection or interpreter exit). It does nothing in a
+process other than the one that started the pipeline (a forked copy).
+Workers also exit on their own when this process dies (``_worker``'s
+parent watch), and ignore SIGINT: Ctrl-C reaches the consumer only, which
+then closes everything. No signal handler of the user is replaced.
+
+Tensors travel as file-descriptor-backed shared memory that is unlinked at
+creation, so no named segment can be left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from multiprocessing.context import BaseContext
+from typing import Any
+
+import cloudpickle
+
+from torchqueue import _serialize
+from torchqueue._channel import POLL_S, Channel, Stopped, wait_acquire
+from torchqueue._collect import NOTHING, Collector
+from torchqueue._messages import EndOfEpoch, SkipNotice, StartupFailure
+from torchqueue._plan import STREAM, Plan
+from torchqueue._worker import Emitter, WorkerContext, worker_main
+from torchqueue.errors import PipelineError, WorkerDiedError, capture
+from torchqueue.stats import NFIELDS, Stats
+
+logger = logging.getLogger("torchqueue")
+
+JOIN_S = 2.0
+"""Seconds ``close`` waits for workers to leave on their own before terminating them."""
+
+HEALTH_S = 0.1
+"""How often the consumer checks worker liveness and notices while outputs flow."""
+
+
+def pickled_steps(plan: Plan, ctx: BaseContext) -> list[Any]:
+    """The step each worker gets: as is under fork, else cloudpickled (raises ``TypeError`` here)."""
+    if ctx.get_start_method() == "fork":
+        return [stage.step for stage in plan.stages]
+    out = []
+    for stage in plan.stages:
+        try:
+            out.append(cloudpickle.dumps(stage.step))
+        except Exception as exc:
+            raise TypeError(
+                f"step {stage.name!r} cannot be pickled for the {ctx.get_start_method()!r} start method: {exc}. "
+                "Make its function and what it refers to picklable, or use context='fork'."
+            ) from exc
+    return out
+
+
+class Runtime:
+    """Starts the workers at once; feeds queued iterables; hands outputs to the consumer."""
+
+    def __init__(self, plan: Plan, ctx: BaseContext, steps: list[Any], ordered: bool, skip_errors: bool, name: str):
+        self.plan = plan
+        self._ctx = ctx
+        self._name = name
+        self._stop = ctx.Event()
+        self._cancelled = ctx.RawValue("q", -1)
+        self._edges = [Channel(ctx, plan.message_capacity(i)) for i in range(len(plan.stages) + 1)]
+        self._events = Channel(ctx, 4 + 2 * sum(s.nworkers for s in plan.stages))
+        assigners = [-1] + [s.index for s in plan.stages if s.kind == STREAM]
+        self._credits = {a: ctx.BoundedSemaphore(plan.credits(a)) for a in assigners}
+        self._out_credits = self._credits[assigners[-1]]  # the consumer closes the last segment
+        self._stats = ctx.RawArray("d", NFIELDS * sum(s.nworkers for s in plan.stages))
+        self._collector = Collector(ordered)
+        self._epochs: queue.Queue[tuple[int, Iterator[Any]]] = queue.Queue()
+        self._warned: set[str] = set()
+        self._closed = False
+        self._owner = os.getpid()
+        self._started = time.perf_counter()
+        self._last_health = self._started
+        self.workers: list[tuple[str, int, Any]] = []  # (stage name, worker index, Process)
+        try:
+            self._start_workers(steps, ordered, skip_errors, assigners)
+        except BaseException:
+            self.close()
+            raise
+        self._feeder = threading.Thread(target=self._feed, name=f"torchqueue-feeder-{name}", daemon=True)
+        self._feeder.start()
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def _start_workers(self, steps: list[Any], ordered: bool, skip_errors: bool, assigners: list[int]) -> None:
+        row = 0
+        for stage, step in zip(self.plan.stages, steps):
+            upstream = max(a for a in assigners if a < stage.index)
+            split = self.plan.splits_into(stage.index)
+            for worker in range(stage.nworkers):
+                context = WorkerContext(
+                    stage_name=stage.name,
+                    kind=stage.kind,
+                    worker=worker,
+                    step=step,
+                    inbox=self._edges[stage.index],
+                    outbox=self._edges[stage.index + 1],
+                    split_parts=self.plan.stages[stage.index + 1].parts_per_element() if split else 0,
+                    split_step=self.plan.stages[stage.index + 1].name if split else "",
+                    in_credits=self._credits[upstream],
+                    out_credits=self._credits.get(stage.index),
+                    ordered=ordered,
+                    skip_errors=skip_errors,
+                    stop=self._stop,
+                    cancelled=self._cancelled,
+                    stats=self._stats,
+                    stats_row=row,
+                    events=self._events,
+                )
+                row += 1
+                process = self._ctx.Process(  # type: ignore[attr-defined]
+                    target=worker_main,
+                    args=(context,),
+                    name=f"torchqueue:{stage.name}#{worker}",
+                    daemon=True,
+                )
+                process.start()
+                self.workers.append((stage.name, worker, process))
+        logger.debug("started %d workers for %s", len(self.workers), self._name)
+
+    # -- feeding -------------------------------------------------------------------------------
+
+    def queue(self, epoch: int, iterator: Iterator[Any]) -> None:
+        self._epochs.put((epoch, iterator))
+
+    def _alive(self) -> bool:
+        return not self._closed and not self._stop.is_set()
+
+    def _feed(self) -> None:
+        """Feeder thread: reads the queued iterables lazily, one credit per element."""
+        first = self.plan.stages[0]
+        emitter = Emitter(
+            self._edges[0], self._alive, first.parts_per_element() if self.plan.splits_into(-1) else 0, first.name, "input"
+        )
+        credits = self._credits[-1]
+        while self._alive():
+            try:
+                epoch, iterator = self._epochs.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            seq = 0
+            try:
+                for element in iterator:
+                    if self._cancelled.value >= epoch:
+                        break
+                    wait_acquire(credits, self._alive)
+                    emitter.emit(epoch, seq, element)
+                    seq += 1
+                    element = None
+            except Stopped:
+                return
+            except BaseException as exc:  # the user's iterable raised: deliver it in order
+                try:
+                    wait_acquire(credits, self._alive)
+                    emitter.emit(epoch, seq, capture("input", exc))
+                    seq += 1
+                except Stopped:
+                    return
+            try:
+                wait_acquire(credits, self._alive)
+                emitter.emit(epoch, seq, EndOfEpoch(seq))
+            except Stopped:
+                return
+
+    # -- consuming -------------------------------------------------------------------------------
+
+    def next_output(self, epoch: int) -> Any:
+        """The next payload of ``epoch`` for the consumer (a value or a control message).
+
+        Raises ``WorkerDiedError`` / ``PipelineError`` when a worker died or could not start,
+        and ``Stopped`` when the pipeline was closed meanwhile.
+        """
+        if self._closed:
+            raise Stopped
+        while True:
+            payload = self._collector.pop(epoch)
+            if payload is not NOTHING:
+                self._out_credits.release()
+                now = time.perf_counter()
+                if now - self._last_health > HEALTH_S:
+                    self._last_health = now
+                    self.check_health()
+                return payload
+            data = self._edges[-1].get(self._alive, timeout=HEALTH_S)
+            if data is None:
+                self.check_health()
+                continue
+            self._collector.add(_serialize.loads(data))
+
+    def check_health(self) -> None:
+        """Warn for skip notices; raise if a worker could not start or died."""
+        while (data := self._events.get(self._alive, timeout=0)) is not None:
+            notice = _serialize.loads(data)
+            if isinstance(notice, StartupFailure):
+                raise PipelineError(
+                    f"worker {notice.worker} of step {notice.step!r} could not start:\n{notice.traceback}"
+                )
+            if isinstance(notice, SkipNotice) and notice.step not in self._warned:
+                self._warned.add(notice.step)
+                warnings.warn(
+                    f"step {notice.step!r} raised {notice.summary}; on_error='skip' drops failing elements "
+                    "(warned once per step; see stats()[step].skipped)",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+        for stage, worker, process in self.workers:
+            if process.exitcode is not None and self._alive():
+                raise WorkerDiedError(f"worker {worker} of step {stage!r} (pid {process.pid}) died: {_describe_exit(process.exitcode)}")
+
+    def cancel(self, epoch: int) -> None:
+        """Abandon ``epoch`` (and earlier): stop feeding it, skip its work, drop its outputs."""
+        self._cancelled.value = max(self._cancelled.value, epoch)
+        while not isinstance(self.next_output(epoch), EndOfEpoch):
+            pass
+
+    def stats(self) -> Stats:
+        stages = [(s.name, s.nworkers, s.kind == STREAM) for s in self.plan.stages]
+        return Stats.from_rows(stages, self._stats, time.perf_counter() - self._started)
+
+    # -- shutdown (see the NOTE at the top) ------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if os.getpid() != self._owner:
+            return
+        self._stop.set()
+        feeder = getattr(self, "_feeder", None)
+        if feeder is not None and feeder is not threading.current_thread():
+            feeder.join(timeout=JOIN_S)
+        deadline = time.monotonic() + JOIN_S
+        for _, _, process in self.workers:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for _, _, process in self.workers:
+            if process.exitcode is None:
+                process.terminate()
+                process.join(timeout=1.0)
+            if process.exitcode is None:
+                process.kill()
+                process.join(timeout=1.0)
+        for _, _, process in self.workers:
+            if process.exitcode is None:
+                logger.warning("worker pid %s did not exit after SIGKILL", process.pid)
+            else:
+                process.close()
+        for edge in self._edges + [self._events]:
+            edge.close()
+        # Drop every lock, semaphore and process: under spawn and forkserver their named
+        # semaphores are unlinked when collected. The stats array stays for stats().
+        self._edges, self._credits, self.workers = [], {}, []
+        del self._events, self._out_credits, self._stop, self._collector
+        logger.debug("closed %s", self._name)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+

@@ -1,0 +1,305 @@
+"""What runs inside a worker process: one loop per kind of stage.
+
+Every loop has the same shape (torch's ``_worker_loop`` and ``pin_memory``'s
+``do_one_step``): receive with a timeout and a stop check, do the work,
+send with a timeout and a stop check, until the runtime sets the stop event
+(``Stopped`` is raised out of the blocking call and the process exits 0).
+
+- map (ProcessStep): one element in, ``fn(element)`` out, position kept;
+- pool (PoolStep): one part (a list of items) in, ``[fn(item) ...]`` out;
+- stream (Pack/Unpack/RepackStep, joins): a ``Collector`` restores the
+  epoch's order, the step's generator re-chunks it, outputs get new positions.
+
+A worker's exception becomes a ``Failure`` in the data stream at the
+element's position, so the consumer raises it exactly where the element
+would have come. A thread watches the parent: if it dies, the worker exits.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+import torch
+
+from torchqueue import _serialize
+from torchqueue._channel import Channel, Stopped, wait_acquire
+from torchqueue._collect import NOTHING, Collector
+from torchqueue._messages import EndOfEpoch, Envelope, Failure, SkipNotice, Skipped, StartupFailure
+from torchqueue.errors import capture
+from torchqueue.stats import Field, NFIELDS
+from torchqueue.steps import Step, StreamStep
+
+CONTROL = (EndOfEpoch, Failure, Skipped)
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Everything one worker needs; built by the runtime, pickled to spawned workers."""
+
+    stage_name: str
+    kind: str
+    worker: int
+    step: Step | bytes  # bytes: cloudpickled for spawn/forkserver
+    inbox: Channel
+    outbox: Channel
+    split_parts: int  # > 0: the next stage is a pool; split elements into up to this many parts
+    split_step: str  # the name of that pool, for errors
+    in_credits: Any  # stream stages: released per element taken out of order
+    out_credits: Any  # stream stages: acquired per element emitted
+    ordered: bool
+    skip_errors: bool
+    stop: Any  # multiprocessing Event
+    cancelled: Any  # RawValue: epochs up to this number were abandoned by the consumer
+    stats: Any  # RawArray of NFIELDS doubles per worker
+    stats_row: int
+    events: Channel
+
+
+class Meter:
+    """This worker's row of the shared stats array (only this worker writes it)."""
+
+    def __init__(self, array: Any, row: int) -> None:
+        self._array = array
+        self._base = row * NFIELDS
+
+    def add(self, field: Field, value: float) -> None:
+        self._array[self._base + field] += value
+
+
+class Emitter:
+    """Writes envelopes to an edge, splitting elements into parts when a pool reads it."""
+
+    def __init__(self, channel: Channel, alive: Callable[[], bool], split_parts: int, split_step: str, writer: str):
+        self._channel = channel
+        self._alive = alive
+        self._split_parts = split_parts
+        self._split_step = split_step
+        self._writer = writer
+
+    def emit(self, epoch: int, seq: int, payload: Any) -> None:
+        """Send one whole element (or control message) at position ``seq``."""
+        if not self._split_parts or isinstance(payload, CONTROL):
+            self.send(Envelope(epoch, seq, 0, 1, payload))
+            return
+        try:
+            items = list(payload)
+        except TypeError as exc:
+            error = TypeError(f"PoolStep needs iterable elements (lists, tuples, ...), got {type(payload).__name__}")
+            error.__cause__ = exc
+            self.send(Envelope(epoch, seq, 0, 1, capture(self._split_step, error)))
+            return
+        parts = split(items, self._split_parts)
+        for index, part in enumerate(parts):
+            self.send(Envelope(epoch, seq, index, len(parts), part))
+
+    def send(self, envelope: Envelope) -> None:
+        try:
+            data = _serialize.dumps(envelope)
+        except Exception as exc:
+            error = TypeError(f"step {self._writer!r} produced a value that cannot be pickled: {exc}")
+            data = _serialize.dumps(envelope._replace(payload=capture(self._writer, error)))
+        self._channel.put(data, self._alive)
+
+
+def split(items: list[Any], nparts: int) -> list[list[Any]]:
+    """``items`` in at most ``nparts`` contiguous, nearly equal parts (one empty part for no items)."""
+    nparts = max(1, min(nparts, len(items)))
+    size, extra = divmod(len(items), nparts)
+    parts, start = [], 0
+    for index in range(nparts):
+        stop = start + size + (index < extra)
+        parts.append(items[start:stop])
+        start = stop
+    return parts
+
+
+def worker_main(ctx: WorkerContext) -> None:
+    """Entry point of every worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
+    _exit_with_parent()
+    torch.set_num_threads(1)
+    try:
+        step = ctx.step if isinstance(ctx.step, Step) else cloudpickle.loads(ctx.step)
+    except BaseException:
+        notice = StartupFailure(ctx.stage_name, ctx.worker, traceback.format_exc())
+        ctx.events.put(_serialize.dumps(notice), lambda: not ctx.stop.is_set())
+        raise SystemExit(3) from None
+    loop = _Loop(ctx)
+    try:
+        if ctx.kind == "stream":
+            assert isinstance(step, StreamStep)
+            loop.run_stream(step)
+        else:
+            loop.run_function(step.fn, pool=ctx.kind == "pool")  # type: ignore[attr-defined]
+    except Stopped:
+        pass
+
+
+def _exit_with_parent() -> None:
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="torchqueue-parent-watch", daemon=True).start()
+
+
+class _UpstreamFailure(Exception):
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.step)
+        self.failure = failure
+
+
+class _Loop:
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.meter = Meter(ctx.stats, ctx.stats_row)
+        self.emitter = Emitter(ctx.outbox, self.alive, ctx.split_parts, ctx.split_step, ctx.stage_name)
+        self._notified = False
+
+    def alive(self) -> bool:
+        return not self.ctx.stop.is_set()
+
+    def receive(self) -> Envelope:
+        if self.ctx.stop.is_set():
+            raise Stopped
+        start = time.perf_counter()
+        self.meter.add(Field.FILL_SUM, self.ctx.inbox.fill())
+        self.meter.add(Field.FILL_N, 1)
+        data = self.ctx.inbox.get(self.alive)
+        while data is None:
+            data = self.ctx.inbox.get(self.alive)
+        self.meter.add(Field.WAIT_IN, time.perf_counter() - start)
+        return _serialize.loads(data)
+
+    def timed_send(self, send: Callable[[], None]) -> None:
+        start = time.perf_counter()
+        send()
+        self.meter.add(Field.WAIT_OUT, time.perf_counter() - start)
+
+    def call(self, fn: Callable[[Any], Any], value: Any) -> Any:
+        """``fn(value)``, or a Failure / Skipped in its place."""
+        self.meter.add(Field.IN, 1)
+        start = time.perf_counter()
+        try:
+            result = fn(value)
+        except Exception as exc:
+            result = self.failed(exc)
+        else:
+            self.meter.add(Field.OUT, 1)
+        self.meter.add(Field.BUSY, time.perf_counter() - start)
+        return result
+
+    def failed(self, exc: Exception) -> Failure | Skipped:
+        if not self.ctx.skip_errors:
+            return capture(self.ctx.stage_name, exc)
+        self.meter.add(Field.SKIPPED, 1)
+        if not self._notified:
+            self._notified = True
+            notice = SkipNotice(self.ctx.stage_name, f"{type(exc).__name__}: {exc}")
+            self.ctx.events.put(_serialize.dumps(notice), self.alive)
+        return Skipped(self.ctx.stage_name)
+
+    def cancelled(self, epoch: int) -> bool:
+        return epoch <= self.ctx.cancelled.value
+
+    def run_function(self, fn: Callable[[Any], Any], pool: bool) -> None:
+        while True:
+            envelope = self.receive()
+            payload = envelope.payload
+            if isinstance(payload, CONTROL):
+                self.timed_send(lambda: self.emitter.send(envelope))
+                continue
+            if self.cancelled(envelope.epoch):
+                payload = [] if pool else Skipped(self.ctx.stage_name)
+            elif pool:
+                payload = self.call_items(fn, payload)
+            else:
+                payload = self.call(fn, payload)
+            if pool:
+                out = envelope._replace(payload=payload)
+                self.timed_send(lambda: self.emitter.send(out))
+            else:
+                self.timed_send(lambda: self.emitter.emit(envelope.epoch, envelope.seq, payload))
+
+    def call_items(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any] | Failure:
+        results = []
+        for item in items:
+            result = self.call(fn, item)
+            if isinstance(result, Failure):
+                return result
+            if not isinstance(result, Skipped):
+                results.append(result)
+        return results
+
+    def run_stream(self, step: StreamStep) -> None:
+        collector = Collector(self.ctx.ordered)
+        epoch = 0
+        while True:
+            outputs = 0
+
+            def emit(payload: Any) -> None:
+                nonlocal outputs
+                wait_acquire(self.ctx.out_credits, self.alive)
+                self.timed_send(lambda: self.emitter.emit(epoch, outputs, payload))
+                outputs += 1
+
+            elements = self.epoch_elements(collector, epoch)
+            failure: Failure | None = None
+            try:
+                for output in step.stream(self.checked(step, elements)):
+                    self.meter.add(Field.OUT, 1)
+                    emit(output)
+            except _UpstreamFailure as upstream:
+                failure = upstream.failure
+            except Exception as exc:
+                failure = capture(self.ctx.stage_name, exc)
+            if failure is not None:
+                emit(failure)
+                for _ in self.epoch_elements(collector, epoch, drain=True):
+                    pass
+            emit(EndOfEpoch(outputs))
+            epoch += 1
+
+    def epoch_elements(self, collector: Collector, epoch: int, drain: bool = False) -> Iterator[Any]:
+        """The elements of ``epoch`` in order, until its end; an upstream Failure is raised."""
+        while True:
+            payload = collector.pop(epoch)
+            if payload is NOTHING:
+                collector.add(self.receive())
+                continue
+            self.ctx.in_credits.release()
+            if isinstance(payload, EndOfEpoch):
+                return
+            if isinstance(payload, Skipped):
+                continue
+            if isinstance(payload, Failure):
+                if drain:
+                    continue
+                raise _UpstreamFailure(payload)
+            yield payload
+
+    def checked(self, step: StreamStep, elements: Iterator[Any]) -> Iterator[Any]:
+        for element in elements:
+            self.meter.add(Field.IN, 1)
+            try:
+                step.check(element)
+            except TypeError as exc:
+                if not self.ctx.skip_errors:
+                    raise
+                self.failed(exc)
+                continue
+            yield element

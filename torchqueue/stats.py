@@ -1,0 +1,174 @@
+"""Per-step figures of a running pipeline: ``Sequence.stats()`` returns a ``Stats``.
+
+Every worker adds its figures to its own row of a shared array (no locks:
+one writer per row); ``Stats`` sums the rows of each step when asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+__all__ = ["StepStats", "Stats"]
+
+
+class Field(IntEnum):
+    """Columns of a worker's row in the shared stats array."""
+
+    IN = 0
+    OUT = 1
+    BUSY = 2
+    WAIT_IN = 3
+    WAIT_OUT = 4
+    FILL_SUM = 5
+    FILL_N = 6
+    SKIPPED = 7
+
+
+NFIELDS = len(Field)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """The figures of one step, summed over its workers.
+
+    Attributes:
+        name: The step's name.
+        nworkers: Its number of worker processes.
+        elements_in: Elements (for a PoolStep: items) its function was given.
+        elements_out: Outputs it produced (failed or skipped calls do not count).
+        busy_s: Seconds its workers spent working, summed over workers.
+        wait_in_s: Seconds its workers waited for input.
+        wait_out_s: Seconds its workers waited for room downstream.
+        queue_fill: Mean fill (0 to 1) of its input queue, sampled at every read.
+        skipped: Elements dropped under ``on_error="skip"``.
+        utilization: ``busy_s / (nworkers * elapsed_s)``: 1.0 means always busy.
+    """
+
+    name: str
+    nworkers: int
+    elements_in: int
+    elements_out: int
+    busy_s: float
+    wait_in_s: float
+    wait_out_s: float
+    queue_fill: float
+    skipped: int
+    utilization: float
+
+
+class Stats(Mapping[str, StepStats]):
+    """``stats[step_name]`` is a ``StepStats``; ``print(stats)`` shows a table."""
+
+    def __init__(self, steps: list[StepStats], elapsed_s: float) -> None:
+        self._steps = {step.name: step for step in steps}
+        self.elapsed_s = elapsed_s
+
+    @classmethod
+    def from_rows(cls, stages: list[tuple[str, int, bool]], rows: Any, elapsed_s: float) -> Stats:
+        """Sum the shared array's rows, stage by stage (``(name, nworkers, is_stream)``)."""
+        steps, row = [], 0
+        for name, nworkers, is_stream in stages:
+            total = [0.0] * NFIELDS
+            for worker in range(nworkers):
+                base = (row + worker) * NFIELDS
+                for field in Field:
+                    total[field] += rows[base + field] if rows is not None else 0.0
+            row += nworkers
+            busy = total[Field.BUSY]
+            if is_stream and rows is not None:  # a stream worker is always receiving, sending or working
+                busy = max(0.0, nworkers * elapsed_s - total[Field.WAIT_IN] - total[Field.WAIT_OUT])
+            steps.append(
+                StepStats(
+                    name=name,
+                    nworkers=nworkers,
+                    elements_in=int(total[Field.IN]),
+                    elements_out=int(total[Field.OUT]),
+                    busy_s=busy,
+                    wait_in_s=total[Field.WAIT_IN],
+                    wait_out_s=total[Field.WAIT_OUT],
+                    queue_fill=total[Field.FILL_SUM] / total[Field.FILL_N] if total[Field.FILL_N] else 0.0,
+                    skipped=int(total[Field.SKIPPED]),
+                    utilization=busy / (nworkers * elapsed_s) if elapsed_s > 0 else 0.0,
+                )
+            )
+        return cls(steps, elapsed_s)
+
+    def __getitem__(self, name: str) -> StepStats:
+        return self._steps[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._steps)
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    @property
+    def bottleneck(self) -> str | None:
+        """The step whose workers are busiest: the one that limits throughput."""
+        if not self._steps:
+            return None
+        return max(self._steps.values(), key=lambda s: s.utilization).name
+
+    def hint(self) -> str:
+        """One line of advice: which step to give more workers."""
+        name = self.bottleneck
+        if name is None:
+            return "no steps ran yet"
+        step = self._steps[name]
+        if step.utilization < 0.5:
+            return f"no step is busy more than half the time ({name}: {step.utilization:.0%}): the input or the consumer limits"
+        return f"bottleneck: {name} ({step.utilization:.0%} busy): give it more workers (now {step.nworkers})"
+
+    def __str__(self) -> str:
+        header = ("step", "workers", "in", "out", "busy_s", "wait_in_s", "wait_out_s", "queue_fill", "util")
+        rows = [header] + [
+            (
+                s.name,
+                str(s.nworkers),
+                str(s.elements_in),
+                str(s.elements_out),
+                f"{s.busy_s:.2f}",
+                f"{s.wait_in_s:.2f}",
+                f"{s.wait_out_s:.2f}",
+                f"{s.queue_fill:.2f}",
+                f"{s.utilization:.0%}",
+            )
+            for s in self._steps.values()
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+        lines.append(f"elapsed {self.elapsed_s:.2f} s; {self.hint()}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Stats({list(self._steps)}, bottleneck={self.bottleneck!r})"
+
+    def plot(self, ax: Any = None) -> Any:
+        """Draw busy / waiting fractions and queue fill per step; return the matplotlib figure."""
+        import matplotlib.pyplot as plt
+
+        steps = list(self._steps.values())
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(1.5 + 1.2 * max(len(steps), 1), 3.5))
+        else:
+            fig = ax.figure
+        names = [s.name for s in steps]
+        span = [max(s.nworkers * self.elapsed_s, 1e-9) for s in steps]
+        busy = [s.busy_s / t for s, t in zip(steps, span)]
+        wait_in = [s.wait_in_s / t for s, t in zip(steps, span)]
+        wait_out = [s.wait_out_s / t for s, t in zip(steps, span)]
+        x = range(len(steps))
+        ax.bar(x, busy, label="busy", color="tab:red")
+        ax.bar(x, wait_in, bottom=busy, label="waiting for input", color="tab:blue")
+        ax.bar(x, wait_out, bottom=[a + b for a, b in zip(busy, wait_in)], label="waiting for room", color="tab:gray")
+        ax.plot(list(x), [s.queue_fill for s in steps], "ko--", label="input queue fill")
+        ax.set_xticks(list(x), names, rotation=20, ha="right")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("fraction of worker time")
+        ax.set_title(f"bottleneck: {self.bottleneck}")
+        ax.legend(fontsize="small", loc="upper right")
+        fig.tight_layout()
+        return fig

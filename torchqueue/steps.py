@@ -1,0 +1,204 @@
+"""Step declarations: what each stage of a pipeline does, not how it runs.
+
+Steps are small frozen dataclasses. They validate their arguments when they
+are built, so a mistake raises in the caller at the call; the runtime
+(``_runtime.py``) wires and runs them. ``Queue`` declares the capacity of the
+edge between two steps.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.queues
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torchqueue import _generators
+
+__all__ = [
+    "PackStep",
+    "PoolStep",
+    "ProcessStep",
+    "Queue",
+    "RepackStep",
+    "Step",
+    "UnpackStep",
+]
+
+
+def _check_count(value: object, what: str, example: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int >= 1, got {type(value).__name__} {value!r}: e.g. {example}")
+    if value < 1:
+        raise ValueError(f"{what} must be >= 1, got {value}: e.g. {example}")
+
+
+def _check_name(name: object) -> None:
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"name must be a non-empty str or None, got {name!r}")
+
+
+def _function_name(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return "lambda" if name == "<lambda>" else name
+
+
+class Step(ABC):
+    """Base of all steps. ``default_name`` names a step the user did not name."""
+
+    name: str | None
+
+    @abstractmethod
+    def default_name(self) -> str:
+        """The name shown in errors and stats when ``name=`` was not given."""
+
+
+@dataclass(frozen=True)
+class _FunctionStep(Step):
+    fn: Callable[[Any], Any]
+    nworkers: int = 1
+    name: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        kind = type(self).__name__
+        if not callable(self.fn):
+            raise TypeError(
+                f"{kind} needs a callable as its function, got {type(self.fn).__name__} {self.fn!r}: "
+                f"pass a function, e.g. {kind}(my_function, 2)"
+            )
+        _check_count(self.nworkers, f"{kind} nworkers", f"{kind}(my_function, nworkers=2)")
+        _check_name(self.name)
+
+    def default_name(self) -> str:
+        return _function_name(self.fn)
+
+
+@dataclass(frozen=True)
+class ProcessStep(_FunctionStep):
+    """Apply ``fn`` to every element in ``nworkers`` processes: one output per element.
+
+    Args:
+        fn: Called as ``fn(element)``; any picklable return value.
+        nworkers: Number of worker processes.
+        name: Name in errors and stats; default ``fn.__name__``.
+    """
+
+
+@dataclass(frozen=True)
+class PoolStep(_FunctionStep):
+    """Apply ``fn`` to every item of every element, items spread over ``nworkers`` processes.
+
+    The output for an element is ``[fn(item) for item in element]``. Items of
+    consecutive elements are handed out as they come, so workers never wait
+    for the slowest item of one element before starting the next element.
+    """
+
+
+class StreamStep(Step):
+    """A step that re-chunks the stream; it runs in one process and sees its input in order."""
+
+    @abstractmethod
+    def stream(self, elements: Iterator[Any]) -> Iterator[Any]:
+        """Turn the elements of one epoch into the outputs of that epoch."""
+
+    def check(self, element: Any) -> None:
+        """Raise ``TypeError`` for an element this step cannot take (default: any is fine)."""
+
+
+def _require_iterable(step: StreamStep, element: Any) -> None:
+    try:
+        iter(element)
+    except TypeError:
+        raise TypeError(
+            f"{step.default_name()} needs iterable elements (lists, tuples, ...), "
+            f"got {type(element).__name__}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class PackStep(StreamStep):
+    """Group ``n`` consecutive elements into a list; the last of an epoch may be shorter."""
+
+    n: int
+    name: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        _check_count(self.n, "PackStep n", "PackStep(32)")
+        _check_name(self.name)
+
+    def default_name(self) -> str:
+        return f"PackStep({self.n})"
+
+    def stream(self, elements: Iterator[Any]) -> Iterator[list[Any]]:
+        return _generators.pack(elements, self.n)
+
+
+@dataclass(frozen=True)
+class UnpackStep(StreamStep):
+    """Emit every item of every (iterable) element as an element of its own."""
+
+    name: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+
+    def default_name(self) -> str:
+        return "UnpackStep()"
+
+    def stream(self, elements: Iterator[Iterable[Any]]) -> Iterator[Any]:
+        return _generators.unpack(elements)
+
+    def check(self, element: Any) -> None:
+        _require_iterable(self, element)
+
+
+@dataclass(frozen=True)
+class RepackStep(StreamStep):
+    """Re-chunk the items of the elements into lists of exactly ``batch_size`` items, in order.
+
+    An element contributes its items (lists, tuples, arrays, tensors, ...); an
+    element that is not iterable, a string, a mapping or a torch_geometric
+    ``Data`` counts as one item. The rest of an epoch comes as a shorter list,
+    or is dropped with ``drop_last``. A batch never mixes items of two epochs.
+    """
+
+    batch_size: int
+    drop_last: bool = field(default=False, kw_only=True)
+    name: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        _check_count(self.batch_size, "RepackStep batch_size", "RepackStep(64)")
+        if not isinstance(self.drop_last, bool):
+            raise TypeError(f"RepackStep drop_last must be a bool, got {self.drop_last!r}")
+        _check_name(self.name)
+
+    def default_name(self) -> str:
+        return f"RepackStep({self.batch_size})"
+
+    def stream(self, elements: Iterator[Any]) -> Iterator[list[Any]]:
+        return _generators.repack(elements, self.batch_size, self.drop_last)
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A bounded edge between two steps, holding at most ``capacity`` elements.
+
+    ``torch.multiprocessing.Queue(n)`` in a ``Sequence`` means the same as ``Queue(n)``.
+    """
+
+    capacity: int = 1
+
+    def __post_init__(self) -> None:
+        _check_count(self.capacity, "Queue capacity", "tq.Queue(4)")
+
+    @classmethod
+    def from_multiprocessing(cls, queue: multiprocessing.queues.Queue[Any]) -> Queue:
+        """The capacity a user-given ``multiprocessing`` queue stands for."""
+        maxsize = getattr(queue, "_maxsize", 0)
+        if not isinstance(maxsize, int) or maxsize <= 0 or maxsize >= 2**31 - 1:
+            raise ValueError(
+                "an unbounded multiprocessing Queue cannot bound a pipeline edge: "
+                "give it a size, e.g. torch.multiprocessing.Queue(4), or use tq.Queue(4)"
+            )
+        return cls(maxsize)
