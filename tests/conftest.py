@@ -6,6 +6,7 @@ the test modules; lambdas and closures are tested on purpose elsewhere.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import time
@@ -15,7 +16,6 @@ import psutil
 import pytest
 
 START_METHODS = ["fork", "spawn", "forkserver"]
-
 
 
 def _is_python_helper(process: psutil.Process) -> bool:
@@ -111,13 +111,35 @@ def shm_segments() -> set[str]:
     return {p.name for p in shm.iterdir()} if shm.exists() else set()
 
 
+def _mapped_segments(pid: int) -> set[str]:
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return {line.split("/dev/shm/", 1)[1].split()[0] for line in maps if "/dev/shm/" in line}
+    except OSError:
+        return set()
+
+
+def leaked_segments(new: set[str]) -> set[str]:
+    """Of ``new`` segments, those this process still maps or that no process maps any more.
+
+    Segments that other, unrelated processes on the machine have open are theirs, not ours.
+    """
+    mine = _mapped_segments(os.getpid())
+    others: set[str] = set()
+    for pid in psutil.pids():
+        if pid != os.getpid():
+            others |= _mapped_segments(pid)
+    return {name for name in new if name in mine or name not in others}
+
+
 @pytest.fixture
 def no_leaks():
     """Asserts that a test leaves no worker process and no shared-memory segment behind."""
     before = shm_segments()
     yield
     assert_no_workers()
-    left = shm_segments() - before
+    gc.collect()
+    left = leaked_segments(shm_segments() - before)
     assert not left, f"shared-memory segments left behind: {sorted(left)}"
 
 

@@ -7,8 +7,6 @@ import textwrap
 import time
 
 import pytest
-
-import torchqueue as tq
 from conftest import (
     assert_no_workers,
     double,
@@ -20,6 +18,8 @@ from conftest import (
     raise_unrebuildable,
     random_sleep,
 )
+
+import torchqueue as tq
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
 
@@ -121,7 +121,9 @@ def test_on_error_skip_in_a_stream_step_drops_bad_elements():
 @pytest.mark.parametrize("function, words", [(kill_self, "SIGKILL"), (exit_hard, "code 7")])
 def test_regression_6_a_dead_worker_raises_worker_died_error_naming_step_and_cause(function, words):
     start = time.monotonic()
-    with tq.Sequence(tq.ProcessStep(random_sleep, 2), tq.ProcessStep(function, 2, name="fragile"), tq.RepackStep(3)) as seq:
+    with tq.Sequence(
+        tq.ProcessStep(random_sleep, 2), tq.ProcessStep(function, 2, name="fragile"), tq.RepackStep(3)
+    ) as seq:
         with pytest.raises(tq.WorkerDiedError, match=words) as info:
             list(seq(range(50)))
     assert "fragile" in str(info.value)
@@ -130,10 +132,12 @@ def test_regression_6_a_dead_worker_raises_worker_died_error_naming_step_and_cau
 
 def test_a_worker_that_cannot_start_is_reported_with_its_traceback(tmp_path):
     module = tmp_path / "vanishing_module.py"
-    module.write_text(textwrap.dedent("""
+    module.write_text(
+        textwrap.dedent("""
         def inc(x):
             return x + 1
-    """))
+    """)
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         import vanishing_module

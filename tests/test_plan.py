@@ -1,9 +1,9 @@
 """How a list of elements becomes stages, edges and bounds."""
 
 import torch.multiprocessing as mp
+from conftest import double, square
 
 import torchqueue as tq
-from conftest import double, square
 from torchqueue._plan import JoinStep, make_plan
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import double, identity, random_sleep, square
 from torch_geometric.data import Batch, Data
 
 import torchqueue as tq
-from conftest import double, identity, random_sleep, square
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
 
@@ -28,7 +28,7 @@ def sequential(chunked, batch_size):
     return [sum(flat[i : i + batch_size]) for i in range(0, len(flat), batch_size)]
 
 
-def test_the_seed_shape_matches_sequential_under_every_start_method(start_method):
+def test_regression_7_the_seed_shape_matches_sequential_under_every_start_method(start_method):
     offset = 1  # a closure over a local, under spawn too
     data = chunks(103, 10)
     with tq.Sequence(
@@ -47,14 +47,18 @@ def test_the_seed_shape_matches_sequential_under_every_start_method(start_method
 def test_random_delays_keep_order_or_at_least_the_multiset(ordered):
     data = chunks(300, 7)
     with tq.Sequence(
-        tq.ProcessStep(random_sleep, 2), tq.PoolStep(random_sleep, nworkers=3), tq.UnpackStep(), tq.ProcessStep(random_sleep, 2), ordered=ordered
+        tq.ProcessStep(random_sleep, 2),
+        tq.PoolStep(random_sleep, nworkers=3),
+        tq.UnpackStep(),
+        tq.ProcessStep(random_sleep, 2),
+        ordered=ordered,
     ) as seq:
         out = list(seq(data))
     want = list(range(300))
     assert out == want if ordered else sorted(out) == want
 
 
-def test_epochs_queued_ahead_come_out_one_per_iteration_and_never_mix():
+def test_regression_3_epochs_queued_ahead_come_out_one_per_iteration_and_never_mix():
     with tq.Sequence(tq.UnpackStep(), tq.RepackStep(3)) as seq:
         for epoch in range(4):
             seq.queue_iterable([[epoch * 10 + i for i in range(4)]])
@@ -62,7 +66,7 @@ def test_epochs_queued_ahead_come_out_one_per_iteration_and_never_mix():
     assert got == [[[e * 10, e * 10 + 1, e * 10 + 2], [e * 10 + 3]] for e in range(4)]
 
 
-def test_pack_leaves_no_partial_pack_for_the_next_epoch():
+def test_regression_3_pack_leaves_no_partial_pack_for_the_next_epoch():
     with tq.Sequence(tq.PackStep(4)) as seq:
         seq.queue_iterable(range(6))
         seq.queue_iterable(range(100, 103))
@@ -77,7 +81,7 @@ def test_empty_epochs_yield_nothing_and_do_not_disturb_the_next():
         assert list(seq([])) == []
 
 
-def test_queue_iterable_returns_at_once_and_reads_the_input_lazily():
+def test_regression_9_queue_iterable_returns_at_once_and_reads_the_input_lazily():
     consumed = []
 
     def endless():
@@ -144,7 +148,9 @@ def make_structures(i):
         "nested": [torch.arange(i + 1), (torch.ones(2, dtype=torch.uint8) * i,)],
         "array": np.full((300, 300), i, dtype=np.float32),  # a large array
         "sample": Sample(torch.zeros(2, 2) + i, i),
-        "graph": Data(x=torch.randn(5, 3, generator=torch.Generator().manual_seed(i)), edge_index=torch.tensor([[0, 1], [1, 2]])),
+        "graph": Data(
+            x=torch.randn(5, 3, generator=torch.Generator().manual_seed(i)), edge_index=torch.tensor([[0, 1], [1, 2]])
+        ),
     }
 
 
@@ -155,15 +161,21 @@ def test_tensors_arrays_dataclasses_and_graphs_arrive_bit_identical(context):
     for i, value in enumerate(got):
         want = make_structures(i)
         assert torch.equal(value["tensor"], want["tensor"])
-        assert torch.equal(value["nested"][0], want["nested"][0]) and torch.equal(value["nested"][1][0], want["nested"][1][0])
+        assert torch.equal(value["nested"][0], want["nested"][0]) and torch.equal(
+            value["nested"][1][0], want["nested"][1][0]
+        )
         assert np.array_equal(value["array"], want["array"]) and value["array"].dtype == np.float32
         assert value["sample"].label == i and torch.equal(value["sample"].image, want["sample"].image)
-        assert torch.equal(value["graph"].x, want["graph"].x) and torch.equal(value["graph"].edge_index, want["graph"].edge_index)
+        assert torch.equal(value["graph"].x, want["graph"].x) and torch.equal(
+            value["graph"].edge_index, want["graph"].edge_index
+        )
 
 
 def test_torch_geometric_batches_are_collated_in_a_step():
     def graph(i):
-        return Data(x=torch.full((i + 1, 2), float(i)), edge_index=torch.zeros(2, 0, dtype=torch.long), y=torch.tensor([i]))
+        return Data(
+            x=torch.full((i + 1, 2), float(i)), edge_index=torch.zeros(2, 0, dtype=torch.long), y=torch.tensor([i])
+        )
 
     with tq.Sequence(tq.PoolStep(graph, nworkers=2), tq.RepackStep(4), tq.ProcessStep(Batch.from_data_list)) as seq:
         batches = list(seq([list(range(5)), list(range(5, 10))]))

@@ -13,9 +13,9 @@ import time
 
 import psutil
 import pytest
+from conftest import START_METHODS, assert_no_workers, double, random_sleep
 
 import torchqueue as tq
-from conftest import START_METHODS, assert_no_workers, double, random_sleep
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -72,7 +72,7 @@ def worker_pids():
     return [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in helpers]
 
 if __name__ == "__main__":
-    seq = tq.Sequence(tq.ProcessStep(slow, 2), tq.PoolStep(slow, nworkers=2), context=sys.argv[1] if len(sys.argv) > 1 else "{method}")
+    seq = tq.Sequence(tq.ProcessStep(slow, 2), tq.PoolStep(slow, nworkers=2), context="{method}")
     it = seq((range(i, i + 3) for i in range(10**6)))
     next(it)
     print(json.dumps({{"pid": os.getpid(), "workers": worker_pids()}}), flush=True)
@@ -93,7 +93,7 @@ def test_close_is_idempotent_and_with_blocks_close(no_leaks):
 
 def test_close_in_the_middle_of_an_epoch(no_leaks):
     seq = tq.Sequence(tq.ProcessStep(random_sleep, 2), tq.PoolStep(random_sleep, nworkers=2))
-    it = seq(([i] * 5 for i in range(10**6)))
+    it = seq([i] * 5 for i in range(10**6))
     assert next(it) == [0] * 5
     seq.close()
     with pytest.raises(RuntimeError):
@@ -142,7 +142,9 @@ def test_interpreter_exit_without_close_leaves_no_worker(method, run_script):
 
 @pytest.mark.parametrize("method", START_METHODS)
 def test_regression_5_workers_exit_when_their_parent_is_killed(method, run_script):
-    process = run_script(PIPELINE.format(method=method).replace('print(json', 'print(json').rstrip() + "\n    time.sleep(600)\n")
+    process = run_script(
+        PIPELINE.format(method=method).replace("print(json", "print(json").rstrip() + "\n    time.sleep(600)\n"
+    )
     info = read_json_line(process)
     os.kill(info["pid"], signal.SIGKILL)
     process.wait(30)
@@ -151,7 +153,8 @@ def test_regression_5_workers_exit_when_their_parent_is_killed(method, run_scrip
 
 def test_ctrl_c_to_the_process_group_stops_everything_cleanly(run_script):
     head, _ = PIPELINE.format(method="fork").split("    it = seq(")
-    body = head + textwrap.indent(textwrap.dedent("""
+    body = head + textwrap.indent(
+        textwrap.dedent("""
         try:
             it = seq((range(i, i + 3) for i in range(10**6)))
             next(it)
@@ -162,7 +165,9 @@ def test_ctrl_c_to_the_process_group_stops_everything_cleanly(run_script):
             print(json.dumps({"interrupted": True}), flush=True)
             seq.close()
             print(json.dumps({"workers": worker_pids()}), flush=True)
-    """), "    ")
+    """),
+        "    ",
+    )
     process = run_script(body, start_new_session=True)
     info = read_json_line(process)
     os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: workers get it too

@@ -4,9 +4,9 @@ import time
 
 import matplotlib
 import pytest
+from conftest import double, identity
 
 import torchqueue as tq
-from conftest import double, identity
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
 

@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 import torch.multiprocessing as mp
+from conftest import double
 
 import torchqueue as tq
-from conftest import double
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,12 @@ def test_bad_sequences_raise_at_construction(elements, error, words):
 
 @pytest.mark.parametrize(
     "kwargs, error",
-    [({"ordered": "yes"}, TypeError), ({"on_error": "ignore"}, ValueError), ({"context": "thread"}, ValueError), ({"context": 3}, TypeError)],
+    [
+        ({"ordered": "yes"}, TypeError),
+        ({"on_error": "ignore"}, ValueError),
+        ({"context": "thread"}, ValueError),
+        ({"context": 3}, TypeError),
+    ],
 )
 def test_bad_sequence_options_raise_at_construction(kwargs, error):
     with pytest.raises(error):

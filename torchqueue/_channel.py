@@ -79,7 +79,7 @@ class Channel:
         finally:
             self._wlock.release()
 
-    def get(self, alive: Callable[[], bool], timeout: float | None = None) -> bytes | None:
+    def get(self, alive: Callable[[], bool], timeout: float | None = None) -> bytearray | None:
         """Read one message, or return ``None`` when none started within ``timeout`` seconds.
 
         With ``timeout=None`` it waits until a message comes or ``alive()`` turns False.
@@ -123,7 +123,7 @@ def _write_all(fd: int, data: bytes, alive: Callable[[], bool]) -> None:
     view = memoryview(data)
     while view:
         try:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         except BlockingIOError:
             _, writable, _ = select.select([], [fd], [], POLL_S)
             if not writable and not alive():

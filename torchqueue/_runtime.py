@@ -160,7 +160,11 @@ class Runtime:
         """Feeder thread: reads the queued iterables lazily, one credit per element."""
         first = self.plan.stages[0]
         emitter = Emitter(
-            self._edges[0], self._alive, first.parts_per_element() if self.plan.splits_into(-1) else 0, first.name, "input"
+            self._edges[0],
+            self._alive,
+            first.parts_per_element() if self.plan.splits_into(-1) else 0,
+            first.name,
+            "input",
         )
         credits = self._credits[-1]
         while self._alive():
@@ -235,7 +239,9 @@ class Runtime:
                 )
         for stage, worker, process in self.workers:
             if process.exitcode is not None and self._alive():
-                raise WorkerDiedError(f"worker {worker} of step {stage!r} (pid {process.pid}) died: {_describe_exit(process.exitcode)}")
+                raise WorkerDiedError(
+                    f"worker {worker} of step {stage!r} (pid {process.pid}) died: {_describe_exit(process.exitcode)}"
+                )
 
     def cancel(self, epoch: int) -> None:
         """Abandon ``epoch`` (and earlier): stop feeding it, skip its work, drop its outputs."""
@@ -294,4 +300,3 @@ def _describe_exit(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exited with code {code}"
-

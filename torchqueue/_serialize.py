@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import io
 import pickle
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch.multiprocessing  # noqa: F401  (registers torch's tensor reductions)
-from multiprocessing.reduction import ForkingPickler
 
 
 def dumps(obj: Any) -> bytes:

@@ -36,7 +36,7 @@ from torchqueue._channel import Channel, Stopped, wait_acquire
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._messages import EndOfEpoch, Envelope, Failure, SkipNotice, Skipped, StartupFailure
 from torchqueue.errors import capture
-from torchqueue.stats import Field, NFIELDS
+from torchqueue.stats import NFIELDS, Field
 from torchqueue.steps import Step, StreamStep
 
 CONTROL = (EndOfEpoch, Failure, Skipped)
@@ -140,7 +140,7 @@ def worker_main(ctx: WorkerContext) -> None:
             assert isinstance(step, StreamStep)
             loop.run_stream(step)
         else:
-            loop.run_function(step.fn, pool=ctx.kind == "pool")  # type: ignore[attr-defined]
+            loop.run_function(getattr(step, "fn"), pool=ctx.kind == "pool")  # noqa: B009
     except Stopped:
         pass
 
@@ -185,9 +185,10 @@ class _Loop:
         self.meter.add(Field.WAIT_IN, time.perf_counter() - start)
         return _serialize.loads(data)
 
-    def timed_send(self, send: Callable[[], None]) -> None:
+    def timed(self, send: Callable[..., None], *args: Any) -> None:
+        """``send(*args)``, counting the time as waiting for room downstream."""
         start = time.perf_counter()
-        send()
+        send(*args)
         self.meter.add(Field.WAIT_OUT, time.perf_counter() - start)
 
     def call(self, fn: Callable[[Any], Any], value: Any) -> Any:
@@ -221,7 +222,7 @@ class _Loop:
             envelope = self.receive()
             payload = envelope.payload
             if isinstance(payload, CONTROL):
-                self.timed_send(lambda: self.emitter.send(envelope))
+                self.timed(self.emitter.send, envelope)
                 continue
             if self.cancelled(envelope.epoch):
                 payload = [] if pool else Skipped(self.ctx.stage_name)
@@ -230,10 +231,9 @@ class _Loop:
             else:
                 payload = self.call(fn, payload)
             if pool:
-                out = envelope._replace(payload=payload)
-                self.timed_send(lambda: self.emitter.send(out))
+                self.timed(self.emitter.send, envelope._replace(payload=payload))
             else:
-                self.timed_send(lambda: self.emitter.emit(envelope.epoch, envelope.seq, payload))
+                self.timed(self.emitter.emit, envelope.epoch, envelope.seq, payload)
 
     def call_items(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any] | Failure:
         results = []
@@ -254,7 +254,7 @@ class _Loop:
             def emit(payload: Any) -> None:
                 nonlocal outputs
                 wait_acquire(self.ctx.out_credits, self.alive)
-                self.timed_send(lambda: self.emitter.emit(epoch, outputs, payload))
+                self.timed(self.emitter.emit, epoch, outputs, payload)  # noqa: B023 (called at once)
                 outputs += 1
 
             elements = self.epoch_elements(collector, epoch)

@@ -35,10 +35,11 @@ class _KeyErrorMessage(str):
 
 def capture(step: str, exc: BaseException) -> Failure:
     """Wrap ``exc``, raised by ``step`` in this process, for the trip to the consumer."""
+    pickled: bytes | None
     try:
-        pickled: bytes | None = pickle.dumps(exc)
+        pickled = pickle.dumps(exc)
         pickle.loads(pickled)
-    except Exception:
+    except Exception:  # any failure to round-trip means: rebuild from the message
         pickled = None
     return Failure(
         step=step,

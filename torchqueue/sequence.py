@@ -118,7 +118,11 @@ class Sequence:
             raise RuntimeError("no iterable is queued: call seq.queue_iterable(chunks) first, or iterate seq(chunks)")
         previous = self._current
         if previous is not None and not previous.done:
-            previous.abandon()
+            try:
+                previous.abandon()
+            except BaseException as exc:  # a dead worker or Ctrl-C while cancelling
+                self._fail(exc)
+                raise
         self._current = _EpochIterator(self, self._next_epoch)
         self._next_epoch += 1
         return self._current

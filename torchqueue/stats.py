@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-__all__ = ["StepStats", "Stats"]
+__all__ = ["Stats", "StepStats"]
 
 
 class Field(IntEnum):
@@ -119,7 +119,10 @@ class Stats(Mapping[str, StepStats]):
             return "no steps ran yet"
         step = self._steps[name]
         if step.utilization < 0.5:
-            return f"no step is busy more than half the time ({name}: {step.utilization:.0%}): the input or the consumer limits"
+            return (
+                f"no step is busy more than half the time ({name}: {step.utilization:.0%}): "
+                "the input or the consumer limits"
+            )
         return f"bottleneck: {name} ({step.utilization:.0%} busy): give it more workers (now {step.nworkers})"
 
     def __str__(self) -> str:
@@ -139,7 +142,10 @@ class Stats(Mapping[str, StepStats]):
             for s in self._steps.values()
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+        lines = [
+            "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            for row in rows
+        ]
         lines.append(f"elapsed {self.elapsed_s:.2f} s; {self.hint()}")
         return "\n".join(lines)
 

@@ -111,8 +111,7 @@ def _require_iterable(step: StreamStep, element: Any) -> None:
         iter(element)
     except TypeError:
         raise TypeError(
-            f"{step.default_name()} needs iterable elements (lists, tuples, ...), "
-            f"got {type(element).__name__}"
+            f"{step.default_name()} needs iterable elements (lists, tuples, ...), got {type(element).__name__}"
         ) from None
 
 
