@@ -201,3 +201,17 @@ def test_iterating_without_a_queued_iterable_says_what_to_do():
     with tq.Sequence(tq.ProcessStep(double)) as seq:
         with pytest.raises(RuntimeError, match="queue_iterable"):
             iter(seq)
+
+
+def _who(x):
+    info = tq.get_worker_info()
+    return (info.step, info.id, info.num_workers, x)
+
+
+def test_get_worker_info_names_step_and_worker_inside_workers_and_is_none_outside():
+    assert tq.get_worker_info() is None
+    with tq.Sequence(tq.ProcessStep(_who, 2, name="who")) as seq:
+        out = list(seq(range(40)))
+    assert [x for *_, x in out] == list(range(40))
+    assert {(step, n) for step, _, n, _ in out} == {("who", 2)}
+    assert {worker for _, worker, _, _ in out} <= {0, 1}

@@ -6,6 +6,7 @@ Module map (see ``torchqueue/README.md`` for the life of one element):
 - ``sequence``: ``Sequence``, epochs in and outputs out;
 - ``stats``: ``Stats`` and ``StepStats``;
 - ``errors``: ``PipelineError``, ``WorkerDiedError``;
+- ``worker_info``: ``get_worker_info()`` inside a worker (step name, worker id, count);
 - private: ``_plan`` (elements -> stages and bounds), ``_runtime`` (processes, feeder,
   shutdown), ``_worker`` (worker loops), ``_channel`` (bounded pipes), ``_collect``
   (reorder and join), ``_messages`` (envelope and control messages), ``_serialize``,
@@ -16,6 +17,7 @@ from torchqueue.errors import PipelineError, WorkerDiedError
 from torchqueue.sequence import Sequence
 from torchqueue.stats import Stats, StepStats
 from torchqueue.steps import PackStep, PoolStep, ProcessStep, Queue, RepackStep, UnpackStep
+from torchqueue.worker_info import WorkerInfo, get_worker_info
 
 __version__ = "0.1.0"
 
@@ -31,4 +33,6 @@ __all__ = [
     "StepStats",
     "UnpackStep",
     "WorkerDiedError",
+    "WorkerInfo",
+    "get_worker_info",
 ]

@@ -122,6 +122,7 @@ class Runtime:
                     stage_name=stage.name,
                     kind=stage.kind,
                     worker=worker,
+                    nworkers=stage.nworkers,
                     step=step,
                     inbox=self._edges[stage.index],
                     outbox=self._edges[stage.index + 1],

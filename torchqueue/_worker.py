@@ -38,6 +38,7 @@ from torchqueue._messages import EndOfEpoch, Envelope, Failure, SkipNotice, Skip
 from torchqueue.errors import capture
 from torchqueue.stats import NFIELDS, Field
 from torchqueue.steps import Step, StreamStep
+from torchqueue.worker_info import WorkerInfo, set_worker_info
 
 CONTROL = (EndOfEpoch, Failure, Skipped)
 
@@ -49,6 +50,7 @@ class WorkerContext:
     stage_name: str
     kind: str
     worker: int
+    nworkers: int
     step: Step | bytes  # bytes: cloudpickled for spawn/forkserver
     inbox: Channel
     outbox: Channel
@@ -128,6 +130,7 @@ def worker_main(ctx: WorkerContext) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
     _exit_with_parent()
     torch.set_num_threads(1)
+    set_worker_info(WorkerInfo(ctx.stage_name, ctx.worker, ctx.nworkers))
     try:
         step = ctx.step if isinstance(ctx.step, Step) else cloudpickle.loads(ctx.step)
     except BaseException:
