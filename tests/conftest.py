@@ -129,7 +129,12 @@ def leaked_segments(new: set[str]) -> set[str]:
     for pid in psutil.pids():
         if pid != os.getpid():
             others |= _mapped_segments(pid)
-    return {name for name in new if name in mine or name not in others}
+    ours = f"torchqueue-{os.getpid()}-"
+    return {
+        name
+        for name in new
+        if name.startswith(ours) or (not name.startswith("torchqueue-") and (name in mine or name not in others))
+    }
 
 
 @pytest.fixture

@@ -215,3 +215,44 @@ def test_get_worker_info_names_step_and_worker_inside_workers_and_is_none_outsid
     assert [x for *_, x in out] == list(range(40))
     assert {(step, n) for step, _, n, _ in out} == {("who", 2)}
     assert {worker for _, worker, _, _ in out} <= {0, 1}
+
+
+def _many_small_tensors(n):
+    return [torch.full((64,), float(i)) for i in range(n)]
+
+
+def test_received_tensors_live_in_shared_memory_one_segment_per_message():
+    with tq.Sequence(tq.ProcessStep(_many_small_tensors, 2)) as seq:
+        got = list(seq([10_000, 3]))
+    assert [len(g) for g in got] == [10_000, 3]
+    assert all(t.is_shared() for g in got for t in g)
+    assert all(torch.equal(t, torch.full((64,), float(i))) for i, t in enumerate(got[0]))
+    # 10,000 tensors came in one segment: they share one storage mapping
+    assert len({t.untyped_storage().data_ptr() for t in got[0]}) == 1
+
+
+def test_tensors_sent_from_the_consumer_process_arrive_intact():
+    inputs = [torch.randn(100, 3, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    with tq.Sequence(tq.ProcessStep(identity), tq.ProcessStep(identity, 2)) as seq:
+        got = list(seq(inputs))
+    assert all(torch.equal(a, b) for a, b in zip(got, inputs))
+
+
+def test_closing_with_unread_messages_removes_their_shared_memory():
+    seq = tq.Sequence(tq.ProcessStep(_many_small_tensors, 2), tq.Queue(4))
+    it = seq([100] * 50)
+    next(it)
+    seq.close()  # messages with segments are still in the edges: the no_leaks fixture checks /dev/shm
+
+
+def test_a_feeder_failure_is_reported_instead_of_hanging(monkeypatch):
+    import torchqueue._runtime as runtime
+
+    class BrokenEmitter:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("feeder bug")
+
+    monkeypatch.setattr(runtime, "Emitter", BrokenEmitter)
+    with tq.Sequence(tq.ProcessStep(double)) as seq:
+        with pytest.raises(tq.PipelineError, match="feeder bug"):
+            list(seq(range(3)))

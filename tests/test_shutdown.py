@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import glob
 import json
 import os
 import signal
@@ -59,11 +60,15 @@ def wait_gone(pids: list[int], seconds: float = 10.0) -> list[int]:
 
 PIPELINE = """
 import json, os, sys, time, psutil
+import torch
 import torchqueue as tq
 
 def slow(x):
     time.sleep(0.05)
     return x
+
+def as_tensor(x):  # so that messages carry shared memory
+    return torch.tensor(list(x))
 
 def worker_pids():
     helpers = {{c.pid for c in psutil.Process().children()
@@ -72,7 +77,7 @@ def worker_pids():
     return [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in helpers]
 
 if __name__ == "__main__":
-    seq = tq.Sequence(tq.ProcessStep(slow, 2), tq.PoolStep(slow, nworkers=2), context="{method}")
+    seq = tq.Sequence(tq.ProcessStep(as_tensor, 2), tq.PoolStep(slow, nworkers=2), context="{method}")
     it = seq((range(i, i + 3) for i in range(10**6)))
     next(it)
     print(json.dumps({{"pid": os.getpid(), "workers": worker_pids()}}), flush=True)
@@ -142,13 +147,13 @@ def test_interpreter_exit_without_close_leaves_no_worker(method, run_script):
 
 @pytest.mark.parametrize("method", START_METHODS)
 def test_regression_5_workers_exit_when_their_parent_is_killed(method, run_script):
-    process = run_script(
-        PIPELINE.format(method=method).replace("print(json", "print(json").rstrip() + "\n    time.sleep(600)\n"
-    )
+    process = run_script(PIPELINE.format(method=method).rstrip() + "\n    time.sleep(600)\n")
     info = read_json_line(process)
     os.kill(info["pid"], signal.SIGKILL)
     process.wait(30)
     assert wait_gone(info["workers"]) == []
+    # the workers removed the shared memory the dead consumer left
+    assert not glob.glob(f"/dev/shm/torchqueue-{info['pid']}-*")
 
 
 def test_ctrl_c_to_the_process_group_stops_everything_cleanly(run_script):

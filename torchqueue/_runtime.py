@@ -26,8 +26,10 @@ Workers also exit on their own when this process dies (``_worker``'s
 parent watch), and ignore SIGINT: Ctrl-C reaches the consumer only, which
 then closes everything. No signal handler of the user is replaced.
 
-Tensors travel as file-descriptor-backed shared memory that is unlinked at
-creation, so no named segment can be left behind.
+Tensors and large arrays travel in shared-memory segments, files in one
+directory per pipeline under /dev/shm (see ``_serialize``). A reader unlinks a
+segment as it maps it; ``close`` removes the directory with whatever unread
+messages left in it, and so do the workers if this process dies.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shutil
 import signal
 import threading
 import time
@@ -94,9 +97,11 @@ class Runtime:
         self._credits = {a: ctx.BoundedSemaphore(plan.credits(a)) for a in assigners}
         self._out_credits = self._credits[assigners[-1]]  # the consumer closes the last segment
         self._stats = ctx.RawArray("d", NFIELDS * sum(s.nworkers for s in plan.stages))
+        self._segment_dir = _serialize.make_segment_dir()
         self._collector = Collector(ordered)
         self._epochs: queue.Queue[tuple[int, Iterator[Any]]] = queue.Queue()
         self._warned: set[str] = set()
+        self._feeder_error: BaseException | None = None
         self._closed = False
         self._owner = os.getpid()
         self._started = time.perf_counter()
@@ -137,6 +142,7 @@ class Runtime:
                     stats=self._stats,
                     stats_row=row,
                     events=self._events,
+                    segment_dir=self._segment_dir,
                 )
                 row += 1
                 process = self._ctx.Process(  # type: ignore[attr-defined]
@@ -158,15 +164,17 @@ class Runtime:
         return not self._closed and not self._stop.is_set()
 
     def _feed(self) -> None:
-        """Feeder thread: reads the queued iterables lazily, one credit per element."""
+        """Feeder thread: a failure of its own (not of the user's input) is reported by ``check_health``."""
+        try:
+            self._feed_epochs()
+        except BaseException as exc:
+            self._feeder_error = exc
+
+    def _feed_epochs(self) -> None:
+        """Reads the queued iterables lazily, one credit per element."""
         first = self.plan.stages[0]
-        emitter = Emitter(
-            self._edges[0],
-            self._alive,
-            first.parts_per_element() if self.plan.splits_into(-1) else 0,
-            first.name,
-            "input",
-        )
+        split = first.parts_per_element() if self.plan.splits_into(-1) else 0
+        emitter = Emitter(self._edges[0], self._alive, split, first.name, "input", self._segment_dir)
         credits = self._credits[-1]
         while self._alive():
             try:
@@ -238,6 +246,8 @@ class Runtime:
                     RuntimeWarning,
                     stacklevel=5,
                 )
+        if self._feeder_error is not None:
+            raise PipelineError(f"torchqueue's feeder thread failed: {self._feeder_error!r}") from self._feeder_error
         for stage, worker, process in self.workers:
             if process.exitcode is not None and self._alive():
                 raise WorkerDiedError(
@@ -283,6 +293,8 @@ class Runtime:
                 process.close()
         for edge in self._edges + [self._events]:
             edge.close()
+        if self._segment_dir is not None:  # segments of messages nobody will read
+            shutil.rmtree(self._segment_dir, ignore_errors=True)
         # Drop every lock, semaphore and process: under spawn and forkserver their named
         # semaphores are unlinked when collected. The stats array stays for stats().
         self._edges, self._credits, self.workers = [], {}, []

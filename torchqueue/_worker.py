@@ -20,6 +20,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import threading
 import time
@@ -65,6 +66,7 @@ class WorkerContext:
     stats: Any  # RawArray of NFIELDS doubles per worker
     stats_row: int
     events: Channel
+    segment_dir: str | None  # shared memory for tensors and large arrays (see _serialize)
 
 
 class Meter:
@@ -81,8 +83,17 @@ class Meter:
 class Emitter:
     """Writes envelopes to an edge, splitting elements into parts when a pool reads it."""
 
-    def __init__(self, channel: Channel, alive: Callable[[], bool], split_parts: int, split_step: str, writer: str):
+    def __init__(
+        self,
+        channel: Channel,
+        alive: Callable[[], bool],
+        split_parts: int,
+        split_step: str,
+        writer: str,
+        segment_dir: str | None,
+    ):
         self._channel = channel
+        self._segment_dir = segment_dir
         self._alive = alive
         self._split_parts = split_parts
         self._split_step = split_step
@@ -106,10 +117,10 @@ class Emitter:
 
     def send(self, envelope: Envelope) -> None:
         try:
-            data = _serialize.dumps(envelope)
+            data = _serialize.dumps(envelope, self._segment_dir)
         except Exception as exc:
-            error = TypeError(f"step {self._writer!r} produced a value that cannot be pickled: {exc}")
-            data = _serialize.dumps(envelope._replace(payload=capture(self._writer, error)))
+            error = TypeError(f"step {self._writer!r} produced a value that cannot be sent to another process: {exc}")
+            data = _serialize.dumps(envelope._replace(payload=capture(self._writer, error)), None)
         self._channel.put(data, self._alive)
 
 
@@ -128,14 +139,14 @@ def split(items: list[Any], nparts: int) -> list[list[Any]]:
 def worker_main(ctx: WorkerContext) -> None:
     """Entry point of every worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
-    _exit_with_parent()
+    _exit_with_parent(ctx.segment_dir)
     torch.set_num_threads(1)
     set_worker_info(WorkerInfo(ctx.stage_name, ctx.worker, ctx.nworkers))
     try:
         step = ctx.step if isinstance(ctx.step, Step) else cloudpickle.loads(ctx.step)
     except BaseException:
         notice = StartupFailure(ctx.stage_name, ctx.worker, traceback.format_exc())
-        ctx.events.put(_serialize.dumps(notice), lambda: not ctx.stop.is_set())
+        ctx.events.put(_serialize.dumps(notice, None), lambda: not ctx.stop.is_set())
         raise SystemExit(3) from None
     loop = _Loop(ctx)
     try:
@@ -148,13 +159,16 @@ def worker_main(ctx: WorkerContext) -> None:
         pass
 
 
-def _exit_with_parent() -> None:
+def _exit_with_parent(segment_dir: str | None) -> None:
+    """Exit as soon as the consumer's process is gone, removing the shared memory it left."""
     parent = multiprocessing.parent_process()
     if parent is None:
         return
 
     def watch() -> None:
         multiprocessing.connection.wait([parent.sentinel])
+        if segment_dir is not None:
+            shutil.rmtree(segment_dir, ignore_errors=True)
         os._exit(1)
 
     threading.Thread(target=watch, name="torchqueue-parent-watch", daemon=True).start()
@@ -170,7 +184,7 @@ class _Loop:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
         self.meter = Meter(ctx.stats, ctx.stats_row)
-        self.emitter = Emitter(ctx.outbox, self.alive, ctx.split_parts, ctx.split_step, ctx.stage_name)
+        self.emitter = Emitter(ctx.outbox, self.alive, ctx.split_parts, ctx.split_step, ctx.stage_name, ctx.segment_dir)
         self._notified = False
 
     def alive(self) -> bool:
@@ -214,7 +228,7 @@ class _Loop:
         if not self._notified:
             self._notified = True
             notice = SkipNotice(self.ctx.stage_name, f"{type(exc).__name__}: {exc}")
-            self.ctx.events.put(_serialize.dumps(notice), self.alive)
+            self.ctx.events.put(_serialize.dumps(notice, None), self.alive)
         return Skipped(self.ctx.stage_name)
 
     def cancelled(self, epoch: int) -> bool:
