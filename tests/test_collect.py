@@ -8,6 +8,10 @@ from torchqueue._collect import NOTHING, Collector
 from torchqueue._messages import EndOfEpoch, Envelope, Failure
 
 
+def _noop():
+    pass
+
+
 def drain(collector, epoch):
     out = []
     while (payload := collector.pop(epoch)) is not NOTHING:
@@ -29,7 +33,7 @@ def envelopes(epoch, values, parts=1):
 def test_ordered_output_is_in_seq_order_with_the_end_last(seed):
     envs = envelopes(0, list(range(20))) + envelopes(1, list(range(100, 105)))
     random.Random(seed).shuffle(envs)
-    collector = Collector(ordered=True)
+    collector = Collector(True, _noop)
     for env in envs:
         collector.add(env)
     assert drain(collector, 0) == list(range(20)) + [EndOfEpoch(20)]
@@ -37,7 +41,7 @@ def test_ordered_output_is_in_seq_order_with_the_end_last(seed):
 
 
 def test_ordered_pop_waits_for_the_missing_position():
-    collector = Collector(ordered=True)
+    collector = Collector(True, _noop)
     collector.add(Envelope(0, 1, 0, 1, "b"))
     assert collector.pop(0) is NOTHING
     collector.add(Envelope(0, 0, 0, 1, "a"))
@@ -48,7 +52,7 @@ def test_ordered_pop_waits_for_the_missing_position():
 def test_unordered_output_holds_the_end_until_every_element_came(seed):
     envs = envelopes(0, list(range(10)))
     random.Random(seed).shuffle(envs)
-    collector = Collector(ordered=False)
+    collector = Collector(False, _noop)
     seen = []
     for env in envs:
         collector.add(env)
@@ -66,7 +70,7 @@ def test_pool_parts_are_joined_in_part_order(ordered):
         Envelope(0, 2, 0, 1, []),
         Envelope(0, 3, 0, 1, EndOfEpoch(3)),
     ]
-    collector = Collector(ordered)
+    collector = Collector(ordered, _noop)
     for env in envs:
         collector.add(env)
     out = drain(collector, 0)
@@ -76,7 +80,7 @@ def test_pool_parts_are_joined_in_part_order(ordered):
 
 def test_a_failed_part_fails_the_whole_element():
     failure = Failure("s", "ValueError", "bad", "tb", 1, None)
-    collector = Collector(ordered=True)
+    collector = Collector(True, _noop)
     collector.add(Envelope(0, 0, 0, 2, [1]))
     collector.add(Envelope(0, 0, 1, 2, failure))
     assert collector.pop(0) == failure

@@ -97,6 +97,7 @@ def test_regression_9_queue_iterable_returns_at_once_and_reads_the_input_lazily(
         it = iter(seq)
         assert [next(it) for _ in range(50)] == [2 * i for i in range(50)]
         # bounded by the queues, credits and workers, not by the input's length
+        # (a generator is never bundled: see test_bundle.py)
         assert len(consumed) < 50 + 10
         del it
 

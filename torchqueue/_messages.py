@@ -35,6 +35,16 @@ class EndOfEpoch:
 
 
 @dataclass(frozen=True)
+class Bundle:
+    """Consecutive elements at positions ``seq``, ``seq + 1``, ... sent as one message.
+
+    It holds one credit for all of them (see ``_bundle``).
+    """
+
+    items: list[Any]
+
+
+@dataclass(frozen=True)
 class Skipped:
     """Holds the position of an element that was dropped (``on_error="skip"`` or a cancelled epoch)."""
 

@@ -84,6 +84,10 @@ class Plan:
         between = self.stages[stage + 1 : end]
         return sum(self.capacities[stage + 1 : end + 1]) + sum(s.nworkers for s in between)
 
+    def can_bundle(self, stage: int) -> bool:
+        """Whether the segment starting at ``stage``'s output has only map stages (bundles pass those)."""
+        return all(s.kind == MAP for s in self.stages[stage + 1 : self.segment_end(stage)])
+
     def splits_into(self, stage: int) -> bool:
         """Whether the writer at ``stage``'s output must split elements into pool parts."""
         nxt = stage + 1

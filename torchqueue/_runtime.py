@@ -49,13 +49,14 @@ from typing import Any
 import cloudpickle
 
 from torchqueue import _serialize
-from torchqueue._channel import POLL_S, Channel, Stopped, wait_acquire
+from torchqueue._channel import Channel, Stopped
 from torchqueue._collect import NOTHING, Collector
+from torchqueue._feeder import Feeder
 from torchqueue._messages import EndOfEpoch, SkipNotice, StartupFailure
 from torchqueue._plan import STREAM, Plan
-from torchqueue._worker import Emitter, WorkerContext, worker_main
-from torchqueue.errors import PipelineError, WorkerDiedError, capture
-from torchqueue.stats import NFIELDS, Stats
+from torchqueue._worker import Emitter, WorkerContext, observe_bytes, worker_main
+from torchqueue.errors import PipelineError, WorkerDiedError
+from torchqueue.stats import NFIELDS, Field, Stats
 
 logger = logging.getLogger("torchqueue")
 
@@ -95,11 +96,13 @@ class Runtime:
         self._events = Channel(ctx, 4 + 2 * sum(s.nworkers for s in plan.stages))
         assigners = [-1] + [s.index for s in plan.stages if s.kind == STREAM]
         self._credits = {a: ctx.BoundedSemaphore(plan.credits(a)) for a in assigners}
-        self._out_credits = self._credits[assigners[-1]]  # the consumer closes the last segment
+        self._last_assigner = assigners[-1]  # the consumer closes the last segment
+        self._collector = Collector(ordered, self._credits[assigners[-1]].release)
         self._stats = ctx.RawArray("d", NFIELDS * sum(s.nworkers for s in plan.stages))
         self._segment_dir = _serialize.make_segment_dir()
-        self._collector = Collector(ordered)
-        self._epochs: queue.Queue[tuple[int, Iterator[Any]]] = queue.Queue()
+        self._bytes_out = {a: ctx.RawValue("d", 0.0) for a in assigners}  # per segment, at its end
+        self._rows: dict[int, int] = {}  # stage index -> its first row in the stats array
+        self._epochs: queue.Queue[tuple[int, Iterator[Any], bool]] = queue.Queue()
         self._warned: set[str] = set()
         self._feeder_error: BaseException | None = None
         self._closed = False
@@ -121,6 +124,7 @@ class Runtime:
         row = 0
         for stage, step in zip(self.plan.stages, steps):
             upstream = max(a for a in assigners if a < stage.index)
+            self._rows[stage.index] = row
             split = self.plan.splits_into(stage.index)
             for worker in range(stage.nworkers):
                 context = WorkerContext(
@@ -143,6 +147,7 @@ class Runtime:
                     stats_row=row,
                     events=self._events,
                     segment_dir=self._segment_dir,
+                    in_bytes=self._bytes_out[upstream] if stage.kind == STREAM else None,
                 )
                 row += 1
                 process = self._ctx.Process(  # type: ignore[attr-defined]
@@ -157,8 +162,9 @@ class Runtime:
 
     # -- feeding -------------------------------------------------------------------------------
 
-    def queue(self, epoch: int, iterator: Iterator[Any]) -> None:
-        self._epochs.put((epoch, iterator))
+    def queue(self, epoch: int, iterator: Iterator[Any], in_memory: bool) -> None:
+        """Queue one epoch's input; ``in_memory``: reading it never blocks (it may be bundled)."""
+        self._epochs.put((epoch, iterator, in_memory))
 
     def _alive(self) -> bool:
         return not self._closed and not self._stop.is_set()
@@ -166,44 +172,32 @@ class Runtime:
     def _feed(self) -> None:
         """Feeder thread: a failure of its own (not of the user's input) is reported by ``check_health``."""
         try:
-            self._feed_epochs()
+            first = self.plan.stages[0]
+            split = first.parts_per_element() if self.plan.splits_into(-1) else 0
+            Feeder(
+                self._epochs,
+                Emitter(self._edges[0], self._alive, split, first.name, "input", self._segment_dir),
+                self._credits[-1],
+                self._alive,
+                lambda epoch: self._cancelled.value >= epoch,
+                self._first_segment_figures if self.plan.can_bundle(-1) else None,
+            ).run()
+        except Stopped:
+            pass
         except BaseException as exc:
             self._feeder_error = exc
 
-    def _feed_epochs(self) -> None:
-        """Reads the queued iterables lazily, one credit per element."""
-        first = self.plan.stages[0]
-        split = first.parts_per_element() if self.plan.splits_into(-1) else 0
-        emitter = Emitter(self._edges[0], self._alive, split, first.name, "input", self._segment_dir)
-        credits = self._credits[-1]
-        while self._alive():
-            try:
-                epoch, iterator = self._epochs.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            seq = 0
-            try:
-                for element in iterator:
-                    if self._cancelled.value >= epoch:
-                        break
-                    wait_acquire(credits, self._alive)
-                    emitter.emit(epoch, seq, element)
-                    seq += 1
-                    element = None
-            except Stopped:
-                return
-            except BaseException as exc:  # the user's iterable raised: deliver it in order
-                try:
-                    wait_acquire(credits, self._alive)
-                    emitter.emit(epoch, seq, capture("input", exc))
-                    seq += 1
-                except Stopped:
-                    return
-            try:
-                wait_acquire(credits, self._alive)
-                emitter.emit(epoch, seq, EndOfEpoch(seq))
-            except Stopped:
-                return
+    def _first_segment_figures(self) -> tuple[float, float]:
+        """For the bundle policy: the slowest step's seconds per element, and bytes per element out."""
+        step_s = 0.0
+        for stage in self.plan.stages[: self.plan.segment_end(-1)]:
+            busy = calls = 0.0
+            for row in range(self._rows[stage.index], self._rows[stage.index] + stage.nworkers):
+                busy += self._stats[row * NFIELDS + Field.BUSY]
+                calls += self._stats[row * NFIELDS + Field.IN]
+            if calls:
+                step_s = max(step_s, busy / calls)
+        return step_s, self._bytes_out[-1].value
 
     # -- consuming -------------------------------------------------------------------------------
 
@@ -218,7 +212,6 @@ class Runtime:
         while True:
             payload = self._collector.pop(epoch)
             if payload is not NOTHING:
-                self._out_credits.release()
                 now = time.perf_counter()
                 if now - self._last_health > HEALTH_S:
                     self._last_health = now
@@ -228,7 +221,9 @@ class Runtime:
             if data is None:
                 self.check_health()
                 continue
-            self._collector.add(_serialize.loads(data))
+            envelope = _serialize.loads(data)
+            observe_bytes(self._bytes_out[self._last_assigner], data, envelope)
+            self._collector.add(envelope)
 
     def check_health(self) -> None:
         """Warn for skip notices; raise if a worker could not start or died."""
@@ -298,7 +293,7 @@ class Runtime:
         # Drop every lock, semaphore and process: under spawn and forkserver their named
         # semaphores are unlinked when collected. The stats array stays for stats().
         self._edges, self._credits, self.workers = [], {}, []
-        del self._events, self._out_credits, self._stop, self._collector
+        del self._events, self._stop, self._collector
         logger.debug("closed %s", self._name)
 
     @property

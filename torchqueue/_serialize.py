@@ -145,6 +145,13 @@ def dumps(obj: Any, segment_dir: str | None) -> bytes:
     return b"S" + _SEGMENT.pack(len(encoded), pickler.size) + encoded + body
 
 
+def message_nbytes(data: bytes | bytearray) -> int:
+    """Size of a message from ``dumps``, its shared-memory segment included."""
+    if data[:1] == b"S":
+        return len(data) + _SEGMENT.unpack_from(data, 1)[1]
+    return len(data)
+
+
 def loads(data: bytes | bytearray | memoryview) -> Any:
     """The object ``dumps`` serialised (maps and unlinks its segment, if any)."""
     view = memoryview(data)

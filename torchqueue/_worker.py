@@ -35,13 +35,14 @@ import torch
 from torchqueue import _serialize
 from torchqueue._channel import Channel, Stopped, wait_acquire
 from torchqueue._collect import NOTHING, Collector
-from torchqueue._messages import EndOfEpoch, Envelope, Failure, SkipNotice, Skipped, StartupFailure
+from torchqueue._messages import Bundle, EndOfEpoch, Envelope, Failure, SkipNotice, Skipped, StartupFailure
 from torchqueue.errors import capture
 from torchqueue.stats import NFIELDS, Field
 from torchqueue.steps import Step, StreamStep
 from torchqueue.worker_info import WorkerInfo, set_worker_info
 
 CONTROL = (EndOfEpoch, Failure, Skipped)
+"""Payloads every stage passes on untouched (a ``Bundle`` is not one: its items are work)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class WorkerContext:
     stats_row: int
     events: Channel
     segment_dir: str | None  # shared memory for tensors and large arrays (see _serialize)
+    in_bytes: Any  # stream stages: RawValue, mean bytes per element arriving (for the bundle policy)
 
 
 class Meter:
@@ -99,29 +101,35 @@ class Emitter:
         self._split_step = split_step
         self._writer = writer
 
-    def emit(self, epoch: int, seq: int, payload: Any) -> None:
-        """Send one whole element (or control message) at position ``seq``."""
+    def emit(self, epoch: int, seq: int, payload: Any) -> int:
+        """Send one whole element (or control message) at position ``seq``; return the bytes sent."""
         if not self._split_parts or isinstance(payload, CONTROL):
-            self.send(Envelope(epoch, seq, 0, 1, payload))
-            return
+            return self.send(Envelope(epoch, seq, 0, 1, payload))
         try:
             items = list(payload)
         except TypeError as exc:
             error = TypeError(f"PoolStep needs iterable elements (lists, tuples, ...), got {type(payload).__name__}")
             error.__cause__ = exc
-            self.send(Envelope(epoch, seq, 0, 1, capture(self._split_step, error)))
-            return
+            return self.send(Envelope(epoch, seq, 0, 1, capture(self._split_step, error)))
         parts = split(items, self._split_parts)
-        for index, part in enumerate(parts):
-            self.send(Envelope(epoch, seq, index, len(parts), part))
+        return sum(self.send(Envelope(epoch, seq, index, len(parts), part)) for index, part in enumerate(parts))
 
-    def send(self, envelope: Envelope) -> None:
+    def send(self, envelope: Envelope) -> int:
+        """Send one envelope as it is; return the bytes sent (shared memory included)."""
         try:
             data = _serialize.dumps(envelope, self._segment_dir)
         except Exception as exc:
             error = TypeError(f"step {self._writer!r} produced a value that cannot be sent to another process: {exc}")
             data = _serialize.dumps(envelope._replace(payload=capture(self._writer, error)), None)
         self._channel.put(data, self._alive)
+        return _serialize.message_nbytes(data)
+
+
+def observe_bytes(meter: Any, data: bytes | bytearray, envelope: Envelope) -> None:
+    """Fold one message's bytes per element into ``meter`` (a RawValue: a running mean)."""
+    payload = envelope.payload
+    count = len(payload.items) if isinstance(payload, Bundle) else 1
+    meter.value += 0.1 * (_serialize.message_nbytes(data) / max(count, 1) - meter.value)
 
 
 def split(items: list[Any], nparts: int) -> list[list[Any]]:
@@ -200,9 +208,13 @@ class _Loop:
         while data is None:
             data = self.ctx.inbox.get(self.alive)
         self.meter.add(Field.WAIT_IN, time.perf_counter() - start)
-        return _serialize.loads(data)
+        self.meter.add(Field.MESSAGES, 1)
+        envelope: Envelope = _serialize.loads(data)
+        if self.ctx.in_bytes is not None:
+            observe_bytes(self.ctx.in_bytes, data, envelope)
+        return envelope
 
-    def timed(self, send: Callable[..., None], *args: Any) -> None:
+    def timed(self, send: Callable[..., object], *args: Any) -> None:
         """``send(*args)``, counting the time as waiting for room downstream."""
         start = time.perf_counter()
         send(*args)
@@ -241,6 +253,13 @@ class _Loop:
             if isinstance(payload, CONTROL):
                 self.timed(self.emitter.send, envelope)
                 continue
+            if isinstance(payload, Bundle):  # only between map stages: no pool in a bundling segment
+                if self.cancelled(envelope.epoch):
+                    items = [Skipped(self.ctx.stage_name)] * len(payload.items)
+                else:
+                    items = [self.call(fn, item) for item in payload.items]
+                self.timed(self.emitter.send, envelope._replace(payload=Bundle(items)))
+                continue
             if self.cancelled(envelope.epoch):
                 payload = [] if pool else Skipped(self.ctx.stage_name)
             elif pool:
@@ -263,7 +282,7 @@ class _Loop:
         return results
 
     def run_stream(self, step: StreamStep) -> None:
-        collector = Collector(self.ctx.ordered)
+        collector = Collector(self.ctx.ordered, self.ctx.in_credits.release)
         epoch = 0
         while True:
             outputs = 0
@@ -298,7 +317,6 @@ class _Loop:
             if payload is NOTHING:
                 collector.add(self.receive())
                 continue
-            self.ctx.in_credits.release()
             if isinstance(payload, EndOfEpoch):
                 return
             if isinstance(payload, Skipped):

@@ -10,6 +10,7 @@ read and its outputs are dropped.
 
 from __future__ import annotations
 
+import collections.abc
 import multiprocessing
 import weakref
 from collections.abc import Iterable, Iterator
@@ -103,7 +104,7 @@ class Sequence:
         except TypeError:
             raise TypeError(f"queue_iterable needs an iterable, got {type(iterable).__name__}") from None
         runtime = self._start()
-        runtime.queue(self._queued, iterator)
+        runtime.queue(self._queued, iterator, isinstance(iterable, (range, collections.abc.Sequence)))
         self._queued += 1
 
     def __call__(self, iterable: Iterable[Any]) -> Iterator[Any]:

@@ -25,6 +25,7 @@ class Field(IntEnum):
     FILL_SUM = 5
     FILL_N = 6
     SKIPPED = 7
+    MESSAGES = 8
 
 
 NFIELDS = len(Field)
@@ -45,6 +46,8 @@ class StepStats:
         queue_fill: Mean fill (0 to 1) of its input queue, sampled at every read.
         skipped: Elements dropped under ``on_error="skip"``.
         utilization: ``busy_s / (nworkers * elapsed_s)``: 1.0 means always busy.
+        messages_in: Messages its workers received: fewer than ``elements_in`` where small
+            elements travel bundled, or a PoolStep's items in parts.
     """
 
     name: str
@@ -57,6 +60,7 @@ class StepStats:
     queue_fill: float
     skipped: int
     utilization: float
+    messages_in: int = 0
 
 
 class Stats(Mapping[str, StepStats]):
@@ -92,6 +96,7 @@ class Stats(Mapping[str, StepStats]):
                     queue_fill=total[Field.FILL_SUM] / total[Field.FILL_N] if total[Field.FILL_N] else 0.0,
                     skipped=int(total[Field.SKIPPED]),
                     utilization=busy / (nworkers * elapsed_s) if elapsed_s > 0 else 0.0,
+                    messages_in=int(total[Field.MESSAGES]),
                 )
             )
         return cls(steps, elapsed_s)
@@ -126,13 +131,14 @@ class Stats(Mapping[str, StepStats]):
         return f"bottleneck: {name} ({step.utilization:.0%} busy): give it more workers (now {step.nworkers})"
 
     def __str__(self) -> str:
-        header = ("step", "workers", "in", "out", "busy_s", "wait_in_s", "wait_out_s", "queue_fill", "util")
+        header = ("step", "workers", "in", "out", "msgs", "busy_s", "wait_in_s", "wait_out_s", "queue_fill", "util")
         rows = [header] + [
             (
                 s.name,
                 str(s.nworkers),
                 str(s.elements_in),
                 str(s.elements_out),
+                str(s.messages_in),
                 f"{s.busy_s:.2f}",
                 f"{s.wait_in_s:.2f}",
                 f"{s.wait_out_s:.2f}",

@@ -1,0 +1,98 @@
+"""The feeder thread: reads the queued iterables lazily and sends their elements.
+
+It runs in the consumer's process (the input is an iterable there). Per
+epoch it assigns positions 0, 1, ... to the elements, takes one credit per
+message (this bounds what is in flight, see ``_plan``), sends single
+elements or, when ``BundlePolicy`` says it pays, bundles of them, and ends
+the epoch with ``EndOfEpoch``. Only in-memory inputs (lists, tuples, ranges,
+other ``Sequence``s) are bundled: reading them never blocks, so an element
+never waits in a half-filled bundle while the input waits for something
+(perhaps for the consumer, which would then wait for that element). An exception raised by the input is sent in
+its place, in order, and ends that epoch's input. An epoch the consumer
+abandoned stops being read at once.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torchqueue._bundle import BundlePolicy
+from torchqueue._channel import POLL_S, wait_acquire
+from torchqueue._messages import Bundle, EndOfEpoch, Envelope
+from torchqueue._worker import Emitter
+from torchqueue.errors import capture
+
+_RECHECK_EVERY = 16
+"""Messages between two looks at the downstream figures for the bundle policy."""
+
+
+class Feeder:
+    """Body of the feeder thread (``run``); ``Stopped`` from a blocking call ends it."""
+
+    def __init__(
+        self,
+        epochs: queue.Queue[tuple[int, Iterator[Any], bool]],
+        emitter: Emitter,
+        credits: Any,
+        alive: Callable[[], bool],
+        cancelled: Callable[[int], bool],
+        downstream: Callable[[], tuple[float, float]] | None,
+    ) -> None:
+        """``downstream()`` gives (step seconds per element, bytes per element out); ``None``: never bundle."""
+        self._epochs = epochs
+        self._emitter = emitter
+        self._credits = credits
+        self._alive = alive
+        self._cancelled = cancelled
+        self._downstream = downstream
+        self._policy = BundlePolicy()
+        self._sent = 0
+
+    def run(self) -> None:
+        while self._alive():
+            try:
+                epoch, iterator, in_memory = self._epochs.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            self._feed(epoch, iterator, in_memory)
+
+    def _feed(self, epoch: int, iterator: Iterator[Any], in_memory: bool) -> None:
+        seq = 0
+        pending: list[Any] = []
+        while not self._cancelled(epoch):
+            start = time.perf_counter()
+            try:
+                element = next(iterator)
+            except StopIteration:
+                break
+            except BaseException as exc:  # the user's input raised: deliver it in its place
+                seq = self._send(epoch, seq, pending)
+                pending = []
+                seq = self._send(epoch, seq, [capture("input", exc)])
+                break
+            self._policy.observe_input(time.perf_counter() - start)
+            pending.append(element)
+            if not in_memory or len(pending) >= self._policy.limit:
+                seq = self._send(epoch, seq, pending)
+                pending = []
+        seq = self._send(epoch, seq, pending)
+        wait_acquire(self._credits, self._alive)
+        self._emitter.emit(epoch, seq, EndOfEpoch(seq))
+
+    def _send(self, epoch: int, seq: int, elements: list[Any]) -> int:
+        """Send ``elements`` from position ``seq`` as one message; return the next position."""
+        if not elements:
+            return seq
+        wait_acquire(self._credits, self._alive)
+        if len(elements) == 1:
+            nbytes = self._emitter.emit(epoch, seq, elements[0])
+        else:
+            nbytes = self._emitter.send(Envelope(epoch, seq, 0, 1, Bundle(elements)))
+        self._policy.observe_message(nbytes, len(elements))
+        self._sent += 1
+        if self._downstream is not None and self._sent % _RECHECK_EVERY == 0:
+            self._policy.observe_downstream(*self._downstream())
+        return seq + len(elements)
