@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 import torchqueue as tq
 from torchqueue.demo import calorimeter as calo
+from torchqueue.sources import H5Chunks
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -42,23 +43,10 @@ def test_generated_events_are_sparse_showers_and_regeneration_is_skipped(tmp_pat
     assert mtimes == [os.stat(p).st_mtime_ns for p in paths]
 
 
-def test_plan_chunks_covers_every_event_once_without_crossing_files(tmp_path):
-    paths = calo.generate_dataset(tmp_path, n_files=2, events_per_file=7)
-    chunks = calo.plan_chunks(paths, 3)
-    assert chunks == [
-        (paths[0], 0, 3),
-        (paths[0], 3, 6),
-        (paths[0], 6, 7),
-        (paths[1], 0, 3),
-        (paths[1], 3, 6),
-        (paths[1], 6, 7),
-    ]
-
-
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_the_pipeline_yields_the_same_graphs_as_a_dataloader(tmp_path, context, no_leaks):
     paths = calo.generate_dataset(tmp_path, n_files=2, events_per_file=10)
-    chunks = calo.plan_chunks(paths, 4)
+    chunks = H5Chunks(paths, length_key="energy", chunk_size=4, shuffle=False)()
     with tq.Sequence(
         tq.ProcessStep(calo.read_chunk, 2),
         tq.PoolStep(calo.event_to_graph, nworkers=2),

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 import torchqueue as tq
 from torchqueue.demo import calorimeter as calo
+from torchqueue.sources import H5Chunks
 
 
 def run_torchqueue(chunks: list[calo.Chunk], batch_size: int, workers: int) -> tuple[int, float, tq.Stats]:
@@ -46,7 +47,7 @@ def main() -> None:
 
     start = time.perf_counter()
     paths = calo.generate_dataset(args.data, args.files, args.events)
-    chunks = calo.plan_chunks(paths, args.chunk_size)
+    chunks = H5Chunks(paths, length_key=calo.ENERGY_KEY, chunk_size=args.chunk_size, seed=0)(epoch=0)
     total = sum(stop - start for _, start, stop in chunks)
     took = time.perf_counter() - start
     print(f"dataset: {len(paths)} files, {total} events of {calo.SHAPE} in {args.data}/ ({took:.1f} s)")

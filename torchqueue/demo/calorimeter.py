@@ -21,6 +21,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torch_geometric.data import Batch, Data
 
+from torchqueue.sources import H5Chunks, read_h5_chunk
+
 SHAPE = (51, 51, 25)
 IMAGE_KEY, ENERGY_KEY = "ECAL", "energy"
 _OFFSETS = np.array([d for d in product((-1, 0, 1), repeat=3) if d != (0, 0, 0)], dtype=np.int64)
@@ -71,30 +73,10 @@ def generate_dataset(
     return paths
 
 
-def event_lengths(paths: list[str]) -> list[int]:
-    lengths = []
-    for path in paths:
-        with h5py.File(path, "r") as f:
-            lengths.append(len(f[ENERGY_KEY]))
-    return lengths
-
-
-def plan_chunks(paths: list[str], chunk_size: int) -> list[Chunk]:
-    """``(file, start, stop)`` chunks covering every event once, never crossing a file."""
-    return [
-        (path, start, min(start + chunk_size, length))
-        for path, length in zip(paths, event_lengths(paths))
-        for start in range(0, length, chunk_size)
-    ]
-
-
 def read_chunk(chunk: Chunk) -> list[tuple[np.ndarray, float]]:
-    """The events of one chunk as ``(image, energy)`` pairs: one contiguous read per key."""
-    path, start, stop = chunk
-    with h5py.File(path, "r") as f:
-        images = f[IMAGE_KEY][start:stop]
-        energies = f[ENERGY_KEY][start:stop]
-    return [(images[i], float(energies[i])) for i in range(stop - start)]
+    """The events of one ``(file, start, stop)`` chunk as ``(image, energy)`` pairs."""
+    arrays = read_h5_chunk(chunk, keys=[IMAGE_KEY, ENERGY_KEY])
+    return list(zip(arrays[IMAGE_KEY], arrays[ENERGY_KEY].tolist()))
 
 
 def event_to_graph(event: tuple[np.ndarray, float]) -> Data:
@@ -131,7 +113,8 @@ class EventDataset(Dataset):
 
     def __init__(self, paths: list[str]) -> None:
         self.paths = paths
-        self.index = [(path, i) for path, length in zip(paths, event_lengths(paths)) for i in range(length)]
+        lengths = H5Chunks(paths, length_key=ENERGY_KEY).lengths
+        self.index = [(path, i) for path, length in zip(paths, lengths) for i in range(length)]
         self._files: dict[str, h5py.File] = {}
 
     def __len__(self) -> int:

@@ -1,0 +1,255 @@
+"""Epoch chunk plans over HDF5 files: ``H5Chunks`` and ``read_h5_chunk``.
+
+The planner never holds a file open: it opens each file once, briefly, for
+the length of ``length_key``, and remembers it in a small JSON cache (next to
+the data, or in ``cache_dir``) keyed by path, size and modification time, so
+a changed file is read again. Per epoch it hands out ``(file, start, stop)``
+chunks; the worker that reads a chunk opens the file itself
+(``read_h5_chunk``), so no h5py handle ever crosses a process boundary.
+
+    chunks = H5Chunks("data/*.h5", length_key="energy", chunk_size=1000, seed=0)
+    for epoch in range(10):
+        for batch in seq(chunks(epoch)):   # the pipeline's first step calls read_h5_chunk
+            ...
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["H5Chunks", "read_h5_chunk"]
+
+logger = logging.getLogger("torchqueue")
+
+Chunk = tuple[str, int, int]
+_CACHE_NAME = ".torchqueue-lengths.json"
+
+
+def _h5py() -> Any:
+    try:
+        import h5py
+    except ImportError as exc:  # an optional dependency
+        raise ImportError("torchqueue.sources needs h5py: pip install 'torchqueue[hdf5]'") from exc
+    return h5py
+
+
+def _expand(files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    if isinstance(files, (str, os.PathLike)):
+        pattern = os.fspath(files)
+        if glob.has_magic(pattern):
+            paths = sorted(glob.glob(pattern))
+            if not paths:
+                raise ValueError(f"no file matches {pattern!r}")
+            return [os.path.abspath(p) for p in paths]
+        files = [pattern]
+    paths = [os.path.abspath(os.fspath(f)) for f in files]
+    if not paths:
+        raise ValueError("H5Chunks needs at least one file")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"HDF5 file not found: {path}")
+    return paths
+
+
+def _check_int(value: object, what: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+
+
+class _LengthCache:
+    """``{path: {size, mtime_ns, key, length}}`` in one JSON file per directory (or in ``cache_dir``)."""
+
+    def __init__(self, cache_dir: str | None) -> None:
+        self._cache_dir = cache_dir
+
+    def _file_for(self, path: str) -> Path:
+        return Path(self._cache_dir or os.path.dirname(path)) / _CACHE_NAME
+
+    def lengths(self, paths: list[str], key: str) -> list[int]:
+        h5py = _h5py()
+        loaded: dict[Path, dict[str, Any]] = {}
+        out = []
+        for path in paths:
+            cache_file = self._file_for(path)
+            if cache_file not in loaded:
+                loaded[cache_file] = _read_json(cache_file)
+            entries = loaded[cache_file]
+            stat = os.stat(path)
+            entry = entries.get(path)
+            fresh = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "key": key}
+            if entry and all(entry.get(k) == v for k, v in fresh.items()):
+                out.append(entry["length"])
+                continue
+            with h5py.File(path, "r") as f:
+                if key not in f:
+                    raise KeyError(f"key {key!r} not found in {path}")
+                length = len(f[key])
+            entries[path] = {**fresh, "length": length}
+            out.append(length)
+            _write_json(cache_file, entries)
+        return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, entries: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries))
+        tmp.replace(path)
+    except OSError as exc:  # a read-only data directory: no cache, no harm
+        logger.debug("cannot write the length cache %s: %s", path, exc)
+
+
+def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None and world_size is None:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                return dist.get_rank(), dist.get_world_size()
+        except ImportError:
+            pass
+        return 0, 1
+    if rank is None or world_size is None:
+        raise ValueError("give both rank= and world_size=, or neither (then torch.distributed decides)")
+    _check_int(world_size, "world_size", 1)
+    _check_int(rank, "rank", 0)
+    if rank >= world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    return rank, world_size
+
+
+class H5Chunks:
+    """Per-epoch ``(file, start, stop)`` chunks over HDF5 files, shuffled and sharded.
+
+    Args:
+        files: A path, a glob pattern, or a list of paths.
+        length_key: The dataset whose length is the number of events of a file.
+        chunk_size: Events per chunk; the last chunk of a file may be shorter.
+        shuffle: Shuffle the chunk order, differently per epoch, the same for every rank.
+        seed: Seed of the shuffle.
+        rank, world_size: This process's share; default: ``torch.distributed`` when it is
+            initialized, else the whole plan.
+        drop_last: Trim the plan to a multiple of ``world_size`` instead of padding it by
+            repeating chunks from its start (as ``DistributedSampler`` pads).
+        cache_dir: Where to keep the length cache (default: next to each file).
+        keys: Datasets that must exist in every file with the same per-event shape.
+
+    Raises:
+        ValueError: No files, ``chunk_size < 1``, a bad rank, or shapes that differ between files.
+        FileNotFoundError: A file is missing (named).
+        KeyError: ``length_key`` or one of ``keys`` is missing in a file (named).
+    """
+
+    def __init__(
+        self,
+        files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        length_key: str,
+        chunk_size: int = 1000,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+        keys: Sequence[str] | None = None,
+    ) -> None:
+        _check_int(chunk_size, "chunk_size", 1)
+        _check_int(seed, "seed", 0)
+        self.files = _expand(files)
+        self.length_key = length_key
+        self.chunk_size = chunk_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank, self.world_size = _world(rank, world_size)
+        cache = _LengthCache(os.fspath(cache_dir) if cache_dir is not None else None)
+        self.lengths = cache.lengths(self.files, length_key)
+        if keys:
+            _check_keys(self.files, list(keys))
+        self._plan = [
+            (path, start, min(start + chunk_size, length))
+            for path, length in zip(self.files, self.lengths)
+            for start in range(0, length, chunk_size)
+        ]
+
+    @property
+    def events(self) -> int:
+        """Events in all files (each counted once)."""
+        return sum(self.lengths)
+
+    def __len__(self) -> int:
+        """Chunks per epoch for this rank."""
+        if self.drop_last:
+            return len(self._plan) // self.world_size
+        return math.ceil(len(self._plan) / self.world_size)
+
+    def __call__(self, epoch: int = 0) -> list[Chunk]:
+        """This rank's chunks for ``epoch``."""
+        plan = list(self._plan)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(plan))
+            plan = [plan[i] for i in order]
+        per_rank = len(self)
+        total = per_rank * self.world_size
+        if total > len(plan) and plan:  # pad by repeating from the start
+            plan = (plan * math.ceil(total / len(plan)))[:total]
+        plan = plan[:total]
+        return plan[self.rank : total : self.world_size]
+
+    def __repr__(self) -> str:
+        return (
+            f"H5Chunks({len(self.files)} files, {self.events} events, chunk_size={self.chunk_size}, "
+            f"rank {self.rank} of {self.world_size}, {len(self)} chunks per epoch)"
+        )
+
+
+def _check_keys(paths: list[str], keys: list[str]) -> None:
+    h5py = _h5py()
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in paths:
+        with h5py.File(path, "r") as f:
+            for key in keys:
+                if key not in f:
+                    raise KeyError(f"key {key!r} not found in {path}")
+                shape = tuple(f[key].shape[1:])
+                if key in shapes and shapes[key][0] != shape:
+                    first_shape, first_path = shapes[key]
+                    raise ValueError(
+                        f"key {key!r} has per-event shape {shape} in {path} but {first_shape} in {first_path}"
+                    )
+                shapes.setdefault(key, (shape, path))
+
+
+def read_h5_chunk(chunk: Chunk, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The events ``start:stop`` of ``file`` for each key: one contiguous read per key.
+
+    Opens the file in the calling process and closes it before returning.
+    """
+    path, start, stop = chunk
+    h5py = _h5py()
+    with h5py.File(path, "r") as f:
+        out = {}
+        for key in keys:
+            if key not in f:
+                raise KeyError(f"key {key!r} not found in {path}")
+            out[key] = f[key][start:stop]
+        return out
