@@ -17,8 +17,8 @@ its directory by ``Runtime.close`` or, if the consumer's process died, by
 the workers as they exit.
 
 Tensors are sent contiguous (a strided view arrives as a compact copy with
-the same values); tensor subclasses, sparse, quantized and non-CPU tensors
-use torch's own reductions.
+the same values). Large tensors (``TENSOR_OWN_SEGMENT_BYTES``), tensor
+subclasses, sparse, quantized and non-CPU tensors use torch's own reductions.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ import torch.multiprocessing  # noqa: F401  (registers torch's reductions for wh
 
 ARRAY_MIN_BYTES = 64 * 1024
 """numpy arrays at least this large go to shared memory; smaller ones stay in the pickle."""
+
+TENSOR_OWN_SEGMENT_BYTES = 1 << 20
+"""Tensors whose storage is at least this large keep torch's own sharing: their storage moves to
+shared memory once, in place, and a tensor that is passed on from step to step is never copied
+again (one file descriptor each, which is nothing for tensors this size)."""
 
 _ALIGN = 64
 _ZEROS = memoryview(bytes(_ALIGN))
@@ -65,6 +70,7 @@ def make_segment_dir() -> str | None:
 def _shareable_tensor(obj: Any) -> bool:
     return (
         type(obj) is torch.Tensor
+        and obj.untyped_storage().nbytes() < TENSOR_OWN_SEGMENT_BYTES
         and obj.device.type == "cpu"
         and obj.layout == torch.strided
         and not obj.is_quantized

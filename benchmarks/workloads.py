@@ -1,0 +1,180 @@
+"""The workloads. Each function runs every contender and returns its lines."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks._contenders import WORKERS, all_map_contenders
+from benchmarks._harness import Line, Workload
+
+
+def small_op(x: int) -> int:
+    return x * 2 + 1
+
+
+def numpy_work(seed: int) -> float:
+    """About 2 ms of numpy work."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((200, 200))
+    for _ in range(6):
+        a = a @ a.T / 200.0
+    return float(a.trace())
+
+
+def touch(x: object) -> object:
+    return x
+
+
+def _sum_checksum(out: Iterable[int]) -> int:
+    return sum(out)
+
+
+def _tensor_checksum(out: Iterable[Any]) -> str:
+    """A digest of every 512th byte of every tensor or array (cheap next to moving them)."""
+    digest = hashlib.sha1()
+    for element in out:
+        for t in element if isinstance(element, list) else [element]:
+            array = t.numpy() if isinstance(t, torch.Tensor) else t
+            flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+            digest.update(flat[::512].tobytes() + str(flat.size).encode())
+    return digest.hexdigest()
+
+
+def _raw_queue_producer(queue: mp.Queue, n: int) -> None:
+    for i in range(n):
+        queue.put(small_op(i))
+    queue.put(None)
+
+
+def tiny(quick: bool) -> list[Line]:
+    n = 20_000 if quick else 200_000
+    work = Workload("tiny", "items/s", n, _sum_checksum)
+    items = list(range(n))
+    for name, fn in all_map_contenders(items, small_op).items():
+        work.run(name, fn)
+
+    def raw_queue() -> Iterator[int]:
+        queue = mp.get_context("fork").Queue(64)
+        producer = mp.get_context("fork").Process(target=_raw_queue_producer, args=(queue, n))
+        producer.start()
+        while (x := queue.get()) is not None:
+            yield x
+        producer.join()
+
+    work.run("raw mp.Queue, 1 producer", raw_queue)
+    return work.finish()
+
+
+def _half(args: tuple[int, int]) -> None:
+    start, stop = args
+    for i in range(start, stop):
+        numpy_work(i)
+
+
+def cpu(quick: bool) -> list[Line]:
+    n = 300 if quick else 3000
+    torch.set_num_threads(1)
+    work = Workload("cpu", "items/s", n, lambda out: round(sum(out), 3))
+    items = list(range(n))
+    for name, fn in all_map_contenders(items, numpy_work).items():
+        work.run(name, fn)
+    ctx = mp.get_context("fork")
+    start = time.perf_counter()
+    halves = [ctx.Process(target=_half, args=((i * n // WORKERS, (i + 1) * n // WORKERS),)) for i in range(WORKERS)]
+    for p in halves:
+        p.start()
+    for p in halves:
+        p.join()
+    seconds = time.perf_counter() - start
+    work.lines.append(Line("cpu", "2 bare processes (limit)", n / seconds, "items/s", f"{seconds:.2f} s, no output"))
+    return work.finish()
+
+
+def bigarrays(quick: bool) -> list[Line]:
+    lines = []
+    count = 4 if quick else 16
+    for kind in ("numpy", "tensor"):
+        size = 64 * 2**20 // 4
+        if kind == "numpy":
+            items = [np.full(size, i, dtype=np.float32) for i in range(count)]
+        else:
+            items = [torch.full((size,), float(i)) for i in range(count)]
+        gigabytes = count * 64 * 2**20 / 1e9
+        work = Workload(f"bigarrays-{kind[:2]}", "GB/s", gigabytes, _tensor_checksum)
+        for name, fn in all_map_contenders(items, touch).items():
+            work.run(name, fn)
+        lines += work.finish()
+    return lines
+
+
+def smalltensors(quick: bool) -> list[Line]:
+    count = 20 if quick else 100
+    items = [[torch.full((64,), float(i * 1000 + j)) for j in range(1000)] for i in range(count)]
+    work = Workload("smalltensors", "elements/s", count, _tensor_checksum)
+    for name, fn in all_map_contenders(items, touch).items():
+        work.run(name, fn)
+    return work.finish()
+
+
+ALL = {"tiny": tiny, "cpu": cpu, "bigarrays": bigarrays, "smalltensors": smalltensors}
+
+
+def seed(quick: bool) -> list[Line]:
+    """The calorimeter pipeline of the demo: HDF5 -> graphs -> Batch, events/s."""
+    import tempfile
+
+    from torch.utils.data import DataLoader
+
+    import torchqueue as tq
+    from torchqueue.demo import calorimeter as calo
+    from torchqueue.sources import H5Chunks
+
+    directory = tempfile.mkdtemp(prefix="tq-bench-seed-")
+    paths = calo.generate_dataset(directory, n_files=2 if quick else 4, events_per_file=100 if quick else 500)
+    chunks = H5Chunks(paths, length_key=calo.ENERGY_KEY, chunk_size=100, shuffle=False)()
+    events = sum(stop - start for _, start, stop in chunks)
+    batch = 64
+
+    def checksum(batches: Iterable[Any]) -> float:
+        return round(sum(float(b.y.sum()) for b in batches), 1)
+
+    def serial() -> Iterator[Any]:
+        graphs = [calo.event_to_graph(e) for c in chunks for e in calo.read_chunk(c)]
+        return (calo.collate(graphs[i : i + batch]) for i in range(0, len(graphs), batch))
+
+    def torchqueue() -> Iterator[Any]:
+        with tq.Sequence(
+            tq.ProcessStep(calo.read_chunk, 1),
+            tq.PoolStep(calo.event_to_graph, nworkers=WORKERS),
+            tq.RepackStep(batch),
+            tq.ProcessStep(calo.collate, 1),
+            tq.Queue(4),
+        ) as seq:
+            yield from seq(chunks)
+
+    def per_event() -> Iterator[Any]:
+        dataset = calo.EventDataset(paths)
+        yield from DataLoader(dataset, batch_size=batch, num_workers=WORKERS, collate_fn=calo.collate)
+
+    def chunked() -> Iterator[Any]:
+        yield from DataLoader(calo.ChunkDataset(chunks, batch), batch_size=None, num_workers=WORKERS)
+
+    work = Workload("seed", "events/s", events, checksum)
+    work.run("serial", serial)
+    work.run("DataLoader", per_event)
+    work.run("DataLoader, chunks per worker", chunked)
+    work.run("torchqueue", torchqueue)
+    import shutil
+
+    shutil.rmtree(directory, ignore_errors=True)
+    return work.finish()
+
+
+ALL["seed"] = seed
