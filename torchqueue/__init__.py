@@ -7,13 +7,17 @@ Module map (see ``torchqueue/README.md`` for the life of one element):
 - ``stats``: ``Stats`` and ``StepStats``;
 - ``errors``: ``PipelineError``, ``WorkerDiedError``;
 - ``worker_info``: ``get_worker_info()`` inside a worker (step name, worker id, count);
+- ``dataset``, ``loader``: ``QueueFlowDataset`` and ``QueueFlowLoader`` (the DataLoader drop-in);
+- ``sources``: ``H5Chunks`` and ``read_h5_chunk`` (HDF5 epoch chunk plans);
 - private: ``_plan`` (elements -> stages and bounds), ``_runtime`` (processes, feeder,
   shutdown), ``_worker`` (worker loops), ``_channel`` (bounded pipes), ``_collect``
   (reorder and join), ``_messages`` (envelope and control messages), ``_serialize``,
   ``_generators`` (pack / unpack / repack).
 """
 
+from torchqueue.dataset import QueueFlowDataset
 from torchqueue.errors import PipelineError, WorkerDiedError
+from torchqueue.loader import QueueFlowLoader
 from torchqueue.sequence import Sequence
 from torchqueue.stats import Stats, StepStats
 from torchqueue.steps import PackStep, PoolStep, ProcessStep, Queue, RepackStep, UnpackStep
@@ -27,6 +31,8 @@ __all__ = [
     "PoolStep",
     "ProcessStep",
     "Queue",
+    "QueueFlowDataset",
+    "QueueFlowLoader",
     "RepackStep",
     "Sequence",
     "Stats",

@@ -1,0 +1,255 @@
+"""QueueFlowLoader against torch's DataLoader: the same batches, tensor by tensor."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+import torchqueue as tq
+from torchqueue import QueueFlowLoader
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
+
+
+class Squares(Dataset):
+    def __init__(self, n: int = 23) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": torch.tensor([i, i * i], dtype=torch.float32), "i": i}
+
+
+def pairs(batch):
+    return [(item["i"], item["x"].sum().item()) for item in batch]
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def both(epochs: int = 2, **kwargs):
+    """Batches of DataLoader and QueueFlowLoader over the same arguments, epoch by epoch.
+
+    A value that is a function is called for each loader (a fresh sampler each).
+    """
+    seed = kwargs.pop("seed", None)
+
+    def arguments():
+        fresh = {k: v() if callable(v) and k in ("sampler", "batch_sampler") else v for k, v in kwargs.items()}
+        return {"generator": torch.Generator().manual_seed(seed) if seed is not None else None, **fresh}
+
+    theirs_loader = DataLoader(Squares(), **arguments())
+    ours_loader = QueueFlowLoader(Squares(), **arguments())
+    theirs = [list(theirs_loader) for _ in range(epochs)]
+    ours = [list(ours_loader) for _ in range(epochs)]
+    ours_loader.close()
+    return theirs, ours, theirs_loader, ours_loader
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"batch_size": 4},
+        {"batch_size": 4, "shuffle": True, "seed": 1},
+        {"batch_size": 5, "shuffle": True, "drop_last": True, "seed": 2},
+        {"batch_size": None},
+        {"batch_size": 3, "num_workers": 2, "shuffle": True, "seed": 3},
+        {"batch_size": 3, "num_workers": 2, "shuffle": True, "seed": 3, "persistent_workers": True},
+        {"batch_size": 3, "num_workers": 1, "collate_fn": pairs, "shuffle": True, "seed": 4},
+        {"batch_size": 2, "num_workers": 2, "prefetch_factor": 1, "drop_last": True},
+        {"batch_size": 4, "sampler": lambda: SequentialSampler(range(23))},
+        {
+            "batch_sampler": lambda: BatchSampler(
+                RandomSampler(range(23), generator=torch.Generator().manual_seed(5)), 6, False
+            )
+        },
+    ],
+)
+def test_the_same_batches_in_the_same_order_as_dataloader(kwargs):
+    theirs, ours, theirs_loader, ours_loader = both(**kwargs)
+    assert same(theirs, ours)
+    assert len(theirs_loader) == len(ours_loader)
+
+
+def test_the_same_batches_under_spawn():
+    theirs, ours, _, _ = both(batch_size=4, shuffle=True, seed=9, num_workers=2, multiprocessing_context="spawn")
+    assert same(theirs, ours)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"batch_size": 2, "shuffle": True, "sampler": SequentialSampler(range(3))},
+        {"batch_sampler": BatchSampler(SequentialSampler(range(3)), 2, False), "batch_size": 2},
+        {"num_workers": -1},
+        {"prefetch_factor": 2},
+        {"persistent_workers": True},
+        {"timeout": -1},
+    ],
+)
+def test_invalid_combinations_give_dataloaders_errors(kwargs):
+    with pytest.raises(ValueError) as theirs:
+        DataLoader(Squares(), **kwargs)
+    with pytest.raises(ValueError) as ours:
+        QueueFlowLoader(Squares(), **kwargs)
+    assert str(ours.value) == str(theirs.value)
+
+
+class Noisy(Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        info = torch.utils.data.get_worker_info()
+        return (info.id if info else -1, random.random(), float(np.random.rand()), torch.rand(()).item())
+
+
+def test_workers_are_seeded_per_worker_and_epoch_and_report_worker_info():
+    loader = QueueFlowLoader(Noisy(), batch_size=None, num_workers=2, generator=torch.Generator().manual_seed(0))
+    first, second = list(loader), list(loader)
+    loader.close()
+    assert {w for w, *_ in first} <= {0, 1}
+    draws = [tuple(v[1:]) for v in first] + [tuple(v[1:]) for v in second]
+    assert len(set(draws)) == len(draws)  # different per element, per worker and per epoch
+
+
+def _record_init(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    assert info is not None and info.id == worker_id
+    random.seed(1000 + worker_id)
+
+
+def test_worker_init_fn_runs_in_every_worker():
+    loader = QueueFlowLoader(Noisy(), batch_size=None, num_workers=2, worker_init_fn=_record_init)
+    values = list(loader)
+    loader.close()
+    expected = {random.Random(1000 + w).random() for w in (0, 1)}
+    assert {v[1] for v in values} & expected  # the first draw after init_fn in some worker
+
+
+def test_state_dict_resumes_mid_epoch_with_exactly_the_remaining_batches():
+    def make():
+        return QueueFlowLoader(
+            Squares(), batch_size=3, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(7)
+        )
+
+    uninterrupted = make()
+    full = [list(uninterrupted), list(uninterrupted)]
+    uninterrupted.close()
+
+    first = make()
+    it = iter(first)
+    head = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    first.close()
+
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    following = list(resumed)
+    resumed.close()
+    assert same(head + rest, full[0])
+    assert same(following, full[1])  # the next epoch is not lost or repeated
+
+
+def test_ranks_get_disjoint_shares_with_equal_batch_counts():
+    shares = []
+    for rank in range(3):
+        loader = QueueFlowLoader(Squares(), batch_size=2, shuffle=True, rank=rank, world_size=3)
+        shares.append([i for batch in loader for i in batch["i"].tolist()])
+    assert len({len(s) for s in shares}) == 1
+    assert set().union(*map(set, shares)) == set(range(23))
+
+
+def test_set_epoch_reshuffles_deterministically():
+    a = QueueFlowLoader(Squares(), batch_size=4, shuffle=True, rank=0, world_size=1)
+    b = QueueFlowLoader(Squares(), batch_size=4, shuffle=True, rank=0, world_size=1)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    assert same(list(a), list(b))
+    b.set_epoch(4)
+    assert not same(list(a), list(b))
+
+
+def test_pin_memory_without_cuda_warns_once_and_goes_on():
+    loader = QueueFlowLoader(Squares(), batch_size=4, pin_memory=True)
+    with pytest.warns(UserWarning, match="pin_memory"):
+        first = list(loader)
+    second = list(loader)
+    assert len(first) == len(second) == 6
+
+
+def test_device_cuda_without_cuda_raises_at_construction():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        QueueFlowLoader(Squares(), device="cuda")
+
+
+def test_device_cpu_delivers_batches_on_the_cpu():
+    loader = QueueFlowLoader(Squares(), batch_size=4, device="cpu")
+    assert all(batch["x"].device.type == "cpu" for batch in loader)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_cuda_delivers_batches_on_the_gpu_ready_on_the_current_stream():
+    loader = QueueFlowLoader(Squares(), batch_size=4, num_workers=2, pin_memory=True, device="cuda")
+    batches = list(loader)
+    loader.close()
+    assert all(b["x"].is_cuda for b in batches)
+    assert torch.equal(torch.cat([b["x"] for b in batches]).cpu(), torch.stack([Squares()[i]["x"] for i in range(23)]))
+
+
+def chunk_source(epoch: int):
+    return [list(range(epoch * 100 + i * 4, epoch * 100 + i * 4 + 4)) for i in range(3)]
+
+
+def test_over_a_queueflow_dataset_it_runs_the_pipeline_and_batches_only_when_asked():
+    ds = tq.QueueFlowDataset(chunk_source, [tq.UnpackStep(), tq.ProcessStep(torch.tensor, 2)])
+    plain = QueueFlowLoader(ds)
+    assert [t.item() for t in plain] == list(range(12))
+    ds.set_epoch(1)
+    batched = QueueFlowLoader(ds, batch_size=5)
+    assert [b.tolist() for b in batched] == [list(range(100, 105)), list(range(105, 110)), [110, 111]]
+    ds.close()
+
+
+def test_a_queueflow_dataset_works_in_a_plain_dataloader_without_workers():
+    ds = tq.QueueFlowDataset([[1, 2], [3]], [tq.UnpackStep()])
+    assert [int(x) for x in DataLoader(ds, batch_size=None, num_workers=0)] == [1, 2, 3]
+    ds.close()
+
+
+def test_a_queueflow_dataset_refuses_to_run_inside_dataloader_workers():
+    ds = tq.QueueFlowDataset([[1, 2], [3]], [tq.UnpackStep()])
+    with pytest.raises(RuntimeError, match="num_workers=0"):
+        list(DataLoader(ds, batch_size=None, num_workers=1))
+    ds.close()
+
+
+@dataclass
+class Pair:
+    a: torch.Tensor
+    b: int
+
+
+def test_progress_bar_wraps_the_batches(capsys):
+    loader = QueueFlowLoader(Squares(), batch_size=4, progress=True)
+    assert len(list(loader)) == 6
+    assert "6/6" in capsys.readouterr().err

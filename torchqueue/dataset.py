@@ -1,0 +1,88 @@
+"""``QueueFlowDataset``: a staged pipeline as a ``torch.utils.data.IterableDataset``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.context import BaseContext
+from typing import Any
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from torchqueue.sequence import Sequence
+
+__all__ = ["QueueFlowDataset"]
+
+
+class QueueFlowDataset(IterableDataset):
+    """Iterating it yields the pipeline's outputs for the current epoch.
+
+    Args:
+        source: An iterable (the same chunks every epoch), or ``source(epoch) -> iterable``.
+        steps: The steps and queues of a ``tq.Sequence``.
+        ordered: As for ``Sequence``.
+        context: As for ``Sequence``.
+
+    The pipeline's workers start at the first iteration and stay up across epochs until
+    ``close()`` or garbage collection. Use it with ``QueueFlowLoader``, or with a plain
+    ``DataLoader(ds, batch_size=None, num_workers=0)``: it runs its own worker processes, so
+    inside DataLoader worker processes it raises.
+    """
+
+    def __init__(
+        self,
+        source: Iterable[Any] | Callable[[int], Iterable[Any]],
+        steps: list[Any] | tuple[Any, ...],
+        *,
+        ordered: bool = True,
+        context: str | BaseContext | None = None,
+    ) -> None:
+        if not callable(source):
+            try:
+                iter(source)
+            except TypeError:
+                raise TypeError(
+                    f"source must be an iterable or a function epoch -> iterable, got {type(source).__name__}"
+                ) from None
+        if not isinstance(steps, (list, tuple)):
+            raise TypeError(f"steps must be a list of steps and queues, got {type(steps).__name__}")
+        self.source = source
+        self.steps = tuple(steps)
+        self.ordered = ordered
+        self.context = context
+        self.epoch = 0
+        self._sequence = Sequence(*self.steps, ordered=ordered, context=context, name="QueueFlowDataset")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch the next iteration reads (passed to a callable ``source``)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    def chunks(self, epoch: int) -> Iterable[Any]:
+        """The input of ``epoch``."""
+        return self.source(epoch) if callable(self.source) else self.source
+
+    def __iter__(self) -> Iterator[Any]:
+        if get_worker_info() is not None:
+            raise RuntimeError(
+                "QueueFlowDataset runs its own worker processes and cannot run inside DataLoader workers: "
+                "use DataLoader(ds, batch_size=None, num_workers=0), or torchqueue.QueueFlowLoader(ds)"
+            )
+        return self._sequence(self.chunks(self.epoch))
+
+    def stats(self) -> Any:
+        """The pipeline's ``tq.Stats``."""
+        return self._sequence.stats()
+
+    def close(self) -> None:
+        """Stop the pipeline's workers."""
+        self._sequence.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_sequence")
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._sequence = Sequence(*self.steps, ordered=self.ordered, context=self.context, name="QueueFlowDataset")
