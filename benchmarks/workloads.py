@@ -178,3 +178,123 @@ def seed(quick: bool) -> list[Line]:
 
 
 ALL["seed"] = seed
+
+
+EVENT_FLOATS = 64 * 1024  # 256 KiB per event
+
+
+def _write_big(directory: str, files: int, events_per_file: int) -> list[str]:
+    import h5py
+
+    paths = []
+    for f in range(files):
+        path = f"{directory}/big{f}.h5"
+        with h5py.File(path, "w") as out:
+            x = out.create_dataset("x", shape=(events_per_file, EVENT_FLOATS), dtype="float32")
+            ids = np.arange(f * events_per_file, (f + 1) * events_per_file)
+            for start in range(0, events_per_file, 128):
+                x[start : start + 128] = np.repeat(ids[start : start + 128, None].astype(np.float32), EVENT_FLOATS, 1)
+            out["id"] = ids
+        paths.append(path)
+    return paths
+
+
+def _event_id(event: tuple[int, np.ndarray]) -> int:
+    return event[0]
+
+
+def _read_events(chunk: tuple[str, int, int]) -> list[tuple[int, np.ndarray]]:
+    from torchqueue.sources import read_h5_chunk
+
+    arrays = read_h5_chunk(chunk, keys=["x", "id"])
+    return list(zip(arrays["id"].tolist(), arrays["x"]))
+
+
+class _BigEvents(torch.utils.data.Dataset):
+    def __init__(self, paths: list[str], per_file: int) -> None:
+        self.paths, self.per_file, self.files = paths, per_file, {}
+
+    def __len__(self) -> int:
+        return len(self.paths) * self.per_file
+
+    def __getitem__(self, i: int) -> int:
+        import h5py
+
+        path = self.paths[i // self.per_file]
+        if path not in self.files:
+            self.files[path] = h5py.File(path, "r")
+        return int(self.files[path]["x"][i % self.per_file][0])
+
+
+def _tree_pss() -> int:
+    import psutil
+
+    me = psutil.Process()
+    total = 0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            total += process.memory_full_info().pss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _peak_growth(consume: Any) -> tuple[float, int]:
+    """(peak growth of the process tree's summed PSS in MiB, events) while ``consume()`` runs."""
+    import threading
+
+    baseline, peak, done = _tree_pss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], _tree_pss())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    events = consume()
+    done.set()
+    sampler.join()
+    return (peak[0] - baseline) / 2**20, events
+
+
+def memory(quick: bool) -> list[Line]:
+    """Peak memory of the whole process tree while streaming ~1 GB of HDF5 (and 4x that for torchqueue)."""
+    import shutil
+    import tempfile
+
+    import torchqueue as tq
+    from torchqueue.sources import H5Chunks
+
+    per_file = 256 if quick else 1024  # 256 KiB events: 1 GiB in 4 files (quick: 256 MiB)
+    directory = tempfile.mkdtemp(prefix="tq-bench-memory-", dir="/tmp")
+    lines = []
+    try:
+        for factor in (1, 4):
+            paths = _write_big(directory, 4 * factor, per_file)
+            chunks = H5Chunks(paths, length_key="id", chunk_size=64)(0)
+
+            def torchqueue_stream(chunks: list = chunks) -> int:
+                with tq.Sequence(tq.ProcessStep(_read_events, 2), tq.PoolStep(_event_id, nworkers=2)) as seq:
+                    return sum(len(ids) for ids in seq(chunks))
+
+            def dataloader_stream(paths: list = paths) -> int:
+                loader = torch.utils.data.DataLoader(_BigEvents(paths, per_file), batch_size=64, num_workers=2)
+                return sum(len(batch) for batch in loader)
+
+            size = f"{len(paths) * per_file * 256 / 1024:.0f} MiB"
+            runs = [("torchqueue", torchqueue_stream)] + ([("DataLoader", dataloader_stream)] if factor == 1 else [])
+            for name, run in runs:
+                growth, events = _peak_growth(run)
+                lines.append(Line(f"memory-{factor}x", name, growth, "MiB peak", f"{events} events, {size}"))
+            shutil.rmtree(directory, ignore_errors=True)
+            directory = tempfile.mkdtemp(prefix="tq-bench-memory-", dir="/tmp")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    from benchmarks._harness import format_line
+
+    for line in lines:
+        print(format_line(line), flush=True)
+    return lines
+
+
+ALL["memory"] = memory

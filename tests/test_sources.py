@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from torchqueue.sources import H5Chunks, read_h5_chunk
+from torchqueue.sources import H5Chunks, collate_graphs, read_h5_chunk, read_h5_events
 
 
 def write(path, n, width=3, extra=True):
@@ -130,3 +130,22 @@ def test_read_h5_chunk_reads_slices_and_names_missing_keys(files):
         assert np.array_equal(got["energy"], f["energy"][3:9]) and got["image"].shape == (6, 3)
     with pytest.raises(KeyError, match=f"'nope' not found in {files[0]}"):
         read_h5_chunk((files[0], 0, 2), keys=["nope"])
+
+
+def test_events_can_be_read_as_dicts_and_shuffled_within_a_chunk(files):
+    events = read_h5_events((files[0], 2, 8), keys=["energy", "image"])
+    assert [e["energy"] for e in events] == list(np.arange(2, 8, dtype=np.float32))
+    assert events[0]["image"].shape == (3,)
+    shuffled = read_h5_chunk((files[0], 2, 8), keys=["energy", "image"], permute_seed=5)
+    again = read_h5_chunk((files[0], 2, 8), keys=["energy"], permute_seed=5)
+    assert sorted(shuffled["energy"].tolist()) == list(range(2, 8))
+    assert shuffled["energy"].tolist() != list(range(2, 8))
+    assert np.array_equal(shuffled["energy"], again["energy"])
+
+
+def test_collate_graphs_makes_a_torch_geometric_batch():
+    import torch
+    from torch_geometric.data import Data
+
+    batch = collate_graphs([Data(x=torch.zeros(2, 1)), Data(x=torch.ones(3, 1))])
+    assert batch.num_graphs == 2 and batch.x.shape == (5, 1)

@@ -20,13 +20,14 @@ import json
 import logging
 import math
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["H5Chunks", "read_h5_chunk"]
+__all__ = ["H5Chunks", "collate_graphs", "read_h5_chunk", "read_h5_events"]
 
 logger = logging.getLogger("torchqueue")
 
@@ -239,10 +240,12 @@ def _check_keys(paths: list[str], keys: list[str]) -> None:
                 shapes.setdefault(key, (shape, path))
 
 
-def read_h5_chunk(chunk: Chunk, keys: Sequence[str]) -> dict[str, np.ndarray]:
+def read_h5_chunk(chunk: Chunk, keys: Sequence[str], permute_seed: int | None = None) -> dict[str, np.ndarray]:
     """The events ``start:stop`` of ``file`` for each key: one contiguous read per key.
 
-    Opens the file in the calling process and closes it before returning.
+    Opens the file in the calling process and closes it before returning. With
+    ``permute_seed``, the events come in an order shuffled by that seed and the chunk (the same
+    permutation for every key), for shuffling within chunks on top of ``H5Chunks``'s chunk order.
     """
     path, start, stop = chunk
     h5py = _h5py()
@@ -252,4 +255,20 @@ def read_h5_chunk(chunk: Chunk, keys: Sequence[str]) -> dict[str, np.ndarray]:
             if key not in f:
                 raise KeyError(f"key {key!r} not found in {path}")
             out[key] = f[key][start:stop]
-        return out
+    if permute_seed is not None:
+        order = np.random.default_rng([permute_seed, start, stop, zlib.crc32(path.encode())]).permutation(stop - start)
+        out = {key: value[order] for key, value in out.items()}
+    return out
+
+
+def read_h5_events(chunk: Chunk, keys: Sequence[str], permute_seed: int | None = None) -> list[dict[str, Any]]:
+    """The events of a chunk as one dict per event (``{key: value}``), read as ``read_h5_chunk`` reads."""
+    arrays = read_h5_chunk(chunk, keys, permute_seed)
+    return [{key: arrays[key][i] for key in keys} for i in range(chunk[2] - chunk[1])]
+
+
+def collate_graphs(graphs: list[Any]) -> Any:
+    """``torch_geometric.data.Batch.from_data_list(graphs)``: a step function for graph batches."""
+    from torch_geometric.data import Batch
+
+    return Batch.from_data_list(graphs)
