@@ -97,27 +97,25 @@ def in_background(batches: Iterator[Any], work: Callable[[Any], Any], depth: int
     ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
-    def produce() -> None:
-        try:
-            for batch in batches:
-                item = work(batch)
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=POLL_S)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            item = _DONE
-        except BaseException as exc:  # re-raised in the consumer
-            item = exc
+    def put(item: Any) -> bool:
+        """Hand ``item`` to the consumer; False if the consumer stopped meanwhile."""
         while not stop.is_set():
             try:
                 ready.put(item, timeout=POLL_S)
-                return
+                return True
             except queue.Full:
                 continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not put(work(batch)):
+                    return
+            item: Any = _DONE
+        except BaseException as exc:  # re-raised in the consumer
+            item = exc
+        put(item)
 
     thread = threading.Thread(target=produce, name="torchqueue-device", daemon=True)
     thread.start()
