@@ -1,7 +1,4 @@
-"""A real Lightning Trainer on QueueFlowLoaders: fit over two epochs with epoch-wise shuffling.
-
-Lightning's mid-epoch checkpoint restore of the loader is not covered yet (see the loader issue).
-"""
+"""A real Lightning Trainer on QueueFlowLoaders: fit, epoch-wise shuffling, mid-epoch checkpoint restore."""
 
 from __future__ import annotations
 
@@ -38,9 +35,9 @@ class Model(lightning.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y, index = batch
-        if batch_idx == 0:
+        while len(self.seen) <= self.current_epoch:
             self.seen.append([])
-        self.seen[-1].extend(index.tolist())
+        self.seen[self.current_epoch].extend(index.tolist())
         return torch.nn.functional.mse_loss(self.layer(x), y)
 
     def validation_step(self, batch, batch_idx):
@@ -92,3 +89,25 @@ def test_trainer_fit_runs_two_epochs_with_a_new_order_each_epoch(tmp_path):
     assert len(model.seen) == 2
     assert all(sorted(epoch) == list(range(64)) for epoch in model.seen)
     assert model.seen[0] != model.seen[1]
+
+
+def test_a_mid_epoch_checkpoint_restores_the_loader_position(tmp_path):
+    reference, data = Model(), Data()
+    trainer(max_epochs=2, enable_checkpointing=False, default_root_dir=tmp_path).fit(reference, datamodule=data)
+    data.close()
+
+    every_3_steps = lightning.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}"
+    )
+    first, data = Model(), Data()
+    trainer(max_epochs=1, default_root_dir=tmp_path, callbacks=[every_3_steps]).fit(first, datamodule=data)
+    data.close()
+
+    resumed, data = Model(), Data()
+    trainer(max_epochs=2, enable_checkpointing=False, default_root_dir=tmp_path).fit(
+        resumed, datamodule=data, ckpt_path=str(tmp_path / "ckpt" / "step=3.ckpt")
+    )
+    data.close()
+    # the rest of epoch 0 (3 batches of 8 were done: not again), then epoch 1 as uninterrupted
+    assert resumed.seen[0] == reference.seen[0][24:]
+    assert resumed.seen[1] == reference.seen[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -253,3 +254,20 @@ def test_progress_bar_wraps_the_batches(capsys):
     loader = QueueFlowLoader(Squares(), batch_size=4, progress=True)
     assert len(list(loader)) == 6
     assert "6/6" in capsys.readouterr().err
+
+
+class Stuck(Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        if i == 2:
+            threading.Event().wait(30)  # a fetch that does not come back in time
+        return i
+
+
+def test_timeout_raises_dataloaders_error_and_the_next_epoch_starts_afresh():
+    loader = QueueFlowLoader(Stuck(), batch_size=None, num_workers=1, timeout=0.5)
+    with pytest.raises(RuntimeError, match="DataLoader timed out after 0.5 seconds"):
+        list(loader)
+    loader.close()

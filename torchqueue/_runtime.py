@@ -201,14 +201,16 @@ class Runtime:
 
     # -- consuming -------------------------------------------------------------------------------
 
-    def next_output(self, epoch: int) -> Any:
+    def next_output(self, epoch: int, timeout: float | None = None) -> Any:
         """The next payload of ``epoch`` for the consumer (a value or a control message).
 
         Raises ``WorkerDiedError`` / ``PipelineError`` when a worker died or could not start,
-        and ``Stopped`` when the pipeline was closed meanwhile.
+        ``TimeoutError`` when nothing came for ``timeout`` seconds, and ``Stopped`` when the
+        pipeline was closed meanwhile.
         """
         if self._closed:
             raise Stopped
+        deadline = None if not timeout else time.perf_counter() + timeout
         while True:
             payload = self._collector.pop(epoch)
             if payload is not NOTHING:
@@ -220,6 +222,8 @@ class Runtime:
             data = self._edges[-1].get(self._alive, timeout=HEALTH_S)
             if data is None:
                 self.check_health()
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise TimeoutError(f"no output came within {timeout} seconds")
                 continue
             envelope = _serialize.loads(data)
             observe_bytes(self._bytes_out[self._last_assigner], data, envelope)

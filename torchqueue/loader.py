@@ -281,10 +281,20 @@ class QueueFlowLoader:
         if self.num_workers == 0:
             outputs: Iterator[Any] = (fetch(job) for job in jobs)
         else:
-            outputs = self._pipeline(fetch)(jobs)
-        for batch in outputs:
-            self._yielded += 1
-            yield batch
+            epoch = self._pipeline(fetch)(jobs)
+            epoch.timeout = self._torch.timeout or None
+            outputs = epoch
+        try:
+            for batch in outputs:
+                self._yielded += 1
+                yield batch
+        except BaseException as exc:
+            if self._sequence is not None:  # a failed pipeline is closed: the next epoch starts a new one
+                self._sequence.close()
+                self._sequence = None
+            if isinstance(exc, TimeoutError):
+                raise RuntimeError(f"DataLoader timed out after {self._torch.timeout} seconds") from exc
+            raise
 
     def _pipeline(self, fetch: _Fetch) -> Sequence:
         if self._sequence is None:

@@ -107,12 +107,12 @@ class Sequence:
         runtime.queue(self._queued, iterator, isinstance(iterable, (range, collections.abc.Sequence)))
         self._queued += 1
 
-    def __call__(self, iterable: Iterable[Any]) -> Iterator[Any]:
+    def __call__(self, iterable: Iterable[Any]) -> _EpochIterator:
         """``queue_iterable(iterable)`` then ``iter(self)``."""
         self.queue_iterable(iterable)
         return iter(self)
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> _EpochIterator:
         """The outputs of the next queued epoch."""
         self._check_open()
         if self._next_epoch >= self._queued:
@@ -178,6 +178,7 @@ class _EpochIterator(Iterator[Any]):
         self._epoch = epoch
         self._abandoned = False
         self.done = False
+        self.timeout: float | None = None  # seconds to wait for one output (QueueFlowLoader's timeout=)
 
     def __next__(self) -> Any:
         if self._abandoned:
@@ -190,7 +191,7 @@ class _EpochIterator(Iterator[Any]):
         assert runtime is not None  # started by queue_iterable
         while True:
             try:
-                payload = runtime.next_output(self._epoch)
+                payload = runtime.next_output(self._epoch, self.timeout)
             except Stopped:
                 self.done = True
                 raise RuntimeError("the Sequence was closed while it was being iterated") from None
