@@ -298,3 +298,83 @@ def memory(quick: bool) -> list[Line]:
 
 
 ALL["memory"] = memory
+
+
+class _Images(torch.utils.data.Dataset):
+    """A map-style dataset with some per-sample work: a 3x64x64 image and a label."""
+
+    def __len__(self) -> int:
+        return 20_000
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        g = torch.Generator().manual_seed(i)
+        image = torch.rand(3, 64, 64, generator=g)
+        return (image - image.mean()) / (image.std() + 1e-6), i % 10
+
+
+def dropin(quick: bool) -> list[Line]:
+    """``QueueFlowLoader`` as a drop-in: batch 64, shuffle with a fixed generator, 2 workers; samples/s."""
+    from torchqueue import QueueFlowLoader
+
+    dataset = _Images()
+    n = len(dataset) if not quick else 2_000
+    subset = torch.utils.data.Subset(dataset, range(n))
+
+    def checksum(batches: Iterable[Any]) -> float:
+        return round(sum(float(labels.sum()) + float(images[:, 0, 0, 0].sum()) for images, labels in batches), 2)
+
+    def loader(cls: Any) -> Iterator[Any]:
+        args = dict(batch_size=64, shuffle=True, num_workers=WORKERS, generator=torch.Generator().manual_seed(0))
+        instance = cls(subset, **args)
+        yield from instance
+        if hasattr(instance, "close"):
+            instance.close()
+
+    work = Workload("dropin", "samples/s", n, checksum)
+    work.run("DataLoader", lambda: loader(torch.utils.data.DataLoader))
+    work.run("torchqueue QueueFlowLoader", lambda: loader(QueueFlowLoader))
+    return work.finish()
+
+
+def _first_batch_seconds(make: Any, epochs: int) -> list[float]:
+    """Seconds from ``iter()`` to the first batch, for each epoch, with one loader."""
+    loader = make()
+    out = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        it = iter(loader)
+        next(it)
+        out.append(time.perf_counter() - start)
+        for _ in it:
+            pass
+    if hasattr(loader, "close"):
+        loader.close()
+    return out
+
+
+def firstbatch(quick: bool) -> list[Line]:
+    """Time to the first batch under fork and spawn, and at the start of the second epoch (persistent workers)."""
+    from torchqueue import QueueFlowLoader
+
+    subset = torch.utils.data.Subset(_Images(), range(640))
+    lines = []
+    for context in ("fork", "spawn"):
+        for name, cls in (("DataLoader", torch.utils.data.DataLoader), ("torchqueue QueueFlowLoader", QueueFlowLoader)):
+
+            def make(cls: Any = cls, context: str = context) -> Any:
+                return cls(
+                    subset, batch_size=64, num_workers=WORKERS, persistent_workers=True, multiprocessing_context=context
+                )
+
+            first, second = _first_batch_seconds(make, 2)
+            lines.append(Line(f"firstbatch-{context}", name, first * 1000, "ms epoch 1"))
+            lines.append(Line(f"firstbatch-{context}", name, second * 1000, "ms epoch 2", "persistent workers"))
+    from benchmarks._harness import format_line
+
+    for line in lines:
+        print(format_line(line), flush=True)
+    return lines
+
+
+ALL["dropin"] = dropin
+ALL["firstbatch"] = firstbatch
