@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench
+.PHONY: demo test bench docs
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -18,3 +18,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks
+
+# Warnings are errors: a broken reference or an undocumented public object fails the build.
+docs: $(STAMP)
+	$(VENV)/bin/python -m sphinx -W --keep-going -b html docs docs/_build/html
