@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._contenders import WORKERS, all_map_contenders
+from benchmarks._contenders import WORKERS, all_map_contenders, file_system_sharing, torchqueue_loader
 from benchmarks._harness import Line, Workload
 
 
@@ -85,15 +85,17 @@ def cpu(quick: bool) -> list[Line]:
     items = list(range(n))
     for name, fn in all_map_contenders(items, numpy_work).items():
         work.run(name, fn)
-    ctx = mp.get_context("fork")
-    start = time.perf_counter()
-    halves = [ctx.Process(target=_half, args=((i * n // WORKERS, (i + 1) * n // WORKERS),)) for i in range(WORKERS)]
-    for p in halves:
-        p.start()
-    for p in halves:
-        p.join()
-    seconds = time.perf_counter() - start
-    work.lines.append(Line("cpu", "2 bare processes (limit)", n / seconds, "items/s", f"{seconds:.2f} s, no output"))
+
+    def bare() -> None:
+        ctx = mp.get_context("fork")
+        shares = [(i * n // WORKERS, (i + 1) * n // WORKERS) for i in range(WORKERS)]
+        halves = [ctx.Process(target=_half, args=(share,)) for share in shares]
+        for p in halves:
+            p.start()
+        for p in halves:
+            p.join()
+
+    work.run("2 bare processes (limit)", bare, check=False)
     return work.finish()
 
 
@@ -110,6 +112,7 @@ def bigarrays(quick: bool) -> list[Line]:
         work = Workload(f"bigarrays-{kind[:2]}", "GB/s", gigabytes, _tensor_checksum)
         for name, fn in all_map_contenders(items, touch).items():
             work.run(name, fn)
+        work.run("torchqueue QueueFlowLoader", lambda items=items: torchqueue_loader(items, touch))
         lines += work.finish()
     return lines
 
@@ -120,6 +123,9 @@ def smalltensors(quick: bool) -> list[Line]:
     work = Workload("smalltensors", "elements/s", count, _tensor_checksum)
     for name, fn in all_map_contenders(items, touch).items():
         work.run(name, fn)
+        if name in ("DataLoader", "torchdata.nodes process"):  # run out of descriptors by default
+            work.run(f"{name}, file_system", file_system_sharing(fn))
+    work.run("torchqueue QueueFlowLoader", lambda: torchqueue_loader(items, touch))
     return work.finish()
 
 
@@ -173,8 +179,10 @@ def seed(quick: bool) -> list[Line]:
     work.run("torchqueue", torchqueue)
     import shutil
 
-    shutil.rmtree(directory, ignore_errors=True)
-    return work.finish()
+    try:
+        return work.finish()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 ALL["seed"] = seed

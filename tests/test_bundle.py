@@ -6,7 +6,7 @@ import pytest
 from conftest import double, fail_on_seven
 
 import torchqueue as tq
-from torchqueue._bundle import MAX_BUNDLE, SLOW_INPUT_S, SMALL_BYTES, BundlePolicy
+from torchqueue._bundle import BUNDLE_BYTES, MAX_BUNDLE, SLOW_INPUT_S, SMALL_BYTES, BundlePolicy
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
 
@@ -23,6 +23,12 @@ def test_the_policy_ramps_up_for_small_cheap_elements_from_a_fast_input():
     policy.observe_input(1e-7)
     policy.observe_message(40, 1)
     assert ramped(policy) == MAX_BUNDLE
+
+
+def test_a_bundle_of_small_elements_stays_under_its_byte_bound():
+    policy = BundlePolicy()
+    policy.observe_input(1e-7)
+    assert ramped(policy, bytes_out=2048, rounds=20) * 2048 <= BUNDLE_BYTES  # 2 KiB elements: 128 at most
 
 
 @pytest.mark.parametrize(
@@ -61,7 +67,7 @@ def test_a_generator_is_never_bundled():
         out = list(seq(x for x in range(500)))
         stats = seq.stats()
     assert out == [2 * x for x in range(500)]
-    assert stats["double"].messages_in == 500 + 1  # and the end of the epoch
+    assert stats["double"].messages_in == 500  # one message per element (the end of the epoch is not counted)
 
 
 def test_an_error_inside_a_bundle_is_raised_at_its_place():

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from torchqueue._collect import NOTHING, Collector
-from torchqueue._messages import EndOfEpoch, Envelope, Failure
+from torchqueue._messages import Bundle, EndOfEpoch, Envelope, Failure
 
 
 def _noop():
@@ -14,8 +14,8 @@ def _noop():
 
 def drain(collector, epoch):
     out = []
-    while (payload := collector.pop(epoch)) is not NOTHING:
-        out.append(payload)
+    while (elements := collector.take(epoch)) is not NOTHING:
+        out.extend(elements)
     return out
 
 
@@ -43,9 +43,18 @@ def test_ordered_output_is_in_seq_order_with_the_end_last(seed):
 def test_ordered_pop_waits_for_the_missing_position():
     collector = Collector(True, _noop)
     collector.add(Envelope(0, 1, 0, 1, "b"))
-    assert collector.pop(0) is NOTHING
+    assert collector.take(0) is NOTHING
     collector.add(Envelope(0, 0, 0, 1, "a"))
-    assert [collector.pop(0), collector.pop(0)] == ["a", "b"]
+    assert [collector.take(0), collector.take(0)] == [["a"], ["b"]]
+
+
+def test_a_bundle_comes_out_whole_and_gives_one_credit_back():
+    credits = []
+    collector = Collector(True, lambda: credits.append(1))
+    collector.add(Envelope(0, 3, 0, 1, "d"))
+    collector.add(Envelope(0, 0, 0, 1, Bundle(["a", "b", "c"])))
+    assert collector.take(0) == ["a", "b", "c"] and len(credits) == 1
+    assert collector.take(0) == ["d"] and len(credits) == 2
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -83,4 +92,4 @@ def test_a_failed_part_fails_the_whole_element():
     collector = Collector(True, _noop)
     collector.add(Envelope(0, 0, 0, 2, [1]))
     collector.add(Envelope(0, 0, 1, 2, failure))
-    assert collector.pop(0) == failure
+    assert collector.take(0) == [failure]

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+    WeightedRandomSampler,
+)
 
 import torchqueue as tq
 from torchqueue import QueueFlowLoader
@@ -271,3 +280,161 @@ def test_timeout_raises_dataloaders_error_and_the_next_epoch_starts_afresh():
     with pytest.raises(RuntimeError, match="DataLoader timed out after 0.5 seconds"):
         list(loader)
     loader.close()
+
+
+class Augmented(Dataset):
+    """Random draws in every sample, as augmentations make: equal batches need DataLoader's seeding
+    and DataLoader's batch-to-worker assignment (batch k to worker k % num_workers, in order)."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.offset = offset
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        draws = [random.random(), float(np.random.rand()), torch.rand(()).item()]
+        return torch.tensor([i + self.offset, *draws], dtype=torch.float64)
+
+
+def _epochs(cls, between, epochs: int = 4, **kwargs) -> list[torch.Tensor]:
+    """Every batch of ``epochs`` epochs; ``between(loader, generator, epoch)`` runs before each epoch."""
+    generator = torch.Generator().manual_seed(0)
+    dataset = kwargs.pop("dataset", None) or Augmented()
+    loader = cls(dataset, batch_size=4, num_workers=2, generator=generator, **kwargs)
+    out = []
+    for epoch in range(epochs):
+        between(loader, generator, epoch)
+        out.append(torch.stack(list(loader)))
+    if hasattr(loader, "close"):
+        loader.close()
+    return out
+
+
+def _nothing(loader, generator, epoch):
+    pass
+
+
+def _draw_from_the_generator(loader, generator, epoch):
+    if epoch == 2:  # the user draws from the loader's generator: the next epoch's order changes
+        torch.empty(3).random_(generator=generator)
+
+
+def _jump_the_sampler_epoch(loader, generator, epoch):
+    loader.sampler.set_epoch(7 if epoch == 2 else epoch)  # as Lightning does, with one jump
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize(
+    "between, sampler",
+    [
+        (_nothing, None),
+        (_draw_from_the_generator, None),
+        (_jump_the_sampler_epoch, "distributed"),
+        (_nothing, "distributed"),  # a DistributedSampler whose epoch never moves
+        (_nothing, "weighted"),
+    ],
+)
+def test_random_augmentations_give_dataloaders_batches_epoch_after_epoch(persistent, between, sampler):
+    def arguments():
+        if sampler == "distributed":
+            return {"sampler": DistributedSampler(Augmented(), num_replicas=2, rank=0, shuffle=True)}
+        if sampler == "weighted":
+            return {"sampler": WeightedRandomSampler([1.0] * 40, 40, generator=torch.Generator().manual_seed(1))}
+        return {"shuffle": True}
+
+    theirs = _epochs(DataLoader, between, persistent_workers=persistent, **arguments())
+    ours = _epochs(QueueFlowLoader, between, persistent_workers=persistent, **arguments())
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours))
+    assert not torch.equal(ours[0][..., 1:], ours[1][..., 1:])  # the draws move on from epoch to epoch
+
+
+def _shift_the_dataset(loader, generator, epoch):
+    loader.dataset.offset = 100.0 * epoch
+
+
+def test_without_persistent_workers_each_epoch_sees_the_dataset_as_it_is_then():
+    theirs = _epochs(DataLoader, _shift_the_dataset, epochs=2, dataset=Augmented())
+    ours = _epochs(QueueFlowLoader, _shift_the_dataset, epochs=2, dataset=Augmented())
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours))
+    assert ours[1][..., 0].min() >= 100
+
+
+class Logged(Dataset):
+    """Appends every index it is asked for to a file, from whichever worker asks."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> int:
+        with open(self.path, "a") as log:
+            log.write(f"{i}\n")
+        return i
+
+
+def _fetched(path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def test_persistent_workers_fetch_the_next_epoch_before_it_starts_and_only_once(tmp_path):
+    log = tmp_path / "fetched.txt"
+
+    def arguments():
+        generator = torch.Generator().manual_seed(0)
+        return dict(batch_size=3, shuffle=True, num_workers=2, persistent_workers=True, generator=generator)
+
+    reference = DataLoader(Logged(tmp_path / "reference.txt"), **arguments())
+    expected = [list(reference), list(reference)]
+    del reference  # its persistent workers go with it
+    loader = QueueFlowLoader(Logged(log), **arguments())
+    try:
+        first = list(loader)
+        _wait_for_lines(log, 24)
+        assert sorted(_fetched(log)) == sorted(list(range(12)) * 2)  # 4 batches fit in what may be in flight
+        second = list(loader)
+        _wait_for_lines(log, 36)  # the third epoch, ahead
+    finally:
+        loader.close()
+    assert same([first, second], expected)
+    assert len(_fetched(log)) == 36  # the second epoch used what was fetched ahead: nothing twice
+
+
+def _wait_for_lines(path, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(_fetched(path)) < count and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+
+
+def test_persistent_workers_outlive_epochs_left_before_their_end_as_lightning_leaves_them():
+    """Lightning takes len(loader) batches and drops the iterator: the workers and their random
+    streams must go on as DataLoader's do."""
+
+    def epochs(cls):
+        loader = cls(
+            Augmented(),
+            **dict(
+                batch_size=4,
+                shuffle=True,
+                num_workers=2,
+                persistent_workers=True,
+                generator=torch.Generator().manual_seed(0),
+            ),
+        )
+        out = []
+        for _ in range(3):
+            it = iter(loader)
+            out.append(torch.stack([next(it) for _ in range(len(loader))]))
+            del it
+        if cls is QueueFlowLoader:
+            workers = loader._sequence._runtime.workers
+            loader.close()
+            return out, workers
+        return out, None
+
+    theirs, _ = epochs(DataLoader)
+    ours, workers = epochs(QueueFlowLoader)
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours))
+    assert len(workers) == 2

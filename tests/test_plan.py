@@ -28,6 +28,15 @@ def test_a_process_step_after_a_pool_step_reads_through_a_join_stage():
     assert plan.stages[1].name == "p:join"
 
 
+def test_a_round_robin_step_reads_one_channel_per_worker_and_its_input_in_order():
+    plan = make_plan((tq.ProcessStep(double, 3), tq.Queue(4), tq.ProcessStep(square, 2, round_robin=True)))
+    assert [type(s.step) for s in plan.stages] == [tq.ProcessStep, JoinStep, tq.ProcessStep]  # 3 workers: reorder
+    assert plan.stages[2].inboxes() == 2 and plan.channel_capacity(2) == 2  # its Queue(4), shared by 2
+    assert not plan.can_bundle(1)  # each element its own message, so that element k reaches worker k % 2
+    single = make_plan((tq.ProcessStep(double, 1), tq.ProcessStep(square, 2, round_robin=True)))
+    assert [type(s.step) for s in single.stages] == [tq.ProcessStep, tq.ProcessStep]
+
+
 def test_pool_edges_hold_parts_and_credits_bound_each_segment():
     plan = make_plan((tq.ProcessStep(double, 3), tq.Queue(2), tq.PoolStep(square, nworkers=4), tq.RepackStep(8)))
     # edge 1 feeds the pool: 2 elements of up to 2 * 4 parts

@@ -258,3 +258,17 @@ def test_a_feeder_failure_is_reported_instead_of_hanging(monkeypatch):
     with tq.Sequence(tq.ProcessStep(double)) as seq:
         with pytest.raises(tq.PipelineError, match="feeder bug"):
             list(seq(range(3)))
+
+
+def worker_and_element(x):
+    random_sleep(x)  # uneven times: any idle worker would take the next element
+    return tq.get_worker_info().id, x
+
+
+@pytest.mark.parametrize("before", [[], [tq.ProcessStep(identity, 2)], [tq.PackStep(1), tq.UnpackStep()]])
+def test_round_robin_gives_element_k_to_worker_k_mod_n_in_order(start_method, before):
+    with tq.Sequence(
+        *before, tq.ProcessStep(worker_and_element, 3, round_robin=True), tq.Queue(4), context=start_method
+    ) as seq:
+        for _ in range(2):  # positions count from 0 again in every epoch
+            assert list(seq(range(40))) == [(x % 3, x) for x in range(40)]

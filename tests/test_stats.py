@@ -58,3 +58,32 @@ def test_plot_returns_a_matplotlib_figure(tmp_path):
     figure.savefig(tmp_path / "stats.png")
     assert (tmp_path / "stats.png").stat().st_size > 1000
     assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["busy", "double"]
+
+
+def test_history_records_the_figures_while_running_and_plot_draws_them_over_time(tmp_path):
+    matplotlib.use("Agg")
+    with tq.Sequence(tq.ProcessStep(busy, 1, name="slow"), tq.ProcessStep(double, 1, name="quick")) as seq:
+        list(seq(range(300)))  # about 1.2 s of work
+        stats = seq.stats()
+    history = stats.history
+    assert len(history) >= 3
+    times = [snapshot.elapsed_s for snapshot in history]
+    assert times == sorted(times) and times[-1] <= stats.elapsed_s
+    counts = [snapshot["slow"].elements_out for snapshot in history] + [stats["slow"].elements_out]
+    assert counts == sorted(counts) and counts[0] < counts[-1] == 300  # totals grow while it runs
+    figure = stats.plot()
+    assert len(figure.axes) == 3  # the bars, outputs per second over time, busy fraction over time
+    assert {line.get_label() for line in figure.axes[1].get_lines()} == {"slow", "quick"}
+    figure.savefig(tmp_path / "stats.png")
+
+
+def test_history_stays_bounded_in_a_long_run():
+    from torchqueue import _runtime
+
+    seq = tq.Sequence(tq.ProcessStep(double, 1))
+    list(seq(range(3)))
+    runtime = seq._runtime
+    for second in range(3 * _runtime.MAX_SAMPLES):  # as if the consumer read for hours
+        runtime._sample(runtime._started + (second + 1) * runtime._sample_every)
+    assert len(seq.stats().history) <= _runtime.MAX_SAMPLES
+    seq.close()

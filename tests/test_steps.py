@@ -24,6 +24,7 @@ import torchqueue as tq
         (lambda: tq.Queue(0), ValueError, "capacity"),
         (lambda: tq.Queue("3"), TypeError, "capacity"),
         (lambda: tq.ProcessStep(double, 1, name=""), TypeError, "name"),
+        (lambda: tq.ProcessStep(double, 2, round_robin=1), TypeError, "round_robin"),
     ],
 )
 def test_bad_step_arguments_raise_at_the_call(make, error, words):

@@ -15,6 +15,8 @@ Module map (see ``torchqueue/README.md`` for the life of one element):
   ``_generators`` (pack / unpack / repack).
 """
 
+import logging
+
 from torchqueue.dataset import QueueFlowDataset
 from torchqueue.errors import PipelineError, WorkerDiedError
 from torchqueue.loader import QueueFlowLoader
@@ -24,6 +26,9 @@ from torchqueue.steps import PackStep, PoolStep, ProcessStep, Queue, RepackStep,
 from torchqueue.worker_info import WorkerInfo, get_worker_info
 
 __version__ = "0.1.0"
+
+# The library logs to the "torchqueue" logger and prints nothing itself; configure logging to see it.
+logging.getLogger("torchqueue").addHandler(logging.NullHandler())
 
 __all__ = [
     "PackStep",

@@ -14,17 +14,19 @@ only when all of these hold (each measured as the pipeline runs):
   (a slow input never waits to fill a bundle);
 - elements are small on the wire: under ``SMALL_BYTES`` each, going in and
   coming out of the segment;
-- the steps are cheap: a whole bundle costs a worker about ``BUDGET_S`` at most.
+- the steps are cheap: a whole bundle costs a worker about ``BUDGET_S`` at most;
+- a bundle stays under ``BUNDLE_BYTES`` in all, so a credit never stands for much memory.
 
 It starts at one element per message and doubles while these hold.
 """
 
 from __future__ import annotations
 
-MAX_BUNDLE = 128
+MAX_BUNDLE = 1024
 SLOW_INPUT_S = 50e-6
 SMALL_BYTES = 8 * 1024
 BUDGET_S = 1e-3
+BUNDLE_BYTES = 256 * 1024
 _SMOOTHING = 0.1
 
 
@@ -60,4 +62,5 @@ class BundlePolicy:
             self.limit = 1
             return
         affordable = MAX_BUNDLE if self._step_s <= 0 else int(BUDGET_S / self._step_s)
+        affordable = min(affordable, int(BUNDLE_BYTES / max(self._bytes_in, self._bytes_out, 1.0)))
         self.limit = max(1, min(2 * self.limit, affordable, MAX_BUNDLE))

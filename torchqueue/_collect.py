@@ -9,9 +9,10 @@ complete, and always ending with the epoch's ``EndOfEpoch`` after every other
 element of that epoch.
 
 Bound: the collector holds only what is in flight in its segment. Each
-message the segment's assigner sent holds one credit; ``pop`` gives it back
-(calls ``release``) with the last element of that message, so the segment's
-credit count caps what can pile up here.
+message the segment's assigner sent holds one credit; ``take`` hands out the
+elements of one message at a time and gives its credit back (calls
+``release``), so the segment's credit count caps what can pile up here, and
+the reader holds at most one message's elements besides.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class _Nothing:
 
 
 NOTHING: Any = _Nothing()
-"""Returned by ``pop`` when the epoch's next element has not arrived yet."""
+"""Returned by ``take`` when the epoch's next element has not arrived yet."""
 
 
 def join_parts(parts: list[Any]) -> Any:
@@ -48,10 +49,10 @@ class Collector:
         self._release = release
         self._parts: dict[tuple[int, int], list[Any]] = {}
         self._missing: dict[tuple[int, int], int] = {}
-        # (payload, gives a credit back); ordered: epoch -> {seq: ...}; unordered: epoch -> deque
-        self._by_seq: dict[int, dict[int, tuple[Any, bool]]] = defaultdict(dict)
-        self._arrived: dict[int, deque[tuple[Any, bool]]] = defaultdict(deque)
-        self._next: dict[int, int] = defaultdict(int)
+        # the elements of one message, as a list; ordered: epoch -> {seq: ...}; unordered: epoch -> deque
+        self._by_seq: dict[int, dict[int, list[Any]]] = defaultdict(dict)
+        self._arrived: dict[int, deque[list[Any]]] = defaultdict(deque)
+        self._next: dict[int, int] = defaultdict(int)  # positions taken so far
         self._end: dict[int, EndOfEpoch] = {}
 
     def add(self, envelope: Envelope) -> None:
@@ -65,43 +66,36 @@ class Collector:
                 return
             del self._parts[key], self._missing[key]
             payload = join_parts(parts)
-        if isinstance(payload, Bundle):
-            last = len(payload.items) - 1
-            for offset, item in enumerate(payload.items):
-                self._store(epoch, seq + offset, item, offset == last)
-        else:
-            self._store(epoch, seq, payload, True)
-
-    def _store(self, epoch: int, seq: int, payload: Any, releases: bool) -> None:
+        elements = payload.items if isinstance(payload, Bundle) else [payload]
         if self._ordered:
-            self._by_seq[epoch][seq] = (payload, releases)
+            self._by_seq[epoch][seq] = elements
         elif isinstance(payload, EndOfEpoch):
             self._end[epoch] = payload
         else:
-            self._arrived[epoch].append((payload, releases))
+            self._arrived[epoch].append(elements)
 
-    def pop(self, epoch: int) -> Any:
-        """The next element of ``epoch`` (its ``EndOfEpoch`` last), or ``NOTHING``."""
+    def take(self, epoch: int) -> list[Any]:
+        """The next elements of ``epoch`` that are ready, those of one message (the ``EndOfEpoch`` last,
+        alone), or ``NOTHING``. Gives the message's credit back."""
         if self._ordered:
             waiting = self._by_seq.get(epoch)
-            if not waiting or self._next[epoch] not in waiting:
+            position = self._next[epoch]
+            if not waiting or position not in waiting:
                 return NOTHING
-            payload, releases = waiting.pop(self._next[epoch])
-            self._next[epoch] += 1
+            elements = waiting.pop(position)
         else:
             arrived = self._arrived.get(epoch)
             if arrived:
-                self._next[epoch] += 1
-                payload, releases = arrived.popleft()
+                elements = arrived.popleft()
             else:
                 end = self._end.get(epoch)
                 if end is None or self._next[epoch] != end.count:
                     return NOTHING
-                payload, releases = self._end.pop(epoch), True
-        if releases:
-            self._release()
-        if isinstance(payload, EndOfEpoch):
+                elements = [self._end.pop(epoch)]
+        self._next[epoch] += len(elements)
+        self._release()
+        if isinstance(elements[-1], EndOfEpoch):
             self._by_seq.pop(epoch, None)
             self._arrived.pop(epoch, None)
             self._next.pop(epoch, None)
-        return payload
+        return elements

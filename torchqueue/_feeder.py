@@ -62,8 +62,8 @@ class Feeder:
     def _feed(self, epoch: int, iterator: Iterator[Any], in_memory: bool) -> None:
         seq = 0
         pending: list[Any] = []
+        last = time.perf_counter()
         while not self._cancelled(epoch):
-            start = time.perf_counter()
             try:
                 element = next(iterator)
             except StopIteration:
@@ -73,11 +73,14 @@ class Feeder:
                 pending = []
                 seq = self._send(epoch, seq, [capture("input", exc)])
                 break
-            self._policy.observe_input(time.perf_counter() - start)
+            now = time.perf_counter()
+            self._policy.observe_input(now - last)
             pending.append(element)
             if not in_memory or len(pending) >= self._policy.limit:
                 seq = self._send(epoch, seq, pending)
                 pending = []
+                now = time.perf_counter()  # sending is not the input's time
+            last = now
         seq = self._send(epoch, seq, pending)
         wait_acquire(self._credits, self._alive)
         self._emitter.emit(epoch, seq, EndOfEpoch(seq))

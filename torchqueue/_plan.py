@@ -14,7 +14,11 @@ works out the two bounds the runtime enforces:
 
 A PoolStep directly followed by a ProcessStep gets a one-process join stage
 between them, since a ProcessStep wants whole elements and its workers cannot
-join parts among themselves.
+join parts among themselves. So does a ``round_robin`` ProcessStep after a
+ProcessStep of several workers: it needs its input in order.
+
+A ``round_robin`` stage reads one channel per worker (element ``k`` goes to
+channel ``k % nworkers``); its edge's capacity is shared among them.
 """
 
 from __future__ import annotations
@@ -51,8 +55,16 @@ class StagePlan:
     kind: str
     nworkers: int
 
+    @property
+    def round_robin(self) -> bool:
+        return bool(getattr(self.step, "round_robin", False))
+
     def parts_per_element(self) -> int:
         return 2 * self.nworkers if self.kind == POOL else 1
+
+    def inboxes(self) -> int:
+        """Channels this stage reads: one per worker when it is round robin, else one shared."""
+        return self.nworkers if self.round_robin else 1
 
 
 @dataclass(frozen=True)
@@ -84,9 +96,17 @@ class Plan:
         between = self.stages[stage + 1 : end]
         return sum(self.capacities[stage + 1 : end + 1]) + sum(s.nworkers for s in between)
 
+    def channel_capacity(self, edge: int) -> int:
+        """Messages each channel of edge ``edge`` holds (a round robin reader shares the edge's among its own)."""
+        total = self.message_capacity(edge)
+        if edge < len(self.stages):
+            total = -(-total // self.stages[edge].inboxes())
+        return total
+
     def can_bundle(self, stage: int) -> bool:
-        """Whether the segment starting at ``stage``'s output has only map stages (bundles pass those)."""
-        return all(s.kind == MAP for s in self.stages[stage + 1 : self.segment_end(stage)])
+        """Whether the segment starting at ``stage``'s output has only map stages that any worker may take
+        (bundles pass those; a round robin stage must see each element as its own message)."""
+        return all(s.kind == MAP and not s.round_robin for s in self.stages[stage + 1 : self.segment_end(stage)])
 
     def splits_into(self, stage: int) -> bool:
         """Whether the writer at ``stage``'s output must split elements into pool parts."""
@@ -102,6 +122,12 @@ def _kind(step: Step) -> str:
     if isinstance(step, ProcessStep):
         return MAP
     return STREAM
+
+
+def _needs_join(previous: Step, step: ProcessStep) -> bool:
+    if _kind(previous) == POOL:
+        return True
+    return step.round_robin and _kind(previous) == MAP and getattr(previous, "nworkers", 1) > 1
 
 
 def _as_queue(element: Any) -> Queue | None:
@@ -136,10 +162,11 @@ def make_plan(elements: tuple[Any, ...]) -> Plan:
         raise ValueError("a Sequence needs at least one step, e.g. tq.Sequence(tq.ProcessStep(fn, 2))")
     capacities.append(pending.capacity if pending else 1)
 
-    # A ProcessStep right after a PoolStep reads through a join stage.
+    # A ProcessStep right after a PoolStep reads through a join stage; so does a round robin
+    # ProcessStep after several workers of a ProcessStep (they finish out of order).
     laid: list[tuple[Step, int]] = []
     for step, capacity in zip(steps, capacities):
-        if laid and isinstance(step, ProcessStep) and _kind(laid[-1][0]) == POOL:
+        if laid and isinstance(step, ProcessStep) and _needs_join(laid[-1][0], step):
             laid.append((JoinStep(), 1))
         laid.append((step, capacity))
 

@@ -66,6 +66,12 @@ JOIN_S = 2.0
 HEALTH_S = 0.1
 """How often the consumer checks worker liveness and notices while outputs flow."""
 
+SAMPLE_S = 0.25
+"""How often (at first) the consumer copies the stats array into ``Stats.history``."""
+
+MAX_SAMPLES = 400
+"""History bound: when full, every other snapshot is dropped and snapshots are taken half as often."""
+
 
 def pickled_steps(plan: Plan, ctx: BaseContext) -> list[Any]:
     """The step each worker gets: as is under fork, else cloudpickled (raises ``TypeError`` here)."""
@@ -92,7 +98,11 @@ class Runtime:
         self._name = name
         self._stop = ctx.Event()
         self._cancelled = ctx.RawValue("q", -1)
-        self._edges = [Channel(ctx, plan.message_capacity(i)) for i in range(len(plan.stages) + 1)]
+        # edge i feeds stage i (the last one the consumer): one channel, or one per round robin worker
+        self._edges = [
+            [Channel(ctx, plan.channel_capacity(i)) for _ in range(stage.inboxes() if stage else 1)]
+            for i, stage in enumerate([*plan.stages, None])
+        ]
         self._events = Channel(ctx, 4 + 2 * sum(s.nworkers for s in plan.stages))
         assigners = [-1] + [s.index for s in plan.stages if s.kind == STREAM]
         self._credits = {a: ctx.BoundedSemaphore(plan.credits(a)) for a in assigners}
@@ -109,6 +119,8 @@ class Runtime:
         self._owner = os.getpid()
         self._started = time.perf_counter()
         self._last_health = self._started
+        self._samples: list[tuple[float, list[float]]] = []
+        self._sample_every = SAMPLE_S
         self.workers: list[tuple[str, int, Any]] = []  # (stage name, worker index, Process)
         try:
             self._start_workers(steps, ordered, skip_errors, assigners)
@@ -133,7 +145,7 @@ class Runtime:
                     worker=worker,
                     nworkers=stage.nworkers,
                     step=step,
-                    inbox=self._edges[stage.index],
+                    inbox=self._edges[stage.index][worker % stage.inboxes()],
                     outbox=self._edges[stage.index + 1],
                     split_parts=self.plan.stages[stage.index + 1].parts_per_element() if split else 0,
                     split_step=self.plan.stages[stage.index + 1].name if split else "",
@@ -201,8 +213,9 @@ class Runtime:
 
     # -- consuming -------------------------------------------------------------------------------
 
-    def next_output(self, epoch: int, timeout: float | None = None) -> Any:
-        """The next payload of ``epoch`` for the consumer (a value or a control message).
+    def next_outputs(self, epoch: int, timeout: float | None = None) -> list[Any]:
+        """The next payloads of ``epoch`` for the consumer (values or control messages), in order:
+        those of one message (a bundle's elements, or one).
 
         Raises ``WorkerDiedError`` / ``PipelineError`` when a worker died or could not start,
         ``TimeoutError`` when nothing came for ``timeout`` seconds, and ``Stopped`` when the
@@ -212,16 +225,18 @@ class Runtime:
             raise Stopped
         deadline = None if not timeout else time.perf_counter() + timeout
         while True:
-            payload = self._collector.pop(epoch)
-            if payload is not NOTHING:
+            payloads = self._collector.take(epoch)
+            if payloads is not NOTHING:
                 now = time.perf_counter()
                 if now - self._last_health > HEALTH_S:
                     self._last_health = now
                     self.check_health()
-                return payload
-            data = self._edges[-1].get(self._alive, timeout=HEALTH_S)
+                    self._sample(now)
+                return payloads
+            data = self._edges[-1][0].get(self._alive, timeout=HEALTH_S)
             if data is None:
                 self.check_health()
+                self._sample(time.perf_counter())
                 if deadline is not None and time.perf_counter() > deadline:
                     raise TimeoutError(f"no output came within {timeout} seconds")
                 continue
@@ -255,13 +270,24 @@ class Runtime:
 
     def cancel(self, epoch: int) -> None:
         """Abandon ``epoch`` (and earlier): stop feeding it, skip its work, drop its outputs."""
+        logger.debug("%s: epoch %d abandoned, its rest is dropped", self._name, epoch)
         self._cancelled.value = max(self._cancelled.value, epoch)
-        while not isinstance(self.next_output(epoch), EndOfEpoch):
+        while not isinstance(self.next_outputs(epoch)[-1], EndOfEpoch):
             pass
+
+    def _sample(self, now: float) -> None:
+        """Copy the stats array into the history, every ``_sample_every`` seconds (bounded, see MAX_SAMPLES)."""
+        last = self._samples[-1][0] if self._samples else 0.0
+        if now - self._started - last < self._sample_every:
+            return
+        self._samples.append((now - self._started, self._stats[:]))
+        if len(self._samples) > MAX_SAMPLES:
+            self._samples = self._samples[1::2]
+            self._sample_every *= 2
 
     def stats(self) -> Stats:
         stages = [(s.name, s.nworkers, s.kind == STREAM) for s in self.plan.stages]
-        return Stats.from_rows(stages, self._stats, time.perf_counter() - self._started)
+        return Stats.from_rows(stages, self._stats, time.perf_counter() - self._started, self._samples)
 
     # -- shutdown (see the NOTE at the top) ------------------------------------------------------
 
@@ -278,8 +304,9 @@ class Runtime:
         deadline = time.monotonic() + JOIN_S
         for _, _, process in self.workers:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
-        for _, _, process in self.workers:
+        for stage, worker, process in self.workers:
             if process.exitcode is None:
+                logger.debug("worker %d of step %r did not leave within %s s: terminating it", worker, stage, JOIN_S)
                 process.terminate()
                 process.join(timeout=1.0)
             if process.exitcode is None:
@@ -290,8 +317,8 @@ class Runtime:
                 logger.warning("worker pid %s did not exit after SIGKILL", process.pid)
             else:
                 process.close()
-        for edge in self._edges + [self._events]:
-            edge.close()
+        for channel in [*(c for edge in self._edges for c in edge), self._events]:
+            channel.close()
         if self._segment_dir is not None:  # segments of messages nobody will read
             shutil.rmtree(self._segment_dir, ignore_errors=True)
         # Drop every lock, semaphore and process: under spawn and forkserver their named

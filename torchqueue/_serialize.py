@@ -9,7 +9,10 @@ on the receiving side, one segment and one file descriptor per message
 however many tensors it holds, and received tensors are ``is_shared()``.
 
     message = b"P" + pickle                                  (nothing to share)
-            | b"S" + <name length, segment size> + name + pickle
+            | b"S" + <name length, segment size, table length> + name + table + pickle
+
+The table lists the segment's blocks (dtype, offset, size); the pickle refers
+to a tensor as (block, element offset, shape).
 
 The memory is freed when the last tensor or array viewing it is gone. A
 segment whose message is never read (a stopped pipeline) is removed with
@@ -17,8 +20,12 @@ its directory by ``Runtime.close`` or, if the consumer's process died, by
 the workers as they exit.
 
 Tensors are sent contiguous (a strided view arrives as a compact copy with
-the same values). Large tensors (``TENSOR_OWN_SEGMENT_BYTES``), tensor
-subclasses, sparse, quantized and non-CPU tensors use torch's own reductions.
+the same values) and arrive as views of the segment. A tensor whose storage
+is in shared memory already and that is large (``SHARED_TENSOR_MIN_BYTES``:
+a big tensor passed on from step to step) keeps torch's own sharing, so it
+is never copied again; so do tensor subclasses, sparse, quantized and
+non-CPU tensors. Writing a segment is one ``pwritev`` call, which releases
+the GIL: the feeder thread copies while the consumer's thread runs.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import os
 import pickle
 import struct
 import tempfile
+import threading
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -39,25 +47,25 @@ import torch.multiprocessing  # noqa: F401  (registers torch's reductions for wh
 ARRAY_MIN_BYTES = 64 * 1024
 """numpy arrays at least this large go to shared memory; smaller ones stay in the pickle."""
 
-TENSOR_OWN_SEGMENT_BYTES = 1 << 20
-"""Tensors whose storage is at least this large keep torch's own sharing: their storage moves to
-shared memory once, in place, and a tensor that is passed on from step to step is never copied
-again (one file descriptor each, which is nothing for tensors this size)."""
+GATHER_BYTES = 16 * 1024
+"""Tensors under this size are gathered per dtype into one block of the segment; larger ones get a block
+each (written from where they are, without an extra copy)."""
+
+SHARED_TENSOR_MIN_BYTES = 1 << 20
+"""A tensor at least this large whose storage is in shared memory already (it came from another step,
+or the user shared it) keeps torch's own sharing: its storage's file descriptor is passed on and the
+data are never copied again. Smaller ones are cheaper to copy than a descriptor is to pass."""
 
 _ALIGN = 64
 _ZEROS = memoryview(bytes(_ALIGN))
 _IOV_MAX = 1024
-_SEGMENT = struct.Struct("<HQ")
+_SEGMENT = struct.Struct("<HQI")
 _counter = itertools.count()
 _new_shared_fd = getattr(torch.UntypedStorage, "_new_shared_fd_cpu")  # noqa: B009 (private torch API)
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
+_NUMPY_DTYPES = {
+    torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool, torch.complex64, torch.complex128,
+}  # fmt: skip
 
 
 def make_segment_dir() -> str | None:
@@ -67,75 +75,123 @@ def make_segment_dir() -> str | None:
     return tempfile.mkdtemp(prefix=f"torchqueue-{os.getpid()}-", dir="/dev/shm")
 
 
-def _shareable_tensor(obj: Any) -> bool:
-    return (
-        type(obj) is torch.Tensor
-        and obj.untyped_storage().nbytes() < TENSOR_OWN_SEGMENT_BYTES
-        and obj.device.type == "cpu"
-        and obj.layout == torch.strided
-        and not obj.is_quantized
-        and not obj.is_nested
-    )
+def _to_segment(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` (exactly a ``torch.Tensor``) goes into the message's segment.
+
+    Cheap attributes only (``device.type`` costs five times ``is_cpu``): this runs per tensor."""
+    if not tensor.is_cpu or tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+        return False
+    return tensor.nbytes < SHARED_TENSOR_MIN_BYTES or not tensor.is_shared()
 
 
-def _shareable_array(obj: Any) -> bool:
-    return (
-        type(obj) is np.ndarray
-        and obj.nbytes >= ARRAY_MIN_BYTES
-        and not obj.dtype.hasobject
-        and obj.dtype.fields is None
-    )
+def _tensor_bytes(tensor: torch.Tensor) -> Any:
+    """The tensor's values, contiguous, as a buffer (a view of the tensor when it is contiguous)."""
+    data = tensor.detach()
+    if data.is_conj() or data.is_neg():
+        data = data.resolve_conj().resolve_neg()
+    data = data.contiguous()
+    if data.dtype not in _NUMPY_DTYPES:
+        data = data.reshape(-1).view(torch.uint8)
+    return data.numpy().data
+
+
+def _shareable_array(obj: np.ndarray) -> bool:
+    return obj.nbytes >= ARRAY_MIN_BYTES and not obj.dtype.hasobject and obj.dtype.fields is None
 
 
 class _Pickler(ForkingPickler):
-    """Records tensors and large arrays as (offset, size) in a segment instead of pickling them."""
+    """Records tensors and large arrays as places in one segment instead of pickling their values.
+
+    The segment is a row of blocks: one per dtype gathering every small tensor of that dtype
+    (one copy and one write for thousands of them), and one per large tensor or array. A tensor
+    is pickled as (block, element offset in it, shape). ``reducer_override`` (not
+    ``persistent_id``) so that ints, strings, lists and dicts never reach Python code.
+    """
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
-        self.chunks: list[tuple[int, torch.Tensor | np.ndarray]] = []
-        self.size = 0
+        self.blocks: list[list[Any]] = []  # [dtype (torch) or dtype string (numpy), tensors or a buffer]
+        self._gathering: dict[torch.dtype, tuple[int, list[torch.Tensor], list[int]]] = {}
 
-    def _reserve(self, nbytes: int) -> int:
-        offset = self.size
-        self.size += -(-nbytes // _ALIGN) * _ALIGN
-        return offset
+    def reducer_override(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is torch.Tensor and _to_segment(obj):
+            if obj.nbytes < GATHER_BYTES:
+                gathering = self._gathering.get(obj.dtype)
+                if gathering is None:
+                    gathering = self._gathering[obj.dtype] = (len(self.blocks), [], [0])
+                    self.blocks.append([obj.dtype, gathering[1]])
+                index, tensors, numel = gathering
+                start = numel[0]
+                tensors.append(obj)
+                numel[0] += obj.numel()
+                return _rebuild_tensor, (index, start, tuple(obj.shape), obj.requires_grad)
+            self.blocks.append([obj.dtype, _tensor_bytes(obj)])
+            return _rebuild_tensor, (len(self.blocks) - 1, 0, tuple(obj.shape), obj.requires_grad)
+        if kind is np.ndarray and _shareable_array(obj):
+            self.blocks.append([obj.dtype.str, np.ascontiguousarray(obj).reshape(-1).view(np.uint8).data])
+            return _rebuild_array, (len(self.blocks) - 1, obj.shape)
+        return NotImplemented
 
-    def persistent_id(self, obj: Any) -> Any:
-        if _shareable_tensor(obj):
-            data = obj.detach()
-            if data.is_conj() or data.is_neg():
-                data = data.resolve_conj().resolve_neg()
-            data = data.contiguous().reshape(-1).view(torch.uint8)
-            offset = self._reserve(data.numel())
-            self.chunks.append((offset, data))
-            return ("T", offset, obj.dtype, tuple(obj.shape), obj.requires_grad)
-        if _shareable_array(obj):
-            data = np.ascontiguousarray(obj).reshape(-1).view(np.uint8)
-            offset = self._reserve(data.nbytes)
-            self.chunks.append((offset, data))
-            return ("A", offset, obj.dtype.str, obj.shape)
-        return None
+    def layout(self) -> tuple[list[tuple[Any, int, int]], list[tuple[int, Any]], int]:
+        """The blocks' ``(dtype, byte offset, bytes)``, the buffers to write at their offsets, the segment size."""
+        table, chunks, size = [], [], 0
+        for dtype, data in self.blocks:
+            if isinstance(data, list):  # gathered small tensors: one contiguous copy
+                with torch.no_grad():
+                    data = _tensor_bytes(torch._utils._flatten_dense_tensors(data))
+            table.append((dtype, size, data.nbytes))
+            if data.nbytes:
+                chunks.append((size, data))
+            size += -(-data.nbytes // _ALIGN) * _ALIGN
+        return table, chunks, max(size, _ALIGN)
 
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, storage: torch.UntypedStorage) -> None:
-        super().__init__(file)
-        self._storage = storage
-        self._bytes: np.ndarray | None = None  # the whole segment as a numpy uint8 array
+class _Loading(threading.local):
+    """The segment of the message being unpickled in this thread, and its blocks as flat views."""
 
-    def persistent_load(self, pid: Any) -> Any:
-        if pid[0] == "T":
-            _, offset, dtype, shape, requires_grad = pid
-            tensor = torch.empty(0, dtype=dtype).set_(
-                self._storage, offset // dtype.itemsize, shape, _contiguous_strides(shape)
-            )
-            return tensor.requires_grad_() if requires_grad else tensor
-        _, offset, dtype_str, shape = pid
-        if self._bytes is None:
-            self._bytes = torch.empty(0, dtype=torch.uint8).set_(self._storage).numpy()
-        dtype = np.dtype(dtype_str)
-        count = int(np.prod(shape, dtype=np.int64))
-        return self._bytes[offset : offset + count * dtype.itemsize].view(dtype).reshape(shape)
+    def __init__(self) -> None:
+        self.storage: torch.UntypedStorage | None = None
+        self.table: list[tuple[Any, int, int]] = []
+        self.flat: dict[int, Any] = {}
+
+
+_loading = _Loading()
+_strides: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = _strides.get(shape)
+    if strides is None:
+        out, step = [], 1
+        for size in reversed(shape):
+            out.append(step)
+            step *= max(size, 1)
+        strides = _strides[shape] = tuple(reversed(out))
+    return strides
+
+
+def _flat(index: int) -> Any:
+    """Block ``index`` of the segment as a flat tensor or array of its dtype."""
+    flat = _loading.flat.get(index)
+    if flat is None:
+        if _loading.storage is None:
+            raise pickle.UnpicklingError("a torchqueue shared-memory reference outside of its message")
+        dtype, offset, nbytes = _loading.table[index]
+        raw = torch.empty(0, dtype=torch.uint8).set_(_loading.storage, offset, (nbytes,), (1,))
+        flat = raw.view(dtype) if isinstance(dtype, torch.dtype) else raw.numpy().view(np.dtype(dtype))
+        _loading.flat[index] = flat
+    return flat
+
+
+def _rebuild_tensor(index: int, start: int, shape: tuple[int, ...], requires_grad: bool) -> torch.Tensor:
+    flat = _flat(index)
+    tensor = flat.as_strided(shape, _contiguous_strides(shape), flat.storage_offset() + start)
+    return tensor.requires_grad_() if requires_grad else tensor
+
+
+def _rebuild_array(index: int, shape: tuple[int, ...]) -> np.ndarray:
+    return _flat(index).reshape(shape)
 
 
 def dumps(obj: Any, segment_dir: str | None) -> bytes:
@@ -144,11 +200,12 @@ def dumps(obj: Any, segment_dir: str | None) -> bytes:
     pickler = _Pickler(buffer) if segment_dir is not None else ForkingPickler(buffer, pickle.HIGHEST_PROTOCOL)
     pickler.dump(obj)
     body = buffer.getvalue()
-    if not isinstance(pickler, _Pickler) or not pickler.chunks:
+    if not isinstance(pickler, _Pickler) or not pickler.blocks:
         return b"P" + body
-    name = _write_segment(segment_dir, pickler.chunks, pickler.size)  # type: ignore[arg-type]
-    encoded = name.encode()
-    return b"S" + _SEGMENT.pack(len(encoded), pickler.size) + encoded + body
+    table, chunks, size = pickler.layout()
+    name = _write_segment(segment_dir, chunks, size).encode()  # type: ignore[arg-type]
+    encoded_table = pickle.dumps(table, pickle.HIGHEST_PROTOCOL)
+    return b"S" + _SEGMENT.pack(len(name), size, len(encoded_table)) + name + encoded_table + body
 
 
 def message_nbytes(data: bytes | bytearray) -> int:
@@ -163,11 +220,16 @@ def loads(data: bytes | bytearray | memoryview) -> Any:
     view = memoryview(data)
     if view[:1] == b"P":
         return pickle.loads(view[1:])
-    name_length, size = _SEGMENT.unpack_from(view, 1)
+    name_length, size, table_length = _SEGMENT.unpack_from(view, 1)
     start = 1 + _SEGMENT.size
     name = bytes(view[start : start + name_length]).decode()
-    storage = _map_segment(name, size)
-    return _Unpickler(io.BytesIO(view[start + name_length :]), storage).load()
+    start += name_length
+    table = pickle.loads(view[start : start + table_length])
+    _loading.storage, _loading.table, _loading.flat = _map_segment(name, size), table, {}
+    try:
+        return pickle.loads(view[start + table_length :])
+    finally:
+        _loading.storage, _loading.table, _loading.flat = None, [], {}
 
 
 def _write_segment(directory: str, chunks: list[tuple[int, Any]], size: int) -> str:
@@ -181,7 +243,7 @@ def _write_segment(directory: str, chunks: list[tuple[int, Any]], size: int) -> 
         for offset, data in chunks:
             if offset > position:
                 iov.append(_ZEROS[: offset - position])
-            view = (data.numpy() if isinstance(data, torch.Tensor) else data).data
+            view = memoryview(data).cast("B")
             iov.append(view)
             position = offset + view.nbytes
             if len(iov) >= _IOV_MAX - 1:

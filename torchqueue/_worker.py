@@ -54,8 +54,8 @@ class WorkerContext:
     worker: int
     nworkers: int
     step: Step | bytes  # bytes: cloudpickled for spawn/forkserver
-    inbox: Channel
-    outbox: Channel
+    inbox: Channel  # this worker's: shared by the stage's workers, or its own (round robin)
+    outbox: list[Channel]  # the next stage's inboxes
     split_parts: int  # > 0: the next stage is a pool; split elements into up to this many parts
     split_step: str  # the name of that pool, for errors
     in_credits: Any  # stream stages: released per element taken out of order
@@ -83,18 +83,22 @@ class Meter:
 
 
 class Emitter:
-    """Writes envelopes to an edge, splitting elements into parts when a pool reads it."""
+    """Writes envelopes to an edge, splitting elements into parts when a pool reads it.
+
+    The edge is one channel, or one per worker of a round robin reader: then the element at
+    position ``seq`` goes to channel ``seq % len(channels)``.
+    """
 
     def __init__(
         self,
-        channel: Channel,
+        channels: list[Channel],
         alive: Callable[[], bool],
         split_parts: int,
         split_step: str,
         writer: str,
         segment_dir: str | None,
     ):
-        self._channel = channel
+        self._channels = channels
         self._segment_dir = segment_dir
         self._alive = alive
         self._split_parts = split_parts
@@ -121,7 +125,7 @@ class Emitter:
         except Exception as exc:
             error = TypeError(f"step {self._writer!r} produced a value that cannot be sent to another process: {exc}")
             data = _serialize.dumps(envelope._replace(payload=capture(self._writer, error)), None)
-        self._channel.put(data, self._alive)
+        self._channels[envelope.seq % len(self._channels)].put(data, self._alive)
         return _serialize.message_nbytes(data)
 
 
@@ -208,8 +212,9 @@ class _Loop:
         while data is None:
             data = self.ctx.inbox.get(self.alive)
         self.meter.add(Field.WAIT_IN, time.perf_counter() - start)
-        self.meter.add(Field.MESSAGES, 1)
         envelope: Envelope = _serialize.loads(data)
+        if not isinstance(envelope.payload, CONTROL):
+            self.meter.add(Field.MESSAGES, 1)
         if self.ctx.in_bytes is not None:
             observe_bytes(self.ctx.in_bytes, data, envelope)
         return envelope
@@ -257,7 +262,7 @@ class _Loop:
                 if self.cancelled(envelope.epoch):
                     items = [Skipped(self.ctx.stage_name)] * len(payload.items)
                 else:
-                    items = [self.call(fn, item) for item in payload.items]
+                    items = self.call_bundle(fn, payload.items)
                 self.timed(self.emitter.send, envelope._replace(payload=Bundle(items)))
                 continue
             if self.cancelled(envelope.epoch):
@@ -270,6 +275,23 @@ class _Loop:
                 self.timed(self.emitter.send, envelope._replace(payload=payload))
             else:
                 self.timed(self.emitter.emit, envelope.epoch, envelope.seq, payload)
+
+    def call_bundle(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+        """``[fn(item) ...]`` with a Failure / Skipped in the place of each item that raised;
+        metered once for the whole bundle (its items are small and cheap)."""
+        results = []
+        failed = 0
+        start = time.perf_counter()
+        for item in items:
+            try:
+                results.append(fn(item))
+            except Exception as exc:
+                results.append(self.failed(exc))
+                failed += 1
+        self.meter.add(Field.BUSY, time.perf_counter() - start)
+        self.meter.add(Field.IN, len(items))
+        self.meter.add(Field.OUT, len(items) - failed)
+        return results
 
     def call_items(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any] | Failure:
         results = []
@@ -313,19 +335,20 @@ class _Loop:
     def epoch_elements(self, collector: Collector, epoch: int, drain: bool = False) -> Iterator[Any]:
         """The elements of ``epoch`` in order, until its end; an upstream Failure is raised."""
         while True:
-            payload = collector.pop(epoch)
-            if payload is NOTHING:
+            elements = collector.take(epoch)
+            if elements is NOTHING:
                 collector.add(self.receive())
                 continue
-            if isinstance(payload, EndOfEpoch):
-                return
-            if isinstance(payload, Skipped):
-                continue
-            if isinstance(payload, Failure):
-                if drain:
+            for payload in elements:
+                if isinstance(payload, EndOfEpoch):
+                    return
+                if isinstance(payload, Skipped):
                     continue
-                raise _UpstreamFailure(payload)
-            yield payload
+                if isinstance(payload, Failure):
+                    if drain:
+                        continue
+                    raise _UpstreamFailure(payload)
+                yield payload
 
     def checked(self, step: StreamStep, elements: Iterator[Any]) -> Iterator[Any]:
         for element in elements:

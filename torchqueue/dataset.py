@@ -63,6 +63,7 @@ class QueueFlowDataset(IterableDataset):
         return self.source(epoch) if callable(self.source) else self.source
 
     def __iter__(self) -> Iterator[Any]:
+        """The pipeline's outputs for the current epoch (see ``set_epoch``)."""
         if get_worker_info() is not None:
             raise RuntimeError(
                 "QueueFlowDataset runs its own worker processes and cannot run inside DataLoader workers: "

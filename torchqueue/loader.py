@@ -18,63 +18,26 @@ Over a ``QueueFlowDataset`` it runs that pipeline, batching and collating only w
 
 from __future__ import annotations
 
-import random
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
-import torch.utils.data._utils.worker as torch_worker
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
-from torch.utils.data._utils.fetch import _MapDatasetFetcher
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from torchqueue import _device
+from torchqueue._fetch import Fetch, Job
+from torchqueue._lookahead import EpochGuess, predictable
 from torchqueue.dataset import QueueFlowDataset
-from torchqueue.sequence import Sequence
+from torchqueue.sequence import Sequence, _EpochIterator
 from torchqueue.steps import ProcessStep, Queue
-from torchqueue.worker_info import get_worker_info
 
 __all__ = ["QueueFlowLoader"]
 
+logger = logging.getLogger("torchqueue")
+
 _DEFAULT: Any = object()
-
-
-class _Fetch:
-    """A worker's fetch: ``collate([dataset[i] for i in indices])``, seeding the worker as DataLoader does."""
-
-    def __init__(self, dataset: Dataset, auto_collation: bool, collate_fn: Callable, drop_last: bool, init_fn: Any):
-        self.dataset = dataset
-        self.auto_collation = auto_collation
-        self.collate_fn = collate_fn
-        self.drop_last = drop_last
-        self.init_fn = init_fn
-        self._seeded: int | None = None
-        self._fetcher: _MapDatasetFetcher | None = None
-
-    def __call__(self, job: tuple[int, Any]) -> Any:
-        base_seed, indices = job
-        if base_seed != self._seeded:
-            self._start(base_seed)
-        assert self._fetcher is not None
-        return self._fetcher.fetch(indices)
-
-    def _start(self, base_seed: int) -> None:
-        self._fetcher = _MapDatasetFetcher(self.dataset, self.auto_collation, self.collate_fn, self.drop_last)
-        self._seeded = base_seed
-        info = get_worker_info()
-        if info is None:  # num_workers=0: fetched in the consumer's process, which DataLoader leaves alone
-            return
-        worker_id, num_workers = info.id, info.num_workers
-        seed = base_seed + worker_id
-        random.seed(seed)
-        torch.manual_seed(seed)
-        np.random.seed(torch_worker._generate_state(base_seed, worker_id))
-        torch_worker._worker_info = torch_worker.WorkerInfo(
-            id=worker_id, num_workers=num_workers, seed=seed, dataset=self.dataset
-        )
-        if self.init_fn is not None:
-            self.init_fn(worker_id)
 
 
 class QueueFlowLoader:
@@ -157,6 +120,16 @@ class QueueFlowLoader:
         self._base_seed: int | None = None
         self._sequence: Sequence | None = None
         self._warned_pin = False
+        self._fetch = Fetch(
+            dataset,
+            self._torch._auto_collation,
+            self._torch.collate_fn,
+            self._torch.drop_last,
+            self._torch.worker_init_fn,
+        )
+        self._epochs_sent = 0  # epochs handed to the workers, guesses included (``Job.epoch``)
+        self._guess = EpochGuess(self._torch._index_sampler)
+        self._ahead: tuple[int, list[Any]] | None = None  # the guessed next epoch queued: (number, batches)
 
     @staticmethod
     def _distributed(
@@ -185,20 +158,24 @@ class QueueFlowLoader:
     # -- DataLoader's surface ------------------------------------------------------------------
 
     def __len__(self) -> int:
+        """Batches per epoch, as ``len(DataLoader)``; ``TypeError`` over a ``QueueFlowDataset``."""
         if isinstance(self.dataset, QueueFlowDataset):
             raise TypeError("the length of a QueueFlowDataset's output is not known ahead")
         return len(self._torch)
 
     @property
     def sampler(self) -> Any:
+        """The sampler, as ``DataLoader.sampler`` (a ``DistributedSampler`` under ranks)."""
         return self._torch.sampler
 
     @property
     def batch_sampler(self) -> Any:
+        """The batch sampler, as ``DataLoader.batch_sampler`` (``None`` without batching)."""
         return self._torch.batch_sampler
 
     @property
     def collate_fn(self) -> Any:
+        """The collate function, as ``DataLoader.collate_fn``."""
         return self._torch.collate_fn
 
     def set_epoch(self, epoch: int) -> None:
@@ -210,6 +187,7 @@ class QueueFlowLoader:
                 set_target_epoch(epoch)
 
     def __iter__(self) -> Iterator[Any]:
+        """The batches of one epoch (the rest of it after ``load_state_dict``)."""
         if isinstance(self.dataset, QueueFlowDataset):
             batches = self._iter_pipeline()
         elif isinstance(self.dataset, IterableDataset):
@@ -255,6 +233,7 @@ class QueueFlowLoader:
 
     def _new_epoch(self) -> None:
         """Draw from the generator as DataLoader's iterator does, and fix this epoch's index batches."""
+        self._guess.started()
         if self._resume is not None:
             state, self._resume = self._resume, None
             self._base_seed, self._epoch_batches, self._yielded = state["base_seed"], state["batches"], state["yielded"]
@@ -268,45 +247,77 @@ class QueueFlowLoader:
         self._generator_state = self.generator.get_state() if self.generator is not None else None
 
     def _iter_map_style(self) -> Iterator[Any]:
+        if not self.persistent_workers:
+            self._drop_workers()  # DataLoader starts new workers (with the dataset as it is now) every epoch
         self._new_epoch()
-        fetch = _Fetch(
-            self.dataset,
-            self._torch._auto_collation,
-            self._torch.collate_fn,
-            self._torch.drop_last,
-            self._torch.worker_init_fn,
-        )
-        assert self._base_seed is not None
-        jobs = [(self._base_seed, indices) for indices in self._epoch_batches[self._yielded :]]
         if self.num_workers == 0:
-            outputs: Iterator[Any] = (fetch(job) for job in jobs)
+            outputs: Iterator[Any] = (self._fetch(job) for job in self._jobs(self._epoch_batches[self._yielded :]))
         else:
-            epoch = self._pipeline(fetch)(jobs)
-            epoch.timeout = self._torch.timeout or None
-            outputs = epoch
+            outputs = self._epoch_outputs()
         try:
             for batch in outputs:
                 self._yielded += 1
                 yield batch
+        except GeneratorExit:  # the epoch was left before its end (Lightning stops at len(loader) batches)
+            if not self.persistent_workers:
+                self._drop_workers()
+            raise  # persistent workers stay: the next epoch cancels what is left of this one
         except BaseException as exc:
-            if self._sequence is not None:  # a failed pipeline is closed: the next epoch starts a new one
-                self._sequence.close()
-                self._sequence = None
+            self._drop_workers()  # a failed pipeline is closed: the next epoch starts a new one
             if isinstance(exc, TimeoutError):
                 raise RuntimeError(f"DataLoader timed out after {self._torch.timeout} seconds") from exc
             raise
+        if not self.persistent_workers:
+            self._drop_workers()
 
-    def _pipeline(self, fetch: _Fetch) -> Sequence:
+    def _jobs(self, batches: list[Any], rewind: int | None = None) -> list[Job]:
+        """One epoch's fetch jobs, under a new epoch number."""
+        assert self._base_seed is not None
+        self._epochs_sent += 1
+        return [Job(self._base_seed, self._epochs_sent, rewind, indices) for indices in batches]
+
+    def _epoch_outputs(self) -> _EpochIterator:
+        """This epoch's batches from the workers: the guessed epoch if it was right, else fetched now.
+
+        With persistent workers the following epoch is guessed and queued behind this one (see
+        ``_lookahead``), so the workers run from this epoch's last batch into the next one's first.
+        """
+        sequence = self._pipeline()
+        ahead, self._ahead = self._ahead, None
+        epoch = None
+        rewind = None
+        if ahead is not None:
+            epoch = iter(sequence)  # the guessed epoch, queued behind the previous one
+            if self._yielded or ahead[1] != self._epoch_batches:
+                logger.debug("the epoch guessed ahead is not the one drawn now: it is cancelled")
+                rewind, epoch = ahead[0], None
+        if epoch is None:  # iterating the new epoch cancels the wrong guess
+            sequence.queue_iterable(self._jobs(self._epoch_batches[self._yielded :], rewind))
+            epoch = iter(sequence)
+        if self.persistent_workers and predictable(self._torch._index_sampler):
+            batches = self._guess.guess()
+            sequence.queue_iterable(self._jobs(batches))
+            self._ahead = (self._epochs_sent, batches)
+        epoch.timeout = self._torch.timeout or None
+        return epoch
+
+    def _pipeline(self) -> Sequence:
         if self._sequence is None:
             prefetch = (self._torch.prefetch_factor or 2) * self.num_workers
             self._sequence = Sequence(
-                ProcessStep(fetch, self.num_workers, name="fetch"),
+                # in order: batch k to worker k % num_workers, each worker in order, as DataLoader does
+                ProcessStep(self._fetch, self.num_workers, name="fetch", round_robin=self._torch.in_order),
                 Queue(max(prefetch, 1)),
                 ordered=self._torch.in_order,
                 context=self._torch.multiprocessing_context,
                 name="QueueFlowLoader",
             )
         return self._sequence
+
+    def _drop_workers(self) -> None:
+        if self._sequence is not None:
+            self._sequence.close()
+        self._sequence, self._ahead = None, None
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -328,8 +339,7 @@ class QueueFlowLoader:
 
     def close(self) -> None:
         """Stop the worker processes (they also stop when the loader is garbage collected)."""
-        if self._sequence is not None:
-            self._sequence.close()
+        self._drop_workers()
 
 
 def _with_progress(batches: Iterator[Any], total: int | None) -> Iterator[Any]:

@@ -171,16 +171,29 @@ class Sequence:
 
 
 class _EpochIterator(Iterator[Any]):
-    """Yields one epoch's outputs; keeps its Sequence alive while it is iterated."""
+    """Yields one epoch's outputs; keeps its Sequence alive while it is iterated.
+
+    It takes the outputs of one message at a time from the runtime (a bundle of small elements
+    at once) and hands them out one by one: per element it only checks that it may go on.
+    """
 
     def __init__(self, sequence: Sequence, epoch: int) -> None:
         self._sequence = sequence
         self._epoch = epoch
         self._abandoned = False
+        self._ready: collections.deque[Any] = collections.deque()
         self.done = False
         self.timeout: float | None = None  # seconds to wait for one output (QueueFlowLoader's timeout=)
 
     def __next__(self) -> Any:
+        if self._ready and not (self._abandoned or self._sequence._closed):
+            payload = self._ready.popleft()
+            if type(payload) not in _CONTROL:
+                return payload
+            self._ready.appendleft(payload)
+        return self._next_slowly()
+
+    def _next_slowly(self) -> Any:
         if self._abandoned:
             raise RuntimeError("this iterator was superseded by a later iter(seq); its epoch was cancelled")
         if self.done:
@@ -190,15 +203,17 @@ class _EpochIterator(Iterator[Any]):
         runtime = sequence._runtime
         assert runtime is not None  # started by queue_iterable
         while True:
-            try:
-                payload = runtime.next_output(self._epoch, self.timeout)
-            except Stopped:
-                self.done = True
-                raise RuntimeError("the Sequence was closed while it was being iterated") from None
-            except BaseException as exc:  # a dead worker, Ctrl-C, ...: nothing can be trusted to go on
-                self.done = True
-                sequence._fail(exc)
-                raise
+            if not self._ready:
+                try:
+                    self._ready.extend(runtime.next_outputs(self._epoch, self.timeout))
+                except Stopped:
+                    self.done = True
+                    raise RuntimeError("the Sequence was closed while it was being iterated") from None
+                except BaseException as exc:  # a dead worker, Ctrl-C, ...: nothing can be trusted to go on
+                    self.done = True
+                    sequence._fail(exc)
+                    raise
+            payload = self._ready.popleft()
             if isinstance(payload, EndOfEpoch):
                 self.done = True
                 runtime.check_health()  # deliver the epoch's skip warnings before it ends
@@ -214,7 +229,12 @@ class _EpochIterator(Iterator[Any]):
 
     def abandon(self) -> None:
         """Cancel the rest of this epoch (its outputs are dropped)."""
+        ended = bool(self._ready) and isinstance(self._ready[-1], EndOfEpoch)  # its end was taken already
+        self._ready.clear()
         self.done = self._abandoned = True
         runtime = self._sequence._runtime
-        if runtime is not None and not runtime.closed:
+        if not ended and runtime is not None and not runtime.closed:
             runtime.cancel(self._epoch)
+
+
+_CONTROL = frozenset({EndOfEpoch, Skipped, Failure})

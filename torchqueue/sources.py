@@ -5,7 +5,7 @@ the length of ``length_key``, and remembers it in a small JSON cache (next to
 the data, or in ``cache_dir``) keyed by path, size and modification time, so
 a changed file is read again. Per epoch it hands out ``(file, start, stop)``
 chunks; the worker that reads a chunk opens the file itself
-(``read_h5_chunk``), so no h5py handle ever crosses a process boundary.
+(``read_h5_chunk``), so no h5py handle ever crosses a process boundary::
 
     chunks = H5Chunks("data/*.h5", length_key="energy", chunk_size=1000, seed=0)
     for epoch in range(10):

@@ -1,7 +1,10 @@
 """Per-step figures of a running pipeline: ``Sequence.stats()`` returns a ``Stats``.
 
 Every worker adds its figures to its own row of a shared array (no locks:
-one writer per row); ``Stats`` sums the rows of each step when asked.
+one writer per row); ``Stats`` sums the rows of each step when asked. While
+outputs are consumed, the consumer also copies the array every so often
+(``_runtime``'s ``SAMPLE_S``): ``Stats.history`` holds those snapshots, so
+``Stats.plot`` can draw each step's throughput and busy fraction over time.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ class StepStats:
         queue_fill: Mean fill (0 to 1) of its input queue, sampled at every read.
         skipped: Elements dropped under ``on_error="skip"``.
         utilization: ``busy_s / (nworkers * elapsed_s)``: 1.0 means always busy.
-        messages_in: Messages its workers received: fewer than ``elements_in`` where small
+        messages_in: Data messages its workers received (control messages such as the end of an
+            epoch are not counted): fewer than ``elements_in`` where small
             elements travel bundled, or a PoolStep's items in parts.
     """
 
@@ -64,15 +68,33 @@ class StepStats:
 
 
 class Stats(Mapping[str, StepStats]):
-    """``stats[step_name]`` is a ``StepStats``; ``print(stats)`` shows a table."""
+    """``stats[step_name]`` is a ``StepStats``; ``print(stats)`` shows a table.
 
-    def __init__(self, steps: list[StepStats], elapsed_s: float) -> None:
+    Attributes:
+        elapsed_s: Seconds since the workers started.
+        history: Earlier snapshots of the same figures, oldest first, taken about every
+            quarter second while outputs were consumed (fewer, further apart, in a long run:
+            at most a few hundred are kept). Each is a ``Stats`` with totals since the start;
+            the difference of two is what happened between them.
+    """
+
+    def __init__(self, steps: list[StepStats], elapsed_s: float, history: tuple[Stats, ...] = ()) -> None:
         self._steps = {step.name: step for step in steps}
         self.elapsed_s = elapsed_s
+        self.history = history
 
     @classmethod
-    def from_rows(cls, stages: list[tuple[str, int, bool]], rows: Any, elapsed_s: float) -> Stats:
-        """Sum the shared array's rows, stage by stage (``(name, nworkers, is_stream)``)."""
+    def from_rows(
+        cls,
+        stages: list[tuple[str, int, bool]],
+        rows: Any,
+        elapsed_s: float,
+        history: list[tuple[float, Any]] | None = None,
+    ) -> Stats:
+        """Sum the shared array's rows, stage by stage (``(name, nworkers, is_stream)``).
+
+        ``history``: earlier ``(elapsed_s, rows)`` copies of the array, oldest first.
+        """
         steps, row = [], 0
         for name, nworkers, is_stream in stages:
             total = [0.0] * NFIELDS
@@ -99,7 +121,8 @@ class Stats(Mapping[str, StepStats]):
                     messages_in=int(total[Field.MESSAGES]),
                 )
             )
-        return cls(steps, elapsed_s)
+        past = tuple(cls.from_rows(stages, copy, seconds) for seconds, copy in history or ())
+        return cls(steps, elapsed_s, past)
 
     def __getitem__(self, name: str) -> StepStats:
         return self._steps[name]
@@ -159,28 +182,14 @@ class Stats(Mapping[str, StepStats]):
         return f"Stats({list(self._steps)}, bottleneck={self.bottleneck!r})"
 
     def plot(self, ax: Any = None) -> Any:
-        """Draw busy / waiting fractions and queue fill per step; return the matplotlib figure."""
-        import matplotlib.pyplot as plt
+        """Draw the figures with matplotlib (the ``plot`` extra) and return the figure.
 
-        steps = list(self._steps.values())
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(1.5 + 1.2 * max(len(steps), 1), 3.5))
-        else:
-            fig = ax.figure
-        names = [s.name for s in steps]
-        span = [max(s.nworkers * self.elapsed_s, 1e-9) for s in steps]
-        busy = [s.busy_s / t for s, t in zip(steps, span)]
-        wait_in = [s.wait_in_s / t for s, t in zip(steps, span)]
-        wait_out = [s.wait_out_s / t for s, t in zip(steps, span)]
-        x = range(len(steps))
-        ax.bar(x, busy, label="busy", color="tab:red")
-        ax.bar(x, wait_in, bottom=busy, label="waiting for input", color="tab:blue")
-        ax.bar(x, wait_out, bottom=[a + b for a, b in zip(busy, wait_in)], label="waiting for room", color="tab:gray")
-        ax.plot(list(x), [s.queue_fill for s in steps], "ko--", label="input queue fill")
-        ax.set_xticks(list(x), names, rotation=20, ha="right")
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("fraction of worker time")
-        ax.set_title(f"bottleneck: {self.bottleneck}")
-        ax.legend(fontsize="small", loc="upper right")
-        fig.tight_layout()
-        return fig
+        Left, per step: the fractions of worker time spent busy, waiting for input and
+        waiting for room downstream, and the input queue's fill; the busiest step is the
+        bottleneck. Right, when ``history`` has snapshots: each step's throughput
+        (outputs per second) and busy fraction over time. Given ``ax``, only the bars are
+        drawn, on it.
+        """
+        from torchqueue import _plot
+
+        return _plot.plot(self, ax)

@@ -82,7 +82,19 @@ class ProcessStep(_FunctionStep):
         fn: Called as ``fn(element)``; any picklable return value.
         nworkers: Number of worker processes.
         name: Name in errors and stats; default ``fn.__name__``.
+        round_robin: Element ``k`` of an epoch goes to worker ``k % nworkers``, and each
+            worker takes its elements in order, as DataLoader hands out batches. Random
+            draws inside ``fn`` (seeded per worker) then give the same results on every
+            run. Default: any idle worker takes the next element (better balance when
+            elements take uneven time).
     """
+
+    round_robin: bool = field(default=False, kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.round_robin, bool):
+            raise TypeError(f"ProcessStep round_robin must be True or False, got {self.round_robin!r}")
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,11 @@ class PoolStep(_FunctionStep):
     The output for an element is ``[fn(item) for item in element]``. Items of
     consecutive elements are handed out as they come, so workers never wait
     for the slowest item of one element before starting the next element.
+
+    Args:
+        fn: Called as ``fn(item)`` for each item of an element; any picklable return value.
+        nworkers: Number of worker processes.
+        name: Name in errors and stats; default ``fn.__name__``.
     """
 
 
@@ -117,7 +134,12 @@ def _require_iterable(step: StreamStep, element: Any) -> None:
 
 @dataclass(frozen=True)
 class PackStep(StreamStep):
-    """Group ``n`` consecutive elements into a list; the last of an epoch may be shorter."""
+    """Group ``n`` consecutive elements into a list; the last of an epoch may be shorter.
+
+    Args:
+        n: Elements per list.
+        name: Name in errors and stats; default ``"PackStep(n)"``.
+    """
 
     n: int
     name: str | None = field(default=None, kw_only=True)
@@ -135,7 +157,11 @@ class PackStep(StreamStep):
 
 @dataclass(frozen=True)
 class UnpackStep(StreamStep):
-    """Emit every item of every (iterable) element as an element of its own."""
+    """Emit every item of every (iterable) element as an element of its own.
+
+    Args:
+        name: Name in errors and stats; default ``"UnpackStep()"``.
+    """
 
     name: str | None = field(default=None, kw_only=True)
 
@@ -160,6 +186,11 @@ class RepackStep(StreamStep):
     element that is not iterable, a string, a mapping or a torch_geometric
     ``Data`` counts as one item. The rest of an epoch comes as a shorter list,
     or is dropped with ``drop_last``. A batch never mixes items of two epochs.
+
+    Args:
+        batch_size: Items per list.
+        drop_last: Drop the shorter list at the end of an epoch.
+        name: Name in errors and stats; default ``"RepackStep(batch_size)"``.
     """
 
     batch_size: int
@@ -184,6 +215,9 @@ class Queue:
     """A bounded edge between two steps, holding at most ``capacity`` elements.
 
     ``torch.multiprocessing.Queue(n)`` in a ``Sequence`` means the same as ``Queue(n)``.
+
+    Args:
+        capacity: Elements the edge holds at most (an element may be a list).
     """
 
     capacity: int = 1

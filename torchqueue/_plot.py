@@ -1,0 +1,75 @@
+"""``Stats.plot``: where each step's workers spend their time, now and over the run (matplotlib).
+
+    ┌ bars: busy / waiting for input / waiting for room, ┐ ┌ outputs per second per step, over time ┐
+    │ and the input queue's fill, one group per step      │ ├ busy fraction per step, over time      ┤
+    └─────────────────────────────────────────────────────┘ └────────────────────────────────────────┘
+
+A step that stays busy near 1 while the others wait is the bottleneck. The time series come from
+``Stats.history``: each point is the difference between two consecutive snapshots.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torchqueue.stats import Stats
+
+
+def plot(stats: Stats, ax: Any = None) -> Any:
+    import matplotlib.pyplot as plt
+
+    steps = list(stats.values())
+    snapshots = [*stats.history, stats]
+    over_time = ax is None and len(snapshots) >= 3
+    if ax is not None:
+        fig = ax.figure
+    elif over_time:
+        fig = plt.figure(figsize=(4.5 + 1.2 * max(len(steps), 1), 5.0))
+        grid = fig.add_gridspec(2, 2, width_ratios=[1.2 * max(len(steps), 1), 6])
+        ax = fig.add_subplot(grid[:, 0])
+        rate_ax, busy_ax = fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, 1])
+        _over_time(stats, snapshots, rate_ax, busy_ax)
+    else:
+        fig, ax = plt.subplots(figsize=(1.5 + 1.2 * max(len(steps), 1), 3.5))
+    _bars(stats, ax)
+    fig.tight_layout()
+    return fig
+
+
+def _bars(stats: Stats, ax: Any) -> None:
+    steps = list(stats.values())
+    span = [max(s.nworkers * stats.elapsed_s, 1e-9) for s in steps]
+    busy = [s.busy_s / t for s, t in zip(steps, span)]
+    wait_in = [s.wait_in_s / t for s, t in zip(steps, span)]
+    wait_out = [s.wait_out_s / t for s, t in zip(steps, span)]
+    x = list(range(len(steps)))
+    ax.bar(x, busy, label="busy", color="tab:red")
+    ax.bar(x, wait_in, bottom=busy, label="waiting for input", color="tab:blue")
+    ax.bar(x, wait_out, bottom=[a + b for a, b in zip(busy, wait_in)], label="waiting for room", color="tab:gray")
+    ax.plot(x, [s.queue_fill for s in steps], "ko--", label="input queue fill")
+    ax.set_xticks(x, [s.name for s in steps], rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction of worker time")
+    ax.set_title(f"bottleneck: {stats.bottleneck}")
+    ax.legend(fontsize="small", loc="upper right")
+
+
+def _over_time(stats: Stats, snapshots: list[Stats], rate_ax: Any, busy_ax: Any) -> None:
+    for name in stats:
+        times, rates, busy = [], [], []
+        for before, after in zip(snapshots, snapshots[1:]):
+            seconds = after.elapsed_s - before.elapsed_s
+            if seconds <= 0:
+                continue
+            step_before, step_after = before[name], after[name]
+            times.append(after.elapsed_s)
+            rates.append((step_after.elements_out - step_before.elements_out) / seconds)
+            busy.append((step_after.busy_s - step_before.busy_s) / (seconds * step_after.nworkers))
+        rate_ax.plot(times, rates, label=name)
+        busy_ax.plot(times, busy, label=name)
+    rate_ax.set_ylabel("outputs / s")
+    rate_ax.legend(fontsize="small", loc="upper right")
+    busy_ax.set_ylabel("busy fraction")
+    busy_ax.set_ylim(0, 1.05)
+    busy_ax.set_xlabel("seconds since start")
