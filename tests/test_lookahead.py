@@ -12,7 +12,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from torchqueue._lookahead import EpochGuess, predictable
+from torchqueue._lookahead import EpochStep, Guess, predictable
 
 
 def generator() -> torch.Generator:
@@ -23,31 +23,54 @@ def test_only_samplers_that_depend_on_their_own_state_are_predictable():
     data = range(10)
     assert predictable(SequentialSampler(data))
     assert predictable(BatchSampler(RandomSampler(data, generator=generator()), 3, False))
-    assert predictable(SubsetRandomSampler([1, 2], generator=generator()))
+    assert not predictable(SubsetRandomSampler([1, 2], generator=generator()))  # its indices may change
     assert predictable(DistributedSampler(data, num_replicas=2, rank=0))
     assert not predictable(RandomSampler(data))  # torch's global generator: training moves it
     assert not predictable(WeightedRandomSampler([1.0] * 10, 10, generator=generator()))  # weights may change
     assert not predictable([[0, 1], [2]])  # a user's batch sampler
 
 
-def test_a_guess_is_the_next_epochs_draw_and_changes_no_state():
+def test_a_guess_is_the_next_epochs_draw_and_touches_no_state_of_the_sampler():
     sampler = BatchSampler(RandomSampler(range(10), generator=generator()), 3, False)
-    guess = EpochGuess(sampler)
     before = sampler.sampler.generator.get_state()
-    guessed = guess.guess()
-    assert torch.equal(sampler.sampler.generator.get_state(), before)
-    assert guessed == list(sampler)
+    guess = Guess(1, sampler, 1, lambda indices: indices)
+    jobs = list(guess.jobs())
+    assert torch.equal(sampler.sampler.generator.get_state(), before)  # drawn from a private copy
+    assert guess.take()  # nothing changed meanwhile: the guess is what the sampler draws now
+    after = sampler.sampler.generator.get_state()
+    replay = BatchSampler(RandomSampler(range(10), generator=generator()), 3, False)
+    assert jobs == guess.batches == list(replay)
+    assert torch.equal(after, replay.sampler.generator.get_state())  # the generator moved on as if it drew
+
+
+def test_a_guess_is_dropped_when_the_generator_or_the_configuration_changed_or_it_was_not_drawn():
+    sampler = RandomSampler(range(10), generator=generator())
+    moved = Guess(1, sampler, 1, lambda indices: indices)
+    list(moved.jobs())
+    torch.empty(1).random_(generator=sampler.generator)
+    assert not moved.take()
+    assert list(moved.jobs()) == []  # dropped: it draws nothing any more
+
+    batches = BatchSampler(SequentialSampler(range(10)), 3, False)
+    resized = Guess(1, batches, 1, lambda indices: indices)
+    list(resized.jobs())
+    batches.batch_size = 4
+    assert not resized.take()
+
+    assert not Guess(1, SequentialSampler(range(3)), 1, lambda indices: indices).take()
 
 
 def test_a_distributed_samplers_epoch_is_guessed_from_how_it_moved():
     sampler = DistributedSampler(range(20), num_replicas=2, rank=0, shuffle=True)
-    guess = EpochGuess(sampler)
+    step = EpochStep(sampler)
     sampler.set_epoch(0)
-    guess.started()
-    ahead = guess.guess()
+    step.started()
+    guess = Guess(1, sampler, step.step, lambda indices: indices)
+    ahead = list(guess.jobs())
     assert sampler.epoch == 0
-    sampler.set_epoch(1)
-    assert ahead == list(sampler)  # first guess: set_epoch is called every epoch
-    guess.started()  # epoch 1 starts
-    guess.started()  # the next one starts without set_epoch: the epoch stays
-    assert guess.guess() == list(sampler)
+    sampler.set_epoch(1)  # as Lightning does
+    assert guess.take() and ahead == list(sampler)
+    step.started()  # epoch 1 starts
+    step.started()  # the next one starts without set_epoch: the epoch stays
+    still = Guess(2, sampler, step.step, lambda indices: indices)
+    assert list(still.jobs()) == list(sampler) and still.take()

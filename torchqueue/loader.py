@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from torchqueue import _device
 from torchqueue._fetch import Fetch, Job
-from torchqueue._lookahead import EpochGuess, predictable
+from torchqueue._lookahead import EpochStep, Guess, predictable
 from torchqueue.dataset import QueueFlowDataset
 from torchqueue.sequence import Sequence, _EpochIterator
 from torchqueue.steps import ProcessStep, Queue
@@ -128,8 +128,8 @@ class QueueFlowLoader:
             self._torch.worker_init_fn,
         )
         self._epochs_sent = 0  # epochs handed to the workers, guesses included (``Job.epoch``)
-        self._guess = EpochGuess(self._torch._index_sampler)
-        self._ahead: tuple[int, list[Any]] | None = None  # the guessed next epoch queued: (number, batches)
+        self._epoch_step = EpochStep(self._torch._index_sampler)
+        self._ahead: Guess | None = None  # the guessed next epoch, queued behind the current one
 
     @staticmethod
     def _distributed(
@@ -231,29 +231,39 @@ class QueueFlowLoader:
         if batch and not self._torch.drop_last:
             yield self._torch.collate_fn(batch)
 
-    def _new_epoch(self) -> None:
-        """Draw from the generator as DataLoader's iterator does, and fix this epoch's index batches."""
-        self._guess.started()
+    def _new_epoch(self, ahead: Guess | None) -> bool:
+        """Draw from the generator as DataLoader's iterator does, and fix this epoch's index batches.
+
+        Returns whether they are ``ahead``'s, the epoch guessed (and queued) when the last one began.
+        """
+        self._epoch_step.started()
         if self._resume is not None:
             state, self._resume = self._resume, None
             self._base_seed, self._epoch_batches, self._yielded = state["base_seed"], state["batches"], state["yielded"]
             if state["generator"] is not None and self.generator is not None:
                 self.generator.set_state(state["generator"])
-            return
+            return False
         if self._base_seed is None or not self.persistent_workers:
             self._base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
-        self._epoch_batches = list(self._torch._index_sampler)
+        guessed = ahead is not None and ahead.take()
+        if guessed:
+            assert ahead is not None and ahead.batches is not None
+            self._epoch_batches = ahead.batches
+        else:
+            self._epoch_batches = list(self._torch._index_sampler)
         self._yielded = 0
         self._generator_state = self.generator.get_state() if self.generator is not None else None
+        return guessed
 
     def _iter_map_style(self) -> Iterator[Any]:
         if not self.persistent_workers:
             self._drop_workers()  # DataLoader starts new workers (with the dataset as it is now) every epoch
-        self._new_epoch()
+        ahead, self._ahead = self._ahead, None
+        guessed = self._new_epoch(ahead)
         if self.num_workers == 0:
             outputs: Iterator[Any] = (self._fetch(job) for job in self._jobs(self._epoch_batches[self._yielded :]))
         else:
-            outputs = self._epoch_outputs()
+            outputs = self._epoch_outputs(ahead, guessed)
         try:
             for batch in outputs:
                 self._yielded += 1
@@ -276,28 +286,32 @@ class QueueFlowLoader:
         self._epochs_sent += 1
         return [Job(self._base_seed, self._epochs_sent, rewind, indices) for indices in batches]
 
-    def _epoch_outputs(self) -> _EpochIterator:
+    def _epoch_outputs(self, ahead: Guess | None, guessed: bool) -> _EpochIterator:
         """This epoch's batches from the workers: the guessed epoch if it was right, else fetched now.
 
         With persistent workers the following epoch is guessed and queued behind this one (see
         ``_lookahead``), so the workers run from this epoch's last batch into the next one's first.
         """
         sequence = self._pipeline()
-        ahead, self._ahead = self._ahead, None
-        epoch = None
-        rewind = None
         if ahead is not None:
-            epoch = iter(sequence)  # the guessed epoch, queued behind the previous one
-            if self._yielded or ahead[1] != self._epoch_batches:
+            epoch = iter(sequence)  # the guessed epoch's outputs, queued behind the previous epoch
+        if not guessed:  # iterating the new epoch cancels a wrong guess
+            if ahead is not None:
                 logger.debug("the epoch guessed ahead is not the one drawn now: it is cancelled")
-                rewind, epoch = ahead[0], None
-        if epoch is None:  # iterating the new epoch cancels the wrong guess
+            rewind = ahead.number if ahead is not None else None
             sequence.queue_iterable(self._jobs(self._epoch_batches[self._yielded :], rewind))
             epoch = iter(sequence)
         if self.persistent_workers and predictable(self._torch._index_sampler):
-            batches = self._guess.guess()
-            sequence.queue_iterable(self._jobs(batches))
-            self._ahead = (self._epochs_sent, batches)
+            self._epochs_sent += 1
+            base_seed, number = self._base_seed, self._epochs_sent
+            assert base_seed is not None
+            self._ahead = Guess(
+                number,
+                self._torch._index_sampler,
+                self._epoch_step.step,
+                lambda indices: Job(base_seed, number, None, indices),
+            )
+            sequence.queue_iterable(self._ahead.jobs())
         epoch.timeout = self._torch.timeout or None
         return epoch
 
