@@ -36,13 +36,17 @@ def serial(items: list[Any], fn: Callable[[Any], Any]) -> Iterator[Any]:
     return (fn(x) for x in items)
 
 
-def torchqueue(items: list[Any], fn: Callable[[Any], Any]) -> Iterator[Any]:
-    with tq.Sequence(tq.ProcessStep(fn, WORKERS), tq.Queue(4)) as seq:
+def torchqueue(items: list[Any], fn: Callable[[Any], Any], capacity: int = 4) -> Iterator[Any]:
+    """``capacity``: elements the last queue holds (4: what DataLoader's default prefetch holds here)."""
+    with tq.Sequence(tq.ProcessStep(fn, WORKERS), tq.Queue(capacity)) as seq:
         yield from seq(items)
 
 
-def dataloader(items: list[Any], fn: Callable[[Any], Any]) -> Iterator[Any]:
-    yield from DataLoader(_Mapped(items, fn), batch_size=None, num_workers=WORKERS, collate_fn=_no_collate)
+def dataloader(items: list[Any], fn: Callable[[Any], Any], prefetch_factor: int = 2) -> Iterator[Any]:
+    dataset = _Mapped(items, fn)
+    yield from DataLoader(
+        dataset, batch_size=None, num_workers=WORKERS, collate_fn=_no_collate, prefetch_factor=prefetch_factor
+    )
 
 
 def torchqueue_loader(items: list[Any], fn: Callable[[Any], Any]) -> Iterator[Any]:

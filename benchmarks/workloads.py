@@ -11,7 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._contenders import WORKERS, all_map_contenders, file_system_sharing, torchqueue_loader
+from benchmarks._contenders import (
+    WORKERS,
+    all_map_contenders,
+    dataloader,
+    file_system_sharing,
+    torchqueue,
+    torchqueue_loader,
+)
 from benchmarks._harness import Line, Workload
 
 
@@ -59,6 +66,9 @@ def tiny(quick: bool) -> list[Line]:
     items = list(range(n))
     for name, fn in all_map_contenders(items, small_op).items():
         work.run(name, fn)
+    # Both tuned for many small elements, with the same 1,024 elements in flight at most.
+    work.run("DataLoader, prefetch_factor=512", lambda: dataloader(items, small_op, prefetch_factor=512))
+    work.run("torchqueue, Queue(1024)", lambda: torchqueue(items, small_op, capacity=1024))
 
     def raw_queue() -> Iterator[int]:
         queue = mp.get_context("fork").Queue(64)
@@ -189,6 +199,7 @@ ALL["seed"] = seed
 
 
 EVENT_FLOATS = 64 * 1024  # 256 KiB per event
+MEMORY_BATCH = 64
 
 
 def _write_big(directory: str, files: int, events_per_file: int) -> list[str]:
@@ -207,97 +218,80 @@ def _write_big(directory: str, files: int, events_per_file: int) -> list[str]:
     return paths
 
 
-def _event_id(event: tuple[int, np.ndarray]) -> int:
-    return event[0]
-
-
-def _read_events(chunk: tuple[str, int, int]) -> list[tuple[int, np.ndarray]]:
+def _read_batch(chunk: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of events read as one contiguous slice: (ids, events)."""
     from torchqueue.sources import read_h5_chunk
 
-    arrays = read_h5_chunk(chunk, keys=["x", "id"])
-    return list(zip(arrays["id"].tolist(), arrays["x"]))
+    arrays = read_h5_chunk(chunk, keys=["id", "x"])
+    return arrays["id"], arrays["x"]
 
 
 class _BigEvents(torch.utils.data.Dataset):
+    """DataLoader's way: one event per ``__getitem__`` (files opened lazily in each worker)."""
+
     def __init__(self, paths: list[str], per_file: int) -> None:
         self.paths, self.per_file, self.files = paths, per_file, {}
 
     def __len__(self) -> int:
         return len(self.paths) * self.per_file
 
-    def __getitem__(self, i: int) -> int:
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
         import h5py
 
         path = self.paths[i // self.per_file]
         if path not in self.files:
             self.files[path] = h5py.File(path, "r")
-        return int(self.files[path]["x"][i % self.per_file][0])
+        return i, self.files[path]["x"][i % self.per_file]
 
 
-def _tree_pss() -> int:
-    import psutil
-
-    me = psutil.Process()
-    total = 0
-    for process in [me, *me.children(recursive=True)]:
-        try:
-            total += process.memory_full_info().pss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def _peak_growth(consume: Any) -> tuple[float, int]:
-    """(peak growth of the process tree's summed PSS in MiB, events) while ``consume()`` runs."""
-    import threading
-
-    baseline, peak, done = _tree_pss(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.02):
-            peak[0] = max(peak[0], _tree_pss())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    events = consume()
-    done.set()
-    sampler.join()
-    return (peak[0] - baseline) / 2**20, events
+def _consume(batches: Iterable[tuple[Any, Any]]) -> int:
+    """Every event's values must be its id; returns the number of events."""
+    events = 0
+    for ids, x in batches:
+        ids, x = np.asarray(ids), np.asarray(x)
+        assert np.array_equal(x[:, 0], ids.astype(np.float32)) and np.array_equal(x[:, -1], x[:, 0])
+        events += len(ids)
+    return events
 
 
 def memory(quick: bool) -> list[Line]:
-    """Peak memory of the whole process tree while streaming ~1 GB of HDF5 (and 4x that for torchqueue)."""
+    """Peak memory of the whole process tree while the same stream of batches of 64 events (16 MiB)
+    arrives from ~1 GB of HDF5 (and from 4x that for torchqueue). See ``benchmarks._memory``."""
     import shutil
     import tempfile
 
     import torchqueue as tq
+    from benchmarks._memory import peak_growth
     from torchqueue.sources import H5Chunks
 
     per_file = 256 if quick else 1024  # 256 KiB events: 1 GiB in 4 files (quick: 256 MiB)
-    directory = tempfile.mkdtemp(prefix="tq-bench-memory-", dir="/tmp")
     lines = []
-    try:
-        for factor in (1, 4):
+    for factor in (1, 4):
+        directory = tempfile.mkdtemp(prefix="tq-bench-memory-", dir="/tmp")
+        try:
             paths = _write_big(directory, 4 * factor, per_file)
-            chunks = H5Chunks(paths, length_key="id", chunk_size=64)(0)
+            chunks = H5Chunks(paths, length_key="id", chunk_size=MEMORY_BATCH, shuffle=False)(0)
 
             def torchqueue_stream(chunks: list = chunks) -> int:
-                with tq.Sequence(tq.ProcessStep(_read_events, 2), tq.PoolStep(_event_id, nworkers=2)) as seq:
-                    return sum(len(ids) for ids in seq(chunks))
+                with tq.Sequence(tq.ProcessStep(_read_batch, WORKERS), tq.Queue(1)) as seq:
+                    return _consume(seq(chunks))
 
             def dataloader_stream(paths: list = paths) -> int:
-                loader = torch.utils.data.DataLoader(_BigEvents(paths, per_file), batch_size=64, num_workers=2)
-                return sum(len(batch) for batch in loader)
+                events = _BigEvents(paths, per_file)
+                return _consume(torch.utils.data.DataLoader(events, batch_size=MEMORY_BATCH, num_workers=WORKERS))
 
             size = f"{len(paths) * per_file * 256 / 1024:.0f} MiB"
             runs = [("torchqueue", torchqueue_stream)] + ([("DataLoader", dataloader_stream)] if factor == 1 else [])
             for name, run in runs:
-                growth, events = _peak_growth(run)
-                lines.append(Line(f"memory-{factor}x", name, growth, "MiB peak", f"{events} events, {size}"))
+                growth, events = peak_growth(run)
+                note = f"{events} events, {size}, batches of {MEMORY_BATCH} events (16 MiB)"
+                lines.append(Line(f"memory-{factor}x", name, growth / 2**20, "MiB peak", note))
+        finally:
             shutil.rmtree(directory, ignore_errors=True)
-            directory = tempfile.mkdtemp(prefix="tq-bench-memory-", dir="/tmp")
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    baseline = next((line.value for line in lines if line.contender == "DataLoader"), None)
+    for line in lines:
+        if baseline and line.value is not None:
+            line.ratio = line.value / baseline
     from benchmarks._harness import format_line
 
     for line in lines:

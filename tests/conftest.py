@@ -49,14 +49,26 @@ def fail_on_seven(x):
 
 
 class NeedsTwoArgs(Exception):
-    """An exception that cannot be rebuilt from a message alone."""
+    """An exception that cannot be built from a message alone (but pickles)."""
 
     def __init__(self, a, b):
         super().__init__(a, b)
+        self.b = b
+
+
+def raise_two_args(x):
+    raise NeedsTwoArgs("a", "b")
+
+
+class Unpicklable(Exception):
+    """An exception that does not survive pickling: its ``args`` miss an argument ``__init__`` wants."""
+
+    def __init__(self, a, b):
+        super().__init__(a)
 
 
 def raise_unrebuildable(x):
-    raise NeedsTwoArgs("a", "b")
+    raise Unpicklable("a", "b")
 
 
 def exit_hard(x):

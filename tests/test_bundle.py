@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import time
+
 import pytest
 from conftest import double, fail_on_seven
 
@@ -53,13 +56,37 @@ def test_the_policy_caps_a_bundle_at_about_a_millisecond_of_work_and_large_outpu
 @pytest.mark.parametrize("ordered", [True, False])
 def test_a_list_of_small_elements_is_bundled_and_comes_out_as_without_bundles(ordered):
     data = list(range(20_000))
-    with tq.Sequence(tq.ProcessStep(double, 2), tq.ProcessStep(double, 2), ordered=ordered) as seq:
+    with tq.Sequence(tq.ProcessStep(double, 2), tq.ProcessStep(double, 2), tq.Queue(512), ordered=ordered) as seq:
         out = list(seq(data))
         stats = seq.stats()
     assert out == [4 * x for x in data] if ordered else sorted(out) == [4 * x for x in data]
     assert stats["double"].elements_in == 20_000
-    assert stats["double"].messages_in < 20_000 / 4  # bundled
+    assert stats["double"].messages_in < 20_000 / 16  # bundled
     assert stats["double#2"].messages_in == stats["double"].messages_in  # bundles pass map stages whole
+
+
+_calls = multiprocessing.get_context("fork").RawValue("q", 0)
+
+
+def counted(x):
+    _calls.value += 1  # one worker: no race
+    return x
+
+
+@pytest.mark.parametrize("capacity", [1, 8])
+def test_capacities_count_elements_even_when_small_elements_travel_bundled(capacity):
+    _calls.value = 0
+    with tq.Sequence(tq.ProcessStep(counted, 1), tq.Queue(capacity), context="fork") as seq:
+        outputs = seq(list(range(100_000)))
+        taken = [next(outputs) for _ in range(3000)]
+        credits = capacity + 1 + 1  # the queue, the worker, the capacity-1 queue before it
+        bound = credits + credits // 2  # and the rest of the bundle this loop is reading
+        deadline = time.monotonic() + 0.5  # watching a bound that holds at every instant (not waiting for it)
+        while time.monotonic() < deadline:
+            assert _calls.value - len(taken) <= bound
+        stats = seq.stats()
+    assert taken == list(range(3000))
+    assert stats["counted"].messages_in < stats["counted"].elements_in or capacity == 1
 
 
 def test_a_generator_is_never_bundled():
@@ -86,6 +113,27 @@ def test_skipped_elements_inside_bundles_are_dropped_and_counted():
             out = list(seq(data))
         assert seq.stats()["f"].skipped == data.count(7)
     assert out == [x for x in data if x != 7]
+
+
+def describe(x):
+    return f"value {x!r}"
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_an_element_that_failed_in_a_bundle_never_reaches_the_next_steps_function(on_error):
+    data = list(range(2000))
+    with tq.Sequence(
+        tq.ProcessStep(fail_on_seven, 1, name="f"), tq.ProcessStep(describe, 2, name="d"), on_error=on_error
+    ) as seq:
+        if on_error == "raise":
+            with pytest.raises(ValueError, match="seven"):  # the step's own error, not the next step's TypeError
+                list(seq(data))
+            return
+        with pytest.warns(RuntimeWarning, match="'f'"):
+            out = list(seq(data))
+        stats = seq.stats()
+    assert out == [f"value {x!r}" for x in data if x != 7]
+    assert stats["f"].skipped == 1 and stats["d"].skipped == 0 and stats["d"].elements_in == len(data) - 1
 
 
 def test_bundles_feed_stream_steps_in_order():

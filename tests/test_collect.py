@@ -48,13 +48,13 @@ def test_ordered_pop_waits_for_the_missing_position():
     assert [collector.take(0), collector.take(0)] == [["a"], ["b"]]
 
 
-def test_a_bundle_comes_out_whole_and_gives_one_credit_back():
+def test_a_bundle_comes_out_whole_and_gives_one_credit_per_element_back():
     credits = []
     collector = Collector(True, lambda: credits.append(1))
     collector.add(Envelope(0, 3, 0, 1, "d"))
     collector.add(Envelope(0, 0, 0, 1, Bundle(["a", "b", "c"])))
-    assert collector.take(0) == ["a", "b", "c"] and len(credits) == 1
-    assert collector.take(0) == ["d"] and len(credits) == 2
+    assert collector.take(0) == ["a", "b", "c"] and len(credits) == 3
+    assert collector.take(0) == ["d"] and len(credits) == 4
 
 
 @pytest.mark.parametrize("seed", range(5))

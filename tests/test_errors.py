@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import textwrap
 import time
 
 import pytest
 from conftest import (
+    NeedsTwoArgs,
     assert_no_workers,
     double,
     exit_hard,
@@ -15,6 +18,7 @@ from conftest import (
     failing_source,
     identity,
     kill_self,
+    raise_two_args,
     raise_unrebuildable,
     random_sleep,
 )
@@ -48,8 +52,36 @@ def test_regression_1_an_exception_does_not_end_the_epoch_as_if_it_finished():
 
 def test_an_exception_that_cannot_be_rebuilt_becomes_a_pipeline_error():
     with tq.Sequence(tq.ProcessStep(raise_unrebuildable, name="odd")) as seq:
-        with pytest.raises(tq.PipelineError, match="NeedsTwoArgs in step 'odd'"):
+        with pytest.raises(tq.PipelineError, match="Unpicklable in step 'odd'"):
             list(seq(range(3)))
+
+
+def bad_json(x):
+    json.loads("{not json")
+
+
+def bad_command(x):
+    raise subprocess.CalledProcessError(3, ["cmd"])
+
+
+@pytest.mark.parametrize(
+    ("fn", "kind", "in_text"),
+    [
+        (raise_two_args, NeedsTwoArgs, True),
+        (bad_json, json.JSONDecodeError, True),
+        (bad_command, subprocess.CalledProcessError, False),
+    ],
+)
+def test_an_exception_whose_type_wants_more_than_a_message_keeps_its_type(fn, kind, in_text):
+    with tq.Sequence(tq.ProcessStep(fn, name="parse")) as seq:
+        with pytest.raises(kind) as info:
+            list(seq(range(3)))
+    error = info.value
+    assert type(error) is kind
+    shown = str(error) if in_text else "\n".join(getattr(error, "__notes__", []))  # a note where __str__ ignores args
+    assert "in step 'parse'" in shown and "Worker traceback" in shown
+    if kind is NeedsTwoArgs:
+        assert error.b == "b"  # the worker's own object, attributes and all
 
 
 def test_an_exception_of_the_input_iterable_is_raised_in_order():

@@ -1,48 +1,24 @@
-"""Larger than RAM: streaming an HDF5 dataset several times larger than a memory budget stays under it."""
+"""Larger than RAM: streaming an HDF5 dataset several times larger than a memory budget stays under it.
+
+Memory is counted by ``benchmarks._memory.footprint``: what every process holds, and all shared memory.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
-import threading
 
 import h5py
 import numpy as np
-import psutil
 import pytest
 
 import torchqueue as tq
+from benchmarks._memory import peak_growth
 from torchqueue.sources import H5Chunks, read_h5_chunk
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("no_leaks")]
 
 EVENT_FLOATS = 64 * 1024  # 256 KiB per event
 BUDGET = 256 * 2**20
-
-
-def tree_pss() -> int:
-    """Summed PSS of this process and its descendants: memory shared between them counts once
-    (USS would drop as forked workers share pages copy-on-write)."""
-    total = 0
-    me = psutil.Process()
-    for process in [me, *me.children(recursive=True)]:
-        try:
-            total += process.memory_full_info().pss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-class PeakSampler(threading.Thread):
-    """Samples the process tree's summed PSS until stopped (a measurement, not synchronisation)."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak = 0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.02):
-            self.peak = max(self.peak, tree_pss())
 
 
 def read_sums(chunk):
@@ -78,16 +54,15 @@ def test_a_dataset_four_times_the_budget_streams_under_the_budget_with_every_eve
     assert writer.exitcode == 0
     paths = [str(tmp_path / f"big{f}.h5") for f in range(files)]
     chunks = H5Chunks(paths, length_key="id", chunk_size=64, seed=1)
-    baseline = tree_pss()
-    sampler = PeakSampler()
-    sampler.start()
-    seen = []
-    with tq.Sequence(tq.ProcessStep(read_sums, 2), tq.PoolStep(event_check, nworkers=2), tq.Queue(2)) as seq:
-        for ids in seq(chunks(0)):
-            seen.extend(ids)
-    sampler.done.set()
-    sampler.join()
+
+    def stream() -> list[int]:
+        seen = []
+        with tq.Sequence(tq.ProcessStep(read_sums, 2), tq.PoolStep(event_check, nworkers=2), tq.Queue(2)) as seq:
+            for ids in seq(chunks(0)):
+                seen.extend(ids)
+        return seen
+
+    growth, seen = peak_growth(stream)  # private memory of every process, and all shared memory
     assert sorted(seen) == list(range(files * events_per_file))
-    growth = sampler.peak - baseline
-    print(f"peak PSS growth {growth / 2**20:.0f} MiB while streaming {files * 256} MiB")
-    assert growth < BUDGET, f"peak PSS growth {growth / 2**20:.0f} MiB over a {BUDGET / 2**20:.0f} MiB budget"
+    print(f"peak memory growth {growth / 2**20:.0f} MiB while streaming {files * 256} MiB")
+    assert growth < BUDGET, f"peak memory growth {growth / 2**20:.0f} MiB over a {BUDGET / 2**20:.0f} MiB budget"

@@ -43,6 +43,36 @@ def test_printing_stats_shows_one_row_per_step_and_a_hint():
     assert "slowstep" in lines[-1] and "more workers" in lines[-1]
 
 
+def test_a_process_step_after_a_pool_step_has_one_row_and_no_internal_stage_shows():
+    with tq.Sequence(tq.PoolStep(double, nworkers=2, name="transform"), tq.ProcessStep(sum, name="sum")) as seq:
+        assert seq.step_names == ["transform", "sum"]
+        assert list(seq.stats()) == ["transform", "sum"]  # before the start too
+        assert list(seq([[1, 2], [3]])) == [6, 6]
+        stats = seq.stats()
+    assert list(stats) == ["transform", "sum"]
+    assert [line.split()[0] for line in str(stats).splitlines()[1:-1]] == ["transform", "sum"]
+
+
+def slow(x):
+    deadline = time.perf_counter() + 0.05
+    while time.perf_counter() < deadline:
+        pass
+    return x
+
+
+def test_an_idle_pipeline_does_not_look_busy():
+    with tq.Sequence(tq.ProcessStep(slow, 1, name="slow"), tq.RepackStep(4, name="repack")) as seq:
+        list(seq(range(20)))
+        before = seq.stats()
+        # nothing is queued: every worker waits for input, and the figures must say so while it lasts
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            after = seq.stats()
+            assert after["repack"].busy_s <= before["repack"].busy_s + 0.05
+            assert after.bottleneck == "slow"
+    assert after["repack"].wait_in_s >= before["repack"].wait_in_s + 0.9
+
+
 def test_stats_before_start_are_zero():
     seq = tq.Sequence(tq.ProcessStep(double, 2))
     stats = seq.stats()

@@ -7,11 +7,13 @@ Module map (see ``torchqueue/README.md`` for the life of one element):
 - ``stats``: ``Stats`` and ``StepStats``;
 - ``errors``: ``PipelineError``, ``WorkerDiedError``;
 - ``worker_info``: ``get_worker_info()`` inside a worker (step name, worker id, count);
-- ``dataset``, ``loader``: ``QueueFlowDataset`` and ``QueueFlowLoader`` (the DataLoader drop-in);
+- ``dataset``, ``loader``: ``QueueFlowDataset`` and ``QueueFlowLoader`` (the DataLoader drop-in;
+  private helpers ``_fetch``: a worker's seeded fetch, ``_lookahead``: the next epoch guessed ahead);
 - ``sources``: ``H5Chunks`` and ``read_h5_chunk`` (HDF5 epoch chunk plans);
 - private: ``_plan`` (elements -> stages and bounds), ``_runtime`` (processes, feeder,
   shutdown), ``_worker`` (worker loops), ``_channel`` (bounded pipes), ``_collect``
-  (reorder and join), ``_messages`` (envelope and control messages), ``_serialize``,
+  (reorder and join), ``_messages`` (envelope and control messages), ``_serialize`` (the wire),
+  ``_segments`` (shared-memory files and their reuse), ``_mainmodule`` (``__main__`` across processes),
   ``_generators`` (pack / unpack / repack).
 """
 

@@ -6,16 +6,20 @@ ints through one step) that cost is the whole cost, so the feeder packs up to
 ``MAX_BUNDLE`` consecutive elements into one message; the user still sees
 single elements, in order.
 
-A bundle takes one credit, so what is in flight grows by up to ``limit``
-times; ``BundlePolicy`` keeps that harmless and keeps latency low by bundling
-only when all of these hold (each measured as the pipeline runs):
+A bundle takes one credit per element, so capacities still count elements:
+what may be in flight (the queues' capacities and the workers) is shared by
+the bundles, and one bundle holds at most half of it (``_runtime``'s
+``BUNDLE_SHARE``), so that one is computed while another is consumed. Small
+elements therefore flow fastest behind a large queue (``tq.Queue(1024)``).
+``BundlePolicy`` keeps latency low by bundling only when all of these hold
+(each measured as the pipeline runs):
 
 - the input is fast: ``next()`` on it takes under ``SLOW_INPUT_S`` on average
   (a slow input never waits to fill a bundle);
 - elements are small on the wire: under ``SMALL_BYTES`` each, going in and
   coming out of the segment;
 - the steps are cheap: a whole bundle costs a worker about ``BUDGET_S`` at most;
-- a bundle stays under ``BUNDLE_BYTES`` in all, so a credit never stands for much memory.
+- a bundle stays under ``BUNDLE_BYTES`` in all.
 
 It starts at one element per message and doubles while these hold.
 """

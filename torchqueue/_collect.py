@@ -9,10 +9,11 @@ complete, and always ending with the epoch's ``EndOfEpoch`` after every other
 element of that epoch.
 
 Bound: the collector holds only what is in flight in its segment. Each
-message the segment's assigner sent holds one credit; ``take`` hands out the
-elements of one message at a time and gives its credit back (calls
-``release``), so the segment's credit count caps what can pile up here, and
-the reader holds at most one message's elements besides.
+element the segment's assigner sent holds one credit (a bundle one per
+item); ``take`` hands out the elements of one message at a time and gives
+their credits back (calls ``release`` once per element), so the segment's
+credit count caps what can pile up here, and the reader holds at most one
+message's elements besides.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ class Collector:
                     return NOTHING
                 elements = [self._end.pop(epoch)]
         self._next[epoch] += len(elements)
-        self._release()
+        for _ in elements:  # one credit per element (a bundle holds one per item)
+            self._release()
         if isinstance(elements[-1], EndOfEpoch):
             self._by_seq.pop(epoch, None)
             self._arrived.pop(epoch, None)

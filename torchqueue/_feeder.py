@@ -40,11 +40,16 @@ class Feeder:
         alive: Callable[[], bool],
         cancelled: Callable[[int], bool],
         downstream: Callable[[], tuple[float, float]] | None,
+        max_bundle: int = 1,
     ) -> None:
-        """``downstream()`` gives (step seconds per element, bytes per element out); ``None``: never bundle."""
+        """``downstream()`` gives (step seconds per element, bytes per element out); ``None``: never bundle.
+
+        ``credits`` holds one credit per element that may be in flight; a bundle takes one per element,
+        and holds at most ``max_bundle`` of them, so that capacities count elements, bundled or not."""
         self._epochs = epochs
         self._emitter = emitter
         self._credits = credits
+        self._max_bundle = max(1, max_bundle)
         self._alive = alive
         self._cancelled = cancelled
         self._downstream = downstream
@@ -76,7 +81,7 @@ class Feeder:
             now = time.perf_counter()
             self._policy.observe_input(now - last)
             pending.append(element)
-            if not in_memory or len(pending) >= self._policy.limit:
+            if not in_memory or len(pending) >= min(self._policy.limit, self._max_bundle):
                 seq = self._send(epoch, seq, pending)
                 pending = []
                 now = time.perf_counter()  # sending is not the input's time
@@ -89,7 +94,8 @@ class Feeder:
         """Send ``elements`` from position ``seq`` as one message; return the next position."""
         if not elements:
             return seq
-        wait_acquire(self._credits, self._alive)
+        for _ in elements:
+            wait_acquire(self._credits, self._alive)
         if len(elements) == 1:
             nbytes = self._emitter.emit(epoch, seq, elements[0])
         else:

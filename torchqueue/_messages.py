@@ -38,7 +38,7 @@ class EndOfEpoch:
 class Bundle:
     """Consecutive elements at positions ``seq``, ``seq + 1``, ... sent as one message.
 
-    It holds one credit for all of them (see ``_bundle``).
+    It holds one credit per element, as single elements do (see ``_bundle``).
     """
 
     items: list[Any]

@@ -56,6 +56,15 @@ class StagePlan:
     nworkers: int
 
     @property
+    def internal(self) -> bool:
+        """A stage the runtime added (a join): it has no row in ``stats()``."""
+        return isinstance(self.step, JoinStep)
+
+    def stats_entry(self) -> tuple[str, int, bool, bool]:
+        """``(name, nworkers, is_stream, shown)`` for ``Stats.from_rows``."""
+        return self.name, self.nworkers, self.kind == STREAM, not self.internal
+
+    @property
     def round_robin(self) -> bool:
         return bool(getattr(self.step, "round_robin", False))
 

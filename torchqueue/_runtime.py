@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import shutil
 import signal
 import threading
 import time
@@ -46,12 +45,11 @@ from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from typing import Any
 
-import cloudpickle
-
-from torchqueue import _serialize
+from torchqueue import _segments, _serialize
 from torchqueue._channel import Channel, Stopped
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._feeder import Feeder
+from torchqueue._mainmodule import step_bytes
 from torchqueue._messages import EndOfEpoch, SkipNotice, StartupFailure
 from torchqueue._plan import STREAM, Plan
 from torchqueue._worker import Emitter, WorkerContext, observe_bytes, worker_main
@@ -69,18 +67,22 @@ HEALTH_S = 0.1
 SAMPLE_S = 0.25
 """How often (at first) the consumer copies the stats array into ``Stats.history``."""
 
+BUNDLE_SHARE = 2
+"""A bundle holds at most 1/BUNDLE_SHARE of the elements its segment may have in flight, so that
+several are in flight at once (one being computed, one being consumed)."""
+
 MAX_SAMPLES = 400
 """History bound: when full, every other snapshot is dropped and snapshots are taken half as often."""
 
 
 def pickled_steps(plan: Plan, ctx: BaseContext) -> list[Any]:
-    """The step each worker gets: as is under fork, else cloudpickled (raises ``TypeError`` here)."""
+    """The step each worker gets: as is under fork, else pickled (see ``_mainmodule``; raises ``TypeError`` here)."""
     if ctx.get_start_method() == "fork":
         return [stage.step for stage in plan.stages]
     out = []
     for stage in plan.stages:
         try:
-            out.append(cloudpickle.dumps(stage.step))
+            out.append(step_bytes(stage.step))
         except Exception as exc:
             raise TypeError(
                 f"step {stage.name!r} cannot be pickled for the {ctx.get_start_method()!r} start method: {exc}. "
@@ -193,6 +195,7 @@ class Runtime:
                 self._alive,
                 lambda epoch: self._cancelled.value >= epoch,
                 self._first_segment_figures if self.plan.can_bundle(-1) else None,
+                self.plan.credits(-1) // BUNDLE_SHARE,
             ).run()
         except Stopped:
             pass
@@ -286,8 +289,9 @@ class Runtime:
             self._sample_every *= 2
 
     def stats(self) -> Stats:
-        stages = [(s.name, s.nworkers, s.kind == STREAM) for s in self.plan.stages]
-        return Stats.from_rows(stages, self._stats, time.perf_counter() - self._started, self._samples)
+        stages = [stage.stats_entry() for stage in self.plan.stages]
+        elapsed = time.perf_counter() - self._started
+        return Stats.from_rows(stages, self._stats, elapsed, self._samples, self._started)
 
     # -- shutdown (see the NOTE at the top) ------------------------------------------------------
 
@@ -319,8 +323,8 @@ class Runtime:
                 process.close()
         for channel in [*(c for edge in self._edges for c in edge), self._events]:
             channel.close()
-        if self._segment_dir is not None:  # segments of messages nobody will read
-            shutil.rmtree(self._segment_dir, ignore_errors=True)
+        if self._segment_dir is not None:  # segments kept for reuse, and of messages nobody will read
+            _segments.remove_dir(self._segment_dir)
         # Drop every lock, semaphore and process: under spawn and forkserver their named
         # semaphores are unlinked when collected. The stats array stays for stats().
         self._edges, self._credits, self.workers = [], {}, []

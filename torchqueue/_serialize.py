@@ -2,11 +2,12 @@
 
 Tensors and large numpy arrays do not go through the pipe. ``dumps`` packs
 the bytes of all of them in one message into one shared-memory segment (a
-file in the pipeline's directory under ``/dev/shm``), and the pickle only
-says where each one is. ``loads`` maps the segment once, removes its name at
-once, and rebuilds every tensor and array as a view of that mapping: no copy
-on the receiving side, one segment and one file descriptor per message
-however many tensors it holds, and received tensors are ``is_shared()``.
+file in the pipeline's directory under ``/dev/shm``, see ``_segments``: its
+sender reuses it once nobody uses it), and the pickle only says where each
+one is. ``loads`` maps the segment once and rebuilds every tensor and array
+as a view of that mapping: no copy on the receiving side, one segment and
+one file descriptor per message however many tensors it holds, and received
+tensors are ``is_shared()``.
 
     message = b"P" + pickle                                  (nothing to share)
             | b"S" + <name length, segment size, table length> + name + table + pickle
@@ -14,16 +15,16 @@ however many tensors it holds, and received tensors are ``is_shared()``.
 The table lists the segment's blocks (dtype, offset, size); the pickle refers
 to a tensor as (block, element offset, shape).
 
-The memory is freed when the last tensor or array viewing it is gone. A
-segment whose message is never read (a stopped pipeline) is removed with
-its directory by ``Runtime.close`` or, if the consumer's process died, by
-the workers as they exit.
+The memory is free for reuse when the last tensor or array viewing it is
+gone. Segments are removed with their directory by ``Runtime.close`` or, if
+the consumer's process died, by the workers as they exit.
 
 Tensors are sent contiguous (a strided view arrives as a compact copy with
 the same values) and arrive as views of the segment. A tensor whose storage
 is in shared memory already and that is large (``SHARED_TENSOR_MIN_BYTES``:
 a big tensor passed on from step to step) keeps torch's own sharing, so it
-is never copied again; so do tensor subclasses, sparse, quantized and
+is never copied again; so does a large numpy array that views such memory
+(a received array passed on); so do tensor subclasses, sparse, quantized and
 non-CPU tensors. Writing a segment is one ``pwritev`` call, which releases
 the GIL: the feeder thread copies while the consumer's thread runs.
 """
@@ -31,11 +32,8 @@ the GIL: the feeder thread copies while the consumer's thread runs.
 from __future__ import annotations
 
 import io
-import itertools
-import os
 import pickle
 import struct
-import tempfile
 import threading
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
@@ -43,6 +41,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's reductions for what we do not handle)
+
+from torchqueue import _segments
+from torchqueue._mainmodule import reduce_main_class
+from torchqueue._segments import make_segment_dir
+
+__all__ = ["dumps", "loads", "make_segment_dir", "message_nbytes"]
 
 ARRAY_MIN_BYTES = 64 * 1024
 """numpy arrays at least this large go to shared memory; smaller ones stay in the pickle."""
@@ -57,22 +61,11 @@ or the user shared it) keeps torch's own sharing: its storage's file descriptor 
 data are never copied again. Smaller ones are cheaper to copy than a descriptor is to pass."""
 
 _ALIGN = 64
-_ZEROS = memoryview(bytes(_ALIGN))
-_IOV_MAX = 1024
 _SEGMENT = struct.Struct("<HQI")
-_counter = itertools.count()
-_new_shared_fd = getattr(torch.UntypedStorage, "_new_shared_fd_cpu")  # noqa: B009 (private torch API)
 _NUMPY_DTYPES = {
     torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
     torch.uint8, torch.bool, torch.complex64, torch.complex128,
 }  # fmt: skip
-
-
-def make_segment_dir() -> str | None:
-    """A fresh directory for one pipeline's segments (``None`` where there is no /dev/shm)."""
-    if not os.path.isdir("/dev/shm"):
-        return None
-    return tempfile.mkdtemp(prefix=f"torchqueue-{os.getpid()}-", dir="/dev/shm")
 
 
 def _to_segment(tensor: torch.Tensor) -> bool:
@@ -97,6 +90,28 @@ def _tensor_bytes(tensor: torch.Tensor) -> Any:
 
 def _shareable_array(obj: np.ndarray) -> bool:
     return obj.nbytes >= ARRAY_MIN_BYTES and not obj.dtype.hasobject and obj.dtype.fields is None
+
+
+def _shared_place(array: np.ndarray) -> tuple[torch.UntypedStorage, int] | None:
+    """``(storage, byte offset)`` of a large C-contiguous array that views a tensor's shared storage
+    (a segment received from another step, or a shared tensor's ``.numpy()``), else ``None``.
+
+    Such an array is passed on as torch passes shared tensors on (its storage's file descriptor),
+    never copied again: the rule ``SHARED_TENSOR_MIN_BYTES`` sets for tensors."""
+    if array.nbytes < SHARED_TENSOR_MIN_BYTES or not array.flags.c_contiguous:
+        return None
+    root: Any = array.base
+    while isinstance(root, np.ndarray):
+        root = root.base
+    if type(root) is not torch.Tensor or not root.is_cpu:
+        return None
+    storage = root.untyped_storage()
+    if not storage.is_shared():
+        return None
+    offset = array.__array_interface__["data"][0] - storage.data_ptr()
+    if offset < 0 or offset + array.nbytes > storage.nbytes():
+        return None
+    return storage, offset
 
 
 class _Pickler(ForkingPickler):
@@ -128,7 +143,12 @@ class _Pickler(ForkingPickler):
                 return _rebuild_tensor, (index, start, tuple(obj.shape), obj.requires_grad)
             self.blocks.append([obj.dtype, _tensor_bytes(obj)])
             return _rebuild_tensor, (len(self.blocks) - 1, 0, tuple(obj.shape), obj.requires_grad)
+        if isinstance(obj, type):
+            return reduce_main_class(obj) or NotImplemented
         if kind is np.ndarray and _shareable_array(obj):
+            shared = _shared_place(obj)
+            if shared is not None:  # a view of shared memory already (it came from another step): pass it on
+                return _rebuild_shared_array, (*shared, obj.dtype.str, obj.shape)
             self.blocks.append([obj.dtype.str, np.ascontiguousarray(obj).reshape(-1).view(np.uint8).data])
             return _rebuild_array, (len(self.blocks) - 1, obj.shape)
         return NotImplemented
@@ -194,6 +214,13 @@ def _rebuild_array(index: int, shape: tuple[int, ...]) -> np.ndarray:
     return _flat(index).reshape(shape)
 
 
+def _rebuild_shared_array(storage: torch.UntypedStorage, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """An array passed on by ``_shared_place``: a view of the storage torch's sharing rebuilt."""
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage, offset, (count * np.dtype(dtype).itemsize,), (1,))
+    return raw.numpy().view(np.dtype(dtype)).reshape(shape)
+
+
 def dumps(obj: Any, segment_dir: str | None) -> bytes:
     """Serialise ``obj``; tensors and large arrays go to a new segment in ``segment_dir``."""
     buffer = io.BytesIO()
@@ -203,7 +230,7 @@ def dumps(obj: Any, segment_dir: str | None) -> bytes:
     if not isinstance(pickler, _Pickler) or not pickler.blocks:
         return b"P" + body
     table, chunks, size = pickler.layout()
-    name = _write_segment(segment_dir, chunks, size).encode()  # type: ignore[arg-type]
+    name = _segments.write(segment_dir, chunks, size).encode()  # type: ignore[arg-type]
     encoded_table = pickle.dumps(table, pickle.HIGHEST_PROTOCOL)
     return b"S" + _SEGMENT.pack(len(name), size, len(encoded_table)) + name + encoded_table + body
 
@@ -225,61 +252,8 @@ def loads(data: bytes | bytearray | memoryview) -> Any:
     name = bytes(view[start : start + name_length]).decode()
     start += name_length
     table = pickle.loads(view[start : start + table_length])
-    _loading.storage, _loading.table, _loading.flat = _map_segment(name, size), table, {}
+    _loading.storage, _loading.table, _loading.flat = _segments.map_segment(name, size), table, {}
     try:
         return pickle.loads(view[start + table_length :])
     finally:
         _loading.storage, _loading.table, _loading.flat = None, [], {}
-
-
-def _write_segment(directory: str, chunks: list[tuple[int, Any]], size: int) -> str:
-    """Write the chunks at their offsets into a new file; ``write`` (not a mapping) so the
-    kernel fills fresh pages without a page fault per page, and a full /dev/shm is an OSError."""
-    path = os.path.join(directory, f"{os.getpid()}-{next(_counter)}")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        iov: list[memoryview] = []
-        position = start = 0
-        for offset, data in chunks:
-            if offset > position:
-                iov.append(_ZEROS[: offset - position])
-            view = memoryview(data).cast("B")
-            iov.append(view)
-            position = offset + view.nbytes
-            if len(iov) >= _IOV_MAX - 1:
-                start += _pwritev_all(fd, iov, start)
-                iov = []
-        if iov:
-            _pwritev_all(fd, iov, start)
-        os.ftruncate(fd, size)
-    except BaseException:
-        os.unlink(path)
-        raise
-    finally:
-        os.close(fd)
-    return path
-
-
-def _pwritev_all(fd: int, iov: list[memoryview], offset: int) -> int:
-    """Write every buffer of ``iov`` at ``offset``, retrying short writes; return the bytes written."""
-    total = sum(view.nbytes for view in iov)
-    done = 0
-    while done < total:
-        written = os.pwritev(fd, iov, offset + done)
-        done += written
-        while iov and written >= iov[0].nbytes:
-            written -= iov[0].nbytes
-            iov = iov[1:]
-        if iov and written:
-            iov[0] = iov[0][written:]
-    return total
-
-
-def _map_segment(path: str, size: int) -> torch.UntypedStorage:
-    """Map a segment as a torch shared storage (the call torch's own fd-sharing uses) and unlink it."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.unlink(path)
-        return _new_shared_fd(fd, size)
-    finally:
-        os.close(fd)

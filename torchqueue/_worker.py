@@ -44,6 +44,9 @@ from torchqueue.worker_info import WorkerInfo, set_worker_info
 CONTROL = (EndOfEpoch, Failure, Skipped)
 """Payloads every stage passes on untouched (a ``Bundle`` is not one: its items are work)."""
 
+_PASSED_ON = frozenset({Failure, Skipped})
+"""Items of a bundle that are not work: an element that failed or was skipped upstream."""
+
 
 @dataclass(frozen=True)
 class WorkerContext:
@@ -80,6 +83,9 @@ class Meter:
 
     def add(self, field: Field, value: float) -> None:
         self._array[self._base + field] += value
+
+    def set(self, field: Field, value: float) -> None:
+        self._array[self._base + field] = value
 
 
 class Emitter:
@@ -205,12 +211,14 @@ class _Loop:
     def receive(self) -> Envelope:
         if self.ctx.stop.is_set():
             raise Stopped
-        start = time.perf_counter()
         self.meter.add(Field.FILL_SUM, self.ctx.inbox.fill())
         self.meter.add(Field.FILL_N, 1)
+        start = time.perf_counter()
+        self.meter.set(Field.IN_SINCE, start)  # stats() counts a wait still going on
         data = self.ctx.inbox.get(self.alive)
         while data is None:
             data = self.ctx.inbox.get(self.alive)
+        self.meter.set(Field.IN_SINCE, 0.0)
         self.meter.add(Field.WAIT_IN, time.perf_counter() - start)
         envelope: Envelope = _serialize.loads(data)
         if not isinstance(envelope.payload, CONTROL):
@@ -219,10 +227,15 @@ class _Loop:
             observe_bytes(self.ctx.in_bytes, data, envelope)
         return envelope
 
-    def timed(self, send: Callable[..., object], *args: Any) -> None:
-        """``send(*args)``, counting the time as waiting for room downstream."""
+    def timed(self, send: Callable[..., object], *args: Any, credits: Any = None) -> None:
+        """Take a credit of ``credits`` (if given), then ``send(*args)``, counting the time as waiting
+        for room downstream."""
         start = time.perf_counter()
+        self.meter.set(Field.OUT_SINCE, start)  # stats() counts a wait still going on
+        if credits is not None:
+            wait_acquire(credits, self.alive)
         send(*args)
+        self.meter.set(Field.OUT_SINCE, 0.0)
         self.meter.add(Field.WAIT_OUT, time.perf_counter() - start)
 
     def call(self, fn: Callable[[Any], Any], value: Any) -> Any:
@@ -278,19 +291,24 @@ class _Loop:
 
     def call_bundle(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
         """``[fn(item) ...]`` with a Failure / Skipped in the place of each item that raised;
-        metered once for the whole bundle (its items are small and cheap)."""
+        an item that failed or was skipped upstream is passed on as it is. Metered once for the
+        whole bundle (its items are small and cheap)."""
         results = []
-        failed = 0
+        calls = failed = 0
         start = time.perf_counter()
         for item in items:
+            if type(item) in _PASSED_ON:
+                results.append(item)
+                continue
+            calls += 1
             try:
                 results.append(fn(item))
             except Exception as exc:
                 results.append(self.failed(exc))
                 failed += 1
         self.meter.add(Field.BUSY, time.perf_counter() - start)
-        self.meter.add(Field.IN, len(items))
-        self.meter.add(Field.OUT, len(items) - failed)
+        self.meter.add(Field.IN, calls)
+        self.meter.add(Field.OUT, calls - failed)
         return results
 
     def call_items(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any] | Failure:
@@ -311,8 +329,7 @@ class _Loop:
 
             def emit(payload: Any) -> None:
                 nonlocal outputs
-                wait_acquire(self.ctx.out_credits, self.alive)
-                self.timed(self.emitter.emit, epoch, outputs, payload)  # noqa: B023 (called at once)
+                self.timed(self.emitter.emit, epoch, outputs, payload, credits=self.ctx.out_credits)  # noqa: B023
                 outputs += 1
 
             elements = self.epoch_elements(collector, epoch)

@@ -4,7 +4,9 @@ A worker wraps an exception into a ``Failure`` message (``capture``) with its
 formatted traceback and the step name, and checks that the exception pickles.
 The consumer rebuilds it (``rebuild``) with its original type when it can,
 else as ``PipelineError``; either way the message names the step and carries
-the worker's traceback.
+the worker's traceback. A type whose constructor wants more than a message
+(``json.JSONDecodeError``) is raised as the worker's own exception object,
+with that message as its text, or as a note where its ``__str__`` ignores it.
 """
 
 from __future__ import annotations
@@ -63,14 +65,37 @@ def rebuild(failure: Failure) -> BaseException:
             original = pickle.loads(failure.pickled)
         except Exception:
             original = None
-    exc_type = type(original) if isinstance(original, BaseException) else None
-    if exc_type is None:
+    if not isinstance(original, BaseException):
         return PipelineError(message)
+    exc_type = type(original)
     try:
         rebuilt = exc_type(_KeyErrorMessage(message) if issubclass(exc_type, KeyError) else message)
     except Exception:
-        return PipelineError(message)
-    if failure.message not in str(rebuilt):
-        return PipelineError(message)
-    rebuilt.__cause__ = original
-    return rebuilt
+        rebuilt = None
+    if rebuilt is not None and failure.message in _text(rebuilt):
+        rebuilt.__cause__ = original
+        return rebuilt
+    return _told(original, message)
+
+
+def _told(original: BaseException, message: str) -> BaseException:
+    """The worker's exception object itself (its type takes other arguments than a message), with
+    ``message`` as its text where its ``__str__`` shows ``args``, else as a note (Python 3.11+)."""
+    kept = original.args
+    try:
+        original.args = (message,)
+    except Exception:
+        pass
+    if message not in _text(original):
+        original.args = kept
+        add_note = getattr(original, "add_note", None)
+        if add_note is not None:
+            add_note(message)
+    return original
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return ""

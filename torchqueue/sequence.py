@@ -93,8 +93,8 @@ class Sequence:
 
     @property
     def step_names(self) -> list[str]:
-        """The names of the steps (and internal join stages) in order, as ``stats()`` uses them."""
-        return [stage.name for stage in self._plan.stages]
+        """The names of the steps in order, as ``stats()`` uses them."""
+        return [stage.name for stage in self._plan.stages if not stage.internal]
 
     def queue_iterable(self, iterable: Iterable[Any]) -> None:
         """Queue one epoch: start feeding ``iterable`` (lazily) and return at once."""
@@ -131,8 +131,7 @@ class Sequence:
     def stats(self) -> Stats:
         """Per-step figures since the workers started (zeros before)."""
         if self._runtime is None:
-            stages = [(s.name, s.nworkers, False) for s in self._plan.stages]
-            return Stats.from_rows(stages, None, 0.0)
+            return Stats.from_rows([stage.stats_entry() for stage in self._plan.stages], None, 0.0)
         return self._runtime.stats()
 
     def close(self) -> None:

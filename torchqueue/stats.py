@@ -29,6 +29,8 @@ class Field(IntEnum):
     FILL_N = 6
     SKIPPED = 7
     MESSAGES = 8
+    IN_SINCE = 9  # perf_counter() when the worker began waiting for input, 0.0 when not waiting
+    OUT_SINCE = 10  # the same for waiting for room downstream
 
 
 NFIELDS = len(Field)
@@ -86,23 +88,34 @@ class Stats(Mapping[str, StepStats]):
     @classmethod
     def from_rows(
         cls,
-        stages: list[tuple[str, int, bool]],
+        stages: list[tuple[str, int, bool, bool]],
         rows: Any,
         elapsed_s: float,
         history: list[tuple[float, Any]] | None = None,
+        started: float | None = None,
     ) -> Stats:
-        """Sum the shared array's rows, stage by stage (``(name, nworkers, is_stream)``).
+        """Sum the shared array's rows, stage by stage (``(name, nworkers, is_stream, shown)``; an
+        internal stage that is not shown keeps its rows but gets no entry).
 
-        ``history``: earlier ``(elapsed_s, rows)`` copies of the array, oldest first.
+        ``history``: earlier ``(elapsed_s, rows)`` copies of the array, oldest first. ``started``:
+        the ``perf_counter()`` the elapsed time counts from; given, a wait still going on counts
+        up to now (a worker adds a wait to its row only when it ends).
         """
         steps, row = [], 0
-        for name, nworkers, is_stream in stages:
+        now = None if started is None else started + elapsed_s
+        for name, nworkers, is_stream, shown in stages:
             total = [0.0] * NFIELDS
             for worker in range(nworkers):
                 base = (row + worker) * NFIELDS
                 for field in Field:
                     total[field] += rows[base + field] if rows is not None else 0.0
+                if rows is not None and now is not None:
+                    for since, waited in ((Field.IN_SINCE, Field.WAIT_IN), (Field.OUT_SINCE, Field.WAIT_OUT)):
+                        if rows[base + since] > 0:
+                            total[waited] += max(0.0, now - rows[base + since])
             row += nworkers
+            if not shown:
+                continue
             busy = total[Field.BUSY]
             if is_stream and rows is not None:  # a stream worker is always receiving, sending or working
                 busy = max(0.0, nworkers * elapsed_s - total[Field.WAIT_IN] - total[Field.WAIT_OUT])
@@ -121,7 +134,7 @@ class Stats(Mapping[str, StepStats]):
                     messages_in=int(total[Field.MESSAGES]),
                 )
             )
-        past = tuple(cls.from_rows(stages, copy, seconds) for seconds, copy in history or ())
+        past = tuple(cls.from_rows(stages, copy, seconds, None, started) for seconds, copy in history or ())
         return cls(steps, elapsed_s, past)
 
     def __getitem__(self, name: str) -> StepStats:

@@ -1,0 +1,80 @@
+"""Functions, classes and globals of ``__main__`` (a script, ``python -c`` as in a notebook) under every start method."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PROGRAM = textwrap.dedent(
+    """
+    import dataclasses, sys, threading
+    import torch
+    import torchqueue as tq
+
+    lock = threading.Lock()  # a global a by-value pickle could not carry
+
+    @dataclasses.dataclass
+    class Point:
+        x: torch.Tensor
+        tag: str
+
+    def make(i):
+        with lock:
+            return Point(torch.full((3,), float(i)), f"p{i}")
+
+    def bump(p):
+        return Point(p.x + 1, p.tag)
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return Point(torch.full((2,), float(i)), f"s{i}")
+
+    def keep(batch):
+        return batch
+
+    def main(context):
+        with tq.Sequence(tq.ProcessStep(make, 2), tq.ProcessStep(bump), tq.ProcessStep(lambda p: p), context=context) as seq:
+            got = list(seq(range(4)))
+        assert all(type(p) is Point for p in got), [type(p) for p in got]  # your class, not a copy
+        assert [p.tag for p in got] == ["p0", "p1", "p2", "p3"]
+        assert all(torch.equal(p.x, torch.full((3,), i + 1.0)) for i, p in enumerate(got))
+        loader = tq.QueueFlowLoader(Items(), batch_size=3, num_workers=2, multiprocessing_context=context, collate_fn=keep)
+        batches = list(loader)
+        loader.close()
+        assert [[s.tag for s in b] for b in batches] == [["s0", "s1", "s2"], ["s3", "s4", "s5"]]
+        assert all(type(s) is Point for b in batches for s in b)
+        print("ok", context)
+    """
+)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
+def test_a_scripts_functions_classes_and_globals_work_in_workers(tmp_path, context):
+    script = tmp_path / "script.py"
+    script.write_text(PROGRAM + '\nif __name__ == "__main__":\n    main(sys.argv[1])\n')
+    result = subprocess.run(
+        [sys.executable, str(script), context], capture_output=True, text=True, cwd=ROOT, timeout=150
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"ok {context}" in result.stdout
+
+
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_what_a_notebook_defines_works_in_workers(context):
+    # ``python -c``: ``__main__`` has no file the workers could import, as in Jupyter (tests/test_notebooks.py
+    # runs the real notebooks); the lock then cannot be pickled, so this program's make() does not use it.
+    program = PROGRAM.replace("    with lock:\n        return Point", "    return Point") + f"\nmain({context!r})\n"
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"ok {context}" in result.stdout

@@ -1,0 +1,109 @@
+"""Shared-memory segments are reused only when nobody uses them: never under a live tensor."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from torchqueue import _segments, _serialize
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
+
+BIG = 1 << 20  # bytes: above REUSE_MIN_BYTES
+
+
+@pytest.fixture
+def segment_dir():
+    directory = _serialize.make_segment_dir()
+    yield directory
+    _segments.remove_dir(directory)
+
+
+def message(value: float, nbytes: int = BIG) -> torch.Tensor:
+    return torch.full((nbytes // 4,), value)
+
+
+def inode(tensor: torch.Tensor) -> int:
+    """The inode of the shared-memory file a received tensor maps (from /proc/self/maps)."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, _perms, _offset, _dev, number, *_ = line.split()
+            low, high = (int(x, 16) for x in span.split("-"))
+            if low <= address < high:
+                return int(number)
+    raise AssertionError("not mapped")
+
+
+def send_and_receive(value: float, segment_dir: str, nbytes: int = BIG) -> torch.Tensor:
+    return _serialize.loads(_serialize.dumps(message(value, nbytes), segment_dir))
+
+
+def test_a_segment_is_reused_once_its_tensors_are_gone(segment_dir):
+    first = send_and_receive(1.0, segment_dir)
+    where = inode(first)
+    del first
+    second = send_and_receive(2.0, segment_dir)
+    assert inode(second) == where  # the same file, its pages reused
+    assert torch.equal(second, message(2.0))
+
+
+def test_a_segment_is_never_reused_while_a_tensor_views_it(segment_dir):
+    held = [send_and_receive(float(i), segment_dir) for i in range(3 * _segments.TRACKED)]
+    assert len({inode(t) for t in held}) == len(held)
+    for i, tensor in enumerate(held):  # every value intact: nothing was written over them
+        assert torch.equal(tensor, message(float(i)))
+    # the sender forgot the oldest (bounded): only the most recent names stay in the directory
+    assert len(os.listdir(segment_dir)) <= _segments.TRACKED
+
+
+def _hold_mapping(path: str, ready, release) -> None:
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")  # a mapping, no descriptor left open
+    ready.set()
+    release.wait(30)
+    del mapped
+
+
+def test_a_segment_another_process_maps_is_not_reused(segment_dir):
+    received = send_and_receive(1.0, segment_dir)
+    where = inode(received)
+    (name,) = os.listdir(segment_dir)
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_hold_mapping, args=(os.path.join(segment_dir, name), ready, release))
+    child.start()
+    try:
+        assert ready.wait(30)
+        del received  # this process lets go, the child still maps it
+        other = send_and_receive(2.0, segment_dir)
+        assert inode(other) != where and torch.equal(other, message(2.0))
+    finally:
+        release.set()
+        child.join(30)
+    del other
+    assert inode(send_and_receive(3.0, segment_dir)) == where  # unmapped everywhere now: the oldest is reused
+
+
+def test_small_segments_are_not_kept(segment_dir):
+    received = send_and_receive(1.0, segment_dir, nbytes=4096)
+    assert os.listdir(segment_dir) == []  # its name went as it was mapped
+    assert torch.equal(received, message(1.0, 4096))
+
+
+def test_unused_segments_beyond_a_spare_are_removed_as_data_flows(segment_dir):
+    held = [send_and_receive(float(i), segment_dir) for i in range(4)]
+    del held  # four unused segments
+    kept = send_and_receive(9.0, segment_dir)  # reuses one, keeps SPARE, removes the others
+    assert len(os.listdir(segment_dir)) == 1 + _segments.SPARE
+    assert torch.equal(kept, message(9.0))
+
+
+def test_removing_the_directory_forgets_what_was_sent(segment_dir):
+    send_and_receive(1.0, segment_dir)
+    assert segment_dir in _segments._sent
+    _segments.remove_dir(segment_dir)
+    assert segment_dir not in _segments._sent and not os.path.exists(segment_dir)
