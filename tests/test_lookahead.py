@@ -43,7 +43,7 @@ def test_a_guess_is_the_next_epochs_draw_and_touches_no_state_of_the_sampler():
     assert torch.equal(after, replay.sampler.generator.get_state())  # the generator moved on as if it drew
 
 
-def test_a_guess_is_dropped_when_the_generator_or_the_configuration_changed_or_it_was_not_drawn():
+def test_a_guess_is_dropped_when_the_generator_or_the_configuration_changed():
     sampler = RandomSampler(range(10), generator=generator())
     moved = Guess(1, sampler, 1, lambda indices: indices)
     list(moved.jobs())
@@ -57,7 +57,21 @@ def test_a_guess_is_dropped_when_the_generator_or_the_configuration_changed_or_i
     batches.batch_size = 4
     assert not resized.take()
 
-    assert not Guess(1, SequentialSampler(range(3)), 1, lambda indices: indices).take()
+
+def test_a_guess_the_feeder_has_not_drawn_yet_is_drawn_when_the_epoch_starts():
+    sampler = DistributedSampler(range(20), num_replicas=2, rank=0, shuffle=True)
+    sampler.set_epoch(3)
+    late = Guess(1, sampler, 1, lambda indices: indices)
+    assert late.take()  # drawn now, from the sampler as it is (epoch 3, not 3 + 1)
+    assert late.batches == list(sampler)
+    assert list(late.jobs()) == late.batches  # the feeder then sends those, without drawing again
+
+    random = RandomSampler(range(10), generator=generator())
+    early = Guess(1, random, 1, lambda indices: indices)
+    assert early.take()
+    replay = RandomSampler(range(10), generator=generator())
+    assert early.batches == list(replay)
+    assert torch.equal(random.generator.get_state(), replay.generator.get_state())  # moved on as if it drew
 
 
 def test_a_distributed_samplers_epoch_is_guessed_from_how_it_moved():
@@ -74,3 +88,13 @@ def test_a_distributed_samplers_epoch_is_guessed_from_how_it_moved():
     step.started()  # the next one starts without set_epoch: the epoch stays
     still = Guess(2, sampler, step.step, lambda indices: indices)
     assert list(still.jobs()) == list(sampler) and still.take()
+
+
+def test_a_dropped_guess_is_never_drawn_nor_taken():
+    sampler = RandomSampler(range(10), generator=generator())
+    before = sampler.generator.get_state()
+    guess = Guess(1, sampler, 1, lambda indices: indices)
+    guess.drop()  # the epoch before it was left early
+    assert list(guess.jobs()) == [] and guess.batches is None
+    assert not guess.take()
+    assert torch.equal(sampler.generator.get_state(), before)

@@ -1,4 +1,4 @@
-"""Functions, classes and globals of ``__main__`` (a script, ``python -c`` as in a notebook) under every start method."""
+"""What ``__main__`` defines (a script; ``python -c``, as a notebook) works in workers under every start method."""
 
 from __future__ import annotations
 
@@ -44,12 +44,15 @@ PROGRAM = textwrap.dedent(
         return batch
 
     def main(context):
-        with tq.Sequence(tq.ProcessStep(make, 2), tq.ProcessStep(bump), tq.ProcessStep(lambda p: p), context=context) as seq:
+        steps = [tq.ProcessStep(make, 2), tq.ProcessStep(bump), tq.ProcessStep(lambda p: p)]
+        with tq.Sequence(*steps, context=context) as seq:
             got = list(seq(range(4)))
-        assert all(type(p) is Point for p in got), [type(p) for p in got]  # your class, not a copy
+        assert all(type(p) is Point for p in got), [type(p) for p in got]  # the script's class
         assert [p.tag for p in got] == ["p0", "p1", "p2", "p3"]
         assert all(torch.equal(p.x, torch.full((3,), i + 1.0)) for i, p in enumerate(got))
-        loader = tq.QueueFlowLoader(Items(), batch_size=3, num_workers=2, multiprocessing_context=context, collate_fn=keep)
+        loader = tq.QueueFlowLoader(
+            Items(), batch_size=3, num_workers=2, multiprocessing_context=context, collate_fn=keep
+        )
         batches = list(loader)
         loader.close()
         assert [[s.tag for s in b] for b in batches] == [["s0", "s1", "s2"], ["s3", "s4", "s5"]]

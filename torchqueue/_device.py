@@ -61,17 +61,19 @@ def _tensors(data: Any) -> Iterator[torch.Tensor]:
 
 
 def prepare(pin: bool, device: torch.device | None) -> Callable[[Any], Any]:
-    """What the background thread does to each batch (runs on the copy stream for CUDA)."""
+    """What the background thread does to each batch (runs on the copy stream for CUDA).
+
+    Copies to CUDA always start from pinned memory (``pin`` or not): only those are asynchronous."""
     if device is not None and device.type == "cuda":
         stream = torch.cuda.Stream(device)
 
         def to_cuda(batch: Any) -> Any:
-            batch = pin_memory(batch) if pin else batch
+            pinned = pin_memory(batch, device)
             with torch.cuda.stream(stream):
-                moved = move(batch, device)
+                moved = move(pinned, device)
                 event = torch.cuda.Event()
                 event.record(stream)
-            return _OnStream(moved, event)
+            return _OnStream(moved, event, device)
 
         return to_cuda
     if device is not None:
@@ -80,12 +82,12 @@ def prepare(pin: bool, device: torch.device | None) -> Callable[[Any], Any]:
 
 
 class _OnStream:
-    def __init__(self, batch: Any, event: Any) -> None:
-        self.batch, self.event = batch, event
+    def __init__(self, batch: Any, event: Any, device: torch.device) -> None:
+        self.batch, self.event, self.device = batch, event, device
 
     def ready(self) -> Any:
-        """The batch, safe to use on the consumer's current stream."""
-        current = torch.cuda.current_stream()
+        """The batch, safe to use on the consumer's current stream (of the batch's device)."""
+        current = torch.cuda.current_stream(self.device)
         current.wait_event(self.event)
         for tensor in _tensors(self.batch):
             tensor.record_stream(current)

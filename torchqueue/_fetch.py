@@ -1,25 +1,26 @@
 """What a ``QueueFlowLoader`` worker does with one batch of indices: DataLoader's fetch, seeded as DataLoader seeds.
 
-A job is ``Job(base_seed, epoch, rewind, indices)``. The loader's fetch step is round robin (batch
-``k`` of an epoch goes to worker ``k % num_workers``, each worker takes its batches in order), as
-DataLoader hands out index batches, so a worker's random draws (augmentations) follow the same
-sequence as the same DataLoader worker's, and the batches are the same.
+The loader's fetch step is round robin (job ``k`` of an epoch goes to worker ``k % num_workers``,
+each worker takes its jobs in order), as DataLoader hands out index batches, so a worker's random
+draws (augmentations) follow the same sequence as the same DataLoader worker's, and the batches
+are the same.
 
-Random state per worker, as in DataLoader:
+Random state per worker, as in DataLoader: a new ``base_seed`` (every epoch without persistent
+workers, once with them) reseeds ``random``, torch and numpy from ``base_seed + worker_id`` and
+calls ``worker_init_fn(worker_id)``; with persistent workers the state runs on from epoch to epoch.
 
-- a new ``base_seed`` (every epoch without persistent workers, once with them) reseeds ``random``,
-  torch and numpy from ``base_seed + worker_id`` and calls ``worker_init_fn(worker_id)``;
-- with persistent workers the state runs on from epoch to epoch.
-
-With persistent workers the loader may start the next epoch's batches before ``iter()`` asks for
-them (``loader``'s look-ahead). When that guess proves wrong the loader cancels it, and the next
-epoch's jobs carry ``rewind``: the guessed epoch's number. A worker that drew random numbers for
-the cancelled epoch then goes back to its state before that epoch, so the draws of the real epoch
-are the ones DataLoader's worker would make.
+A worker reports its random state with every output (``_rngstate``: only what changed since its
+last report, all of it at an epoch's first job), so the loader knows each worker's state after
+its last batch that was yielded. Where a worker's state must be set (an epoch resumed from a
+checkpoint; persistent workers after a cancelled guess or an epoch left early, see ``_epochs``)
+the worker's first job of the epoch carries it in ``start``. A job without indices only sets the
+state (it aligns the round robin), and a job with ``keep=False`` is fetched for its random draws
+(DataLoader's workers fetched it) but sends no batch back.
 """
 
 from __future__ import annotations
 
+import enum
 import random
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -27,55 +28,96 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.utils.data._utils.worker as torch_worker
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torch.utils.data._utils.fetch import _MapDatasetFetcher
 
+from torchqueue import _rngstate
+from torchqueue._rngstate import RandomState
 from torchqueue.worker_info import get_worker_info
+
+
+class Start(enum.Enum):
+    INITIAL = "initial"  # the worker's state right after seeding and worker_init_fn
 
 
 class Job(NamedTuple):
     base_seed: int
     epoch: int  # the loader's count of epochs handed to the workers (guessed ones included)
-    rewind: int | None  # undo the random draws made for this (cancelled) epoch first
-    indices: Any
+    indices: Any  # None: nothing to fetch (the job only sets the state)
+    start: RandomState | Start | None = None  # set this random state first
+    keep: bool = True  # False: fetch (its random draws count) but send no batch back
 
 
-def random_state() -> tuple[Any, Any, torch.Tensor]:
-    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+Fetched = tuple[Any, int, "RandomState | None", bool]
+"""A job's output: ``(batch, worker, state, kept)``: the batch (``None`` unless kept), the worker's id,
+and what changed in its random state (``None``: nothing, or not in a worker). A plain tuple: a
+NamedTuple costs microseconds more to pickle, per batch."""
 
 
-def set_random_state(state: tuple[Any, Any, torch.Tensor]) -> None:
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-    torch.set_rng_state(state[2])
+class _PrivateCollate:
+    """torch's ``default_collate``, stacking the batch in this process's own memory.
+
+    In a DataLoader worker ``default_collate`` stacks straight into a new shared-memory file,
+    whose pages the kernel must allocate (about 1.5 GB/s here). A torchqueue worker's transport
+    copies the batch into a segment it reuses (``_segments``: 6-10 GB/s), so stacking into the
+    heap and copying is faster. The batch's values are the same; only ``default_collate`` sees
+    no worker info, the dataset does.
+    """
+
+    def __call__(self, batch: Any) -> Any:
+        info = torch_worker._worker_info
+        torch_worker._worker_info = None
+        try:
+            return default_collate(batch)
+        finally:
+            torch_worker._worker_info = info
 
 
 class Fetch:
     """A worker's fetch: ``collate([dataset[i] for i in indices])``, seeding the worker as DataLoader does."""
 
-    def __init__(self, dataset: Dataset, auto_collation: bool, collate_fn: Callable, drop_last: bool, init_fn: Any):
+    def __init__(
+        self,
+        dataset: Dataset,
+        auto_collation: bool,
+        collate_fn: Callable,
+        drop_last: bool,
+        init_fn: Any,
+        report: bool = True,
+    ) -> None:
+        """``report``: send the random state with each output (useless where jobs go to any worker)."""
         self.dataset = dataset
+        self.report = report
         self.auto_collation = auto_collation
         self.collate_fn = collate_fn
         self.drop_last = drop_last
         self.init_fn = init_fn
         self._seeded: int | None = None
         self._fetcher: _MapDatasetFetcher | None = None
+        self._worker: int | None = None  # None: in the loader's own process (num_workers=0)
+        self._initial: RandomState | None = None
         self._epoch: int | None = None
-        self._before: Any = None  # the random state before this worker's first job of ``_epoch``
+        self._tracker = _rngstate.Tracker()
 
-    def __call__(self, job: Job) -> Any:
+    def __call__(self, job: Job) -> Fetched:
         if job.base_seed != self._seeded:
             self._start(job.base_seed)
-        if job.epoch != self._epoch:
-            if job.rewind is not None and job.rewind == self._epoch:
-                set_random_state(self._before)
-            self._epoch, self._before = job.epoch, random_state()
         assert self._fetcher is not None
-        return self._fetcher.fetch(job.indices)
+        if self._worker is None:
+            return self._fetcher.fetch(job.indices), -1, None, True
+        if job.epoch != self._epoch:  # the loader may not have this epoch's earlier reports
+            self._epoch = job.epoch
+            self._tracker.forget()
+        if job.start is not None:
+            _rngstate.restore(self._initial if job.start == Start.INITIAL else job.start)  # type: ignore[arg-type]
+            self._tracker.forget()
+        kept = job.indices is not None and job.keep
+        batch = self._fetcher.fetch(job.indices) if job.indices is not None else None
+        return batch if kept else None, self._worker, self._tracker.report() if self.report else None, kept
 
     def _start(self, base_seed: int) -> None:
-        self._fetcher = _MapDatasetFetcher(self.dataset, self.auto_collation, self.collate_fn, self.drop_last)
+        collate = _PrivateCollate() if self.collate_fn is default_collate else self.collate_fn
+        self._fetcher = _MapDatasetFetcher(self.dataset, self.auto_collation, collate, self.drop_last)
         self._seeded = base_seed
         info = get_worker_info()
         if info is None:  # num_workers=0: fetched in the consumer's process, which DataLoader leaves alone
@@ -90,3 +132,6 @@ class Fetch:
         )
         if self.init_fn is not None:
             self.init_fn(worker_id)
+        self._worker = worker_id
+        self._initial = _rngstate.capture()
+        self._epoch = None

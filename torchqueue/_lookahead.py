@@ -9,7 +9,9 @@ the next one's first. When the next epoch starts, ``Guess.take`` keeps the guess
 sampler would draw exactly that: its generator is in the state the guess started from, and
 everything else the draw depends on (lengths, epoch, seed, batch size, ...) is unchanged. Then
 the generator is moved to the state the draw left, as if the loader had drawn it now. Otherwise
-the guess is cancelled (its workers' random draws are undone, see ``_fetch``).
+the guess is cancelled, and the next epoch's jobs put every worker back in the random state it
+had after its last batch that was yielded (see ``_epochs``). A guess is also dropped when the
+epoch before it is left early: DataLoader's workers then fetch a different set of batches.
 
 Guesses are only made for samplers whose order depends on nothing but their own generator or
 epoch and the configuration compared: ``SequentialSampler``, ``RandomSampler`` with a generator
@@ -41,19 +43,19 @@ from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, Se
 _PREDICTABLE = (SequentialSampler, RandomSampler, DistributedSampler)
 
 
-def _base(index_sampler: Any) -> Any:
+def base_sampler(index_sampler: Any) -> Any:
     return index_sampler.sampler if type(index_sampler) is BatchSampler else index_sampler
 
 
 def predictable(index_sampler: Any) -> bool:
     """Whether ``index_sampler`` may be guessed ahead (see the module docstring)."""
-    sampler = _base(index_sampler)
+    sampler = base_sampler(index_sampler)
     return type(sampler) in _PREDICTABLE and getattr(sampler, "generator", True) is not None
 
 
 def _fingerprint(index_sampler: Any) -> tuple[Any, ...]:
     """Everything but the generator's state that the next draw of a predictable sampler depends on."""
-    sampler = _base(index_sampler)
+    sampler = base_sampler(index_sampler)
     parts: list[Any] = [type(index_sampler), getattr(index_sampler, "batch_size", None)]
     parts += [getattr(index_sampler, "drop_last", None), type(sampler)]
     if isinstance(sampler, SequentialSampler):
@@ -66,9 +68,9 @@ def _fingerprint(index_sampler: Any) -> tuple[Any, ...]:
     return tuple(parts)
 
 
-def _private_copy(index_sampler: Any, epoch_step: int) -> Any:
+def private_copy(index_sampler: Any, epoch_step: int) -> Any:
     """A copy of the sampler chain that draws what the original would next, with its own generator."""
-    sampler = copy.copy(_base(index_sampler))
+    sampler = copy.copy(base_sampler(index_sampler))
     generator = getattr(sampler, "generator", None)
     if generator is not None:
         sampler.generator = torch.Generator().set_state(generator.get_state())
@@ -85,7 +87,7 @@ class EpochStep:
     """How a ``DistributedSampler``'s epoch moves from one epoch start to the next (1 until seen)."""
 
     def __init__(self, index_sampler: Any) -> None:
-        self._sampler = _base(index_sampler)
+        self._sampler = base_sampler(index_sampler)
         self._last: int | None = None
         self.step = 1
 
@@ -114,25 +116,41 @@ class Guess:
         self._after: torch.Tensor | None = None  # the generator's state after the draw
 
     def jobs(self) -> Iterator[Any]:
-        """The guessed epoch's jobs; the draw happens at the first ``next`` (in the feeder thread)."""
+        """The guessed epoch's jobs; the draw happens at the first ``next`` (in the feeder thread),
+        unless ``take`` drew it already."""
         with self._lock:
             if self._dead:
                 return
-            generator = getattr(_base(self._sampler), "generator", None)
-            state = generator.get_state() if generator is not None else None
-            private = _private_copy(self._sampler, self._epoch_step)
-            self._from = (_fingerprint(private), state)
-            self.batches = list(private)
-            copied = getattr(_base(private), "generator", None)
-            self._after = copied.get_state() if copied is not None else None
+            if self.batches is None:
+                self._draw(self._epoch_step)
+            assert self.batches is not None
         for indices in self.batches:
             yield self._job(indices)
 
+    def _draw(self, epoch_step: int) -> None:
+        generator = getattr(base_sampler(self._sampler), "generator", None)
+        state = generator.get_state() if generator is not None else None
+        private = private_copy(self._sampler, epoch_step)
+        self._from = (_fingerprint(private), state)
+        self.batches = list(private)
+        copied = getattr(base_sampler(private), "generator", None)
+        self._after = copied.get_state() if copied is not None else None
+
+    def drop(self) -> None:
+        """Never use this guess: its jobs are not drawn, or stop."""
+        with self._lock:
+            self._dead = True
+
     def take(self) -> bool:
         """Whether the epoch starting now draws exactly the guess; if so, its generator moves on as if
-        it had drawn it. If not (or not drawn yet), the guess is dropped and must be cancelled."""
+        it had drawn it. If not, the guess is dropped and must be cancelled.
+
+        A guess the feeder has not drawn yet (the last epoch was consumed faster than the feeder
+        got to it) is drawn here, from the sampler as it is now: what the loader would draw."""
         with self._lock:
-            sampler = _base(self._sampler)
+            if self.batches is None and not self._dead:
+                self._draw(0)
+            sampler = base_sampler(self._sampler)
             generator = getattr(sampler, "generator", None)
             state = generator.get_state() if generator is not None else None
             right = (

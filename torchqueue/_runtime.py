@@ -13,7 +13,8 @@ so no thread or worker can stay blocked once it is set. ``Runtime.close``:
    by ``Stopped`` at their next wake-up (nothing is flushed: a stopped
    pipeline's data is dropped);
 2. joins the feeder thread (it is upstream and sends nothing after stop);
-3. joins every worker for up to ``JOIN_S`` in all, then ``terminate()``s
+3. joins every worker for up to ``JOIN_S`` in all (``ERROR_JOIN_S`` when
+   an error closes it), then ``terminate()``s
    (SIGTERM) the ones still running (for instance inside a long user
    function), then ``kill()``s (SIGKILL) what is still there;
 4. closes this process's ends of the edges.
@@ -60,6 +61,10 @@ logger = logging.getLogger("torchqueue")
 
 JOIN_S = 2.0
 """Seconds ``close`` waits for workers to leave on their own before terminating them."""
+
+ERROR_JOIN_S = 0.25
+"""The same when an error closes the pipeline: the error should reach the user at once, and a worker
+still running after a few ``POLL_S`` wake-ups is stuck in a step (a fetch that timed out)."""
 
 HEALTH_S = 0.1
 """How often the consumer checks worker liveness and notices while outputs flow."""
@@ -295,7 +300,7 @@ class Runtime:
 
     # -- shutdown (see the NOTE at the top) ------------------------------------------------------
 
-    def close(self) -> None:
+    def close(self, join_s: float = JOIN_S) -> None:
         if self._closed:
             return
         self._closed = True
@@ -304,13 +309,13 @@ class Runtime:
         self._stop.set()
         feeder = getattr(self, "_feeder", None)
         if feeder is not None and feeder is not threading.current_thread():
-            feeder.join(timeout=JOIN_S)
-        deadline = time.monotonic() + JOIN_S
+            feeder.join(timeout=join_s)
+        deadline = time.monotonic() + join_s
         for _, _, process in self.workers:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
         for stage, worker, process in self.workers:
             if process.exitcode is None:
-                logger.debug("worker %d of step %r did not leave within %s s: terminating it", worker, stage, JOIN_S)
+                logger.debug("worker %d of step %r did not leave within %s s: terminating it", worker, stage, join_s)
                 process.terminate()
                 process.join(timeout=1.0)
             if process.exitcode is None:

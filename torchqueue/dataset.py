@@ -64,12 +64,16 @@ class QueueFlowDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         """The pipeline's outputs for the current epoch (see ``set_epoch``)."""
+        return self._outputs(self.chunks(self.epoch))
+
+    def _outputs(self, chunks: Iterable[Any]) -> Iterator[Any]:
+        """The pipeline's outputs for ``chunks`` (``QueueFlowLoader`` passes a rank's share of an epoch's)."""
         if get_worker_info() is not None:
             raise RuntimeError(
                 "QueueFlowDataset runs its own worker processes and cannot run inside DataLoader workers: "
                 "use DataLoader(ds, batch_size=None, num_workers=0), or torchqueue.QueueFlowLoader(ds)"
             )
-        return self._sequence(self.chunks(self.epoch))
+        return self._sequence(chunks)
 
     def stats(self) -> Any:
         """The pipeline's ``tq.Stats``."""

@@ -6,29 +6,35 @@ Over a map-style dataset it yields the same batches in the same order as ``DataL
 the same arguments and generator: the arguments are checked, and the sampler, batch sampler and
 collate function built, by a real ``DataLoader`` (so invalid combinations raise DataLoader's own
 errors); each epoch draws from the generator exactly as DataLoader's iterator does (a base seed,
-on every epoch unless workers persist, then the sampler's draws), and the epoch's index batches
-are fetched by a ``tq.Sequence`` of ``num_workers`` processes. Workers are seeded as DataLoader
-seeds them (``base_seed + worker_id`` for ``random`` and torch, DataLoader's numpy seed), call
-``worker_init_fn(worker_id)`` and answer ``torch.utils.data.get_worker_info()``.
+on every epoch unless workers persist, then the sampler's draws; ``_epochs`` for an epoch left
+early), and the epoch's index batches are fetched by a ``tq.Sequence`` of ``num_workers``
+processes. Workers are seeded as DataLoader seeds them (``base_seed + worker_id`` for ``random``
+and torch, DataLoader's numpy seed), call ``worker_init_fn(worker_id)`` and answer
+``torch.utils.data.get_worker_info()``. Without persistent workers every iterator has its own
+workers, as in DataLoader; with them, a new iterator ends the previous one's epoch.
 
 Over a ``QueueFlowDataset`` it runs that pipeline, batching and collating only when asked
 (``batch_size`` defaults to ``None`` for it). Other iterable datasets are handed to a
-``DataLoader`` as they are.
+``DataLoader`` as they are. Ranks get their share as ``_sharding`` describes.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
-from torchqueue import _device
-from torchqueue._fetch import Fetch, Job
+from torchqueue import _device, _epochs, _sharding
+from torchqueue._epochs import Epoch
+from torchqueue._fetch import Fetch, Fetched, Job
 from torchqueue._lookahead import EpochStep, Guess, predictable
+from torchqueue._rngstate import merged
 from torchqueue.dataset import QueueFlowDataset
 from torchqueue.sequence import Sequence, _EpochIterator
 from torchqueue.steps import ProcessStep, Queue
@@ -47,8 +53,9 @@ class QueueFlowLoader:
         device: Deliver batches on this device; for CUDA a background thread copies pinned
             batches on a dedicated stream. ``"cuda"`` without CUDA raises here.
         progress: Show a tqdm progress bar (batches and samples per second).
-        rank, world_size: This process's share of a map-style dataset (default: from
-            ``torch.distributed`` when it is initialized): disjoint shares, equal batch counts.
+        rank, world_size: This process's share of the data (default: from ``torch.distributed``
+            when it is initialized): disjoint shares, the same count on every rank (see
+            ``docs/from-dataloader.md``).
     """
 
     def __init__(
@@ -81,9 +88,10 @@ class QueueFlowLoader:
         self.device = torch.device(device) if device is not None else None
         if self.device is not None and self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device={device!r} but CUDA is not available: use device=None or 'cpu'")
-        sampler = self._distributed(dataset, sampler, batch_sampler, shuffle, drop_last, generator, rank, world_size)
-        if sampler is not None and shuffle is not None and isinstance(sampler, DistributedSampler):
-            shuffle = None  # the distributed sampler shuffles
+        self._shard = _sharding.shard(rank, world_size)
+        sampler, batch_sampler, shuffle = _sharding.samplers(
+            dataset, sampler, batch_sampler, shuffle, drop_last, generator, self._shard
+        )
         # A real DataLoader checks the arguments and builds the samplers and collate_fn.
         self._torch = DataLoader(
             dataset,
@@ -112,13 +120,6 @@ class QueueFlowLoader:
         self.persistent_workers = persistent_workers
         self.progress = progress
         self.epoch = 0
-        self._iterations = 0
-        self._resume: dict[str, Any] | None = None
-        self._yielded = 0
-        self._epoch_batches: list[Any] = []
-        self._generator_state: torch.Tensor | None = None
-        self._base_seed: int | None = None
-        self._sequence: Sequence | None = None
         self._warned_pin = False
         self._fetch = Fetch(
             dataset,
@@ -126,34 +127,18 @@ class QueueFlowLoader:
             self._torch.collate_fn,
             self._torch.drop_last,
             self._torch.worker_init_fn,
+            report=in_order,  # worker states are restored only where batch k goes to worker k % num_workers
         )
+        self._prefetch = self._torch.prefetch_factor or 0
+        self._restorable = num_workers > 0 and in_order
+        self._base_seed: int | None = None
+        self._epoch: Epoch | None = None  # the last epoch begun (what state_dict describes)
+        self._resume: Epoch | None = None  # an epoch load_state_dict left to finish
+        self._sequence: Sequence | None = None  # the persistent workers
+        self._running: weakref.WeakSet[Sequence] = weakref.WeakSet()  # each iterator's own workers (not persistent)
         self._epochs_sent = 0  # epochs handed to the workers, guesses included (``Job.epoch``)
         self._epoch_step = EpochStep(self._torch._index_sampler)
         self._ahead: Guess | None = None  # the guessed next epoch, queued behind the current one
-
-    @staticmethod
-    def _distributed(
-        dataset: Any,
-        sampler: Any,
-        batch_sampler: Any,
-        shuffle: bool | None,
-        drop_last: bool,
-        generator: Any,
-        rank: int | None,
-        world_size: int | None,
-    ) -> Any:
-        if rank is None and world_size is None:
-            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-                return sampler
-            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        if rank is None or world_size is None:
-            raise ValueError("give both rank= and world_size=, or neither")
-        if isinstance(dataset, IterableDataset) or sampler is not None or batch_sampler is not None:
-            return sampler
-        seed = int(generator.initial_seed()) if generator is not None else 0
-        return DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=bool(shuffle), seed=seed, drop_last=drop_last
-        )
 
     # -- DataLoader's surface ------------------------------------------------------------------
 
@@ -165,7 +150,7 @@ class QueueFlowLoader:
 
     @property
     def sampler(self) -> Any:
-        """The sampler, as ``DataLoader.sampler`` (a ``DistributedSampler`` under ranks)."""
+        """The sampler, as ``DataLoader.sampler`` (this rank's share under ranks)."""
         return self._torch.sampler
 
     @property
@@ -193,6 +178,8 @@ class QueueFlowLoader:
         elif isinstance(self.dataset, IterableDataset):
             batches = iter(self._torch)
         else:
+            if self.num_workers > 0 and self._prefetch <= 0:  # DataLoader's iterator raises this when it starts
+                raise AssertionError("prefetch_factor must be greater than 0 for MultiProcessingDataLoaderIter")
             batches = self._iter_map_style()
         if self.pin_memory and not torch.cuda.is_available() and not self._warned_pin:
             self._warned_pin = True
@@ -218,7 +205,10 @@ class QueueFlowLoader:
 
     def _iter_pipeline(self) -> Iterator[Any]:
         dataset: QueueFlowDataset = self.dataset
-        outputs = iter(dataset)
+        chunks = dataset.chunks(dataset.epoch)
+        if self._shard is not None:
+            chunks = _sharding.shard_chunks(chunks, *self._shard, drop_last=self._torch.drop_last)
+        outputs = dataset._outputs(chunks)
         if self.batch_size is None:
             yield from outputs
             return
@@ -231,77 +221,122 @@ class QueueFlowLoader:
         if batch and not self._torch.drop_last:
             yield self._torch.collate_fn(batch)
 
-    def _new_epoch(self, ahead: Guess | None) -> bool:
-        """Draw from the generator as DataLoader's iterator does, and fix this epoch's index batches.
-
-        Returns whether they are ``ahead``'s, the epoch guessed (and queued) when the last one began.
-        """
-        self._epoch_step.started()
-        if self._resume is not None:
-            state, self._resume = self._resume, None
-            self._base_seed, self._epoch_batches, self._yielded = state["base_seed"], state["batches"], state["yielded"]
-            if state["generator"] is not None and self.generator is not None:
-                self.generator.set_state(state["generator"])
-            return False
-        if self._base_seed is None or not self.persistent_workers:
-            self._base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
-        guessed = ahead is not None and ahead.take()
-        if guessed:
-            assert ahead is not None and ahead.batches is not None
-            self._epoch_batches = ahead.batches
-        else:
-            self._epoch_batches = list(self._torch._index_sampler)
-        self._yielded = 0
-        self._generator_state = self.generator.get_state() if self.generator is not None else None
-        return guessed
+    # -- map-style epochs ----------------------------------------------------------------------
 
     def _iter_map_style(self) -> Iterator[Any]:
-        if not self.persistent_workers:
-            self._drop_workers()  # DataLoader starts new workers (with the dataset as it is now) every epoch
-        ahead, self._ahead = self._ahead, None
-        guessed = self._new_epoch(ahead)
-        if self.num_workers == 0:
-            outputs: Iterator[Any] = (self._fetch(job) for job in self._jobs(self._epoch_batches[self._yielded :]))
-        else:
-            outputs = self._epoch_outputs(ahead, guessed)
+        """Begin an epoch now, as ``iter(DataLoader)`` does (its draws, its workers), and iterate it."""
+        if self._epoch is not None:
+            self._leave(self._epoch)  # a new iterator ends the last one's epoch (DataLoader's _reset)
+        epoch, outputs, own = self._begin()
+        return self._deliver(epoch, outputs, own)
+
+    def _deliver(self, epoch: Epoch, outputs: Iterator[Fetched], own: Sequence | None) -> Iterator[Any]:
+        """The epoch's batches; ``own``: this iterator's own workers (without persistent workers)."""
         try:
-            for batch in outputs:
-                self._yielded += 1
-                yield batch
-        except GeneratorExit:  # the epoch was left before its end (Lightning stops at len(loader) batches)
-            if not self.persistent_workers:
-                self._drop_workers()
-            raise  # persistent workers stay: the next epoch cancels what is left of this one
+            while True:
+                if self.persistent_workers and epoch is not self._epoch:
+                    return  # a later iter() reset the workers: DataLoader's (one) persistent iterator moved on
+                try:
+                    batch, worker, state, kept = next(outputs)
+                except StopIteration:
+                    break
+                if state is not None:
+                    epoch.states[worker] = merged(epoch.states.get(worker), state)
+                if kept:
+                    epoch.yielded += 1
+                    yield batch
+            epoch.left = True
+        except GeneratorExit:  # left before its end (break; Lightning stops at len(loader) batches)
+            if not sys.is_finalizing():  # at exit nothing draws again (and copying a sampler may fail)
+                self._leave(epoch)
+            raise
         except BaseException as exc:
-            self._drop_workers()  # a failed pipeline is closed: the next epoch starts a new one
+            if own is None:
+                self._drop_workers()  # a failed pipeline is closed: the next epoch starts a new one
             if isinstance(exc, TimeoutError):
                 raise RuntimeError(f"DataLoader timed out after {self._torch.timeout} seconds") from exc
             raise
-        if not self.persistent_workers:
-            self._drop_workers()
+        finally:
+            if own is not None:  # DataLoader stops an iterator's workers with it
+                own.close()
 
-    def _jobs(self, batches: list[Any], rewind: int | None = None) -> list[Job]:
-        """One epoch's fetch jobs, under a new epoch number."""
-        assert self._base_seed is not None
+    def _leave(self, epoch: Epoch) -> None:
+        """``epoch`` is left where it stands; only the last epoch begun moves the generator."""
+        if epoch is self._epoch and not epoch.left:
+            _epochs.leave(epoch, self._torch._index_sampler, self.num_workers, self._prefetch)
+            if self._ahead is not None and epoch.left_early:
+                self._ahead.drop()
+
+    def _begin(self) -> tuple[Epoch, Iterator[Fetched], Sequence | None]:
+        """Begin an epoch (a new one, or the one ``load_state_dict`` left to finish) and start fetching.
+
+        Returns the epoch, its outputs, and the workers of this iterator alone (``None`` with
+        persistent workers or none)."""
+        previous, ahead, self._ahead = self._epoch, self._ahead, None
+        self._epoch_step.started()
+        if self._resume is not None:
+            epoch, guessed, self._resume = self._resume, False, None
+            parts = [(epoch.yielded, epoch.batches[epoch.yielded :], True)]
+            restore = self._restorable
+        else:
+            epoch, guessed = self._draw(previous, ahead)
+            # persistent workers are where DataLoader's are only if they went on into a right guess
+            restore = self._restorable and self.persistent_workers and not guessed
+            parts = [_epochs.catch_up(previous, self.num_workers, self._prefetch)] if restore else []
+            parts.append((0, epoch.batches, True))
+        self._epoch = epoch
+        if self.num_workers == 0:
+            base_seed = epoch.base_seed
+            return epoch, (self._fetch(Job(base_seed, 0, indices)) for indices in epoch.batches[epoch.yielded :]), None
         self._epochs_sent += 1
-        return [Job(self._base_seed, self._epochs_sent, rewind, indices) for indices in batches]
+        if restore:
+            jobs = _epochs.restoring_jobs(epoch.base_seed, self._epochs_sent, self.num_workers, epoch.states, parts)
+        else:
+            jobs = [Job(epoch.base_seed, self._epochs_sent, indices) for _, batches, _ in parts for indices in batches]
+        if not self.persistent_workers:
+            own = self._new_pipeline()
+            self._running.add(own)  # weakly: an iterator dropped unstarted takes its workers with it
+            outputs = own(jobs)
+            outputs.timeout = self._torch.timeout or None
+            return epoch, outputs, own
+        return epoch, self._persistent_outputs(ahead, guessed, jobs), None
 
-    def _epoch_outputs(self, ahead: Guess | None, guessed: bool) -> _EpochIterator:
-        """This epoch's batches from the workers: the guessed epoch if it was right, else fetched now.
+    def _draw(self, previous: Epoch | None, ahead: Guess | None) -> tuple[Epoch, bool]:
+        """A new epoch, drawn from the generator as DataLoader's iterator draws it; and whether it is
+        ``ahead``, the guess queued when the last one began."""
+        if self._base_seed is None or not self.persistent_workers:
+            self._base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
+        generator = _epochs.sampler_generator(self._torch._index_sampler)
+        drawn_from = generator.get_state() if generator is not None else None
+        follows = previous is None or not previous.left_early  # else DataLoader's workers fetched other batches
+        guessed = ahead is not None and follows and ahead.take()
+        if ahead is not None and guessed:
+            assert ahead.batches is not None  # take() drew it
+            batches = ahead.batches
+        else:
+            batches = list(self._torch._index_sampler)
+        epoch = Epoch(self._base_seed, batches, drawn_from, generator.get_state() if generator is not None else None)
+        if self.persistent_workers and previous is not None and previous.base_seed == self._base_seed:
+            epoch.states = dict(previous.states)  # the same workers go on
+        return epoch, guessed
 
-        With persistent workers the following epoch is guessed and queued behind this one (see
-        ``_lookahead``), so the workers run from this epoch's last batch into the next one's first.
+    def _persistent_outputs(self, ahead: Guess | None, guessed: bool, jobs: list[Job]) -> _EpochIterator:
+        """This epoch's outputs from the persistent workers: the guessed epoch if it was right, else ``jobs``.
+
+        The following epoch is guessed and queued behind this one (see ``_lookahead``), so the
+        workers run from this epoch's last batch into the next one's first.
         """
-        sequence = self._pipeline()
+        if self._sequence is None:
+            self._sequence = self._new_pipeline()
+        sequence = self._sequence
         if ahead is not None:
             epoch = iter(sequence)  # the guessed epoch's outputs, queued behind the previous epoch
         if not guessed:  # iterating the new epoch cancels a wrong guess
             if ahead is not None:
                 logger.debug("the epoch guessed ahead is not the one drawn now: it is cancelled")
-            rewind = ahead.number if ahead is not None else None
-            sequence.queue_iterable(self._jobs(self._epoch_batches[self._yielded :], rewind))
+            sequence.queue_iterable(jobs)
             epoch = iter(sequence)
-        if self.persistent_workers and predictable(self._torch._index_sampler):
+        if predictable(self._torch._index_sampler):
             self._epochs_sent += 1
             base_seed, number = self._base_seed, self._epochs_sent
             assert base_seed is not None
@@ -309,26 +344,24 @@ class QueueFlowLoader:
                 number,
                 self._torch._index_sampler,
                 self._epoch_step.step,
-                lambda indices: Job(base_seed, number, None, indices),
+                lambda indices: Job(base_seed, number, indices),
             )
             sequence.queue_iterable(self._ahead.jobs())
         epoch.timeout = self._torch.timeout or None
         return epoch
 
-    def _pipeline(self) -> Sequence:
-        if self._sequence is None:
-            prefetch = (self._torch.prefetch_factor or 2) * self.num_workers
-            self._sequence = Sequence(
-                # in order: batch k to worker k % num_workers, each worker in order, as DataLoader does
-                ProcessStep(self._fetch, self.num_workers, name="fetch", round_robin=self._torch.in_order),
-                Queue(max(prefetch, 1)),
-                ordered=self._torch.in_order,
-                context=self._torch.multiprocessing_context,
-                name="QueueFlowLoader",
-            )
-        return self._sequence
+    def _new_pipeline(self) -> Sequence:
+        return Sequence(
+            # in order: batch k to worker k % num_workers, each worker in order, as DataLoader does
+            ProcessStep(self._fetch, self.num_workers, name="fetch", round_robin=self._torch.in_order),
+            Queue(self._prefetch * self.num_workers),
+            ordered=self._torch.in_order,
+            context=self._torch.multiprocessing_context,
+            name="QueueFlowLoader",
+        )
 
     def _drop_workers(self) -> None:
+        """Stop the persistent workers (the next epoch starts new ones)."""
         if self._sequence is not None:
             self._sequence.close()
         self._sequence, self._ahead = None, None
@@ -336,24 +369,37 @@ class QueueFlowLoader:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Where this epoch stands: resuming yields exactly the batches not yet yielded."""
-        return {
-            "epoch": self.epoch,
-            "base_seed": self._base_seed,
-            "batches": list(self._epoch_batches),
-            "yielded": self._yielded,
-            "generator": self._generator_state,
-        }
+        """Where this epoch stands: resuming yields exactly the batches an uninterrupted run still yields."""
+        state: dict[str, Any] = {"epoch": self.epoch, "base_seed": None, "batches": [], "yielded": 0}
+        epoch = self._resume or self._epoch
+        if epoch is not None:
+            state.update(_epochs.checkpoint(epoch, self.num_workers))
+        state["generator"] = self.generator.get_state() if self.generator is not None else None
+        sampler_generator = _epochs.sampler_generator(self._torch._index_sampler)
+        if sampler_generator is not None and sampler_generator is not self.generator:
+            state["sampler_generator"] = sampler_generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from ``state_dict()``: the next iteration continues that epoch without refetching its start."""
+        """Resume from ``state_dict()``: the next iteration continues that epoch without refetching its
+        start, or begins the next epoch if that one was over."""
         self.set_epoch(state["epoch"])
-        if state["batches"] and state["yielded"] < len(state["batches"]):
-            self._resume = dict(state)
+        self._drop_workers()  # the workers' random states are the checkpoint's
+        if state.get("generator") is not None and self.generator is not None:
+            self.generator.set_state(state["generator"])
+        sampler_generator = _epochs.sampler_generator(self._torch._index_sampler)
+        if state.get("sampler_generator") is not None and sampler_generator is not None:
+            sampler_generator.set_state(state["sampler_generator"])
+        epoch = _epochs.restored(state, self.num_workers)
+        self._base_seed = epoch.base_seed if epoch is not None else None
+        resume = epoch is not None and not epoch.left and epoch.yielded < len(epoch.batches)
+        self._resume, self._epoch = (epoch, None) if resume else (None, epoch)
 
     def close(self) -> None:
         """Stop the worker processes (they also stop when the loader is garbage collected)."""
         self._drop_workers()
+        for sequence in list(self._running):
+            sequence.close()
 
 
 def _with_progress(batches: Iterator[Any], total: int | None) -> Iterator[Any]:

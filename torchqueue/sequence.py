@@ -20,7 +20,7 @@ from typing import Any
 from torchqueue._channel import Stopped
 from torchqueue._messages import EndOfEpoch, Failure, Skipped
 from torchqueue._plan import make_plan
-from torchqueue._runtime import Runtime, pickled_steps
+from torchqueue._runtime import ERROR_JOIN_S, Runtime, pickled_steps
 from torchqueue.errors import PipelineError, rebuild
 from torchqueue.stats import Stats
 
@@ -166,6 +166,8 @@ class Sequence:
 
     def _fail(self, error: BaseException) -> None:
         self._error = error
+        if self._runtime is not None:  # the error is raised once this returns: only a short grace for workers
+            self._runtime.close(join_s=ERROR_JOIN_S)
         self.close()
 
 

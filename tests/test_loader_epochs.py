@@ -1,0 +1,275 @@
+"""QueueFlowLoader's epochs against DataLoader's: left early, two iterators, resumed from checkpoints.
+
+Every comparison is with a real torch DataLoader, tensor by tensor, over a dataset that draws from
+``random``, numpy and torch in ``__getitem__`` (as augmentations do) where workers are involved.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+
+from torchqueue import QueueFlowLoader
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
+
+
+class Augmented(Dataset):
+    """An index and one draw of each of ``random``, numpy and torch, and the worker's id."""
+
+    def __init__(self, n: int = 37) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        info = torch.utils.data.get_worker_info()
+        draws = [random.random(), float(np.random.rand()), torch.rand(()).item()]
+        return torch.tensor([i, *draws, info.id if info else -1], dtype=torch.float64)
+
+
+def make(cls, n: int = 37, **kwargs):
+    kwargs.setdefault("batch_size", 4)
+    return cls(Augmented(n), generator=torch.Generator().manual_seed(3), **kwargs)
+
+
+def equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def close(loader) -> None:
+    if isinstance(loader, QueueFlowLoader):
+        loader.close()
+
+
+# -- an epoch left early (break) ---------------------------------------------------------------
+
+
+def seed_this_process() -> None:
+    """Without workers the dataset draws from this process's generators: the same for each loader."""
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+
+
+def _after_a_break(cls, taken: int, epochs: int = 2, **kwargs) -> list[list[torch.Tensor]]:
+    """Take ``taken`` batches of an epoch, break, then run ``epochs`` whole epochs."""
+    seed_this_process()
+    loader = make(cls, **kwargs)
+    for k, _ in enumerate(loader, 1):
+        if k == taken:
+            break
+    out = [list(loader) for _ in range(epochs)]
+    close(loader)
+    return out
+
+
+@pytest.mark.parametrize("taken", [1, 3, 9])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"shuffle": True},  # DataLoader without workers takes one index batch per batch
+        {"shuffle": True, "num_workers": 2},  # with workers, prefetch_factor * num_workers first
+        {"shuffle": True, "num_workers": 2, "prefetch_factor": 1},
+        {"shuffle": True, "num_workers": 2, "persistent_workers": True},
+        {"num_workers": 2, "persistent_workers": True},  # DataLoader's workers fetch all they were handed
+        {
+            "batch_size": 1,
+            "batch_sampler": lambda: BatchSampler(
+                RandomSampler(range(37), replacement=True, generator=torch.Generator().manual_seed(1)), 4, False
+            ),
+            "num_workers": 2,
+        },  # draws 32 indices at a time
+    ],
+)
+def test_after_a_break_the_next_epochs_are_dataloaders(taken, kwargs):
+    def arguments():
+        return {k: v() if callable(v) else v for k, v in kwargs.items()}
+
+    theirs = _after_a_break(DataLoader, taken, **arguments())
+    ours = _after_a_break(QueueFlowLoader, taken, **arguments())
+    assert all(equal(a, b) for a, b in zip(theirs, ours))
+
+
+def test_after_a_break_out_of_order_epochs_hold_dataloaders_batches():
+    # in_order=False: batches come as they are ready, but the order drawn is DataLoader's
+    theirs = _after_a_break(DataLoader, 2, n=40, shuffle=True, num_workers=2, in_order=False)
+    ours = _after_a_break(QueueFlowLoader, 2, n=40, shuffle=True, num_workers=2, in_order=False)
+    for a, b in zip(theirs, ours):
+        assert sorted(x[:, 0].tolist() for x in a) == sorted(x[:, 0].tolist() for x in b)
+
+
+# -- two iterators of one loader -----------------------------------------------------------------
+
+
+def _two_iterators(cls, **kwargs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    seed_this_process()
+    loader = make(cls, n=12, shuffle=True, **kwargs)
+    first = iter(loader)
+    head = [next(first)]
+    second = list(iter(loader))
+    rest = list(first)
+    close(loader)
+    return head + rest, second
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"num_workers": 2}, {"num_workers": 2, "persistent_workers": True}], ids=["0", "2", "persistent"]
+)
+def test_two_iterators_of_one_loader_as_with_dataloader(kwargs):
+    # without persistent workers each iterator runs its own epoch; with them, the second ends the first
+    theirs = _two_iterators(DataLoader, **kwargs)
+    ours = _two_iterators(QueueFlowLoader, **kwargs)
+    assert all(equal(a, b) for a, b in zip(theirs, ours))
+    if kwargs.get("persistent_workers"):
+        assert len(ours[0]) == 1
+
+
+def _peeked(cls, **kwargs) -> list[list[torch.Tensor]]:
+    seed_this_process()
+    loader = make(cls, **kwargs)
+    peek = iter(loader)  # kept, never advanced again
+    out = [[next(peek)], list(loader), list(loader)]
+    close(loader)
+    return out
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"num_workers": 2}, {"num_workers": 2, "persistent_workers": True}], ids=["0", "2", "persistent"]
+)
+def test_an_iterator_left_unfinished_ends_its_epoch_when_the_next_begins(kwargs):
+    theirs = _peeked(DataLoader, shuffle=True, **kwargs)
+    ours = _peeked(QueueFlowLoader, shuffle=True, **kwargs)
+    assert all(equal(a, b) for a, b in zip(theirs, ours))
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def _resumed(taken: int, epochs: int = 2, **kwargs) -> list[torch.Tensor]:
+    """The batches of a loader stopped after ``taken`` batches, then resumed in a new one from its state."""
+    first = make(QueueFlowLoader, **kwargs)
+    iterator = iter(first)
+    head = [next(iterator) for _ in range(taken)]
+    state = first.state_dict()
+    close(first)
+    resumed = make(QueueFlowLoader, **kwargs)
+    resumed.load_state_dict(state)
+    out = head + [batch for _ in range(epochs) for batch in resumed]
+    close(resumed)
+    return out
+
+
+@pytest.mark.parametrize("taken", [2, 3, 5])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_resuming_restores_the_workers_random_state(taken, persistent):
+    kwargs = {"shuffle": True, "num_workers": 2, "persistent_workers": persistent}
+    reference = make(DataLoader, **kwargs)
+    theirs = [batch for _ in range(2) for batch in reference]
+    assert equal(_resumed(taken, **kwargs), theirs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"shuffle": True},
+        {"shuffle": True, "num_workers": 2},
+        {"shuffle": True, "num_workers": 2, "persistent_workers": True},
+    ],
+    ids=["0", "2", "persistent"],
+)
+def test_a_checkpoint_after_a_whole_epoch_resumes_with_the_next_epoch(kwargs):
+    seed_this_process()
+    reference = make(DataLoader, **kwargs)
+    theirs = [list(reference) for _ in range(3)]
+    seed_this_process()
+    first = make(QueueFlowLoader, **kwargs)
+    ours = [list(first)]
+    state = first.state_dict()
+    close(first)
+    resumed = make(QueueFlowLoader, **kwargs)
+    resumed.load_state_dict(state)
+    ours += [list(resumed), list(resumed)]
+    close(resumed)
+    assert all(equal(a, b) for a, b in zip(theirs, ours))
+
+
+def test_a_resumed_loader_checkpoints_again():
+    reference = make(DataLoader, shuffle=True, num_workers=2)
+    theirs = [batch for _ in range(2) for batch in reference]
+    first = make(QueueFlowLoader, shuffle=True, num_workers=2)
+    iterator = iter(first)
+    ours = [next(iterator) for _ in range(3)]
+    state = first.state_dict()
+    close(first)
+    second = make(QueueFlowLoader, shuffle=True, num_workers=2)
+    second.load_state_dict(state)
+    iterator = iter(second)
+    ours += [next(iterator) for _ in range(2)]
+    state = second.state_dict()
+    assert state["generator"] is not None
+    close(second)
+    third = make(QueueFlowLoader, shuffle=True, num_workers=2)
+    third.load_state_dict(state)
+    ours += [batch for _ in range(2) for batch in third]
+    close(third)
+    assert equal(ours, theirs)
+
+
+def test_a_checkpoint_taken_after_a_break_resumes_as_the_loader_would_have_gone_on():
+    # the epoch was left: DataLoader's next iterator begins a new epoch, after its workers' catch-up
+    kwargs = {"shuffle": True, "num_workers": 2, "persistent_workers": True}
+    theirs = _after_a_break(DataLoader, 2, epochs=1, **kwargs)
+    loader = make(QueueFlowLoader, **kwargs)
+    for k, _ in enumerate(loader, 1):
+        if k == 2:
+            break
+    state = loader.state_dict()
+    close(loader)
+    resumed = make(QueueFlowLoader, **kwargs)
+    resumed.load_state_dict(state)
+    ours = [list(resumed)]
+    close(resumed)
+    assert equal(ours[0], theirs[0])
+
+
+# -- DataLoader's errors -------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # DataLoader's iterator's __del__
+def test_prefetch_factor_zero_with_workers_raises_dataloaders_error_when_iterated():
+    with pytest.raises(AssertionError) as theirs:
+        iter(DataLoader(Augmented(), num_workers=2, prefetch_factor=0))
+    loader = QueueFlowLoader(Augmented(), num_workers=2, prefetch_factor=0)
+    with pytest.raises(AssertionError) as ours:
+        iter(loader)
+    assert str(ours.value) == str(theirs.value)
+
+
+class Stuck(Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        if i == 2:
+            threading.Event().wait(30)  # a fetch that does not come back in time
+        return i
+
+
+def test_a_timeout_is_raised_promptly_though_a_worker_is_stuck():
+    loader = QueueFlowLoader(Stuck(), batch_size=None, num_workers=2, timeout=0.5)
+    iterator = iter(loader)
+    next(iterator), next(iterator)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="timed out after 0.5 seconds"):
+        next(iterator)
+    # the stuck worker is not waited for as at a normal close (2 s): it is stopped at once
+    assert time.monotonic() - start < 1.5
+    loader.close()

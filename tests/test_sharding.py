@@ -1,0 +1,121 @@
+"""Ranks' shares: disjoint but for the padding, the same count on every rank, as DistributedSampler pads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+import torchqueue as tq
+from torchqueue import QueueFlowLoader
+from torchqueue._sharding import ShardedSampler, shard, shard_chunks
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
+
+
+class Indices(Dataset):
+    def __len__(self) -> int:
+        return 11
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def _distributed_shares(n: int, world_size: int, drop_last: bool) -> list[list[int]]:
+    """What DistributedSampler gives each rank over ``range(n)`` without shuffling."""
+    return [
+        list(DistributedSampler(range(n), world_size, rank, shuffle=False, drop_last=drop_last))
+        for rank in range(world_size)
+    ]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 6, 7])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_chunks_are_shared_as_distributed_sampler_shares_indices(n, world_size, drop_last, lazy):
+    expected = _distributed_shares(n, world_size, drop_last) if n else [[] for _ in range(world_size)]
+    for rank in range(world_size):
+        chunks = (i for i in range(n)) if lazy else list(range(n))  # a generator: read once, never measured
+        assert list(shard_chunks(chunks, rank, world_size, drop_last)) == expected[rank]
+
+
+def test_a_wrapped_sampler_is_shared_as_distributed_sampler_shares_indices():
+    for world_size in (2, 3, 4):
+        for drop_last in (False, True):
+            shares = [ShardedSampler(SequentialSampler(range(11)), r, world_size, drop_last) for r in range(world_size)]
+            assert [list(s) for s in shares] == _distributed_shares(11, world_size, drop_last)
+            assert {len(s) for s in shares} == {len(list(shares[0]))}
+
+
+def test_rank_and_world_size_are_checked():
+    with pytest.raises(ValueError, match="both"):
+        shard(0, None)
+    with pytest.raises(ValueError, match="rank"):
+        shard(2, 2)
+    with pytest.raises(TypeError, match="int"):
+        shard(0.0, 2)  # type: ignore[arg-type]
+    assert shard(None, None) is None  # torch.distributed is not initialized here
+
+
+def _shares(world_size: int, **kwargs) -> list[list[list[int]]]:
+    """Each rank's batches, as lists of indices."""
+    out = []
+    for rank in range(world_size):
+        arguments = {k: v() if callable(v) else v for k, v in kwargs.items()}
+        loader = QueueFlowLoader(Indices(), rank=rank, world_size=world_size, **arguments)
+        out.append([batch.tolist() for batch in loader])
+        assert len(out[-1]) == len(loader)
+        loader.close()
+    return out
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"batch_size": 2, "sampler": lambda: SequentialSampler(range(11))},
+        {"batch_size": 2, "sampler": lambda: RandomSampler(range(11), generator=torch.Generator().manual_seed(1))},
+        {"batch_size": 2, "num_workers": 2, "sampler": lambda: SequentialSampler(range(11))},
+        {"batch_sampler": lambda: BatchSampler(SequentialSampler(range(11)), 3, False)},
+    ],
+)
+def test_a_given_sampler_or_batch_sampler_is_shared_among_ranks(kwargs):
+    batches = _shares(2, **kwargs)
+    assert len(batches[0]) == len(batches[1])  # the same number of batches on every rank
+    shares = [[i for batch in rank_batches for i in batch] for rank_batches in batches]
+    assert set(shares[0]) | set(shares[1]) == set(range(11))
+    overlap = set(shares[0]) & set(shares[1])
+    assert len(overlap) <= (3 if "batch_sampler" in kwargs else 1)  # only the padding repeats
+
+
+def test_a_given_sampler_with_drop_last_is_trimmed_to_equal_disjoint_shares():
+    # 11 indices trimmed to 9, 3 per rank; then batches of 2, the last partial one dropped
+    shares = _shares(3, batch_size=2, drop_last=True, sampler=lambda: SequentialSampler(range(11)))
+    assert shares == [[[0, 3]], [[1, 4]], [[2, 5]]]
+
+
+def chunks_of(epoch: int):
+    yield from ([epoch * 100 + i, epoch * 100 + i + 50] for i in range(5))  # a generator: its length is unknown
+
+
+def identity(x):
+    return x
+
+
+@pytest.mark.parametrize("source", [chunks_of, [[0, 50], [1, 51], [2, 52], [3, 53], [4, 54]]])
+def test_a_queueflow_datasets_chunks_are_shared_among_ranks(source):
+    dataset = tq.QueueFlowDataset(source, [tq.ProcessStep(identity, 1), tq.UnpackStep()])
+    try:
+        shares = [list(QueueFlowLoader(dataset, rank=rank, world_size=2)) for rank in range(2)]
+        trimmed = [
+            [
+                batch.tolist()
+                for batch in QueueFlowLoader(dataset, batch_size=2, drop_last=True, rank=rank, world_size=2)
+            ]
+            for rank in range(2)
+        ]
+    finally:
+        dataset.close()
+    # chunks 0, 2, 4 to rank 0; 1, 3 and (padding) 0 again to rank 1
+    assert shares == [[0, 50, 2, 52, 4, 54], [1, 51, 3, 53, 0, 50]]
+    assert trimmed == [[[0, 50], [2, 52]], [[1, 51], [3, 53]]]  # 5 chunks trimmed to 4 (drop_last)

@@ -1,0 +1,150 @@
+"""Every rank's share of a loader's data: disjoint, and the same count on every rank.
+
+With ``rank=`` and ``world_size=`` (or an initialized ``torch.distributed``) a ``QueueFlowLoader``
+gives its rank one share, as Lightning's ``DistributedSampler`` / ``DistributedSamplerWrapper`` do:
+
+- no sampler: a ``DistributedSampler`` over the dataset (shuffled when ``shuffle=True``, seeded
+  with the generator's initial seed);
+- a ``DistributedSampler``: taken as it is (it is a share already);
+- another sampler: ``ShardedSampler``, the rank's share of the sampler's indices;
+- a batch sampler: ``ShardedBatchSampler``, the rank's share of its batches;
+- a ``QueueFlowDataset``: ``shard_chunks``, the rank's share of the epoch's chunks.
+
+A share takes every ``world_size``-th item from position ``rank``, after padding the list by
+repeating it from its start up to a multiple of ``world_size`` (or trimming it to one, with
+``drop_last=True``), as ``DistributedSampler`` does. Every rank must see the same list: the same
+sampler and generator seed, the same chunks. Other iterable datasets are the user's to split, as
+with DataLoader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils.data import DistributedSampler, IterableDataset, Sampler
+
+
+class Shard(NamedTuple):
+    rank: int
+    world_size: int
+
+
+def shard(rank: int | None, world_size: int | None) -> Shard | None:
+    """This process's shard: from the arguments, else from an initialized ``torch.distributed``, else none."""
+    if rank is None and world_size is None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if rank is None or world_size is None:
+        raise ValueError("give both rank= and world_size=, or neither")
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return Shard(rank, world_size)
+
+
+def samplers(
+    dataset: Any,
+    sampler: Any,
+    batch_sampler: Any,
+    shuffle: bool | None,
+    drop_last: bool,
+    generator: torch.Generator | None,
+    where: Shard | None,
+) -> tuple[Any, Any, bool | None]:
+    """``(sampler, batch_sampler, shuffle)`` for DataLoader, giving this rank its share."""
+    if where is None or isinstance(dataset, IterableDataset):
+        return sampler, batch_sampler, shuffle
+    rank, world_size = where
+    if batch_sampler is not None:
+        return sampler, ShardedBatchSampler(batch_sampler, rank, world_size), shuffle
+    if isinstance(sampler, DistributedSampler):
+        return sampler, batch_sampler, shuffle
+    if sampler is not None:
+        return ShardedSampler(sampler, rank, world_size, drop_last), batch_sampler, shuffle
+    seed = int(generator.initial_seed()) if generator is not None else 0
+    distributed: DistributedSampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=bool(shuffle), seed=seed, drop_last=drop_last
+    )
+    return distributed, batch_sampler, None  # the distributed sampler shuffles
+
+
+def _share(items: list[Any], rank: int, world_size: int, drop_last: bool) -> list[Any]:
+    total = _per_rank(len(items), world_size, drop_last) * world_size
+    if total > len(items):
+        items = items + [items[i % len(items)] for i in range(total - len(items))]
+    return items[rank:total:world_size]
+
+
+def _per_rank(count: int, world_size: int, drop_last: bool) -> int:
+    return count // world_size if drop_last else -(-count // world_size)
+
+
+class ShardedSampler(Sampler[int]):
+    """One rank's share of another sampler's indices (Lightning's ``DistributedSamplerWrapper``)."""
+
+    def __init__(self, sampler: Sampler, rank: int, world_size: int, drop_last: bool = False) -> None:
+        self.sampler, self.rank, self.world_size, self.drop_last = sampler, rank, world_size, drop_last
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(_share(list(self.sampler), self.rank, self.world_size, self.drop_last))
+
+    def __len__(self) -> int:
+        return _per_rank(len(self.sampler), self.world_size, self.drop_last)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Passed to the wrapped sampler, if it takes it."""
+        if callable(getattr(self.sampler, "set_epoch", None)):
+            self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """One rank's share of a batch sampler's batches (whole batches, padded by repeating the first)."""
+
+    def __init__(self, batch_sampler: Any, rank: int, world_size: int) -> None:
+        self.batch_sampler, self.rank, self.world_size = batch_sampler, rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(_share(list(self.batch_sampler), self.rank, self.world_size, False))
+
+    def __len__(self) -> int:
+        return _per_rank(len(self.batch_sampler), self.world_size, False)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Passed to the wrapped batch sampler (and its sampler), if they take it."""
+        for target in (self.batch_sampler, getattr(self.batch_sampler, "sampler", None)):
+            set_target_epoch = getattr(target, "set_epoch", None)
+            if callable(set_target_epoch):
+                set_target_epoch(epoch)
+
+
+def shard_chunks(chunks: Iterable[Any], rank: int, world_size: int, drop_last: bool) -> Iterator[Any]:
+    """One rank's share of an epoch's chunks, read lazily (memory: ``2 * world_size`` chunks at most).
+
+    Chunk ``p`` goes to rank ``p % world_size``. A last, incomplete round is completed with the
+    epoch's first chunks, as ``DistributedSampler`` pads (or dropped, with ``drop_last``), so that
+    every rank gets as many chunks. A rank's chunk is handed on once its round is complete.
+    """
+    head: list[Any] = []  # the first chunks, for padding
+    mine: list[Any] = []  # this rank's chunk of the round being read
+    count = 0
+    for chunk in chunks:
+        if count < world_size:
+            head.append(chunk)
+        if count % world_size == rank:
+            mine.append(chunk)
+        count += 1
+        if count % world_size == 0:
+            yield from mine
+            mine = []
+    last = count % world_size
+    if last == 0 or drop_last:
+        return
+    if mine:
+        yield from mine
+    else:
+        yield head[(rank - last) % count]
