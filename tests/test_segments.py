@@ -61,6 +61,18 @@ def test_a_segment_is_never_reused_while_a_tensor_views_it(segment_dir):
     assert len(os.listdir(segment_dir)) <= _segments.TRACKED
 
 
+def test_segments_in_flight_are_never_removed_however_many_are_sent(segment_dir):
+    # a sender far ahead of its receiver: more segments and bytes in flight than it keeps track of
+    count = _segments.TRACKED * 3
+    nbytes = _segments.TRACKED_BYTES // 4
+    sent = [_serialize.dumps(message(float(i), nbytes), segment_dir) for i in range(count)]
+    for i, data in enumerate(sent):  # every one still arrives, intact
+        assert torch.equal(_serialize.loads(data), message(float(i), nbytes))
+    del sent
+    send_and_receive(0.0, segment_dir)  # the next write forgets what is over the bounds
+    assert len(os.listdir(segment_dir)) <= _segments.TRACKED + 1
+
+
 def _hold_mapping(path: str, ready, release) -> None:
     mapped = np.memmap(path, dtype=np.uint8, mode="r")  # a mapping, no descriptor left open
     ready.set()

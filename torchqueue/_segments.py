@@ -19,10 +19,10 @@ broken.
 Bounds: only segments of ``REUSE_MIN_BYTES`` or more are reused. As it writes, a sender reuses
 the oldest of its segments that nobody uses, keeps ``SPARE`` more unused ones, and removes the
 others it finds unused; so while data flows, at most ``SPARE`` segments per sender wait unused.
-It tracks at most ``TRACKED`` segments and ``TRACKED_BYTES`` bytes (in flight, in use or free):
-the oldest beyond them is forgotten and its name removed (its memory goes when its last user
-unmaps it); that bounds what waits after the data stopped flowing, until the pipeline closes and
-its directory goes. Where leases are not available, segments are never reused, and the bounds
+It tracks at most ``TRACKED`` segments and ``TRACKED_BYTES`` bytes besides those in flight (which
+the credits bound): the oldest received one beyond them is forgotten and its name removed (its
+memory goes when its last user unmaps it); that bounds what waits after the data stopped flowing,
+until the pipeline closes and its directory goes. A segment in flight is never touched. Where leases are not available, segments are never reused, and the bounds
 only say when their names are removed.
 """
 
@@ -110,11 +110,26 @@ class _Sent:
     def track(self, path: str, size: int) -> None:
         self.names.append((path, size))
         self.nbytes += size
-        while len(self.names) > 1 and (len(self.names) > TRACKED or self.nbytes > TRACKED_BYTES):
+        if len(self.names) <= TRACKED and self.nbytes <= TRACKED_BYTES:
+            return
+        # Over the bounds: forget the oldest received segments (their name goes; their memory when
+        # the last user unmaps them). One still in flight keeps its name and stays tracked: its
+        # receiver opens it by that name (the credits bound how many are in flight).
+        kept: collections.deque[tuple[str, int]] = collections.deque()
+        while self.names and (len(self.names) + len(kept) > TRACKED or self.nbytes > TRACKED_BYTES):
             old, old_size = self.names.popleft()
-            self.nbytes -= old_size
-            _remove(old)
-            _remove(old + _RECEIVED)
+            if _received(old):
+                _remove(old + _RECEIVED)
+                self.nbytes -= old_size
+            else:
+                kept.append((old, old_size))
+        kept.extend(self.names)
+        self.names = kept
+
+
+def _received(path: str) -> bool:
+    """Whether the receiver took the segment sent as ``path`` (or it is gone): its name may go."""
+    return not os.path.exists(path)
 
 
 def _remove(path: str) -> None:
