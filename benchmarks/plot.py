@@ -15,7 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     data = json.loads((ROOT / "benchmarks" / "results" / "latest.json").read_text())
-    lines = [line for line in data["lines"] if line["ratio"] is not None and line["contender"] != "serial"]
+    lines = [
+        line
+        for line in data["lines"]
+        if line["ratio"] is not None and line["contender"] != "serial" and "MiB" not in line["unit"]  # throughputs
+    ]
     workloads = list(dict.fromkeys(line["workload"] for line in lines))
     contenders = list(dict.fromkeys(line["contender"] for line in lines))
     fig, ax = plt.subplots(figsize=(10, 4.5))
