@@ -9,11 +9,13 @@ from __future__ import annotations
 import gc
 import os
 import random
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+import torch.utils.data
 
 START_METHODS = ["fork", "spawn", "forkserver"]
 
@@ -81,6 +83,18 @@ def kill_self(x):
     if x == 3:
         os.kill(os.getpid(), 9)
     return x
+
+
+class Stuck(torch.utils.data.Dataset):
+    """A map-style dataset whose item 2 does not come back for 30 s (a stuck fetch)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        if i == 2:
+            threading.Event().wait(30)
+        return i
 
 
 def failing_source(n):

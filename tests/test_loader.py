@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from conftest import Stuck
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -263,16 +264,6 @@ def test_progress_bar_wraps_the_batches(capsys):
     loader = QueueFlowLoader(Squares(), batch_size=4, progress=True)
     assert len(list(loader)) == 6
     assert "6/6" in capsys.readouterr().err
-
-
-class Stuck(Dataset):
-    def __len__(self) -> int:
-        return 4
-
-    def __getitem__(self, i: int) -> int:
-        if i == 2:
-            threading.Event().wait(30)  # a fetch that does not come back in time
-        return i
 
 
 def test_timeout_raises_dataloaders_error_and_the_next_epoch_starts_afresh():

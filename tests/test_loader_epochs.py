@@ -7,12 +7,12 @@ Every comparison is with a real torch DataLoader, tensor by tensor, over a datas
 from __future__ import annotations
 
 import random
-import threading
 import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import Stuck
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from torchqueue import QueueFlowLoader
@@ -251,16 +251,6 @@ def test_prefetch_factor_zero_with_workers_raises_dataloaders_error_when_iterate
     with pytest.raises(AssertionError) as ours:
         iter(loader)
     assert str(ours.value) == str(theirs.value)
-
-
-class Stuck(Dataset):
-    def __len__(self) -> int:
-        return 4
-
-    def __getitem__(self, i: int) -> int:
-        if i == 2:
-            threading.Event().wait(30)  # a fetch that does not come back in time
-        return i
 
 
 def test_a_timeout_is_raised_promptly_though_a_worker_is_stuck():

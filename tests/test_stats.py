@@ -11,10 +11,15 @@ import torchqueue as tq
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
 
 
-def busy(x):
-    deadline = time.perf_counter() + 0.004
+def spin(seconds: float) -> None:
+    """Keep a core busy (a sleep would not count as busy)."""
+    deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         pass
+
+
+def busy(x):
+    spin(0.004)
     return x
 
 
@@ -54,9 +59,7 @@ def test_a_process_step_after_a_pool_step_has_one_row_and_no_internal_stage_show
 
 
 def slow(x):
-    deadline = time.perf_counter() + 0.05
-    while time.perf_counter() < deadline:
-        pass
+    spin(0.05)
     return x
 
 

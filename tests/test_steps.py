@@ -8,6 +8,8 @@ from conftest import double
 
 import torchqueue as tq
 
+pytestmark = pytest.mark.timeout(60)  # a few tests build Sequences
+
 
 @pytest.mark.parametrize(
     "make, error, words",

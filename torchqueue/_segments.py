@@ -22,8 +22,9 @@ others it finds unused; so while data flows, at most ``SPARE`` segments per send
 It tracks at most ``TRACKED`` segments and ``TRACKED_BYTES`` bytes besides those in flight (which
 the credits bound): the oldest received one beyond them is forgotten and its name removed (its
 memory goes when its last user unmaps it); that bounds what waits after the data stopped flowing,
-until the pipeline closes and its directory goes. A segment in flight is never touched. Where leases are not available, segments are never reused, and the bounds
-only say when their names are removed.
+until the pipeline closes and its directory goes. A segment in flight is never touched. Where
+leases are not available, segments are never reused, and the bounds only say when their names
+are removed.
 """
 
 from __future__ import annotations

@@ -73,14 +73,16 @@ def samplers(
     return distributed, batch_sampler, None  # the distributed sampler shuffles
 
 
-def _share(items: list[Any], rank: int, world_size: int, drop_last: bool) -> list[Any]:
-    total = _per_rank(len(items), world_size, drop_last) * world_size
+def share(items: list[Any], rank: int, world_size: int, drop_last: bool) -> list[Any]:
+    """Every ``world_size``-th item from ``rank``, after padding (or trimming) as the module docstring says."""
+    total = per_rank(len(items), world_size, drop_last) * world_size
     if total > len(items):
         items = items + [items[i % len(items)] for i in range(total - len(items))]
     return items[rank:total:world_size]
 
 
-def _per_rank(count: int, world_size: int, drop_last: bool) -> int:
+def per_rank(count: int, world_size: int, drop_last: bool) -> int:
+    """How many of ``count`` items each rank gets."""
     return count // world_size if drop_last else -(-count // world_size)
 
 
@@ -91,10 +93,10 @@ class ShardedSampler(Sampler[int]):
         self.sampler, self.rank, self.world_size, self.drop_last = sampler, rank, world_size, drop_last
 
     def __iter__(self) -> Iterator[int]:
-        return iter(_share(list(self.sampler), self.rank, self.world_size, self.drop_last))
+        return iter(share(list(self.sampler), self.rank, self.world_size, self.drop_last))
 
     def __len__(self) -> int:
-        return _per_rank(len(self.sampler), self.world_size, self.drop_last)  # type: ignore[arg-type]
+        return per_rank(len(self.sampler), self.world_size, self.drop_last)  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int) -> None:
         """Passed to the wrapped sampler, if it takes it."""
@@ -109,10 +111,10 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.batch_sampler, self.rank, self.world_size = batch_sampler, rank, world_size
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(_share(list(self.batch_sampler), self.rank, self.world_size, False))
+        return iter(share(list(self.batch_sampler), self.rank, self.world_size, False))
 
     def __len__(self) -> int:
-        return _per_rank(len(self.batch_sampler), self.world_size, False)
+        return per_rank(len(self.batch_sampler), self.world_size, False)
 
     def set_epoch(self, epoch: int) -> None:
         """Passed to the wrapped batch sampler (and its sampler), if they take it."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import math
 import os
 import zlib
 from collections.abc import Sequence
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from torchqueue._sharding import per_rank, shard, share
 
 __all__ = ["H5Chunks", "collate_graphs", "read_h5_chunk", "read_h5_events"]
 
@@ -119,25 +120,6 @@ def _write_json(path: Path, entries: dict[str, Any]) -> None:
         logger.debug("cannot write the length cache %s: %s", path, exc)
 
 
-def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is None and world_size is None:
-        try:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                return dist.get_rank(), dist.get_world_size()
-        except ImportError:
-            pass
-        return 0, 1
-    if rank is None or world_size is None:
-        raise ValueError("give both rank= and world_size=, or neither (then torch.distributed decides)")
-    _check_int(world_size, "world_size", 1)
-    _check_int(rank, "rank", 0)
-    if rank >= world_size:
-        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-    return rank, world_size
-
-
 class H5Chunks:
     """Per-epoch ``(file, start, stop)`` chunks over HDF5 files, shuffled and sharded.
 
@@ -181,7 +163,7 @@ class H5Chunks:
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
-        self.rank, self.world_size = _world(rank, world_size)
+        self.rank, self.world_size = shard(rank, world_size) or (0, 1)
         cache = _LengthCache(os.fspath(cache_dir) if cache_dir is not None else None)
         self.lengths = cache.lengths(self.files, length_key)
         if keys:
@@ -199,9 +181,7 @@ class H5Chunks:
 
     def __len__(self) -> int:
         """Chunks per epoch for this rank."""
-        if self.drop_last:
-            return len(self._plan) // self.world_size
-        return math.ceil(len(self._plan) / self.world_size)
+        return per_rank(len(self._plan), self.world_size, self.drop_last)
 
     def __call__(self, epoch: int = 0) -> list[Chunk]:
         """This rank's chunks for ``epoch``."""
@@ -209,12 +189,7 @@ class H5Chunks:
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(plan))
             plan = [plan[i] for i in order]
-        per_rank = len(self)
-        total = per_rank * self.world_size
-        if total > len(plan) and plan:  # pad by repeating from the start
-            plan = (plan * math.ceil(total / len(plan)))[:total]
-        plan = plan[:total]
-        return plan[self.rank : total : self.world_size]
+        return share(plan, self.rank, self.world_size, self.drop_last)
 
     def __repr__(self) -> str:
         return (
