@@ -114,6 +114,46 @@ def test_unused_segments_beyond_a_spare_are_removed_as_data_flows(segment_dir):
     assert torch.equal(kept, message(9.0))
 
 
+def test_a_sender_going_idle_keeps_one_spare_and_none_in_use_is_touched(segment_dir):
+    held = [send_and_receive(float(i), segment_dir) for i in range(5)]
+    still_used = held.pop()
+    del held  # four unused segments, one in use
+    _segments.trim(segment_dir)
+    assert len(os.listdir(segment_dir)) == 1 + _segments.SPARE
+    assert torch.equal(still_used, message(4.0))
+
+
+def test_large_messages_in_use_at_once_still_find_a_free_segment(segment_dir):
+    """The tracking bound covers several large messages in use at once (a queue of 64 MiB tensors)."""
+    nbytes = 64 << 20
+    held = [send_and_receive(float(i), segment_dir, nbytes) for i in range(4)]
+    where = inode(held[0])
+    del held[0]
+    assert inode(send_and_receive(9.0, segment_dir, nbytes)) == where
+
+
+def test_idle_workers_free_the_segments_their_outputs_left(no_leaks):
+    """After the consumer dropped every output, an idle worker keeps at most a spare per sender."""
+    import time
+
+    import torchqueue as tq
+
+    with tq.Sequence(tq.ProcessStep(_big_tensor, 2), tq.Queue(4)) as seq:
+        for value in seq(range(12)):
+            assert float(value[0]) == value.numel() % 7
+        del value
+        directory = seq._runtime._segment_dir
+        deadline = time.monotonic() + 20
+        while len(os.listdir(directory)) > 2 * _segments.SPARE and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling the directory, which idle workers trim on their own
+        assert len(os.listdir(directory)) <= 2 * _segments.SPARE
+
+
+def _big_tensor(i: int) -> torch.Tensor:
+    n = (BIG // 4) + i
+    return torch.full((n,), float(n % 7))
+
+
 def test_removing_the_directory_forgets_what_was_sent(segment_dir):
     send_and_receive(1.0, segment_dir)
     assert segment_dir in _segments._sent

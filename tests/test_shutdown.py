@@ -96,6 +96,21 @@ def test_close_is_idempotent_and_with_blocks_close(no_leaks):
     assert_no_workers()
 
 
+def test_idle_workers_and_feeder_leave_at_close_without_waiting_for_a_poll(monkeypatch, caplog):
+    """Closing wakes what waits for input: with polls made a minute apart, every worker still leaves
+    by itself within the join time (none is terminated), in a stream, a pool and a plain step."""
+    from torchqueue import _channel, _feeder
+
+    monkeypatch.setattr(_channel, "POLL_S", 60.0)  # forked workers inherit it
+    monkeypatch.setattr(_feeder, "POLL_S", 60.0)
+    caplog.set_level("DEBUG", logger="torchqueue")
+    steps = (tq.ProcessStep(double, 2), tq.RepackStep(2), tq.PoolStep(double, nworkers=2), tq.Queue(2))
+    with tq.Sequence(*steps, context="fork") as seq:
+        assert list(seq(range(6))) == [[0, 4], [8, 12], [16, 20]]
+    assert not [r for r in caplog.records if "terminating" in r.getMessage()]
+    assert_no_workers()
+
+
 def test_close_in_the_middle_of_an_epoch(no_leaks):
     seq = tq.Sequence(tq.ProcessStep(random_sleep, 2), tq.PoolStep(random_sleep, nworkers=2))
     it = seq([i] * 5 for i in range(10**6))

@@ -5,7 +5,9 @@ counts free slots (``capacity`` messages at most are in the pipe), one lock
 serialises writers and one serialises readers. Both pipe ends are
 non-blocking and every wait is a ``select`` or a lock/semaphore acquire with a
 short timeout, after which the caller's ``alive`` check runs: a stop request or
-a dead peer ends the wait instead of hanging it.
+a dead peer ends the wait instead of hanging it. A reader waiting for data
+also watches the pipeline's ``StopSignal``, so that an idle worker leaves at
+once when the pipeline closes, not at its next timeout.
 
     writers (any process)            readers (any process)
       slots.acquire()   ─┐          ┌─ rlock: select + read one whole message
@@ -39,6 +41,35 @@ def wait_acquire(lock: Any, alive: Callable[[], bool]) -> None:
     while not lock.acquire(timeout=POLL_S):
         if not alive():
             raise Stopped
+
+
+class StopSignal:
+    """A multiprocessing event that a ``select`` can wait for: setting it also makes a pipe readable.
+
+    Shared with workers by forking or pickling, like the channels. Nothing ever reads the pipe: once
+    set, it stays readable for every process."""
+
+    def __init__(self, ctx: BaseContext) -> None:
+        self._event = ctx.Event()
+        self._reader, self._writer = ctx.Pipe(duplex=False)
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        self._event.set()
+        try:
+            os.write(self._writer.fileno(), b"!")
+        except OSError:  # closed already
+            pass
+
+    def fileno(self) -> int:
+        """The descriptor that turns readable when the signal is set."""
+        return self._reader.fileno()
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
 
 
 class Channel:
@@ -79,10 +110,13 @@ class Channel:
         finally:
             self._wlock.release()
 
-    def get(self, alive: Callable[[], bool], timeout: float | None = None) -> bytearray | None:
+    def get(
+        self, alive: Callable[[], bool], timeout: float | None = None, stop: StopSignal | None = None
+    ) -> bytearray | None:
         """Read one message, or return ``None`` when none started within ``timeout`` seconds.
 
-        With ``timeout=None`` it waits until a message comes or ``alive()`` turns False.
+        With ``timeout=None`` it waits until a message comes or ``alive()`` turns False; a set ``stop``
+        ends the wait at once (``Stopped``).
         """
         if not self._rlock.acquire(timeout=POLL_S if timeout is None else min(timeout, POLL_S)):
             if not alive():
@@ -90,7 +124,7 @@ class Channel:
             return None
         try:
             fd = self._reader.fileno()
-            if not _wait_readable(fd, timeout, alive):
+            if not _wait_readable(fd, timeout, alive, stop):
                 return None
             (size,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, alive))
             data = _read_exact(fd, size, alive)
@@ -105,13 +139,16 @@ class Channel:
         self._writer.close()
 
 
-def _wait_readable(fd: int, timeout: float | None, alive: Callable[[], bool]) -> bool:
+def _wait_readable(fd: int, timeout: float | None, alive: Callable[[], bool], stop: StopSignal | None) -> bool:
+    fds = [fd] if stop is None else [fd, stop.fileno()]
     waited = 0.0
     while True:
         step = POLL_S if timeout is None else min(POLL_S, max(timeout - waited, 0.0))
-        readable, _, _ = select.select([fd], [], [], step)
-        if readable:
+        readable, _, _ = select.select(fds, [], [], step)
+        if fd in readable:
             return True
+        if readable and stop is not None and stop.is_set():
+            raise Stopped
         waited += step
         if not alive():
             raise Stopped

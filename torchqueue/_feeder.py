@@ -34,7 +34,7 @@ class Feeder:
 
     def __init__(
         self,
-        epochs: queue.Queue[tuple[int, Iterator[Any], bool]],
+        epochs: queue.Queue[tuple[int, Iterator[Any], bool] | None],
         emitter: Emitter,
         credits: Any,
         alive: Callable[[], bool],
@@ -57,12 +57,19 @@ class Feeder:
         self._sent = 0
 
     def run(self) -> None:
+        idle = True
         while self._alive():
             try:
-                epoch, iterator, in_memory = self._epochs.get(timeout=POLL_S)
+                queued = self._epochs.get(timeout=POLL_S)
             except queue.Empty:
+                if not idle:  # an epoch was fed since the last look: free what it left for reuse
+                    self._emitter.idle()
+                    idle = True
                 continue
-            self._feed(epoch, iterator, in_memory)
+            if queued is None:  # the pipeline is closing
+                return
+            self._feed(*queued)
+            idle = False
 
     def _feed(self, epoch: int, iterator: Iterator[Any], in_memory: bool) -> None:
         seq = 0

@@ -11,7 +11,9 @@ so no thread or worker can stay blocked once it is set. ``Runtime.close``:
 
 1. sets the stop event; the feeder thread and the workers leave their loops
    by ``Stopped`` at their next wake-up (nothing is flushed: a stopped
-   pipeline's data is dropped);
+   pipeline's data is dropped). Idle ones wake at once: workers waiting for
+   input also watch the stop signal's pipe, and the feeder's queue of
+   epochs gets ``None``;
 2. joins the feeder thread (it is upstream and sends nothing after stop);
 3. joins every worker for up to ``JOIN_S`` in all (``ERROR_JOIN_S`` when
    an error closes it), then ``terminate()``s
@@ -47,7 +49,7 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from torchqueue import _segments, _serialize
-from torchqueue._channel import Channel, Stopped
+from torchqueue._channel import Channel, Stopped, StopSignal
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._feeder import Feeder
 from torchqueue._mainmodule import step_bytes
@@ -103,7 +105,7 @@ class Runtime:
         self.plan = plan
         self._ctx = ctx
         self._name = name
-        self._stop = ctx.Event()
+        self._stop = StopSignal(ctx)
         self._cancelled = ctx.RawValue("q", -1)
         # edge i feeds stage i (the last one the consumer): one channel, or one per round robin worker
         self._edges = [
@@ -119,7 +121,7 @@ class Runtime:
         self._segment_dir = _serialize.make_segment_dir()
         self._bytes_out = {a: ctx.RawValue("d", 0.0) for a in assigners}  # per segment, at its end
         self._rows: dict[int, int] = {}  # stage index -> its first row in the stats array
-        self._epochs: queue.Queue[tuple[int, Iterator[Any], bool]] = queue.Queue()
+        self._epochs: queue.Queue[tuple[int, Iterator[Any], bool] | None] = queue.Queue()  # None: stop
         self._warned: set[str] = set()
         self._feeder_error: BaseException | None = None
         self._closed = False
@@ -307,6 +309,7 @@ class Runtime:
         if os.getpid() != self._owner:
             return
         self._stop.set()
+        self._epochs.put(None)
         feeder = getattr(self, "_feeder", None)
         if feeder is not None and feeder is not threading.current_thread():
             feeder.join(timeout=join_s)
@@ -328,6 +331,7 @@ class Runtime:
                 process.close()
         for channel in [*(c for edge in self._edges for c in edge), self._events]:
             channel.close()
+        self._stop.close()
         if self._segment_dir is not None:  # segments kept for reuse, and of messages nobody will read
             _segments.remove_dir(self._segment_dir)
         # Drop every lock, semaphore and process: under spawn and forkserver their named

@@ -32,8 +32,8 @@ from typing import Any
 import cloudpickle
 import torch
 
-from torchqueue import _serialize
-from torchqueue._channel import Channel, Stopped, wait_acquire
+from torchqueue import _segments, _serialize
+from torchqueue._channel import POLL_S, Channel, Stopped, StopSignal, wait_acquire
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._messages import Bundle, EndOfEpoch, Envelope, Failure, SkipNotice, Skipped, StartupFailure
 from torchqueue.errors import capture
@@ -65,7 +65,7 @@ class WorkerContext:
     out_credits: Any  # stream stages: acquired per element emitted
     ordered: bool
     skip_errors: bool
-    stop: Any  # multiprocessing Event
+    stop: StopSignal
     cancelled: Any  # RawValue: epochs up to this number were abandoned by the consumer
     stats: Any  # RawArray of NFIELDS doubles per worker
     stats_row: int
@@ -133,6 +133,11 @@ class Emitter:
             data = _serialize.dumps(envelope._replace(payload=capture(self._writer, error)), None)
         self._channels[envelope.seq % len(self._channels)].put(data, self._alive)
         return _serialize.message_nbytes(data)
+
+    def idle(self) -> None:
+        """The sender has nothing to send for now: free the segments it keeps for reuse beyond a spare."""
+        if self._segment_dir is not None:
+            _segments.trim(self._segment_dir)
 
 
 def observe_bytes(meter: Any, data: bytes | bytearray, envelope: Envelope) -> None:
@@ -215,9 +220,11 @@ class _Loop:
         self.meter.add(Field.FILL_N, 1)
         start = time.perf_counter()
         self.meter.set(Field.IN_SINCE, start)  # stats() counts a wait still going on
-        data = self.ctx.inbox.get(self.alive)
-        while data is None:
-            data = self.ctx.inbox.get(self.alive)
+        idle = False
+        while (data := self.ctx.inbox.get(self.alive, timeout=POLL_S, stop=self.ctx.stop)) is None:
+            if not idle and time.perf_counter() - start >= POLL_S:
+                idle = True
+                self.emitter.idle()
         self.meter.set(Field.IN_SINCE, 0.0)
         self.meter.add(Field.WAIT_IN, time.perf_counter() - start)
         envelope: Envelope = _serialize.loads(data)
