@@ -182,11 +182,17 @@ def seed(quick: bool) -> list[Line]:
     def chunked() -> Iterator[Any]:
         yield from DataLoader(calo.ChunkDataset(chunks, batch), batch_size=None, num_workers=WORKERS)
 
+    def chunked_drop_in() -> Iterator[Any]:  # the same code as ``chunked``, QueueFlowLoader swapped in
+        loader = tq.QueueFlowLoader(calo.ChunkDataset(chunks, batch), batch_size=None, num_workers=WORKERS)
+        yield from loader
+        loader.close()
+
     work = Workload("seed", "events/s", events, checksum)
     work.run("serial", serial)
     work.run("DataLoader", per_event)
     work.run("DataLoader, chunks per worker", chunked)
     work.run("torchqueue", torchqueue)
+    work.run("torchqueue QueueFlowLoader, chunks per worker", chunked_drop_in)
     import shutil
 
     try:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 import torch
 
 import torchqueue as tq
 from torchqueue import _serialize
+from torchqueue._messages import Bundle, Envelope
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
 
@@ -100,3 +105,225 @@ def test_a_large_array_passes_from_step_to_step_in_the_same_shared_memory(contex
         assert before == after, "the array was copied into new memory between the steps"
         assert shm_inode(array) == after  # and reached the consumer in it
         assert np.array_equal(array, big_array(i))
+
+
+# Runs: lists and tuples of small tensors alike travel as one block (see the module docstring).
+
+
+def table(data: bytes) -> list:
+    """The blocks ``(dtype, offset, bytes)`` of a message's segment."""
+    name_length, _size, table_length = _serialize._SEGMENT.unpack_from(data, 1)
+    start = 1 + _serialize._SEGMENT.size + name_length
+    return pickle.loads(data[start : start + table_length])
+
+
+def sent_as_runs(data: bytes) -> bool:
+    return b"_rebuild_run" in data
+
+
+def per_tensor_roundtrip(obj, segment_dir, monkeypatch):
+    """What the per-tensor path gives for ``obj`` (runs turned off)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(_serialize, "RUN_MIN_TENSORS", 1 << 60)
+        return roundtrip(obj, segment_dir)
+
+
+def raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+def assert_same(got, want, path="value"):
+    """``got`` is ``want`` as it arrives: same types all the way down, tensors alike to the bit."""
+    assert type(got) is type(want), path
+    if isinstance(want, torch.Tensor) and want.layout != torch.strided:
+        assert got.layout == want.layout and torch.equal(got.to_dense(), want.to_dense()), path
+    elif isinstance(want, torch.Tensor):
+        assert (got.shape, got.dtype, got.stride()) == (want.shape, want.dtype, want.stride()), path
+        assert got.requires_grad == want.requires_grad and got.is_shared() == want.is_shared(), path
+        assert not got.is_conj() and not got.is_neg() and not want.is_conj(), path
+        assert torch.equal(raw_bytes(got), raw_bytes(want)), path
+    elif dataclasses.is_dataclass(want):
+        fields = [field.name for field in dataclasses.fields(want)]
+        assert_same([getattr(got, f) for f in fields], [getattr(want, f) for f in fields], path)
+    elif isinstance(want, dict):
+        assert list(got) == list(want), path
+        for key in want:
+            assert_same(got[key], want[key], f"{path}[{key!r}]")
+    elif isinstance(want, list | tuple):
+        assert len(got) == len(want), path
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_same(a, b, f"{path}[{i}]")
+    else:
+        assert got == want, path
+
+
+def small_tensors(count: int = 1000, shape=(64,), dtype=torch.float32) -> list[torch.Tensor]:
+    return [torch.full(shape, float(i), dtype=dtype) for i in range(count)]
+
+
+def test_a_list_of_small_tensors_travels_as_one_block_and_arrives_as_a_list(segment_dir, monkeypatch):
+    value = small_tensors()
+    data, got = roundtrip(value, segment_dir)
+    assert len(table(data)) == 1 and len(data) < 1024  # one block, nothing per tensor in the pickle
+    _, want = per_tensor_roundtrip(value, segment_dir, monkeypatch)
+    assert_same(got, want)
+    assert all(torch.equal(a, b) and a.is_shared() and not a.requires_grad for a, b in zip(got, value))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: tuple(small_tensors(20)), id="tuple"),
+        pytest.param(lambda: small_tensors(16, (2, 1, 3), torch.int16), id="3-d int16"),
+        pytest.param(lambda: small_tensors(40, (8,), torch.bfloat16), id="bfloat16"),
+        pytest.param(lambda: small_tensors(30, (5,), torch.bool), id="bool"),
+        pytest.param(lambda: [torch.randn(4, 6)[:, ::2] for _ in range(20)], id="not contiguous"),
+        pytest.param(lambda: [torch.randn(3, dtype=torch.complex64).conj() for _ in range(20)], id="conj bit"),
+        pytest.param(lambda: [torch._neg_view(torch.randn(3)) for _ in range(20)], id="neg bit"),
+        pytest.param(lambda: [t.detach() for t in torch.randn(20, 5, requires_grad=True)], id="detached rows"),
+    ],
+)
+def test_runs_arrive_as_the_per_tensor_path_gives_them(make, segment_dir, monkeypatch):
+    value = make()
+    data, got = roundtrip(value, segment_dir)
+    _, want = per_tensor_roundtrip(value, segment_dir, monkeypatch)
+    assert len(table(data)) == 1 and sent_as_runs(data)
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: small_tensors(15), id="too few"),
+        pytest.param(lambda: small_tensors(10) + small_tensors(10, dtype=torch.float64), id="mixed dtypes"),
+        pytest.param(lambda: small_tensors(10) + small_tensors(10, (65,)), id="mixed shapes"),
+        pytest.param(lambda: small_tensors(10) + small_tensors(1, (65,)) + small_tensors(10), id="one shape differs"),
+        pytest.param(
+            lambda: small_tensors(10) + small_tensors(1, dtype=torch.int32) + small_tensors(10), id="one dtype"
+        ),
+        pytest.param(lambda: small_tensors(20, ()), id="0-d"),
+        pytest.param(lambda: small_tensors(20, (0, 3)), id="empty"),
+        pytest.param(lambda: small_tensors(20, (64, 64)), id="large"),
+        pytest.param(lambda: small_tensors(19) + [torch.ones(64, requires_grad=True)], id="requires grad"),
+        pytest.param(lambda: small_tensors(19) + [torch.nn.Parameter(torch.ones(64), False)], id="subclass"),
+        pytest.param(
+            lambda: small_tensors(19) + [torch.ones(64).to_sparse()],
+            id="sparse",
+            marks=pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning"),  # torch's sharing
+        ),
+        pytest.param(lambda: small_tensors(19) + ["text"], id="not only tensors"),
+        pytest.param(lambda: [torch.ones(8)] * 20, id="one tensor repeated"),
+    ],
+)
+def test_what_is_not_a_run_takes_the_per_tensor_path(make, segment_dir, monkeypatch):
+    value = make()
+    data, got = roundtrip(value, segment_dir)
+    reference, want = per_tensor_roundtrip(value, segment_dir, monkeypatch)
+    assert not sent_as_runs(data) and table(data) == table(reference)
+    assert_same(got, want)
+    assert [id(t) for t in got].count(id(got[0])) == [id(t) for t in value].count(id(value[0]))  # repeats kept
+
+
+class Rows(list):
+    pass
+
+
+class Row(tuple):
+    pass
+
+
+class Sample(NamedTuple):
+    images: list[torch.Tensor]
+    label: int
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: Rows(small_tensors(20)), id="list subclass"),
+        pytest.param(lambda: Row(small_tensors(20)), id="tuple subclass"),
+        pytest.param(lambda: Sample(small_tensors(20), 1), id="NamedTuple holding a list"),
+    ],
+)
+def test_list_and_tuple_subclasses_are_left_to_the_per_tensor_path(make, segment_dir, monkeypatch):
+    value = make()
+    data, got = roundtrip(value, segment_dir)
+    reference, want = per_tensor_roundtrip(value, segment_dir, monkeypatch)
+    assert not sent_as_runs(data) and len(data) == len(reference) and type(got) is type(value)
+    assert_same(got, want)
+
+
+def test_runs_are_found_in_envelopes_bundles_dicts_and_short_tuples(segment_dir, monkeypatch):
+    runs = [small_tensors(100) for _ in range(6)]
+    values = [
+        Envelope(0, 1, 0, 1, runs[0]),
+        Envelope(0, 2, 0, 1, {"images": runs[1], "label": 3}),
+        Envelope(0, 3, 0, 1, (runs[2], torch.tensor(7))),
+        Envelope(0, 4, 0, 1, Bundle([(runs[3], 1), (runs[4], 2), (runs[5], 3)])),
+    ]
+    for value in values:
+        data, got = roundtrip(value, segment_dir)
+        _, want = per_tensor_roundtrip(value, segment_dir, monkeypatch)
+        assert sent_as_runs(data) and len(data) < 1024  # nothing per tensor
+        assert_same(got, want)
+    assert isinstance(got.payload, Bundle) and len(table(data)) == 3
+
+
+def test_runs_deeper_than_one_level_into_the_value_are_sent_per_tensor(segment_dir, monkeypatch):
+    value = {"nested": {"images": small_tensors(100)}}
+    data, got = roundtrip(value, segment_dir)
+    reference, want = per_tensor_roundtrip(value, segment_dir, monkeypatch)
+    assert not sent_as_runs(data) and len(data) == len(reference)
+    assert_same(got, want)
+
+
+def test_a_bundle_whose_first_element_has_no_run_is_sent_per_tensor(segment_dir):
+    value = Envelope(0, 0, 0, 1, Bundle([1, small_tensors(100)]))
+    data, got = roundtrip(value, segment_dir)
+    assert not sent_as_runs(data) and got.payload.items[1][5].equal(torch.full((64,), 5.0))
+
+
+def test_objects_seen_twice_arrive_as_one_object(segment_dir):
+    run = small_tensors(50)
+    data, got = roundtrip(Envelope(0, 0, 0, 1, Bundle([run, {"again": run}, (run,)])), segment_dir)
+    items = got.payload.items
+    assert sent_as_runs(data) and len(table(data)) == 1  # one run, sent once
+    assert items[0] is items[1]["again"] is items[2][0]
+    # A run's tensors seen elsewhere too (one of them, or the list where runs are not looked for): all per tensor.
+    data, got = roundtrip((run, run[7]), segment_dir)
+    assert not sent_as_runs(data) and got[1] is got[0][7]
+    data, got = roundtrip((run, {"deeper": [run]}), segment_dir)
+    assert not sent_as_runs(data) and got[1]["deeper"][0] is got[0]
+    data, got = roundtrip([small_tensors(20), [run], run], segment_dir)
+    assert not sent_as_runs(data) and got[1][0] is got[2]
+    data, got = roundtrip([run, Sample(run, 0)], segment_dir)
+    assert not sent_as_runs(data) and got[1].images is got[0]
+
+
+def test_received_run_tensors_can_be_modified_in_place_with_a_gradient(segment_dir):
+    _, got = roundtrip(small_tensors(20), segment_dir)
+    weight = torch.ones(64, requires_grad=True)
+    got[3].add_(weight)  # unbind's views would refuse this (outputs of a multi-view function)
+    got[3].sum().backward()
+    assert torch.equal(weight.grad, torch.ones(64)) and torch.equal(got[4], torch.full((64,), 4.0))
+
+
+def test_in_inference_mode_a_run_with_a_gradient_keeps_it(segment_dir):
+    value = small_tensors(19) + [torch.ones(64, requires_grad=True)]
+    with torch.inference_mode():
+        data, got = roundtrip(value, segment_dir)
+    assert got[-1].requires_grad and not got[0].requires_grad
+
+
+def double(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t * 2 for t in tensors]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_runs_pass_through_process_steps(context):
+    items = [small_tensors(200, (4, 4)) for _ in range(5)]
+    with tq.Sequence(tq.ProcessStep(double, 2), tq.Queue(4), context=context) as seq:
+        got = list(seq(items))
+    for element, sent in zip(got, items):
+        assert type(element) is list and len(element) == 200
+        assert all(torch.equal(a, b * 2) and a.is_shared() for a, b in zip(element, sent))

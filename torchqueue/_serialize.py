@@ -27,11 +27,25 @@ is never copied again; so does a large numpy array that views such memory
 (a received array passed on); so do tensor subclasses, sparse, quantized and
 non-CPU tensors. Writing a segment is one ``pwritev`` call, which releases
 the GIL: the feeder thread copies while the consumer's thread runs.
+
+Runs of small tensors skip the per-tensor Python on both sides. Pickle never
+asks about exact lists and tuples, so before pickling ``dumps`` looks for runs
+in the message's value (an envelope's payload; each item of a bundle whose
+first item has one) and, if the value is a list, tuple or dict of at most
+``_SCAN_CHILDREN`` items, in its items. A run is a list or tuple of at least
+``RUN_MIN_TENSORS`` distinct, exact, CPU tensors of one dtype and one shape,
+each under ``GATHER_BYTES`` (at least one dimension and one element, no
+gradient): it is ``torch.stack``-ed into a block of its own and arrives as
+one ``unsafe_split`` of it, in a list or a tuple as it was sent. Anything
+else (a list subclass, a mixed list, a failed stack) takes the per-tensor
+path, and so does a whole message in which a run's tensor is also seen
+outside it, so that every object arrives once. Nothing deeper is walked.
 """
 
 from __future__ import annotations
 
 import io
+import operator
 import pickle
 import struct
 import threading
@@ -44,6 +58,7 @@ import torch.multiprocessing  # noqa: F401  (registers torch's reductions for wh
 
 from torchqueue import _segments
 from torchqueue._mainmodule import reduce_main_class
+from torchqueue._messages import Bundle, Envelope
 from torchqueue._segments import make_segment_dir
 
 __all__ = ["dumps", "loads", "make_segment_dir", "message_nbytes"]
@@ -59,6 +74,12 @@ SHARED_TENSOR_MIN_BYTES = 1 << 20
 """A tensor at least this large whose storage is in shared memory already (it came from another step,
 or the user shared it) keeps torch's own sharing: its storage's file descriptor is passed on and the
 data are never copied again. Smaller ones are cheaper to copy than a descriptor is to pass."""
+
+RUN_MIN_TENSORS = 16
+"""A list or tuple of at least this many small tensors alike is sent as one block (see above)."""
+
+_SCAN_CHILDREN = 32
+"""The pre-pass looks into lists, tuples and dicts of at most this many items for runs (``(images, label)``)."""
 
 _ALIGN = 64
 _SEGMENT = struct.Struct("<HQI")
@@ -114,6 +135,57 @@ def _shared_place(array: np.ndarray) -> tuple[torch.UntypedStorage, int] | None:
     return storage, offset
 
 
+_CONTAINERS = frozenset((list, tuple, dict))
+_ONLY_TENSORS = {torch.Tensor}
+_dtype_of = operator.attrgetter("dtype")
+
+
+class _Run:
+    """Stands for a list or tuple of tensors stacked into one block; pickled as ``_rebuild_run``'s arguments."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, args: tuple[int, int, tuple[int, ...], bool]) -> None:
+        self.args = args
+
+    def __reduce__(self) -> tuple[Any, tuple[int, int, tuple[int, ...], bool]]:
+        return _rebuild_run, self.args
+
+
+def _stack_run(values: list[Any] | tuple[Any, ...]) -> tuple[torch.Tensor, set[int]] | None:
+    """``values`` stacked and their ids, if they are a run: distinct exact tensors, CPU, strided, one
+    dtype and shape, under ``GATHER_BYTES`` each, with at least one dimension and one element, none
+    requiring grad.
+
+    A few passes of C-level builtins over the list; ``torch.stack`` checks shapes and devices."""
+    first, last = values[0], values[-1]
+    if type(last) is not torch.Tensor or last.shape != first.shape:  # tensors of varied sizes, cheaply
+        return None
+    if set(map(type, values)) != _ONLY_TENSORS or not first.is_cpu or first.layout != torch.strided:
+        return None
+    if torch.is_inference_mode_enabled():  # the stack below would not tell whether an input requires grad
+        return None
+    if first.is_quantized or first.is_nested or not first.dim() or not 0 < first.nbytes < GATHER_BYTES:
+        return None
+    ids = set(map(id, values))
+    if len(ids) != len(values) or len(set(map(_dtype_of, values))) != 1:
+        return None  # a repeated tensor arrives as one object twice: the per-tensor path keeps that
+    try:
+        with torch.enable_grad():  # so that requires_grad on the result says whether any input requires it
+            stacked = torch.stack(values)
+    except Exception:  # sizes or devices differ, or an exotic tensor: the per-tensor path decides
+        return None
+    if stacked.requires_grad or not stacked.is_cpu or stacked.layout != torch.strided or stacked.is_quantized:
+        return None
+    return stacked, ids
+
+
+class _RunElsewhere(Exception):
+    """A tensor of a run is in the message elsewhere too (or its list is, somewhere not looked at).
+
+    Such a message is pickled again without runs: the per-tensor path sends one object once."""
+
+
 class _Pickler(ForkingPickler):
     """Records tensors and large arrays as places in one segment instead of pickling their values.
 
@@ -121,15 +193,63 @@ class _Pickler(ForkingPickler):
     (one copy and one write for thousands of them), and one per large tensor or array. A tensor
     is pickled as (block, element offset in it, shape). ``reducer_override`` (not
     ``persistent_id``) so that ints, strings, lists and dicts never reach Python code.
+    ``with_runs`` adds a block per run before pickling starts.
     """
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
         self.blocks: list[list[Any]] = []  # [dtype (torch) or dtype string (numpy), tensors or a buffer]
         self._gathering: dict[torch.dtype, tuple[int, list[torch.Tensor], list[int]]] = {}
+        self._scanned: dict[int, Any] = {}  # id of a list, tuple or dict looked at -> what stands for it
+        self._in_runs: set[int] = set()  # ids of the tensors in runs
+
+    def with_runs(self, obj: Any) -> Any:
+        """``obj`` with the runs of small tensors in its value(s) replaced by ``_Run``s (blocks added)."""
+        if type(obj) is not Envelope:
+            return self._value(obj, True)
+        payload = obj.payload
+        if type(payload) is Bundle:  # consecutive elements of one step are alike: the first one decides
+            items = payload.items
+            if not items or self._value(items[0], True) is items[0]:
+                return obj
+            return obj._replace(payload=Bundle([self._value(item, True) for item in items]))
+        value = self._value(payload, True)
+        return obj if value is payload else obj._replace(payload=value)
+
+    def _value(self, value: Any, children: bool) -> Any:
+        """What stands for ``value``: a ``_Run``, a copy of a short container with runs in it, or itself."""
+        kind = type(value)
+        if kind is not list and kind is not tuple and kind is not dict:
+            return value
+        done = self._scanned.get(id(value))
+        if done is not None:  # the same object twice in the message: one replacement, so pickle memoizes it
+            return done
+        new = value
+        if kind is not dict and len(value) >= RUN_MIN_TENSORS and type(value[0]) is torch.Tensor:
+            run = _stack_run(value)
+            if run is not None:
+                stacked, ids = run
+                self.blocks.append([stacked.dtype, _tensor_bytes(stacked)])
+                new = _Run((len(self.blocks) - 1, len(value), tuple(value[0].shape), kind is tuple))
+                self._in_runs |= ids
+        elif children and len(value) <= _SCAN_CHILDREN:
+            items = value.values() if kind is dict else value
+            if not _CONTAINERS.isdisjoint(map(type, items)):
+                if kind is dict:
+                    replaced = {key: self._value(item, False) for key, item in value.items()}
+                    if any(map(operator.is_not, replaced.values(), value.values())):
+                        new = replaced
+                else:
+                    replaced_items = [self._value(item, False) for item in value]
+                    if any(map(operator.is_not, replaced_items, value)):
+                        new = replaced_items if kind is list else tuple(replaced_items)
+        self._scanned[id(value)] = new
+        return new
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
+        if kind is torch.Tensor and id(obj) in self._in_runs:
+            raise _RunElsewhere
         if kind is torch.Tensor and _to_segment(obj):
             if obj.nbytes < GATHER_BYTES:
                 gathering = self._gathering.get(obj.dtype)
@@ -210,6 +330,18 @@ def _rebuild_tensor(index: int, start: int, shape: tuple[int, ...], requires_gra
     return tensor.requires_grad_() if requires_grad else tensor
 
 
+def _rebuild_run(
+    index: int, count: int, shape: tuple[int, ...], as_tuple: bool
+) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
+    """The tensors of a run, split from block ``index`` in one call.
+
+    ``unsafe_split``, not ``unbind``: its parts are not multi-output views, which autograd forbids
+    to modify in place with a gradient-requiring operand. Each part has the shape and strides that
+    ``_rebuild_tensor`` gives."""
+    tensors = _flat(index).view(count * shape[0], *shape[1:]).unsafe_split(shape[0])
+    return tuple(tensors) if as_tuple else list(tensors)
+
+
 def _rebuild_array(index: int, shape: tuple[int, ...]) -> np.ndarray:
     return _flat(index).reshape(shape)
 
@@ -224,10 +356,19 @@ def _rebuild_shared_array(storage: torch.UntypedStorage, offset: int, dtype: str
 def dumps(obj: Any, segment_dir: str | None) -> bytes:
     """Serialise ``obj``; tensors and large arrays go to a new segment in ``segment_dir``."""
     buffer = io.BytesIO()
-    pickler = _Pickler(buffer) if segment_dir is not None else ForkingPickler(buffer, pickle.HIGHEST_PROTOCOL)
-    pickler.dump(obj)
+    if segment_dir is None:
+        pickler = ForkingPickler(buffer, pickle.HIGHEST_PROTOCOL)
+        pickler.dump(obj)
+        return b"P" + buffer.getvalue()
+    pickler = _Pickler(buffer)
+    try:
+        pickler.dump(pickler.with_runs(obj))
+    except _RunElsewhere:
+        buffer = io.BytesIO()
+        pickler = _Pickler(buffer)
+        pickler.dump(obj)
     body = buffer.getvalue()
-    if not isinstance(pickler, _Pickler) or not pickler.blocks:
+    if not pickler.blocks:
         return b"P" + body
     table, chunks, size = pickler.layout()
     name = _segments.write(segment_dir, chunks, size).encode()  # type: ignore[arg-type]
