@@ -114,7 +114,7 @@ def test_unused_segments_beyond_a_spare_are_removed_as_data_flows(segment_dir):
     assert torch.equal(kept, message(9.0))
 
 
-def test_a_sender_going_idle_keeps_one_spare_and_none_in_use_is_touched(segment_dir):
+def test_a_sender_going_idle_keeps_no_more_than_spares_and_none_in_use_is_touched(segment_dir):
     held = [send_and_receive(float(i), segment_dir) for i in range(5)]
     still_used = held.pop()
     del held  # four unused segments, one in use
@@ -133,7 +133,7 @@ def test_large_messages_in_use_at_once_still_find_a_free_segment(segment_dir):
 
 
 def test_idle_workers_free_the_segments_their_outputs_left(no_leaks):
-    """After the consumer dropped every output, an idle worker keeps at most a spare per sender."""
+    """After the consumer dropped every output, an idle worker keeps at most ``SPARE`` unused segments."""
     import time
 
     import torchqueue as tq

@@ -135,7 +135,7 @@ class Emitter:
         return _serialize.message_nbytes(data)
 
     def idle(self) -> None:
-        """The sender has nothing to send for now: free the segments it keeps for reuse beyond a spare."""
+        """The sender has nothing to send for now: free the unused segments it kept for reuse."""
         if self._segment_dir is not None:
             _segments.trim(self._segment_dir)
 
