@@ -22,18 +22,20 @@ def main() -> None:
     ]
     workloads = list(dict.fromkeys(line["workload"] for line in lines))
     contenders = list(dict.fromkeys(line["contender"] for line in lines))
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     width = 0.8 / len(contenders)
+    colors = plt.get_cmap("tab20").colors  # one distinct colour per contender (the default cycle has 10)
     for i, contender in enumerate(contenders):
         ratios = {line["workload"]: line["ratio"] for line in lines if line["contender"] == contender}
         xs = [w + i * width for w in range(len(workloads)) if workloads[w] in ratios]
-        ax.bar(xs, [ratios[workloads[round(x - i * width)]] for x in xs], width, label=contender)
+        heights = [ratios[workloads[round(x - i * width)]] for x in xs]
+        ax.bar(xs, heights, width, label=contender, color=colors[i % len(colors)])
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xticks([w + 0.4 - width / 2 for w in range(len(workloads))], workloads)
     ax.set_ylabel("throughput / DataLoader's (log)")
     ax.set_title(data["header"].splitlines()[0].lstrip("# ")[:110], fontsize=8)
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
     fig.tight_layout()
     out = ROOT / "docs" / "benchmarks.png"
     fig.savefig(out, dpi=110)
