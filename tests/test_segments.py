@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 
 import numpy as np
 import pytest
 import torch
 
+import torchqueue as tq
 from torchqueue import _segments, _serialize
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
@@ -134,10 +136,6 @@ def test_large_messages_in_use_at_once_still_find_a_free_segment(segment_dir):
 
 def test_idle_workers_free_the_segments_their_outputs_left(no_leaks):
     """After the consumer dropped every output, an idle worker keeps at most ``SPARE`` unused segments."""
-    import time
-
-    import torchqueue as tq
-
     with tq.Sequence(tq.ProcessStep(_big_tensor, 2), tq.Queue(4)) as seq:
         for value in seq(range(12)):
             assert float(value[0]) == value.numel() % 7

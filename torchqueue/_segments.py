@@ -23,9 +23,8 @@ A sender going idle (a worker waiting for input, the feeder waiting for an epoch
 which removes them the same way, so nothing waits after the data stopped flowing. It tracks at
 most ``TRACKED`` segments and ``TRACKED_BYTES`` bytes besides those in flight (which the credits
 bound): the oldest received one beyond them is forgotten and its name removed (its memory goes
-when its last user unmaps it). A segment in flight is never touched. Where
-leases are not available, segments are never reused, and the bounds only say when their names
-are removed.
+when its last user unmaps it). A segment in flight is never touched. Where leases are not
+available, segments are never reused, and the bounds only say when their names are removed.
 """
 
 from __future__ import annotations

@@ -219,7 +219,7 @@ class _Pickler(ForkingPickler):
     def _value(self, value: Any, children: bool) -> Any:
         """What stands for ``value``: a ``_Run``, a copy of a short container with runs in it, or itself."""
         kind = type(value)
-        if kind is not list and kind is not tuple and kind is not dict:
+        if kind not in _CONTAINERS:
             return value
         done = self._scanned.get(id(value))
         if done is not None:  # the same object twice in the message: one replacement, so pickle memoizes it
