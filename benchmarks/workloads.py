@@ -137,7 +137,7 @@ def smalltensors(quick: bool) -> list[Line]:
     work = Workload("smalltensors", "elements/s", count, _tensor_checksum)
     for name, fn in all_map_contenders(items, touch).items():
         work.run(name, fn)
-        if name in ("DataLoader", "torchdata.nodes process"):  # run out of descriptors by default
+        if name in ("DataLoader", "torchdata.nodes process", "SPDL process pool"):  # run out of descriptors by default
             work.run(f"{name}, file_system", file_system_sharing(fn))
     work.run("torchqueue QueueFlowLoader", lambda: torchqueue_loader(items, touch))
     return work.finish()
