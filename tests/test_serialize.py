@@ -327,3 +327,37 @@ def test_runs_pass_through_process_steps(context):
     for element, sent in zip(got, items):
         assert type(element) is list and len(element) == 200
         assert all(torch.equal(a, b * 2) and a.is_shared() for a, b in zip(element, sent))
+
+
+class _Registered:
+    """Pickled only through a reducer registered with ``ForkingPickler`` (as torch registers its own)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        raise TypeError("only the registered reducer may pickle this")
+
+
+def _rebuild_registered(value):
+    return _Registered(("rebuilt", value))
+
+
+def _reduce_registered(obj):
+    return _rebuild_registered, (obj.value,)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_reducers_registered_with_forking_pickler_apply_also_when_registered_after_first_use(shared, segment_dir):
+    from multiprocessing.reduction import ForkingPickler
+
+    directory = segment_dir if shared else None
+    roundtrip([torch.ones(3)], directory)  # the shared reducer table exists now
+    ForkingPickler.register(_Registered, _reduce_registered)
+    try:
+        _, got = roundtrip({"x": _Registered(7), "t": torch.ones(3)}, directory)
+    finally:
+        del ForkingPickler._extra_reducers[_Registered]
+    assert got["x"].value == ("rebuilt", 7)
+    with pytest.raises(TypeError, match="only the registered reducer"):
+        _serialize.dumps(_Registered(7), directory)  # unregistered again: the table followed
