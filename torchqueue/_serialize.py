@@ -194,7 +194,8 @@ def _dispatch_table() -> dict[Any, Any]:
     """``ForkingPickler``'s reducers (copyreg's and those registered with it: torch's), built once.
 
     ``ForkingPickler()`` copies both tables for every pickler it makes (about 3 us of the 4 a
-    message's pickler costs); this shares one copy, made again when a reducer was added since."""
+    message's pickler costs); this shares one copy, made again when a reducer was added or removed
+    since (picklers only read it)."""
     global _dispatch
     extra = ForkingPickler._extra_reducers  # type: ignore[attr-defined]
     key = (len(copyreg.dispatch_table), len(extra))
@@ -206,7 +207,7 @@ def _dispatch_table() -> dict[Any, Any]:
 
 
 def _forking_pickler(file: io.BytesIO) -> pickle.Pickler:
-    """A pickler that reduces what ``ForkingPickler`` does (it reads, never changes, the table)."""
+    """A pickler with ``ForkingPickler``'s reducers, without copying them (see ``_dispatch_table``)."""
     pickler = pickle.Pickler(file, pickle.HIGHEST_PROTOCOL)
     pickler.dispatch_table = _dispatch_table()
     return pickler
