@@ -261,16 +261,11 @@ class _Pickler(pickle.Pickler):
                 new = _Run((len(self.blocks) - 1, len(value), tuple(value[0].shape), kind is tuple))
                 self._in_runs |= ids
         elif children and len(value) <= _SCAN_CHILDREN:
-            items = value.values() if kind is dict else value
+            items = list(value.values()) if kind is dict else value
             if not _CONTAINERS.isdisjoint(map(type, items)):
-                if kind is dict:
-                    replaced = {key: self._value(item, False) for key, item in value.items()}
-                    if any(map(operator.is_not, replaced.values(), value.values())):
-                        new = replaced
-                else:
-                    replaced_items = [self._value(item, False) for item in value]
-                    if any(map(operator.is_not, replaced_items, value)):
-                        new = replaced_items if kind is list else tuple(replaced_items)
+                replaced = [self._value(item, False) for item in items]
+                if any(map(operator.is_not, replaced, items)):
+                    new = dict(zip(value, replaced)) if kind is dict else replaced if kind is list else tuple(replaced)
         self._scanned[id(value)] = new
         return new
 

@@ -222,7 +222,7 @@ class _Loop:
         self.meter.set(Field.IN_SINCE, start)  # stats() counts a wait still going on
         idle = False
         while (data := self.ctx.inbox.get(self.alive, timeout=POLL_S, stop=self.ctx.stop)) is None:
-            if not idle and time.perf_counter() - start >= POLL_S:
+            if not idle:  # nothing came for a poll (``get`` waited that long): free what earlier outputs left
                 idle = True
                 self.emitter.idle()
         self.meter.set(Field.IN_SINCE, 0.0)
