@@ -66,3 +66,23 @@ def test_a_dataset_four_times_the_budget_streams_under_the_budget_with_every_eve
     assert sorted(seen) == list(range(files * events_per_file))
     print(f"peak memory growth {growth / 2**20:.0f} MiB while streaming {files * 256} MiB")
     assert growth < BUDGET, f"peak memory growth {growth / 2**20:.0f} MiB over a {BUDGET / 2**20:.0f} MiB budget"
+
+
+def private_mib_after_collecting(_element):
+    """The worker's private (copied) memory after a full garbage collection, in MiB."""
+    import gc
+
+    import psutil
+
+    gc.collect()
+    return psutil.Process().memory_full_info().uss / 2**20
+
+
+def test_a_forked_workers_garbage_collection_leaves_the_consumers_heap_shared():
+    # a million small lists in the consumer's heap: about 80 MiB that a collection walks, page by page
+    heap = [[i] for i in range(1_000_000)]
+    with tq.Sequence(tq.ProcessStep(private_mib_after_collecting, 2), context="fork") as seq:
+        private = list(seq(range(4)))
+    assert len(heap) == 1_000_000
+    # a worker's own memory is about 4 MiB here; with the heap copied it is about 110 MiB
+    assert max(private) < 50, f"workers hold {private} MiB of private memory: the consumer's heap was copied"
