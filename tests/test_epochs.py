@@ -61,15 +61,15 @@ def test_restoring_jobs_give_every_worker_its_state_first_and_keep_the_round_rob
     pad = Job(7, 3, None)
     assert jobs == [
         pad._replace(start=("s0",)),  # worker 0: nothing to fetch before batch 2
-        Job(7, 3, [1], ("s1",), False),  # batch 1 to worker 1
-        Job(7, 3, [2], None, False),
-        Job(7, 3, [3], None, False),
-        Job(7, 3, [10]),  # the next epoch's batch 0 to worker 0
-        Job(7, 3, [11]),
+        Job(7, 3, [1], ("s1",), False, position=1),  # batch 1 to worker 1
+        Job(7, 3, [2], None, False, position=2),
+        Job(7, 3, [3], None, False, position=3),
+        Job(7, 3, [10], position=0),  # the next epoch's batch 0 to worker 0
+        Job(7, 3, [11], position=1),
     ]
     # a worker without a job still gets its state; one never seen gets its initial state
     assert restoring_jobs(7, 3, 3, {}, [(0, [[5]], True)]) == [
-        Job(7, 3, [5], Start.INITIAL),
+        Job(7, 3, [5], Start.INITIAL, position=0),
         pad._replace(start=Start.INITIAL),
         pad._replace(start=Start.INITIAL),
     ]

@@ -16,6 +16,7 @@ from torch.utils.data import (
     DataLoader,
     Dataset,
     DistributedSampler,
+    IterableDataset,
     RandomSampler,
     SequentialSampler,
     WeightedRandomSampler,
@@ -176,6 +177,134 @@ def test_state_dict_resumes_mid_epoch_with_exactly_the_remaining_batches():
     resumed.close()
     assert same(head + rest, full[0])
     assert same(following, full[1])  # the next epoch is not lost or repeated
+
+
+class Counting(IterableDataset):
+    """0, 1, ..., n - 1, split among DataLoader's workers by worker id."""
+
+    def __init__(self, n: int = 20) -> None:
+        self.n = n
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return iter(range(worker, self.n, workers))
+
+
+@pytest.mark.parametrize("kind", ["QueueFlowDataset", "IterableDataset, 2 workers"])
+def test_state_dict_over_an_iterable_dataset_resumes_with_the_remaining_batches(kind):
+    # no index to resume from: the loader computes the yielded batches again and drops them
+    def make():
+        if kind == "QueueFlowDataset":
+            return QueueFlowLoader(tq.QueueFlowDataset(chunk_source, [tq.UnpackStep()]), batch_size=2)
+        return QueueFlowLoader(Counting(), batch_size=2, num_workers=2)
+
+    def done(loader):
+        if isinstance(loader.dataset, tq.QueueFlowDataset):
+            loader.dataset.close()
+
+    uninterrupted = make()
+    full = [[b.tolist() for b in uninterrupted] for _ in range(2)]
+    done(uninterrupted)
+    first = make()
+    iterator = iter(first)
+    head = [next(iterator).tolist() for _ in range(2)]
+    state = first.state_dict()
+    del iterator
+    done(first)
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = [b.tolist() for b in resumed]
+    following = [b.tolist() for b in resumed]
+    done(resumed)
+    assert head + rest == full[0]
+    assert following == full[1]
+
+
+def test_rank_arguments_over_a_plain_iterable_dataset_raise_at_construction():
+    with pytest.raises(ValueError, match="IterableDataset"):
+        QueueFlowLoader(Counting(), batch_size=2, rank=0, world_size=2)
+
+
+def test_a_loader_pickles_and_copies_as_dataloader_does_also_with_workers_running():
+    import copy
+    import pickle
+
+    loader = QueueFlowLoader(Squares(), batch_size=4, num_workers=2, persistent_workers=True)
+    iterator = iter(loader)
+    first = next(iterator)
+    for copied in (copy.deepcopy(loader), pickle.loads(pickle.dumps(loader))):
+        assert same(list(copied), list(DataLoader(Squares(), batch_size=4)))
+        copied.close()
+    assert len([first, *iterator]) == 6  # the original goes on
+    loader.close()
+
+
+def test_dataloaders_attributes_read_as_dataloaders():
+    kwargs = {
+        "batch_size": 4,
+        "num_workers": 2,
+        "drop_last": True,
+        "timeout": 3,
+        "prefetch_factor": 3,
+        "in_order": False,
+    }
+    ours, theirs = QueueFlowLoader(Squares(), **kwargs), DataLoader(Squares(), **kwargs)
+    for name in (
+        "drop_last",
+        "timeout",
+        "worker_init_fn",
+        "prefetch_factor",
+        "in_order",
+        "pin_memory_device",
+        "multiprocessing_context",
+        "batch_size",
+        "num_workers",
+        "pin_memory",
+        "persistent_workers",
+    ):
+        assert getattr(ours, name) == getattr(theirs, name), name
+
+
+class Watched(Squares):
+    """Sets ``ahead`` once ``items`` items were fetched (here by the device thread, without workers)."""
+
+    def __init__(self, items: int) -> None:
+        super().__init__()
+        self.fetched, self.items, self.ahead = 0, items, threading.Event()
+
+    def __getitem__(self, i: int) -> dict:
+        self.fetched += 1
+        if self.fetched >= self.items:
+            self.ahead.set()
+        return super().__getitem__(i)
+
+
+def test_batches_a_device_thread_prepared_ahead_do_not_count_as_yielded(monkeypatch):
+    # pin_memory with CUDA prepares batches in a thread, ahead of the consumer; a checkpoint counts only
+    # what the consumer got. Without CUDA here, the thread's work is the identity.
+    import torchqueue._device as device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(device, "prepare", lambda pin, where: lambda batch: batch)
+
+    def make(dataset):
+        return QueueFlowLoader(
+            dataset, batch_size=3, shuffle=True, pin_memory=True, generator=torch.Generator().manual_seed(1)
+        )
+
+    full = list(make(Squares()))
+    watched = Watched(items=4 * 3)  # the thread is two batches ahead of the two taken
+    first = make(watched)
+    iterator = iter(first)
+    head = [next(iterator) for _ in range(2)]
+    assert watched.ahead.wait(timeout=30)
+    state = first.state_dict()
+    del iterator
+    resumed = make(Squares())
+    resumed.load_state_dict(state)
+    assert state["yielded"] == 2
+    assert same(head + list(resumed), full)
 
 
 def test_ranks_get_disjoint_shares_with_equal_batch_counts():

@@ -240,6 +240,76 @@ def test_a_checkpoint_taken_after_a_break_resumes_as_the_loader_would_have_gone_
     assert equal(ours[0], theirs[0])
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_checkpoint_after_the_last_batch_inside_the_loop_resumes_with_the_next_epoch(num_workers):
+    # the uninterrupted loop goes on past its last batch, so its sampler runs out (a RandomSampler then
+    # draws once more): the resumed loader's next epoch must be that loop's next epoch
+    kwargs = {"shuffle": True, "num_workers": num_workers}
+    seed_this_process()
+    reference = make(DataLoader, n=12, **kwargs)
+    theirs = [list(reference) for _ in range(2)]
+    seed_this_process()
+    loader = make(QueueFlowLoader, n=12, **kwargs)
+    ours = []
+    for batch in loader:
+        ours.append(batch)
+        if len(ours) == len(loader):
+            state = loader.state_dict()
+    close(loader)
+    resumed = make(QueueFlowLoader, n=12, **kwargs)
+    resumed.load_state_dict(state)
+    nexts = list(resumed)
+    close(resumed)
+    assert equal(ours, theirs[0])
+    assert equal(nexts, theirs[1])
+
+
+class SlowFirst(Dataset):
+    """Index 0 takes a while (the data, not a synchronisation): its batch comes last out of order."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> int:
+        if i == 0:
+            time.sleep(1.0)
+        return i
+
+
+def test_out_of_order_a_checkpoint_resumes_with_exactly_the_batches_not_yet_yielded():
+    loader = QueueFlowLoader(SlowFirst(), batch_size=1, num_workers=2, in_order=False)
+    iterator = iter(loader)
+    taken = [int(next(iterator)) for _ in range(5)]
+    state = loader.state_dict()
+    del iterator
+    loader.close()
+    assert 0 not in taken  # out of order indeed: batch 0 was still being fetched
+    resumed = QueueFlowLoader(SlowFirst(), batch_size=1, num_workers=2, in_order=False)
+    resumed.load_state_dict(state)
+    rest = [int(batch) for batch in resumed]
+    resumed.close()
+    assert sorted(taken + rest) == list(range(12))
+
+
+def test_without_workers_the_order_is_drawn_at_the_first_batch_as_dataloader_draws_it():
+    # DataLoader's single-process iterator draws its base seed at iter() and the order at its first
+    # next(): anything drawing from the same generator in between changes the order alike
+    def epoch(cls) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(5)
+        iterator = iter(cls(list(range(8)), batch_size=4, shuffle=True, generator=generator))
+        torch.empty(()).random_(generator=generator)  # e.g. a model's initialisation from the generator
+        return [batch.tolist() for batch in iterator]
+
+    assert epoch(QueueFlowLoader) == epoch(DataLoader)
+
+
+def test_timeout_without_workers_raises_dataloaders_error_when_iterated():
+    with pytest.raises(AssertionError):
+        iter(DataLoader(Augmented(), timeout=5))
+    with pytest.raises(AssertionError, match="timeout"):
+        iter(QueueFlowLoader(Augmented(), timeout=5))
+
+
 # -- DataLoader's errors -------------------------------------------------------------------------
 
 

@@ -81,6 +81,11 @@ def prepare(pin: bool, device: torch.device | None) -> Callable[[Any], Any]:
     return pin_memory if pin else (lambda batch: batch)
 
 
+def ready(batch: Any) -> Any:
+    """A batch ``prepare``'s work returned, safe to use on the consumer's current stream."""
+    return batch.ready() if isinstance(batch, _OnStream) else batch
+
+
 class _OnStream:
     def __init__(self, batch: Any, event: Any, device: torch.device) -> None:
         self.batch, self.event, self.device = batch, event, device
@@ -96,14 +101,14 @@ class _OnStream:
 
 def in_background(batches: Iterator[Any], work: Callable[[Any], Any], depth: int = 2) -> Iterator[Any]:
     """``work(batch)`` for every batch, done by a thread up to ``depth`` batches ahead."""
-    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    handed: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def put(item: Any) -> bool:
         """Hand ``item`` to the consumer; False if the consumer stopped meanwhile."""
         while not stop.is_set():
             try:
-                ready.put(item, timeout=POLL_S)
+                handed.put(item, timeout=POLL_S)
                 return True
             except queue.Full:
                 continue
@@ -124,16 +129,16 @@ def in_background(batches: Iterator[Any], work: Callable[[Any], Any], depth: int
     try:
         while True:
             try:
-                item = ready.get(timeout=POLL_S)
+                item = handed.get(timeout=POLL_S)
             except queue.Empty:
-                if not thread.is_alive() and ready.empty():
+                if not thread.is_alive() and handed.empty():
                     raise RuntimeError("torchqueue's device thread ended without a result") from None
                 continue
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item.ready() if isinstance(item, _OnStream) else item
+            yield ready(item)
     finally:
         stop.set()
         thread.join(timeout=5)

@@ -22,9 +22,11 @@ worker ``k % num_workers``:
     epoch e+1   [pads up to worker k % n] [e's batches k .. d-1, not kept] [pads up to worker 0] [e+1's]
                  └ the first job of each worker carries its state after e's last yielded batch
 
-``checkpoint`` keeps an epoch's index batches, how many were yielded, whether it was left, its
-base seed, the generator states around its draws and the workers' states: a resumed loader
-fetches only what was not yielded, in workers put back in the states they had.
+``checkpoint`` keeps an epoch's index batches, how many were yielded (and which, when they come
+out of order, ``in_order=False``), whether it was left, its base seed, the generator states around
+its draws and the workers' states: a resumed loader fetches only what was not yielded, in workers
+put back in the states they had. A checkpoint taken after an epoch's last batch resumes as a
+finished epoch: the uninterrupted run would have gone on to its end.
 """
 
 from __future__ import annotations
@@ -52,10 +54,17 @@ class Epoch:
     yielded: int = 0
     left: bool = False  # over: run out, or left early
     states: dict[int, RandomState] = field(default_factory=dict)  # per worker, after its last yielded batch
+    positions: set[int] | None = None  # out of order: the positions yielded (in order they are range(yielded))
 
     @property
     def left_early(self) -> bool:
         return self.left and self.yielded < len(self.batches)
+
+    def remaining(self) -> list[tuple[int, Any]]:
+        """``(position, index batch)`` of every batch not yielded yet."""
+        if self.positions is None:
+            return [(k, self.batches[k]) for k in range(self.yielded, len(self.batches))]
+        return [(k, indices) for k, indices in enumerate(self.batches) if k not in self.positions]
 
 
 def sampler_generator(index_sampler: Any) -> torch.Generator | None:
@@ -114,7 +123,7 @@ def restoring_jobs(
     for first, batches, keep in parts:
         if batches:
             jobs += [pad] * ((first - len(jobs)) % num_workers)
-            jobs += [Job(base_seed, number, indices, None, keep) for indices in batches]
+            jobs += [Job(base_seed, number, indices, None, keep, first + i) for i, indices in enumerate(batches)]
     jobs += [pad] * max(0, num_workers - len(jobs))  # every worker gets its state, with a job or without
     for worker in range(num_workers):
         jobs[worker] = jobs[worker]._replace(start=states.get(worker, Start.INITIAL))
@@ -132,6 +141,7 @@ def checkpoint(epoch: Epoch, num_workers: int) -> dict[str, Any]:
         "drawn_to": epoch.drawn_to,
         "num_workers": num_workers,
         "worker_states": {worker: tuple(state) for worker, state in epoch.states.items()},
+        "yielded_positions": sorted(epoch.positions) if epoch.positions is not None else None,
     }
 
 
@@ -142,7 +152,8 @@ def restored(state: dict[str, Any], num_workers: int) -> Epoch | None:
     states = {}
     if state.get("num_workers") == num_workers:
         states = {int(w): tuple(s) for w, s in state.get("worker_states", {}).items()}
-    return Epoch(
+    positions = state.get("yielded_positions")
+    epoch = Epoch(
         state["base_seed"],
         list(state["batches"]),
         state.get("drawn_from"),
@@ -150,4 +161,10 @@ def restored(state: dict[str, Any], num_workers: int) -> Epoch | None:
         state["yielded"],
         bool(state.get("left", False)),
         states,
+        set(positions) if positions is not None else None,
     )
+    if epoch.yielded >= len(epoch.batches):
+        # Saved after the epoch's last batch but before its iterator ran out (inside the ``for`` loop):
+        # the uninterrupted run goes on to the end of the sampler, as a finished epoch does.
+        epoch.left = True
+    return epoch

@@ -46,12 +46,13 @@ class Job(NamedTuple):
     indices: Any  # None: nothing to fetch (the job only sets the state)
     start: RandomState | Start | None = None  # set this random state first
     keep: bool = True  # False: fetch (its random draws count) but send no batch back
+    position: int = -1  # the batch's place in its epoch (out of order, a checkpoint lists what was yielded)
 
 
-Fetched = tuple[Any, int, "RandomState | None", bool]
-"""A job's output: ``(batch, worker, state, kept)``: the batch (``None`` unless kept), the worker's id,
-and what changed in its random state (``None``: nothing, or not in a worker). A plain tuple: a
-NamedTuple costs microseconds more to pickle, per batch."""
+Fetched = tuple[Any, int, "RandomState | None", bool, int]
+"""A job's output: ``(batch, worker, state, kept, position)``: the batch (``None`` unless kept), the
+worker's id, what changed in its random state (``None``: nothing, or not in a worker) and the job's
+``position``. A plain tuple: a NamedTuple costs microseconds more to pickle, per batch."""
 
 
 class _PrivateCollate:
@@ -104,7 +105,7 @@ class Fetch:
             self._start(job.base_seed)
         assert self._fetcher is not None
         if self._worker is None:
-            return self._fetcher.fetch(job.indices), -1, None, True
+            return self._fetcher.fetch(job.indices), -1, None, True, job.position
         if job.epoch != self._epoch:  # the loader may not have this epoch's earlier reports
             self._epoch = job.epoch
             self._tracker.forget()
@@ -113,7 +114,8 @@ class Fetch:
             self._tracker.forget()
         kept = job.indices is not None and job.keep
         batch = self._fetcher.fetch(job.indices) if job.indices is not None else None
-        return batch if kept else None, self._worker, self._tracker.report() if self.report else None, kept
+        state = self._tracker.report() if self.report else None
+        return batch if kept else None, self._worker, state, kept, job.position
 
     def _start(self, base_seed: int) -> None:
         collate = _PrivateCollate() if self.collate_fn is default_collate else self.collate_fn

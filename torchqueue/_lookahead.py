@@ -103,8 +103,8 @@ class EpochStep:
 class Guess:
     """One guessed epoch: drawn in the feeder thread by ``jobs``, kept or dropped by ``take``."""
 
-    def __init__(self, number: int, index_sampler: Any, epoch_step: int, job: Callable[[Any], Any]) -> None:
-        """``number``: the epoch number its jobs carry; ``job(indices)`` makes one job."""
+    def __init__(self, number: int, index_sampler: Any, epoch_step: int, job: Callable[[int, Any], Any]) -> None:
+        """``number``: the epoch number its jobs carry; ``job(position, indices)`` makes one job."""
         self.number = number
         self.batches: list[Any] | None = None  # the guessed index batches, once drawn
         self._sampler = index_sampler
@@ -124,8 +124,8 @@ class Guess:
             if self.batches is None:
                 self._draw(self._epoch_step)
             assert self.batches is not None
-        for indices in self.batches:
-            yield self._job(indices)
+        for position, indices in enumerate(self.batches):
+            yield self._job(position, indices)
 
     def _draw(self, epoch_step: int) -> None:
         generator = getattr(base_sampler(self._sampler), "generator", None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -89,6 +90,13 @@ class QueueFlowLoader:
         if self.device is not None and self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device={device!r} but CUDA is not available: use device=None or 'cpu'")
         self._shard = _sharding.shard(rank, world_size)
+        explicit = rank is not None or world_size is not None
+        if explicit and isinstance(dataset, IterableDataset) and not isinstance(dataset, QueueFlowDataset):
+            raise ValueError(
+                "rank= and world_size= share out map-style datasets and a QueueFlowDataset's chunks; an "
+                "IterableDataset yields what it yields, so it must split its data by rank itself (as with "
+                "DataLoader): drop rank= and world_size= here"
+            )
         sampler, batch_sampler, shuffle = _sharding.samplers(
             dataset, sampler, batch_sampler, shuffle, drop_last, generator, self._shard
         )
@@ -139,6 +147,18 @@ class QueueFlowLoader:
         self._epochs_sent = 0  # epochs handed to the workers, guesses included (``Job.epoch``)
         self._epoch_step = EpochStep(self._torch._index_sampler)
         self._ahead: Guess | None = None  # the guessed next epoch, queued behind the current one
+        self._stream: _Stream | None = None  # an iterable dataset's epoch: batches yielded so far
+        self._skip = 0  # an iterable dataset's batches to compute again and drop (``load_state_dict``)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled or copied as DataLoader is: its arguments and where its epochs stand, no workers."""
+        state = self.__dict__.copy()
+        state.update(_sequence=None, _ahead=None, _running=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._running = weakref.WeakSet()
 
     # -- DataLoader's surface ------------------------------------------------------------------
 
@@ -163,6 +183,20 @@ class QueueFlowLoader:
         """The collate function, as ``DataLoader.collate_fn``."""
         return self._torch.collate_fn
 
+    drop_last = property(lambda self: self._torch.drop_last, doc="As ``DataLoader.drop_last``.")
+    timeout = property(lambda self: self._torch.timeout, doc="As ``DataLoader.timeout``.")
+    worker_init_fn = property(lambda self: self._torch.worker_init_fn, doc="As ``DataLoader.worker_init_fn``.")
+    prefetch_factor = property(lambda self: self._torch.prefetch_factor, doc="As ``DataLoader.prefetch_factor``.")
+    in_order = property(lambda self: self._torch.in_order, doc="As ``DataLoader.in_order``.")
+    pin_memory_device = property(lambda self: self._torch.pin_memory_device, doc="As ``DataLoader.pin_memory_device``.")
+    multiprocessing_context = property(
+        lambda self: self._torch.multiprocessing_context, doc="As ``DataLoader.multiprocessing_context``."
+    )
+
+    def check_worker_number_rationality(self) -> None:
+        """As ``DataLoader.check_worker_number_rationality``: warns when ``num_workers`` exceeds the CPUs."""
+        self._torch.check_worker_number_rationality()
+
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle deterministically for ``epoch`` (passed to the sampler and dataset that take it)."""
         self.epoch = epoch
@@ -173,14 +207,6 @@ class QueueFlowLoader:
 
     def __iter__(self) -> Iterator[Any]:
         """The batches of one epoch (the rest of it after ``load_state_dict``)."""
-        if isinstance(self.dataset, QueueFlowDataset):
-            batches = self._iter_pipeline()
-        elif isinstance(self.dataset, IterableDataset):
-            batches = iter(self._torch)
-        else:
-            if self.num_workers > 0 and self._prefetch <= 0:  # DataLoader's iterator raises this when it starts
-                raise AssertionError("prefetch_factor must be greater than 0 for MultiProcessingDataLoaderIter")
-            batches = self._iter_map_style()
         if self.pin_memory and not torch.cuda.is_available() and not self._warned_pin:
             self._warned_pin = True
             warnings.warn(
@@ -188,14 +214,47 @@ class QueueFlowLoader:
                 "then device pinned memory won't be used.",
                 stacklevel=2,
             )
-        pin = self.pin_memory and torch.cuda.is_available()
-        if pin or (self.device is not None and self.device.type == "cuda"):
-            batches = _device.in_background(batches, _device.prepare(pin, self.device))
-        elif self.device is not None:
-            batches = (_device.move(batch, self.device) for batch in batches)
+        if isinstance(self.dataset, QueueFlowDataset):
+            batches = self._counted(self._on_device(self._iter_pipeline()))
+        elif isinstance(self.dataset, IterableDataset):
+            batches = self._counted(self._on_device(iter(self._torch)))
+        else:
+            if self.num_workers > 0 and self._prefetch <= 0:  # DataLoader's iterator raises this when it starts
+                raise AssertionError("prefetch_factor must be greater than 0 for MultiProcessingDataLoaderIter")
+            if self.num_workers == 0 and self._torch.timeout != 0:  # as DataLoader's single-process iterator
+                raise AssertionError(f"timeout={self._torch.timeout} needs workers: it bounds the wait for one")
+            batches = self._iter_map_style()
         if self.progress:
             batches = _with_progress(batches, self._length_or_none())
         return batches
+
+    def _on_device(self, batches: Iterator[Any], fetched: bool = False) -> Iterator[Any]:
+        """``batches`` pinned and moved to ``device`` (``_device``); ``fetched``: they are ``Fetched``
+        outputs, whose batch is moved and which the consumer makes ready (``_device.ready``)."""
+        pin = self.pin_memory and torch.cuda.is_available()
+        if pin or (self.device is not None and self.device.type == "cuda"):
+            work = _device.prepare(pin, self.device)
+            if fetched:
+                return _device.in_background(batches, lambda out: (work(out[0]), *out[1:]) if out[3] else out)
+            return _device.in_background(batches, work)
+        if self.device is None:
+            return batches
+        device = self.device
+        if fetched:
+            return ((_device.move(out[0], device), *out[1:]) for out in batches)
+        return (_device.move(batch, device) for batch in batches)
+
+    def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """An iterable dataset's batches, counted for ``state_dict``. Such a dataset has no index to
+        resume from, so after ``load_state_dict`` the batches the checkpoint had yielded are computed
+        again and dropped (as torchdata's ``StatefulDataLoader`` does for datasets without a state)."""
+        stream = self._stream = _Stream()
+        skip, self._skip = self._skip, 0
+        for batch in batches:
+            stream.yielded += 1
+            if stream.yielded > skip:
+                yield batch
+        stream.over = True
 
     def _length_or_none(self) -> int | None:
         try:
@@ -227,8 +286,15 @@ class QueueFlowLoader:
         """Begin an epoch now, as ``iter(DataLoader)`` does (its draws, its workers), and iterate it."""
         if self._epoch is not None:
             self._leave(self._epoch)  # a new iterator ends the last one's epoch (DataLoader's _reset)
+        if self.num_workers == 0 and self._resume is None:
+            # DataLoader's single-process iterator draws its base seed now, the order at its first batch
+            return self._begin_lazily(self._next_base_seed())
         epoch, outputs, own = self._begin()
         return self._deliver(epoch, outputs, own)
+
+    def _begin_lazily(self, base_seed: int) -> Iterator[Any]:
+        epoch, outputs, own = self._begin(base_seed)
+        yield from self._deliver(epoch, outputs, own)
 
     def _deliver(self, epoch: Epoch, outputs: Iterator[Fetched], own: Sequence | None) -> Iterator[Any]:
         """The epoch's batches; ``own``: this iterator's own workers (without persistent workers)."""
@@ -237,13 +303,16 @@ class QueueFlowLoader:
                 if self.persistent_workers and epoch is not self._epoch:
                     return  # a later iter() reset the workers: DataLoader's (one) persistent iterator moved on
                 try:
-                    batch, worker, state, kept = next(outputs)
+                    batch, worker, state, kept, position = next(outputs)
                 except StopIteration:
                     break
                 if state is not None:
                     epoch.states[worker] = merged(epoch.states.get(worker), state)
                 if kept:
+                    batch = _device.ready(batch)
                     epoch.yielded += 1
+                    if epoch.positions is not None:
+                        epoch.positions.add(position)
                     yield batch
             epoch.left = True
         except GeneratorExit:  # left before its end (break; Lightning stops at len(loader) batches)
@@ -257,6 +326,8 @@ class QueueFlowLoader:
                 raise RuntimeError(f"DataLoader timed out after {self._torch.timeout} seconds") from exc
             raise
         finally:
+            if isinstance(outputs, types.GeneratorType):  # a device thread's (or the fetches in this process)
+                outputs.close()
             if own is not None:  # DataLoader stops an iterator's workers with it
                 own.close()
 
@@ -267,8 +338,9 @@ class QueueFlowLoader:
             if self._ahead is not None and epoch.left_early:
                 self._ahead.drop()
 
-    def _begin(self) -> tuple[Epoch, Iterator[Fetched], Sequence | None]:
-        """Begin an epoch (a new one, or the one ``load_state_dict`` left to finish) and start fetching.
+    def _begin(self, base_seed: int | None = None) -> tuple[Epoch, Iterator[Fetched], Sequence | None]:
+        """Begin an epoch (a new one, or the one ``load_state_dict`` left to finish) and start fetching;
+        ``base_seed``: drawn already (``_next_base_seed``).
 
         Returns the epoch, its outputs, and the workers of this iterator alone (``None`` with
         persistent workers or none)."""
@@ -277,35 +349,42 @@ class QueueFlowLoader:
         if self._resume is not None:
             epoch, guessed, self._resume = self._resume, False, None
             parts = [(epoch.yielded, epoch.batches[epoch.yielded :], True)]
-            restore = self._restorable
+            restore = self._restorable and epoch.positions is None
         else:
-            epoch, guessed = self._draw(previous, ahead)
+            epoch, guessed = self._draw(previous, ahead, base_seed)
             # persistent workers are where DataLoader's are only if they went on into a right guess
             restore = self._restorable and self.persistent_workers and not guessed
             parts = [_epochs.catch_up(previous, self.num_workers, self._prefetch)] if restore else []
             parts.append((0, epoch.batches, True))
         self._epoch = epoch
+        seed = epoch.base_seed
         if self.num_workers == 0:
-            base_seed = epoch.base_seed
-            return epoch, (self._fetch(Job(base_seed, 0, indices)) for indices in epoch.batches[epoch.yielded :]), None
+            fetched = (self._fetch(Job(seed, 0, indices, position=k)) for k, indices in epoch.remaining())
+            return epoch, self._on_device(fetched, fetched=True), None
         self._epochs_sent += 1
         if restore:
-            jobs = _epochs.restoring_jobs(epoch.base_seed, self._epochs_sent, self.num_workers, epoch.states, parts)
+            jobs = _epochs.restoring_jobs(seed, self._epochs_sent, self.num_workers, epoch.states, parts)
         else:
-            jobs = [Job(epoch.base_seed, self._epochs_sent, indices) for _, batches, _ in parts for indices in batches]
+            jobs = [Job(seed, self._epochs_sent, indices, position=k) for k, indices in epoch.remaining()]
         if not self.persistent_workers:
             own = self._new_pipeline()
             self._running.add(own)  # weakly: an iterator dropped unstarted takes its workers with it
             outputs = own(jobs)
             outputs.timeout = self._torch.timeout or None
-            return epoch, outputs, own
-        return epoch, self._persistent_outputs(ahead, guessed, jobs), None
+            return epoch, self._on_device(outputs, fetched=True), own
+        return epoch, self._on_device(self._persistent_outputs(ahead, guessed, jobs), fetched=True), None
 
-    def _draw(self, previous: Epoch | None, ahead: Guess | None) -> tuple[Epoch, bool]:
-        """A new epoch, drawn from the generator as DataLoader's iterator draws it; and whether it is
-        ``ahead``, the guess queued when the last one began."""
+    def _next_base_seed(self) -> int:
+        """The base seed of the epoch beginning: a new draw, as DataLoader's iterator makes, unless workers persist."""
         if self._base_seed is None or not self.persistent_workers:
             self._base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
+        return self._base_seed
+
+    def _draw(self, previous: Epoch | None, ahead: Guess | None, base_seed: int | None) -> tuple[Epoch, bool]:
+        """A new epoch, drawn from the generator as DataLoader's iterator draws it; and whether it is
+        ``ahead``, the guess queued when the last one began. ``base_seed``: drawn already."""
+        if base_seed is None:
+            base_seed = self._next_base_seed()
         generator = _epochs.sampler_generator(self._torch._index_sampler)
         drawn_from = generator.get_state() if generator is not None else None
         follows = previous is None or not previous.left_early  # else DataLoader's workers fetched other batches
@@ -315,7 +394,9 @@ class QueueFlowLoader:
             batches = ahead.batches
         else:
             batches = list(self._torch._index_sampler)
-        epoch = Epoch(self._base_seed, batches, drawn_from, generator.get_state() if generator is not None else None)
+        epoch = Epoch(base_seed, batches, drawn_from, generator.get_state() if generator is not None else None)
+        if self.num_workers > 0 and not self._torch.in_order:
+            epoch.positions = set()  # batches come as they are ready: a checkpoint lists which were yielded
         if self.persistent_workers and previous is not None and previous.base_seed == self._base_seed:
             epoch.states = dict(previous.states)  # the same workers go on
         return epoch, guessed
@@ -344,7 +425,7 @@ class QueueFlowLoader:
                 number,
                 self._torch._index_sampler,
                 self._epoch_step.step,
-                lambda indices: Job(base_seed, number, indices),
+                lambda position, indices: Job(base_seed, number, indices, position=position),
             )
             sequence.queue_iterable(self._ahead.jobs())
         epoch.timeout = self._torch.timeout or None
@@ -374,6 +455,8 @@ class QueueFlowLoader:
         epoch = self._resume or self._epoch
         if epoch is not None:
             state.update(_epochs.checkpoint(epoch, self.num_workers))
+        if self._stream is not None:  # an iterable dataset: how far its epoch went (0 once it ran out)
+            state["stream_yielded"] = 0 if self._stream.over else self._stream.yielded
         state["generator"] = self.generator.get_state() if self.generator is not None else None
         sampler_generator = _epochs.sampler_generator(self._torch._index_sampler)
         if sampler_generator is not None and sampler_generator is not self.generator:
@@ -390,6 +473,7 @@ class QueueFlowLoader:
         sampler_generator = _epochs.sampler_generator(self._torch._index_sampler)
         if state.get("sampler_generator") is not None and sampler_generator is not None:
             sampler_generator.set_state(state["sampler_generator"])
+        self._skip, self._stream = state.get("stream_yielded", 0), None
         epoch = _epochs.restored(state, self.num_workers)
         self._base_seed = epoch.base_seed if epoch is not None else None
         resume = epoch is not None and not epoch.left and epoch.yielded < len(epoch.batches)
@@ -400,6 +484,14 @@ class QueueFlowLoader:
         self._drop_workers()
         for sequence in list(self._running):
             sequence.close()
+
+
+class _Stream:
+    """An iterable dataset's epoch, as far as it went."""
+
+    def __init__(self) -> None:
+        self.yielded = 0
+        self.over = False  # it ran out
 
 
 def _with_progress(batches: Iterator[Any], total: int | None) -> Iterator[Any]:
