@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -160,6 +161,31 @@ def test_regression_6_a_dead_worker_raises_worker_died_error_naming_step_and_cau
             list(seq(range(50)))
     assert "fragile" in str(info.value)
     assert time.monotonic() - start < 15
+
+
+def die_in_the_middle_of_sending(x):
+    """Returns ``x``, and the worker is killed once half of the message carrying it is in the pipe
+    (as the OOM killer might do while a large output is written)."""
+    import signal
+
+    import torchqueue._channel as channel
+
+    write_all = channel._write_all
+
+    def write_half_then_die(fd, buffers, alive):
+        header, body = buffers
+        write_all(fd, [header, memoryview(body)[: len(body) // 2]], alive)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    channel._write_all = write_half_then_die
+    return x
+
+
+def test_a_worker_killed_in_the_middle_of_a_message_raises_instead_of_hanging():
+    # a large output that is not a tensor or array travels in the pipe itself
+    with tq.Sequence(tq.ProcessStep(die_in_the_middle_of_sending, 1, name="sender"), context="fork") as seq:
+        with pytest.raises(tq.WorkerDiedError, match="sender"):
+            list(seq([b"x" * (4 << 20)]))
 
 
 def test_a_worker_that_cannot_start_is_reported_with_its_traceback(tmp_path):

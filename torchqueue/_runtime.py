@@ -190,6 +190,11 @@ class Runtime:
     def _alive(self) -> bool:
         return not self._closed and not self._stop.is_set()
 
+    def _writers_alive(self) -> bool:
+        """The consumer's liveness check while it reads: a worker killed in the middle of writing a
+        message never finishes it, so a reader waiting for the rest must see that death."""
+        return self._alive() and all(process.exitcode is None for _, _, process in self.workers)
+
     def _feed(self) -> None:
         """Feeder thread: a failure of its own (not of the user's input) is reported by ``check_health``."""
         try:
@@ -243,7 +248,11 @@ class Runtime:
                     self.check_health()
                     self._sample(now)
                 return payloads
-            data = self._edges[-1][0].get(self._alive, timeout=HEALTH_S)
+            try:
+                data = self._edges[-1][0].get(self._writers_alive, timeout=HEALTH_S)
+            except Stopped:
+                self.check_health()  # a worker died: WorkerDiedError
+                raise
             if data is None:
                 self.check_health()
                 self._sample(time.perf_counter())
@@ -256,7 +265,7 @@ class Runtime:
 
     def check_health(self) -> None:
         """Warn for skip notices; raise if a worker could not start or died."""
-        while (data := self._events.get(self._alive, timeout=0)) is not None:
+        while (data := self._read_event()) is not None:
             notice = _serialize.loads(data)
             if isinstance(notice, StartupFailure):
                 raise PipelineError(
@@ -277,6 +286,16 @@ class Runtime:
                 raise WorkerDiedError(
                     f"worker {worker} of step {stage!r} (pid {process.pid}) died: {_describe_exit(process.exitcode)}"
                 )
+
+    def _read_event(self) -> bytearray | None:
+        """The next notice from a worker, if one is waiting; ``None`` also when its writer died while
+        writing it (the death is reported next)."""
+        try:
+            return self._events.get(self._writers_alive, timeout=0)
+        except Stopped:
+            if not self._alive():
+                raise
+            return None
 
     def cancel(self, epoch: int) -> None:
         """Abandon ``epoch`` (and earlier): stop feeding it, skip its work, drop its outputs."""
