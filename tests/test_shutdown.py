@@ -14,7 +14,7 @@ import time
 
 import psutil
 import pytest
-from conftest import START_METHODS, assert_no_workers, double, random_sleep
+from conftest import START_METHODS, assert_no_workers, double, random_sleep, worker_children
 
 import torchqueue as tq
 
@@ -127,6 +127,20 @@ def test_break_and_dropping_the_last_reference_stops_everything(no_leaks):
     del value
     gc.collect()
     assert_no_workers()
+
+
+@pytest.mark.parametrize("leave", ["break", "run out"])
+def test_dropping_the_last_reference_stops_the_workers_at_once_without_the_cyclic_collector(no_leaks, leave):
+    gc.disable()  # only reference counting may free the Sequence here
+    try:
+        seq = tq.Sequence(tq.ProcessStep(double, 2))
+        for value in seq(range(100)):
+            if leave == "break" and value > 10:
+                break
+        del seq
+        assert not worker_children(), "the workers outlived the last reference to their Sequence"
+    finally:
+        gc.enable()
 
 
 def test_closing_a_sequence_while_another_thread_iterates_it_ends_that_iteration(no_leaks):

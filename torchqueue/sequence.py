@@ -87,7 +87,7 @@ class Sequence:
         self._finalizer: weakref.finalize | None = None
         self._queued = 0  # epochs queued so far
         self._next_epoch = 0  # the epoch the next iter() yields
-        self._current: _EpochIterator | None = None
+        self._current: _EpochState | None = None  # the epoch iterated last (not its iterator: no cycle)
         self._closed = False
         self._error: BaseException | None = None
 
@@ -120,13 +120,14 @@ class Sequence:
         previous = self._current
         if previous is not None and not previous.done:
             try:
-                previous.abandon()
+                previous.abandon(self._runtime)
             except BaseException as exc:  # a dead worker or Ctrl-C while cancelling
                 self._fail(exc)
                 raise
-        self._current = _EpochIterator(self, self._next_epoch)
+        iterator = _EpochIterator(self, self._next_epoch)
+        self._current = iterator.state
         self._next_epoch += 1
-        return self._current
+        return iterator
 
     def stats(self) -> Stats:
         """Per-step figures since the workers started (zeros before)."""
@@ -171,6 +172,28 @@ class Sequence:
         self.close()
 
 
+class _EpochState:
+    """One epoch as far as it was iterated: what its iterator and its Sequence share.
+
+    The iterator holds its Sequence (to keep it alive while iterated) and the Sequence holds only
+    this, so dropping both frees them at once, without waiting for the cyclic garbage collector,
+    and the workers stop then."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.ready: collections.deque[Any] = collections.deque()  # outputs taken from the runtime, not yet yielded
+        self.done = False
+        self.abandoned = False
+
+    def abandon(self, runtime: Runtime | None) -> None:
+        """Cancel the rest of this epoch (its outputs are dropped)."""
+        ended = bool(self.ready) and isinstance(self.ready[-1], EndOfEpoch)  # its end was taken already
+        self.ready.clear()
+        self.done = self.abandoned = True
+        if not ended and runtime is not None and not runtime.closed:
+            runtime.cancel(self.epoch)
+
+
 class _EpochIterator(Iterator[Any]):
     """Yields one epoch's outputs; keeps its Sequence alive while it is iterated.
 
@@ -180,62 +203,52 @@ class _EpochIterator(Iterator[Any]):
 
     def __init__(self, sequence: Sequence, epoch: int) -> None:
         self._sequence = sequence
-        self._epoch = epoch
-        self._abandoned = False
-        self._ready: collections.deque[Any] = collections.deque()
-        self.done = False
+        self.state = _EpochState(epoch)
         self.timeout: float | None = None  # seconds to wait for one output (QueueFlowLoader's timeout=)
 
     def __next__(self) -> Any:
-        if self._ready and not (self._abandoned or self._sequence._closed):
-            payload = self._ready.popleft()
+        state = self.state
+        if state.ready and not (state.abandoned or self._sequence._closed):
+            payload = state.ready.popleft()
             if type(payload) not in _CONTROL:
                 return payload
-            self._ready.appendleft(payload)
+            state.ready.appendleft(payload)
         return self._next_slowly()
 
     def _next_slowly(self) -> Any:
-        if self._abandoned:
+        state = self.state
+        if state.abandoned:
             raise RuntimeError("this iterator was superseded by a later iter(seq); its epoch was cancelled")
-        if self.done:
+        if state.done:
             raise StopIteration
         sequence = self._sequence
         sequence._check_open()
         runtime = sequence._runtime
         assert runtime is not None  # started by queue_iterable
         while True:
-            if not self._ready:
+            if not state.ready:
                 try:
-                    self._ready.extend(runtime.next_outputs(self._epoch, self.timeout))
+                    state.ready.extend(runtime.next_outputs(state.epoch, self.timeout))
                 except Stopped:
-                    self.done = True
+                    state.done = True
                     raise RuntimeError("the Sequence was closed while it was being iterated") from None
                 except BaseException as exc:  # a dead worker, Ctrl-C, ...: nothing can be trusted to go on
-                    self.done = True
+                    state.done = True
                     sequence._fail(exc)
                     raise
-            payload = self._ready.popleft()
+            payload = state.ready.popleft()
             if isinstance(payload, EndOfEpoch):
-                self.done = True
+                state.done = True
                 runtime.check_health()  # deliver the epoch's skip warnings before it ends
                 raise StopIteration
             if isinstance(payload, Skipped):
                 continue
             if isinstance(payload, Failure):
-                self.done = True
+                state.done = True
                 error = rebuild(payload)
                 sequence._fail(error)
                 raise error
             return payload
-
-    def abandon(self) -> None:
-        """Cancel the rest of this epoch (its outputs are dropped)."""
-        ended = bool(self._ready) and isinstance(self._ready[-1], EndOfEpoch)  # its end was taken already
-        self._ready.clear()
-        self.done = self._abandoned = True
-        runtime = self._sequence._runtime
-        if not ended and runtime is not None and not runtime.closed:
-            runtime.cancel(self._epoch)
 
 
 _CONTROL = frozenset({EndOfEpoch, Skipped, Failure})
