@@ -43,6 +43,18 @@ PROGRAM = textwrap.dedent(
     def keep(batch):
         return batch
 
+    class Refused(Exception):
+        pass
+
+    def refuse(x):
+        raise Refused(f"no {x}")
+
+    def refusing():
+        def closure(x):
+            raise Refused(f"no {x}")
+
+        return closure
+
     def main(context):
         steps = [tq.ProcessStep(make, 2), tq.ProcessStep(bump), tq.ProcessStep(lambda p: p)]
         with tq.Sequence(*steps, context=context) as seq:
@@ -57,6 +69,14 @@ PROGRAM = textwrap.dedent(
         loader.close()
         assert [[s.tag for s in b] for b in batches] == [["s0", "s1", "s2"], ["s3", "s4", "s5"]]
         assert all(type(s) is Point for b in batches for s in b)
+        for fn in (refuse, refusing(), lambda x: refuse(x)):  # the exception's class is the script's
+            with tq.Sequence(tq.ProcessStep(fn), context=context) as seq:
+                try:
+                    list(seq(range(2)))
+                except Refused as exc:
+                    assert "no 0" in str(exc)
+                else:
+                    raise AssertionError(f"{fn} raised no Refused")
         print("ok", context)
     """
 )

@@ -11,10 +11,13 @@ with that message as its text, or as a note where its ``__str__`` ignores it.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import traceback
+from typing import Any
 
+from torchqueue._mainmodule import reduce_main_class
 from torchqueue._messages import Failure
 
 __all__ = ["PipelineError", "WorkerDiedError"]
@@ -35,11 +38,24 @@ class _KeyErrorMessage(str):
         return str(self)
 
 
+class _ExceptionPickler(pickle.Pickler):
+    """Pickles an exception whose class ``__main__`` defines (a script, a notebook) also where the
+    worker's class is not the consumer's object of that name (it came by value, with a lambda or
+    closure): ``_mainmodule.reduce_main_class``, as for outputs."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, type):
+            return reduce_main_class(obj) or NotImplemented
+        return NotImplemented
+
+
 def capture(step: str, exc: BaseException) -> Failure:
     """Wrap ``exc``, raised by ``step`` in this process, for the trip to the consumer."""
     pickled: bytes | None
     try:
-        pickled = pickle.dumps(exc)
+        buffer = io.BytesIO()
+        _ExceptionPickler(buffer).dump(exc)
+        pickled = buffer.getvalue()
         pickle.loads(pickled)
     except Exception:  # any failure to round-trip means: rebuild from the message
         pickled = None
