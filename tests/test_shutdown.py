@@ -185,6 +185,34 @@ def test_regression_5_workers_exit_when_their_parent_is_killed(method, run_scrip
     assert not glob.glob(f"/dev/shm/torchqueue-{info['pid']}-*")
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_that_kills_the_whole_process_group_leaves_no_shared_memory(run_script, signum):
+    # what `timeout`, SLURM's scancel or a closed terminal do: the consumer dies without its clean-up
+    process = run_script(PIPELINE.format(method="fork").rstrip() + "\n    time.sleep(600)\n", start_new_session=True)
+    info = read_json_line(process)
+    assert glob.glob(f"/dev/shm/torchqueue-{info['pid']}-*")
+    os.killpg(process.pid, signum)
+    assert process.wait(30) == -signum
+    assert wait_gone(info["workers"]) == []
+    assert not glob.glob(f"/dev/shm/torchqueue-{info['pid']}-*")
+
+
+def test_shared_memory_left_by_a_pipeline_killed_whole_is_removed_by_the_next_one(run_script, monkeypatch):
+    # SIGKILL to the process group: nobody of that pipeline can clean up
+    process = run_script(PIPELINE.format(method="fork").rstrip() + "\n    time.sleep(600)\n", start_new_session=True)
+    info = read_json_line(process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)
+    assert wait_gone(info["workers"]) == []
+    left = glob.glob(f"/dev/shm/torchqueue-{info['pid']}-*")
+    assert left
+    monkeypatch.setattr(tq._segments, "ABANDONED_AFTER_S", 0.0)  # it died a moment ago
+    with tq.Sequence(tq.ProcessStep(double)) as seq:
+        assert list(seq([1])) == [2]
+        assert not any(os.path.exists(path) for path in left)
+        assert glob.glob(f"/dev/shm/torchqueue-{os.getpid()}-*")  # its own, in use, is kept
+
+
 def test_ctrl_c_to_the_process_group_stops_everything_cleanly(run_script):
     head, _ = PIPELINE.format(method="fork").split("    it = seq(")
     body = head + textwrap.indent(

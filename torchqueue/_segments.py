@@ -37,6 +37,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from typing import Any
 
 import torch
@@ -67,11 +68,53 @@ _counter = itertools.count()
 _new_shared_fd = getattr(torch.UntypedStorage, "_new_shared_fd_cpu")  # noqa: B009 (private torch API)
 
 
+ABANDONED_AFTER_S = 10.0
+"""A directory nobody holds the lock of is removed only once unchanged for this long (its creator takes
+the lock a moment after creating it)."""
+
+_owners: dict[str, int] = {}  # directory -> the descriptor holding its lock, in the creating process
+
+
 def make_segment_dir() -> str | None:
-    """A fresh directory for one pipeline's segments (``None`` where there is no /dev/shm)."""
+    """A fresh directory for one pipeline's segments (``None`` where there is no /dev/shm).
+
+    Its creator holds an ``flock`` on it, and so does every process forked from it while it keeps
+    the descriptor: the lock is free only once all of them are gone. A
+    pipeline whose processes were all killed at once (``SIGKILL`` to the process group, the OOM
+    killer) leaves its directory behind, with the lock free; the next pipeline started on the
+    machine removes it (``remove_abandoned``). Locks, unlike process ids, hold across PID namespaces
+    (containers sharing /dev/shm).
+    """
     if not os.path.isdir("/dev/shm"):
         return None
-    return tempfile.mkdtemp(prefix=f"torchqueue-{os.getpid()}-", dir="/dev/shm")
+    remove_abandoned("/dev/shm")
+    directory = tempfile.mkdtemp(prefix=f"torchqueue-{os.getpid()}-", dir="/dev/shm")
+    fd = os.open(directory, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _owners[directory] = fd
+    return directory
+
+
+def remove_abandoned(root: str) -> None:
+    """Remove the pipelines' directories under ``root`` whose lock nobody holds."""
+    try:
+        names = [name for name in os.listdir(root) if name.startswith("torchqueue-")]
+    except OSError:
+        return
+    for name in names:
+        try:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # not a directory, or gone meanwhile
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime < ABANDONED_AFTER_S:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: a process of that pipeline lives
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
 
 
 class _Sent:
@@ -164,6 +207,9 @@ _leases = True  # False once the kernel refused a lease for a reason other than 
 def remove_dir(directory: str) -> None:
     """Remove a pipeline's directory with every segment in it, and forget what this process sent there."""
     shutil.rmtree(directory, ignore_errors=True)
+    owner = _owners.pop(directory, None)
+    if owner is not None:
+        os.close(owner)
     with _sent_lock:
         _sent.pop(directory, None)
 

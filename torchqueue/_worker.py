@@ -170,6 +170,7 @@ def worker_main(ctx: WorkerContext) -> None:
     gc.freeze()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
     _exit_with_parent(ctx.segment_dir)
+    _clean_up_when_terminated_with_parent(ctx.stop, ctx.segment_dir)
     torch.set_num_threads(1)
     set_worker_info(WorkerInfo(ctx.stage_name, ctx.worker, ctx.nworkers))
     try:
@@ -202,6 +203,37 @@ def _exit_with_parent(segment_dir: str | None) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="torchqueue-parent-watch", daemon=True).start()
+
+
+TERM_GRACE_S = 0.5
+"""How long a worker told to terminate (not by its closing pipeline) waits for its parent's death."""
+
+
+def _clean_up_when_terminated_with_parent(stop: StopSignal, segment_dir: str | None) -> None:
+    """On SIGTERM or SIGHUP, remove the shared memory if the consumer's process dies too.
+
+    A signal to the whole process group (``timeout``, ``kill -TERM -<pgid>``, SLURM's ``scancel``,
+    a closed terminal) kills the consumer's process without its clean-up, and the workers with it:
+    nobody would remove the pipeline's segments. So a worker waits briefly for its parent's death
+    (immediate when the signal hit it too) and removes them, then dies of the signal as it would
+    have. A pipeline that is closing terminates its workers after setting ``stop``: no wait then.
+    Signals the consumer's process had ignored (``nohup``) stay ignored.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None or segment_dir is None:
+        return
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        # only file descriptors here: the handler may interrupt the main thread holding any lock
+        ready = multiprocessing.connection.wait([stop.fileno(), parent.sentinel], timeout=TERM_GRACE_S)
+        if parent.sentinel in ready:
+            shutil.rmtree(segment_dir, ignore_errors=True)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, on_signal)
 
 
 class _UpstreamFailure(Exception):
