@@ -145,6 +145,14 @@ def test_on_error_skip_in_a_pool_drops_only_the_failing_items():
     assert out == [[0, 1, 2, 3, 4], [5, 6, 8, 9]]
 
 
+def test_on_error_skip_drops_an_element_a_pool_cannot_split_as_stream_steps_drop_theirs():
+    with tq.Sequence(tq.PoolStep(double, nworkers=2, name="pool"), on_error="skip") as seq:
+        with pytest.warns(RuntimeWarning, match="pool.*PoolStep needs iterable elements"):
+            out = list(seq([[1, 2], 5, [3]]))
+        assert out == [[2, 4], [6]]
+        assert seq.stats()["pool"].skipped == 1
+
+
 def test_on_error_skip_in_a_stream_step_drops_bad_elements():
     with tq.Sequence(tq.UnpackStep(), on_error="skip") as seq:
         with pytest.warns(RuntimeWarning, match="UnpackStep"):

@@ -370,6 +370,14 @@ def test_over_a_queueflow_dataset_it_runs_the_pipeline_and_batches_only_when_ask
     ds.close()
 
 
+def test_a_queueflow_dataset_over_a_generator_warns_when_a_second_epoch_finds_it_used_up():
+    ds = tq.QueueFlowDataset((chunk for chunk in [[1, 2], [3]]), [tq.UnpackStep()])
+    assert list(ds) == [1, 2, 3]
+    with pytest.warns(RuntimeWarning, match="iterator"):
+        assert list(ds) == []
+    ds.close()
+
+
 def test_a_queueflow_dataset_works_in_a_plain_dataloader_without_workers():
     ds = tq.QueueFlowDataset([[1, 2], [3]], [tq.UnpackStep()])
     assert [int(x) for x in DataLoader(ds, batch_size=None, num_workers=0)] == [1, 2, 3]

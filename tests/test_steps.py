@@ -34,6 +34,17 @@ def test_bad_step_arguments_raise_at_the_call(make, error, words):
         make()
 
 
+def test_counts_may_be_numpy_integers_as_from_a_config_and_are_kept_as_ints():
+    import numpy as np
+
+    steps = [tq.ProcessStep(double, np.int64(2)), tq.PoolStep(double, nworkers=np.int32(3)), tq.RepackStep(np.int64(4))]
+    assert [
+        type(v) for v in (steps[0].nworkers, steps[1].nworkers, steps[2].batch_size, tq.Queue(np.int8(5)).capacity)
+    ] == [int] * 4
+    with tq.Sequence(steps[0], tq.Queue(np.int64(2))) as seq:
+        assert list(seq(range(3))) == [0, 2, 4]
+
+
 def test_steps_are_frozen_declarations():
     step = tq.ProcessStep(double, 2, name="d")
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -300,11 +300,14 @@ class _Loop:
     def failed(self, exc: Exception) -> Failure | Skipped:
         if not self.ctx.skip_errors:
             return capture(self.ctx.stage_name, exc)
+        return self.skipped(f"{type(exc).__name__}: {exc}")
+
+    def skipped(self, summary: str) -> Skipped:
+        """This step's failure, dropped (``on_error="skip"``): counted, and noticed once."""
         self.meter.add(Field.SKIPPED, 1)
         if not self._notified:
             self._notified = True
-            notice = SkipNotice(self.ctx.stage_name, f"{type(exc).__name__}: {exc}")
-            self.ctx.events.put(_serialize.dumps(notice, None), self.alive)
+            self.ctx.events.put(_serialize.dumps(SkipNotice(self.ctx.stage_name, summary), None), self.alive)
         return Skipped(self.ctx.stage_name)
 
     def cancelled(self, epoch: int) -> bool:
@@ -314,6 +317,11 @@ class _Loop:
         while True:
             envelope = self.receive()
             payload = envelope.payload
+            if pool and self.ctx.skip_errors and isinstance(payload, Failure) and payload.step == self.ctx.stage_name:
+                # the element could not be split into this pool's parts (not iterable): this step's failure
+                skipped = self.skipped(f"{payload.exc_type}: {payload.message}")
+                self.timed(self.emitter.send, envelope._replace(payload=skipped))
+                continue
             if isinstance(payload, CONTROL):
                 self.timed(self.emitter.send, envelope)
                 continue

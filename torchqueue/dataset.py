@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -50,6 +51,7 @@ class QueueFlowDataset(IterableDataset):
         self.ordered = ordered
         self.context = context
         self.epoch = 0
+        self._read_once = False  # a source that is an iterator was read by an epoch
         self._sequence = Sequence(*self.steps, ordered=ordered, context=context, name="QueueFlowDataset")
 
     def set_epoch(self, epoch: int) -> None:
@@ -60,7 +62,18 @@ class QueueFlowDataset(IterableDataset):
 
     def chunks(self, epoch: int) -> Iterable[Any]:
         """The input of ``epoch``."""
-        return self.source(epoch) if callable(self.source) else self.source
+        if callable(self.source):
+            return self.source(epoch)
+        if iter(self.source) is self.source:  # a generator or another iterator: it can be read once
+            if self._read_once:
+                warnings.warn(
+                    "QueueFlowDataset's source is an iterator, which an earlier epoch used up: this epoch is "
+                    "empty. Pass a list of chunks, or a function source(epoch) that returns the epoch's chunks",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            self._read_once = True
+        return self.source
 
     def __iter__(self) -> Iterator[Any]:
         """The pipeline's outputs for the current epoch (see ``set_epoch``)."""

@@ -198,7 +198,9 @@ class QueueFlowLoader:
         self._torch.check_worker_number_rationality()
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle deterministically for ``epoch`` (passed to the sampler and dataset that take it)."""
+        """Pass ``epoch`` to the sampler, batch sampler and dataset that take it (``set_epoch``), as
+        Lightning does: a ``DistributedSampler`` (the one ``rank=`` builds, too) or a ``QueueFlowDataset``
+        then draws that epoch's order. A plain ``shuffle=True`` draws from the generator, as DataLoader's."""
         self.epoch = epoch
         for target in (self._torch.sampler, self._torch.batch_sampler, self.dataset):
             set_target_epoch = getattr(target, "set_epoch", None)

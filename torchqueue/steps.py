@@ -9,6 +9,7 @@ edge between two steps.
 from __future__ import annotations
 
 import multiprocessing.queues
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,11 +28,14 @@ __all__ = [
 ]
 
 
-def _check_count(value: object, what: str, example: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _check_count(step: object, field_name: str, what: str, example: str) -> None:
+    """``step.<field_name>`` must be an integer >= 1 (a numpy integer too); it is stored as an ``int``."""
+    value = getattr(step, field_name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{what} must be an int >= 1, got {type(value).__name__} {value!r}: e.g. {example}")
     if value < 1:
         raise ValueError(f"{what} must be >= 1, got {value}: e.g. {example}")
+    object.__setattr__(step, field_name, int(value))  # frozen dataclasses
 
 
 def _check_name(name: object) -> None:
@@ -67,7 +71,7 @@ class _FunctionStep(Step):
                 f"{kind} needs a callable as its function, got {type(self.fn).__name__} {self.fn!r}: "
                 f"pass a function, e.g. {kind}(my_function, 2)"
             )
-        _check_count(self.nworkers, f"{kind} nworkers", f"{kind}(my_function, nworkers=2)")
+        _check_count(self, "nworkers", f"{kind} nworkers", f"{kind}(my_function, nworkers=2)")
         _check_name(self.name)
 
     def default_name(self) -> str:
@@ -145,7 +149,7 @@ class PackStep(StreamStep):
     name: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        _check_count(self.n, "PackStep n", "PackStep(32)")
+        _check_count(self, "n", "PackStep n", "PackStep(32)")
         _check_name(self.name)
 
     def default_name(self) -> str:
@@ -198,7 +202,7 @@ class RepackStep(StreamStep):
     name: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        _check_count(self.batch_size, "RepackStep batch_size", "RepackStep(64)")
+        _check_count(self, "batch_size", "RepackStep batch_size", "RepackStep(64)")
         if not isinstance(self.drop_last, bool):
             raise TypeError(f"RepackStep drop_last must be a bool, got {self.drop_last!r}")
         _check_name(self.name)
@@ -223,7 +227,7 @@ class Queue:
     capacity: int = 1
 
     def __post_init__(self) -> None:
-        _check_count(self.capacity, "Queue capacity", "tq.Queue(4)")
+        _check_count(self, "capacity", "Queue capacity", "tq.Queue(4)")
 
     @classmethod
     def from_multiprocessing(cls, queue: multiprocessing.queues.Queue[Any]) -> Queue:
