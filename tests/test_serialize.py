@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import torchqueue as tq
-from torchqueue import _serialize
+from torchqueue import _segments, _serialize
 from torchqueue._messages import Bundle, Envelope
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
@@ -21,11 +21,9 @@ MIB = 1 << 20
 
 @pytest.fixture
 def segment_dir():
-    import shutil
-
     directory = _serialize.make_segment_dir()
     yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+    _segments.remove_dir(directory)
 
 
 def roundtrip(obj, segment_dir):
@@ -50,6 +48,31 @@ def test_small_and_large_values_round_trip_bit_identical(segment_dir):
     assert np.array_equal(got["array"], value["array"]) and got["array"].dtype == np.int16
     assert np.array_equal(got["tiny array"], value["tiny array"])
     assert got["text"] == "kept"
+
+
+@pytest.mark.parametrize("size", [4, 64], ids=["small", "large"])
+def test_dense_tensors_keep_their_layout_and_views_with_gaps_arrive_compact(size, segment_dir):
+    images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    dense = {
+        "channels_last": images.contiguous(memory_format=torch.channels_last),
+        "transposed": images[0, 0].t(),
+        "permuted": images.permute(2, 0, 3, 1),
+    }
+    gaps = {"sliced": images[:, :, ::2], "expanded": images[:1].expand(4, -1, -1, -1)}
+    _, got = roundtrip({**dense, **gaps, "row major": images}, segment_dir)
+    for key, value in {**dense, **gaps}.items():
+        assert torch.equal(got[key], value), key
+    for key, value in dense.items():  # as torch's own sharing (DataLoader's workers) delivers them
+        assert got[key].stride() == value.stride(), key
+    assert got["channels_last"].is_contiguous(memory_format=torch.channels_last)
+    for key in gaps:
+        assert got[key].is_contiguous(), key
+
+
+def test_a_list_of_small_channels_last_tensors_keeps_their_layout(segment_dir):
+    value = [torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last) for _ in range(20)]
+    _, got = roundtrip(value, segment_dir)
+    assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(got, value, strict=True))
 
 
 def test_a_received_large_array_is_passed_on_without_a_copy(segment_dir):

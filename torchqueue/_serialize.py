@@ -110,6 +110,17 @@ def _tensor_bytes(tensor: torch.Tensor) -> Any:
     return data.numpy().data
 
 
+def _memory_order(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+    """For a tensor laid out densely but not row-major (``channels_last``, a transpose): a contiguous
+    view of it in memory order, and its strides, so that it arrives with the same layout (as torch's
+    own sharing keeps it); else ``None`` (row-major, or with gaps: it travels as a row-major copy)."""
+    if tensor.is_contiguous() or tensor.is_conj() or tensor.is_neg():
+        return None
+    strides = tensor.stride()
+    view = tensor.permute(sorted(range(tensor.dim()), key=strides.__getitem__, reverse=True))
+    return (view, strides) if view.is_contiguous() else None
+
+
 def _shareable_array(obj: np.ndarray) -> bool:
     return obj.nbytes >= ARRAY_MIN_BYTES and not obj.dtype.hasobject and obj.dtype.fields is None
 
@@ -156,7 +167,7 @@ class _Run:
 def _stack_run(values: list[Any] | tuple[Any, ...]) -> tuple[torch.Tensor, set[int]] | None:
     """``values`` stacked and their ids, if they are a run: distinct exact tensors, CPU, strided, one
     dtype and shape, under ``GATHER_BYTES`` each, with at least one dimension and one element, none
-    requiring grad.
+    requiring grad, the first one not dense in another order than row-major (a run arrives row-major).
 
     A few passes of C-level builtins over the list; ``torch.stack`` checks shapes and devices."""
     first, last = values[0], values[-1]
@@ -167,6 +178,8 @@ def _stack_run(values: list[Any] | tuple[Any, ...]) -> tuple[torch.Tensor, set[i
     if torch.is_inference_mode_enabled():  # the stack below would not tell whether an input requires grad
         return None
     if first.is_quantized or first.is_nested or not first.dim() or not 0 < first.nbytes < GATHER_BYTES:
+        return None
+    if _memory_order(first) is not None:  # a layout of its own (channels_last, ...): the per-tensor path keeps it
         return None
     ids = set(map(id, values))
     if len(ids) != len(values) or len(set(map(_dtype_of, values))) != 1:
@@ -274,6 +287,8 @@ class _Pickler(pickle.Pickler):
         if kind is torch.Tensor and id(obj) in self._in_runs:
             raise _RunElsewhere
         if kind is torch.Tensor and _to_segment(obj):
+            layout = _memory_order(obj)
+            values = obj if layout is None else layout[0]
             if obj.nbytes < GATHER_BYTES:
                 gathering = self._gathering.get(obj.dtype)
                 if gathering is None:
@@ -281,11 +296,14 @@ class _Pickler(pickle.Pickler):
                     self.blocks.append([obj.dtype, gathering[1]])
                 index, tensors, numel = gathering
                 start = numel[0]
-                tensors.append(obj)
+                tensors.append(values)
                 numel[0] += obj.numel()
+            else:
+                index, start = len(self.blocks), 0
+                self.blocks.append([obj.dtype, _tensor_bytes(values)])
+            if layout is None:
                 return _rebuild_tensor, (index, start, tuple(obj.shape), obj.requires_grad)
-            self.blocks.append([obj.dtype, _tensor_bytes(obj)])
-            return _rebuild_tensor, (len(self.blocks) - 1, 0, tuple(obj.shape), obj.requires_grad)
+            return _rebuild_strided_tensor, (index, start, tuple(obj.shape), layout[1], obj.requires_grad)
         if isinstance(obj, type):
             return reduce_main_class(obj) or NotImplemented
         if kind is np.ndarray and _shareable_array(obj):
@@ -350,6 +368,15 @@ def _flat(index: int) -> Any:
 def _rebuild_tensor(index: int, start: int, shape: tuple[int, ...], requires_grad: bool) -> torch.Tensor:
     flat = _flat(index)
     tensor = flat.as_strided(shape, _contiguous_strides(shape), flat.storage_offset() + start)
+    return tensor.requires_grad_() if requires_grad else tensor
+
+
+def _rebuild_strided_tensor(
+    index: int, start: int, shape: tuple[int, ...], strides: tuple[int, ...], requires_grad: bool
+) -> torch.Tensor:
+    """A tensor that was dense but not row-major, with its strides (its values came in memory order)."""
+    flat = _flat(index)
+    tensor = flat.as_strided(shape, strides, flat.storage_offset() + start)
     return tensor.requires_grad_() if requires_grad else tensor
 
 
