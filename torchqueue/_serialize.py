@@ -287,7 +287,7 @@ class _Pickler(pickle.Pickler):
         if kind is torch.Tensor and id(obj) in self._in_runs:
             raise _RunElsewhere
         if kind is torch.Tensor and _to_segment(obj):
-            layout = _memory_order(obj)
+            layout = None if obj.is_contiguous() else _memory_order(obj)
             values = obj if layout is None else layout[0]
             if obj.nbytes < GATHER_BYTES:
                 gathering = self._gathering.get(obj.dtype)
