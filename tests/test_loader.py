@@ -180,7 +180,8 @@ def test_state_dict_resumes_mid_epoch_with_exactly_the_remaining_batches():
 
 
 class Counting(IterableDataset):
-    """0, 1, ..., n - 1, split among DataLoader's workers by worker id."""
+    """(i, a draw from the worker's torch generator) for i = 0, 1, ..., n - 1, split among DataLoader's
+    workers by worker id: the draws depend on the seeds DataLoader gives its workers."""
 
     def __init__(self, n: int = 20) -> None:
         self.n = n
@@ -188,7 +189,7 @@ class Counting(IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return iter(range(worker, self.n, workers))
+        return ((i, int(torch.randint(10**6, ()))) for i in range(worker, self.n, workers))
 
 
 @pytest.mark.parametrize("kind", ["QueueFlowDataset", "IterableDataset, 2 workers"])
@@ -197,28 +198,48 @@ def test_state_dict_over_an_iterable_dataset_resumes_with_the_remaining_batches(
     def make():
         if kind == "QueueFlowDataset":
             return QueueFlowLoader(tq.QueueFlowDataset(chunk_source, [tq.UnpackStep()]), batch_size=2)
-        return QueueFlowLoader(Counting(), batch_size=2, num_workers=2)
+        return QueueFlowLoader(Counting(), batch_size=2, num_workers=2, generator=torch.Generator().manual_seed(4))
 
     def done(loader):
         if isinstance(loader.dataset, tq.QueueFlowDataset):
             loader.dataset.close()
 
+    def plain(batch):
+        return batch.tolist() if isinstance(batch, torch.Tensor) else [t.tolist() for t in batch]
+
     uninterrupted = make()
-    full = [[b.tolist() for b in uninterrupted] for _ in range(2)]
+    full = [[plain(b) for b in uninterrupted] for _ in range(2)]
     done(uninterrupted)
     first = make()
     iterator = iter(first)
-    head = [next(iterator).tolist() for _ in range(2)]
+    head = [plain(next(iterator)) for _ in range(2)]
     state = first.state_dict()
     del iterator
     done(first)
     resumed = make()
     resumed.load_state_dict(state)
-    rest = [b.tolist() for b in resumed]
-    following = [b.tolist() for b in resumed]
+    rest = [plain(b) for b in resumed]
+    following = [plain(b) for b in resumed]
     done(resumed)
     assert head + rest == full[0]
     assert following == full[1]
+
+
+def test_a_queueflow_dataset_reads_its_source_once_per_epoch():
+    # a source with a state of its own (a shuffled DataLoader of chunks, say) must not be iterated twice
+    class Source:
+        def __init__(self) -> None:
+            self.iterations = 0
+
+        def __iter__(self):
+            self.iterations += 1
+            return iter([[1, 2], [3]])
+
+    source = Source()
+    ds = tq.QueueFlowDataset(source, [tq.UnpackStep()])
+    assert [list(ds) for _ in range(3)] == [[1, 2, 3]] * 3
+    ds.close()
+    assert source.iterations == 3
 
 
 def test_rank_arguments_over_a_plain_iterable_dataset_raise_at_construction():

@@ -264,6 +264,24 @@ def test_a_checkpoint_after_the_last_batch_inside_the_loop_resumes_with_the_next
     assert equal(nexts, theirs[1])
 
 
+def test_without_workers_a_checkpoint_between_iter_and_the_first_batch_resumes_that_epoch():
+    # iter() drew the base seed, the order is drawn at the first batch: the checkpoint is taken as if
+    # iter() had not been called
+    seed_this_process()
+    reference = make(DataLoader, n=12, shuffle=True)
+    theirs = [list(reference) for _ in range(2)]
+    seed_this_process()
+    loader = make(QueueFlowLoader, n=12, shuffle=True)
+    ours = [list(loader)]
+    iterator = iter(loader)
+    state = loader.state_dict()
+    del iterator
+    resumed = make(QueueFlowLoader, n=12, shuffle=True)
+    resumed.load_state_dict(state)
+    ours.append(list(resumed))
+    assert all(equal(a, b) for a, b in zip(theirs, ours, strict=True))
+
+
 class SlowFirst(Dataset):
     """Index 0 takes a while (the data, not a synchronisation): its batch comes last out of order."""
 

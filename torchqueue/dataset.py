@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.context import BaseContext
@@ -37,13 +38,13 @@ class QueueFlowDataset(IterableDataset):
         ordered: bool = True,
         context: str | BaseContext | None = None,
     ) -> None:
-        if not callable(source):
-            try:
-                iter(source)
-            except TypeError:
-                raise TypeError(
-                    f"source must be an iterable or a function epoch -> iterable, got {type(source).__name__}"
-                ) from None
+        # not iter(source): a source with a state of its own (a DataLoader of chunks) is read once per epoch
+        if (
+            not callable(source)
+            and not isinstance(source, collections.abc.Iterable)
+            and not hasattr(source, "__getitem__")
+        ):
+            raise TypeError(f"source must be an iterable or a function epoch -> iterable, got {type(source).__name__}")
         if not isinstance(steps, (list, tuple)):
             raise TypeError(f"steps must be a list of steps and queues, got {type(steps).__name__}")
         self.source = source
@@ -64,7 +65,7 @@ class QueueFlowDataset(IterableDataset):
         """The input of ``epoch``."""
         if callable(self.source):
             return self.source(epoch)
-        if iter(self.source) is self.source:  # a generator or another iterator: it can be read once
+        if isinstance(self.source, collections.abc.Iterator):  # a generator, say: it can be read once
             if self._read_once:
                 warnings.warn(
                     "QueueFlowDataset's source is an iterator, which an earlier epoch used up: this epoch is "

@@ -148,6 +148,7 @@ class QueueFlowLoader:
         self._epoch_step = EpochStep(self._torch._index_sampler)
         self._ahead: Guess | None = None  # the guessed next epoch, queued behind the current one
         self._stream: _Stream | None = None  # an iterable dataset's epoch: batches yielded so far
+        self._unbegun: torch.Tensor | None = None  # the generator before an iterator's draws, until it begins
         self._skip = 0  # an iterable dataset's batches to compute again and drop (``load_state_dict``)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -216,10 +217,13 @@ class QueueFlowLoader:
                 "then device pinned memory won't be used.",
                 stacklevel=2,
             )
-        if isinstance(self.dataset, QueueFlowDataset):
-            batches = self._counted(self._on_device(self._iter_pipeline()))
-        elif isinstance(self.dataset, IterableDataset):
-            batches = self._counted(self._on_device(iter(self._torch)))
+        if isinstance(self.dataset, IterableDataset):
+            stream = self._stream = _Stream(self._generator_state())  # before DataLoader's iterator draws
+            skip, self._skip = self._skip, 0
+            if isinstance(self.dataset, QueueFlowDataset):
+                batches = self._counted(self._on_device(self._iter_pipeline()), stream, skip)
+            else:
+                batches = self._counted(self._on_device(iter(self._torch)), stream, skip)
         else:
             if self.num_workers > 0 and self._prefetch <= 0:  # DataLoader's iterator raises this when it starts
                 raise AssertionError("prefetch_factor must be greater than 0 for MultiProcessingDataLoaderIter")
@@ -246,12 +250,14 @@ class QueueFlowLoader:
             return ((_device.move(out[0], device), *out[1:]) for out in batches)
         return (_device.move(batch, device) for batch in batches)
 
-    def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
-        """An iterable dataset's batches, counted for ``state_dict``. Such a dataset has no index to
-        resume from, so after ``load_state_dict`` the batches the checkpoint had yielded are computed
-        again and dropped (as torchdata's ``StatefulDataLoader`` does for datasets without a state)."""
-        stream = self._stream = _Stream()
-        skip, self._skip = self._skip, 0
+    def _generator_state(self) -> torch.Tensor | None:
+        return self.generator.get_state() if self.generator is not None else None
+
+    def _counted(self, batches: Iterator[Any], stream: _Stream, skip: int) -> Iterator[Any]:
+        """An iterable dataset's batches, counted in ``stream`` for ``state_dict``. Such a dataset has no
+        index to resume from, so after ``load_state_dict`` the epoch is run again from the generator's
+        state before it began (its workers get the same seeds) and the ``skip`` batches the checkpoint had
+        yielded are dropped (as torchdata's ``StatefulDataLoader`` does for datasets without a state)."""
         for batch in batches:
             stream.yielded += 1
             if stream.yielded > skip:
@@ -289,12 +295,15 @@ class QueueFlowLoader:
         if self._epoch is not None:
             self._leave(self._epoch)  # a new iterator ends the last one's epoch (DataLoader's _reset)
         if self.num_workers == 0 and self._resume is None:
-            # DataLoader's single-process iterator draws its base seed now, the order at its first batch
+            # DataLoader's single-process iterator draws its base seed now, the order at its first batch;
+            # a checkpoint taken in between saves the generator as it was before (``state_dict``)
+            self._unbegun = self._generator_state()
             return self._begin_lazily(self._next_base_seed())
         epoch, outputs, own = self._begin()
         return self._deliver(epoch, outputs, own)
 
     def _begin_lazily(self, base_seed: int) -> Iterator[Any]:
+        self._unbegun = None
         epoch, outputs, own = self._begin(base_seed)
         yield from self._deliver(epoch, outputs, own)
 
@@ -457,9 +466,13 @@ class QueueFlowLoader:
         epoch = self._resume or self._epoch
         if epoch is not None:
             state.update(_epochs.checkpoint(epoch, self.num_workers))
+        state["generator"] = self._generator_state()
         if self._stream is not None:  # an iterable dataset: how far its epoch went (0 once it ran out)
             state["stream_yielded"] = 0 if self._stream.over else self._stream.yielded
-        state["generator"] = self.generator.get_state() if self.generator is not None else None
+            if not self._stream.over:  # resumed, the epoch runs again from its start
+                state["generator"] = self._stream.generator_before
+        if self._unbegun is not None:  # iter() drew a base seed, the epoch has not begun: as if not called
+            state["generator"] = self._unbegun
         sampler_generator = _epochs.sampler_generator(self._torch._index_sampler)
         if sampler_generator is not None and sampler_generator is not self.generator:
             state["sampler_generator"] = sampler_generator.get_state()
@@ -475,7 +488,7 @@ class QueueFlowLoader:
         sampler_generator = _epochs.sampler_generator(self._torch._index_sampler)
         if state.get("sampler_generator") is not None and sampler_generator is not None:
             sampler_generator.set_state(state["sampler_generator"])
-        self._skip, self._stream = state.get("stream_yielded", 0), None
+        self._skip, self._stream, self._unbegun = state.get("stream_yielded", 0), None, None
         epoch = _epochs.restored(state, self.num_workers)
         self._base_seed = epoch.base_seed if epoch is not None else None
         resume = epoch is not None and not epoch.left and epoch.yielded < len(epoch.batches)
@@ -491,7 +504,8 @@ class QueueFlowLoader:
 class _Stream:
     """An iterable dataset's epoch, as far as it went."""
 
-    def __init__(self) -> None:
+    def __init__(self, generator_before: torch.Tensor | None) -> None:
+        self.generator_before = generator_before  # the loader's generator before the epoch's draws
         self.yielded = 0
         self.over = False  # it ran out
 
