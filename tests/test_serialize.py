@@ -69,6 +69,13 @@ def test_dense_tensors_keep_their_layout_and_views_with_gaps_arrive_compact(size
         assert got[key].is_contiguous(), key
 
 
+def test_a_large_fortran_order_array_arrives_in_fortran_order(segment_dir):
+    value = np.asfortranarray(np.arange(300 * 200, dtype=np.float32).reshape(300, 200))
+    _, got = roundtrip({"fortran": value, "sliced": value[::2]}, segment_dir)
+    assert np.array_equal(got["fortran"], value) and got["fortran"].flags.f_contiguous
+    assert np.array_equal(got["sliced"], value[::2]) and got["sliced"].flags.c_contiguous
+
+
 def test_a_list_of_small_channels_last_tensors_keeps_their_layout(segment_dir):
     value = [torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last) for _ in range(20)]
     _, got = roundtrip(value, segment_dir)

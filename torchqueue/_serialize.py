@@ -310,6 +310,9 @@ class _Pickler(pickle.Pickler):
             shared = _shared_place(obj)
             if shared is not None:  # a view of shared memory already (it came from another step): pass it on
                 return _rebuild_shared_array, (*shared, obj.dtype.str, obj.shape)
+            if obj.flags.f_contiguous and not obj.flags.c_contiguous:  # Fortran order: it arrives in it
+                self.blocks.append([obj.dtype.str, obj.T.reshape(-1).view(np.uint8).data])
+                return _rebuild_fortran_array, (len(self.blocks) - 1, obj.shape)
             self.blocks.append([obj.dtype.str, np.ascontiguousarray(obj).reshape(-1).view(np.uint8).data])
             return _rebuild_array, (len(self.blocks) - 1, obj.shape)
         return NotImplemented
@@ -394,6 +397,11 @@ def _rebuild_run(
 
 def _rebuild_array(index: int, shape: tuple[int, ...]) -> np.ndarray:
     return _flat(index).reshape(shape)
+
+
+def _rebuild_fortran_array(index: int, shape: tuple[int, ...]) -> np.ndarray:
+    """An array that was in Fortran order, in it again (its values came in memory order)."""
+    return _flat(index).reshape(shape[::-1]).T
 
 
 def _rebuild_shared_array(storage: torch.UntypedStorage, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
