@@ -70,6 +70,15 @@ def reduce_main_class(cls: type) -> tuple[Any, tuple[str, bytes]] | None:
     return _main_class, (cls.__qualname__, definition)
 
 
+class MainClassPickler(pickle.Pickler):
+    """A pickler that sends the classes of ``__main__`` as ``reduce_main_class`` says (outputs, exceptions)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, type):
+            return reduce_main_class(obj) or NotImplemented
+        return NotImplemented
+
+
 def _main_class(qualname: str, definition: bytes) -> type:
     found = _lookup(qualname)
     if isinstance(found, type):

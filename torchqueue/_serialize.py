@@ -58,7 +58,7 @@ import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's reductions for what we do not handle)
 
 from torchqueue import _segments
-from torchqueue._mainmodule import reduce_main_class
+from torchqueue._mainmodule import MainClassPickler
 from torchqueue._messages import Bundle, Envelope
 from torchqueue._segments import make_segment_dir
 
@@ -226,7 +226,7 @@ def _forking_pickler(file: io.BytesIO) -> pickle.Pickler:
     return pickler
 
 
-class _Pickler(pickle.Pickler):
+class _Pickler(MainClassPickler):
     """Records tensors and large arrays as places in one segment instead of pickling their values.
 
     The segment is a row of blocks: one per dtype gathering every small tensor of that dtype
@@ -303,9 +303,9 @@ class _Pickler(pickle.Pickler):
                 self.blocks.append([obj.dtype, _tensor_bytes(values)])
             if layout is None:
                 return _rebuild_tensor, (index, start, tuple(obj.shape), obj.requires_grad)
-            return _rebuild_strided_tensor, (index, start, tuple(obj.shape), layout[1], obj.requires_grad)
+            return _rebuild_tensor, (index, start, tuple(obj.shape), obj.requires_grad, layout[1])
         if isinstance(obj, type):
-            return reduce_main_class(obj) or NotImplemented
+            return super().reducer_override(obj)
         if kind is np.ndarray and _shareable_array(obj):
             shared = _shared_place(obj)
             if shared is not None:  # a view of shared memory already (it came from another step): pass it on
@@ -368,18 +368,13 @@ def _flat(index: int) -> Any:
     return flat
 
 
-def _rebuild_tensor(index: int, start: int, shape: tuple[int, ...], requires_grad: bool) -> torch.Tensor:
-    flat = _flat(index)
-    tensor = flat.as_strided(shape, _contiguous_strides(shape), flat.storage_offset() + start)
-    return tensor.requires_grad_() if requires_grad else tensor
-
-
-def _rebuild_strided_tensor(
-    index: int, start: int, shape: tuple[int, ...], strides: tuple[int, ...], requires_grad: bool
+def _rebuild_tensor(
+    index: int, start: int, shape: tuple[int, ...], requires_grad: bool, strides: tuple[int, ...] | None = None
 ) -> torch.Tensor:
-    """A tensor that was dense but not row-major, with its strides (its values came in memory order)."""
+    """A tensor at element ``start`` of block ``index``: row-major, or with the ``strides`` of a tensor
+    that was dense in another order (its values came in memory order, ``_memory_order``)."""
     flat = _flat(index)
-    tensor = flat.as_strided(shape, strides, flat.storage_offset() + start)
+    tensor = flat.as_strided(shape, strides or _contiguous_strides(shape), flat.storage_offset() + start)
     return tensor.requires_grad_() if requires_grad else tensor
 
 

@@ -15,9 +15,8 @@ import io
 import os
 import pickle
 import traceback
-from typing import Any
 
-from torchqueue._mainmodule import reduce_main_class
+from torchqueue._mainmodule import MainClassPickler
 from torchqueue._messages import Failure
 
 __all__ = ["PipelineError", "WorkerDiedError"]
@@ -38,23 +37,12 @@ class _KeyErrorMessage(str):
         return str(self)
 
 
-class _ExceptionPickler(pickle.Pickler):
-    """Pickles an exception whose class ``__main__`` defines (a script, a notebook) also where the
-    worker's class is not the consumer's object of that name (it came by value, with a lambda or
-    closure): ``_mainmodule.reduce_main_class``, as for outputs."""
-
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, type):
-            return reduce_main_class(obj) or NotImplemented
-        return NotImplemented
-
-
 def capture(step: str, exc: BaseException) -> Failure:
     """Wrap ``exc``, raised by ``step`` in this process, for the trip to the consumer."""
     pickled: bytes | None
     try:
         buffer = io.BytesIO()
-        _ExceptionPickler(buffer).dump(exc)
+        MainClassPickler(buffer).dump(exc)  # a class of __main__ also where the worker's came by value
         pickled = buffer.getvalue()
         pickle.loads(pickled)
     except Exception:  # any failure to round-trip means: rebuild from the message

@@ -220,10 +220,8 @@ class QueueFlowLoader:
         if isinstance(self.dataset, IterableDataset):
             stream = self._stream = _Stream(self._generator_state())  # before DataLoader's iterator draws
             skip, self._skip = self._skip, 0
-            if isinstance(self.dataset, QueueFlowDataset):
-                batches = self._counted(self._on_device(self._iter_pipeline()), stream, skip)
-            else:
-                batches = self._counted(self._on_device(iter(self._torch)), stream, skip)
+            source = self._iter_pipeline() if isinstance(self.dataset, QueueFlowDataset) else iter(self._torch)
+            batches = self._counted(self._on_device(source), stream, skip)
         else:
             if self.num_workers > 0 and self._prefetch <= 0:  # DataLoader's iterator raises this when it starts
                 raise AssertionError("prefetch_factor must be greater than 0 for MultiProcessingDataLoaderIter")
