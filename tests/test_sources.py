@@ -141,6 +141,8 @@ def test_events_can_be_read_as_dicts_and_shuffled_within_a_chunk(files):
     assert sorted(shuffled["energy"].tolist()) == list(range(2, 8))
     assert shuffled["energy"].tolist() != list(range(2, 8))
     assert np.array_equal(shuffled["energy"], again["energy"])
+    past_the_end = read_h5_chunk((files[0], 20, 40), keys=["energy", "image"], permute_seed=5)  # 25 events
+    assert sorted(past_the_end["energy"].tolist()) == list(range(20, 25)) and past_the_end["image"].shape == (5, 3)
 
 
 def test_collate_graphs_makes_a_torch_geometric_batch():

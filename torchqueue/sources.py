@@ -230,9 +230,11 @@ def read_h5_chunk(chunk: Chunk, keys: Sequence[str], permute_seed: int | None = 
             if key not in f:
                 raise KeyError(f"key {key!r} not found in {path}")
             out[key] = f[key][start:stop]
-    if permute_seed is not None:
-        order = np.random.default_rng([permute_seed, start, stop, zlib.crc32(path.encode())]).permutation(stop - start)
-        out = {key: value[order] for key, value in out.items()}
+    if (
+        permute_seed is not None
+    ):  # one order for all keys; a chunk reaching past the end is as short as slicing makes it
+        seed = [permute_seed, start, stop, zlib.crc32(path.encode())]
+        out = {key: value[np.random.default_rng(seed).permutation(len(value))] for key, value in out.items()}
     return out
 
 
