@@ -587,3 +587,23 @@ def test_persistent_workers_outlive_epochs_left_before_their_end_as_lightning_le
     ours, workers = epochs(QueueFlowLoader)
     assert all(torch.equal(a, b) for a, b in zip(theirs, ours))
     assert len(workers) == 2
+
+
+class Images(Dataset):
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.full((3, 32, 32), float(i)), i
+
+
+def test_labels_kept_from_batches_do_not_keep_their_images_and_batches_save_as_dataloaders_do(tmp_path):
+    kept, saved = [], tmp_path / "batch.pt"
+    loader = QueueFlowLoader(Images(), batch_size=8, num_workers=2)
+    for images, labels in loader:  # an evaluation loop keeps the targets, as DataLoader's users do
+        kept.append(labels)
+        torch.save((images, labels), saved)  # two dtypes: DataLoader gives each its own storage
+        loaded_images, loaded_labels = torch.load(saved)
+        assert torch.equal(loaded_images, images) and torch.equal(loaded_labels, labels)
+    assert torch.equal(torch.cat(kept), torch.arange(40))
+    assert all(labels.untyped_storage().nbytes() == labels.nbytes for labels in kept)  # not the batch's segment

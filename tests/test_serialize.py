@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import pickle
 from typing import NamedTuple
 
@@ -44,7 +45,9 @@ def test_small_and_large_values_round_trip_bit_identical(segment_dir):
     data, got = roundtrip(value, segment_dir)
     assert data[:1] == b"S"
     for key in ("small", "big", "strided", "bool"):
-        assert torch.equal(got[key], value[key]) and got[key].is_shared(), key
+        assert torch.equal(got[key], value[key]), key
+    assert got["big"].is_shared()  # a view of the segment
+    assert not any(got[key].is_shared() for key in ("small", "strided", "bool"))  # copied out: see below
     assert np.array_equal(got["array"], value["array"]) and got["array"].dtype == np.int16
     assert np.array_equal(got["tiny array"], value["tiny array"])
     assert got["text"] == "kept"
@@ -80,6 +83,30 @@ def test_a_list_of_small_channels_last_tensors_keeps_their_layout(segment_dir):
     value = [torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last) for _ in range(20)]
     _, got = roundtrip(value, segment_dir)
     assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(got, value, strict=True))
+
+
+def test_small_tensors_kept_from_a_message_do_not_keep_its_large_ones_in_shared_memory(segment_dir):
+    images = torch.randn(64, 3, 32, 32)  # 768 KiB
+    labels, ids = torch.arange(64), torch.arange(64, dtype=torch.int32)
+    runs = [torch.full((8,), float(i)) for i in range(20)]
+    _, (got_images, got_labels, got_ids, got_runs) = roundtrip((images, labels, ids, runs), segment_dir)
+    segment = got_images.untyped_storage()
+    assert got_images.is_shared() and segment.nbytes() >= images.nbytes
+    for small, sent in [(got_labels, labels), (got_ids, ids), (got_runs[3], runs[3])]:
+        assert torch.equal(small, sent) and not small.is_shared()
+        assert small.untyped_storage().data_ptr() != segment.data_ptr()
+        assert small.untyped_storage().nbytes() < 4096  # only its own block: not the segment
+    path = io.BytesIO()
+    torch.save({"images": got_images, "labels": got_labels}, path)  # one storage per dtype, as torch.save wants
+    saved = torch.load(io.BytesIO(path.getvalue()))
+    assert torch.equal(saved["images"], images) and torch.equal(saved["labels"], labels)
+
+
+def test_a_message_of_small_tensors_only_keeps_them_in_its_segment(segment_dir):
+    value = {"labels": torch.arange(64), "runs": [torch.full((8,), float(i)) for i in range(20)]}
+    _, got = roundtrip(value, segment_dir)  # nothing large to keep alive: no copy on arrival
+    assert got["labels"].is_shared() and all(t.is_shared() for t in got["runs"])
+    assert torch.equal(got["labels"], value["labels"])
 
 
 def test_a_received_large_array_is_passed_on_without_a_copy(segment_dir):

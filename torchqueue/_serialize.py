@@ -7,7 +7,9 @@ sender reuses it once nobody uses it), and the pickle only says where each
 one is. ``loads`` maps the segment once and rebuilds every tensor and array
 as a view of that mapping: no copy on the receiving side, one segment and
 one file descriptor per message however many tensors it holds, and received
-tensors are ``is_shared()``.
+tensors are ``is_shared()``. Except small tensors (gathered, or in runs) of a
+message that also carries large ones: their blocks are copied out as they
+arrive (``_flat``), so that keeping them does not keep the segment mapped.
 
     message = b"P" + pickle                                  (nothing to share)
             | b"S" + <name length, segment size, table length> + name + table + pickle
@@ -239,7 +241,7 @@ class _Pickler(MainClassPickler):
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
         self.dispatch_table = _dispatch_table()  # ForkingPickler's reducers
-        self.blocks: list[list[Any]] = []  # [dtype (torch) or dtype string (numpy), tensors or a buffer]
+        self.blocks: list[list[Any]] = []  # [dtype (torch) or dtype string (numpy), tensors or a buffer, small]
         self._gathering: dict[torch.dtype, tuple[int, list[torch.Tensor], list[int]]] = {}
         self._scanned: dict[int, Any] = {}  # id of a list, tuple or dict looked at -> what stands for it
         self._in_runs: set[int] = set()  # ids of the tensors in runs
@@ -270,7 +272,7 @@ class _Pickler(MainClassPickler):
             run = _stack_run(value)
             if run is not None:
                 stacked, ids = run
-                self.blocks.append([stacked.dtype, _tensor_bytes(stacked)])
+                self.blocks.append([stacked.dtype, _tensor_bytes(stacked), True])
                 new = _Run((len(self.blocks) - 1, len(value), tuple(value[0].shape), kind is tuple))
                 self._in_runs |= ids
         elif children and len(value) <= _SCAN_CHILDREN:
@@ -293,14 +295,14 @@ class _Pickler(MainClassPickler):
                 gathering = self._gathering.get(obj.dtype)
                 if gathering is None:
                     gathering = self._gathering[obj.dtype] = (len(self.blocks), [], [0])
-                    self.blocks.append([obj.dtype, gathering[1]])
+                    self.blocks.append([obj.dtype, gathering[1], True])
                 index, tensors, numel = gathering
                 start = numel[0]
                 tensors.append(values)
                 numel[0] += obj.numel()
             else:
                 index, start = len(self.blocks), 0
-                self.blocks.append([obj.dtype, _tensor_bytes(values)])
+                self.blocks.append([obj.dtype, _tensor_bytes(values), False])
             if layout is None:
                 return _rebuild_tensor, (index, start, tuple(obj.shape), obj.requires_grad)
             return _rebuild_tensor, (index, start, tuple(obj.shape), obj.requires_grad, layout[1])
@@ -311,20 +313,22 @@ class _Pickler(MainClassPickler):
             if shared is not None:  # a view of shared memory already (it came from another step): pass it on
                 return _rebuild_shared_array, (*shared, obj.dtype.str, obj.shape)
             if obj.flags.f_contiguous and not obj.flags.c_contiguous:  # Fortran order: it arrives in it
-                self.blocks.append([obj.dtype.str, obj.T.reshape(-1).view(np.uint8).data])
+                self.blocks.append([obj.dtype.str, obj.T.reshape(-1).view(np.uint8).data, False])
                 return _rebuild_fortran_array, (len(self.blocks) - 1, obj.shape)
-            self.blocks.append([obj.dtype.str, np.ascontiguousarray(obj).reshape(-1).view(np.uint8).data])
+            self.blocks.append([obj.dtype.str, np.ascontiguousarray(obj).reshape(-1).view(np.uint8).data, False])
             return _rebuild_array, (len(self.blocks) - 1, obj.shape)
         return NotImplemented
 
-    def layout(self) -> tuple[list[tuple[Any, int, int]], list[tuple[int, Any]], int]:
-        """The blocks' ``(dtype, byte offset, bytes)``, the buffers to write at their offsets, the segment size."""
+    def layout(self) -> tuple[list[tuple[Any, int, int, bool]], list[tuple[int, Any]], int]:
+        """The blocks' ``(dtype, byte offset, bytes, private)``, the buffers to write at their offsets, the
+        segment size. ``private``: the block's small tensors are copied out on arrival (see ``_flat``)."""
         table, chunks, size = [], [], 0
-        for dtype, data in self.blocks:
+        large = not all(small for _, _, small in self.blocks)
+        for dtype, data, small in self.blocks:
             if isinstance(data, list):  # gathered small tensors: one contiguous copy
                 with torch.no_grad():
                     data = _tensor_bytes(torch._utils._flatten_dense_tensors(data))
-            table.append((dtype, size, data.nbytes))
+            table.append((dtype, size, data.nbytes, small and large))
             if data.nbytes:
                 chunks.append((size, data))
             size += -(-data.nbytes // _ALIGN) * _ALIGN
@@ -336,7 +340,7 @@ class _Loading(threading.local):
 
     def __init__(self) -> None:
         self.storage: torch.UntypedStorage | None = None
-        self.table: list[tuple[Any, int, int]] = []
+        self.table: list[tuple[Any, int, int, bool]] = []
         self.flat: dict[int, Any] = {}
 
 
@@ -356,14 +360,20 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _flat(index: int) -> Any:
-    """Block ``index`` of the segment as a flat tensor or array of its dtype."""
+    """Block ``index`` of the segment as a flat tensor or array of its dtype.
+
+    A block of small tensors (gathered, or a run) in a message that also carries large ones is
+    copied out of the segment, once: a tensor the receiver keeps (a batch's labels) then keeps
+    only that copy alive, not the whole segment with the large ones (its images)."""
     flat = _loading.flat.get(index)
     if flat is None:
         if _loading.storage is None:
             raise pickle.UnpicklingError("a torchqueue shared-memory reference outside of its message")
-        dtype, offset, nbytes = _loading.table[index]
+        dtype, offset, nbytes, private = _loading.table[index]
         raw = torch.empty(0, dtype=torch.uint8).set_(_loading.storage, offset, (nbytes,), (1,))
         flat = raw.view(dtype) if isinstance(dtype, torch.dtype) else raw.numpy().view(np.dtype(dtype))
+        if private:
+            flat = flat.clone()
         _loading.flat[index] = flat
     return flat
 
