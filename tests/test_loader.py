@@ -607,3 +607,37 @@ def test_labels_kept_from_batches_do_not_keep_their_images_and_batches_save_as_d
         assert torch.equal(loaded_images, images) and torch.equal(loaded_labels, labels)
     assert torch.equal(torch.cat(kept), torch.arange(40))
     assert all(labels.untyped_storage().nbytes() == labels.nbytes for labels in kept)  # not the batch's segment
+
+
+class Endless(torch.utils.data.Sampler):
+    """A sampler that never stops (detectron2's ``TrainingSampler``), with or without a ``__len__``."""
+
+    def __init__(self, n: int, length: int | None = None) -> None:
+        self.n, self.length = n, length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            yield from torch.randperm(self.n, generator=generator).tolist()
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError("endless")
+        return self.length
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("length", [None, 10])
+def test_an_endless_sampler_raises_a_clear_error_instead_of_drawing_until_memory_runs_out(num_workers, length):
+    loader = QueueFlowLoader(Squares(10), batch_size=4, sampler=Endless(10, length), num_workers=num_workers)
+    with pytest.raises(RuntimeError, match="endless sampler"):
+        next(iter(loader))
+    loader.close()
+
+
+def test_a_sampler_without_a_length_is_drawn_to_its_end():
+    sampler = Endless(10)
+    finite = lambda: (i for _, i in zip(range(25), sampler))  # noqa: E731
+    got = [b["x"] for b in QueueFlowLoader(Squares(10), batch_size=4, sampler=finite(), num_workers=2)]
+    want = [b["x"] for b in DataLoader(Squares(10), batch_size=4, sampler=finite(), num_workers=2)]
+    assert len(got) == len(want) == 7 and all(torch.equal(a, b) for a, b in zip(got, want))

@@ -31,6 +31,7 @@ finished epoch: the uninterrupted run would have gone on to its end.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,32 @@ class Epoch:
         if self.positions is None:
             return [(k, self.batches[k]) for k in range(self.yielded, len(self.batches))]
         return [(k, indices) for k, indices in enumerate(self.batches) if k not in self.positions]
+
+
+DRAW_AT_LEAST = 100_000
+"""Index batches an epoch may have whatever its sampler's and dataset's lengths say (see ``draw``)."""
+
+
+def draw(index_sampler: Any, dataset: Any) -> list[Any]:
+    """Every index batch of an epoch, drawn as it begins. A sampler that goes on beyond four times its
+    length, four times its dataset's and ``DRAW_AT_LEAST`` raises: an endless sampler would
+    otherwise be drawn until memory runs out, where DataLoader pulls its batches one at a time."""
+    lengths = [DRAW_AT_LEAST]
+    for sized in (index_sampler, dataset):
+        try:
+            lengths.append(4 * len(sized))
+        except TypeError:
+            continue
+    bound = max(lengths)
+    batches = list(itertools.islice(index_sampler, bound + 1))
+    if len(batches) > bound:
+        raise RuntimeError(
+            f"the sampler gave more than {bound:,} index batches for one epoch: QueueFlowLoader draws an epoch's "
+            "batches when it begins, so an endless sampler (one that never stops, as detectron2's TrainingSampler) "
+            "cannot work; give the sampler an end per epoch (and call set_epoch between epochs), or use "
+            "torch.utils.data.DataLoader for it"
+        )
+    return batches
 
 
 def sampler_generator(index_sampler: Any) -> torch.Generator | None:

@@ -402,7 +402,7 @@ class QueueFlowLoader:
             assert ahead.batches is not None  # take() drew it
             batches = ahead.batches
         else:
-            batches = list(self._torch._index_sampler)
+            batches = _epochs.draw(self._torch._index_sampler, self.dataset)
         epoch = Epoch(base_seed, batches, drawn_from, generator.get_state() if generator is not None else None)
         if self.num_workers > 0 and not self._torch.in_order:
             epoch.positions = set()  # batches come as they are ready: a checkpoint lists which were yielded
