@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -55,6 +56,18 @@ def test_an_exception_that_cannot_be_rebuilt_becomes_a_pipeline_error():
     with tq.Sequence(tq.ProcessStep(raise_unrebuildable, name="odd")) as seq:
         with pytest.raises(tq.PipelineError, match="Unpicklable in step 'odd'"):
             list(seq(range(3)))
+
+
+def raise_with_a_lock(x):
+    raise ValueError("corrupt record", threading.Lock())  # its arguments do not pickle
+
+
+def test_an_exception_whose_arguments_do_not_pickle_keeps_its_type_as_in_dataloader():
+    with tq.Sequence(tq.ProcessStep(raise_with_a_lock, name="reader")) as seq:
+        with pytest.raises(ValueError, match="corrupt record") as info:
+            list(seq(range(3)))
+    assert not isinstance(info.value, tq.PipelineError) and "reader" in str(info.value)
+    assert "Traceback" in str(info.value) and "raise_with_a_lock" in str(info.value)
 
 
 def bad_json(x):

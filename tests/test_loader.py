@@ -641,3 +641,11 @@ def test_a_sampler_without_a_length_is_drawn_to_its_end():
     got = [b["x"] for b in QueueFlowLoader(Squares(10), batch_size=4, sampler=finite(), num_workers=2)]
     want = [b["x"] for b in DataLoader(Squares(10), batch_size=4, sampler=finite(), num_workers=2)]
     assert len(got) == len(want) == 7 and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("generator", [np.random.default_rng(0), 0])
+def test_a_generator_that_is_not_torchs_is_a_type_error_at_construction(generator):
+    with pytest.raises(TypeError, match="torch.Generator"):
+        QueueFlowLoader(Squares(10), batch_size=4, shuffle=True, generator=generator)
+    with pytest.raises(TypeError):  # DataLoader's, as it iterates
+        list(DataLoader(Squares(10), batch_size=4, shuffle=True, generator=generator))

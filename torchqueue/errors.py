@@ -38,15 +38,17 @@ class _KeyErrorMessage(str):
 
 
 def capture(step: str, exc: BaseException) -> Failure:
-    """Wrap ``exc``, raised by ``step`` in this process, for the trip to the consumer."""
-    pickled: bytes | None
-    try:
-        buffer = io.BytesIO()
-        MainClassPickler(buffer).dump(exc)  # a class of __main__ also where the worker's came by value
-        pickled = buffer.getvalue()
-        pickle.loads(pickled)
-    except Exception:  # any failure to round-trip means: rebuild from the message
-        pickled = None
+    """Wrap ``exc``, raised by ``step`` in this process, for the trip to the consumer.
+
+    An exception whose arguments do not pickle (``ValueError("bad record", lock)``) travels as its
+    type with its message, as DataLoader rebuilds every exception, so that ``except ValueError``
+    still catches it; only one whose type cannot be built from a message becomes a ``PipelineError``."""
+    pickled = _round_trip(exc)
+    if pickled is None:
+        try:
+            pickled = _round_trip(type(exc)(str(exc)))
+        except Exception:  # its type wants other arguments
+            pickled = None
     return Failure(
         step=step,
         exc_type=type(exc).__qualname__,
@@ -55,6 +57,18 @@ def capture(step: str, exc: BaseException) -> Failure:
         pid=os.getpid(),
         pickled=pickled,
     )
+
+
+def _round_trip(exc: BaseException) -> bytes | None:
+    """``exc`` pickled, if it comes back from its pickle (else ``None``)."""
+    try:
+        buffer = io.BytesIO()
+        MainClassPickler(buffer).dump(exc)  # a class of __main__ also where the worker's came by value
+        pickled = buffer.getvalue()
+        pickle.loads(pickled)
+    except Exception:  # any failure to round-trip means: rebuild from the message
+        return None
+    return pickled
 
 
 def rebuild(failure: Failure) -> BaseException:

@@ -89,6 +89,8 @@ class QueueFlowLoader:
         self.device = torch.device(device) if device is not None else None
         if self.device is not None and self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device={device!r} but CUDA is not available: use device=None or 'cpu'")
+        if generator is not None and not isinstance(generator, torch.Generator):  # DataLoader fails as it iterates
+            raise TypeError(f"generator must be a torch.Generator (or None), not {type(generator).__name__}")
         self._shard = _sharding.shard(rank, world_size)
         explicit = rank is not None or world_size is not None
         if explicit and isinstance(dataset, IterableDataset) and not isinstance(dataset, QueueFlowDataset):
