@@ -649,3 +649,22 @@ def test_a_generator_that_is_not_torchs_is_a_type_error_at_construction(generato
         QueueFlowLoader(Squares(10), batch_size=4, shuffle=True, generator=generator)
     with pytest.raises(TypeError):  # DataLoader's, as it iterates
         list(DataLoader(Squares(10), batch_size=4, shuffle=True, generator=generator))
+
+
+def tagged(batch):
+    return ("tagged", [sample["i"] for sample in batch])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_attributes_set_after_construction_behave_as_dataloaders(num_workers):
+    loader = QueueFlowLoader(Squares(6), batch_size=2, num_workers=num_workers)
+    for name, value in [("batch_size", 3), ("drop_last", True), ("sampler", None), ("dataset", Squares(2))]:
+        with pytest.raises(ValueError, match=f"{name} attribute should not be set"):
+            setattr(loader, name, value)
+    loader.collate_fn = tagged
+    loader.timeout = 5 if num_workers else 0
+    if num_workers:
+        loader.prefetch_factor = 4
+    assert list(loader) == [("tagged", [0, 1]), ("tagged", [2, 3]), ("tagged", [4, 5])]
+    assert loader.collate_fn is tagged and loader.prefetch_factor == (4 if num_workers else None)
+    loader.close()

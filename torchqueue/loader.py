@@ -47,6 +47,12 @@ logger = logging.getLogger("torchqueue")
 _DEFAULT: Any = object()
 
 
+_SET_AT_CONSTRUCTION = frozenset(
+    ("batch_size", "batch_sampler", "sampler", "drop_last", "dataset", "persistent_workers")
+)
+_SETTABLE = frozenset(("collate_fn", "worker_init_fn", "timeout", "prefetch_factor", "multiprocessing_context"))
+
+
 class QueueFlowLoader:
     """DataLoader's arguments with DataLoader's meaning, plus ``device=``, ``progress=``, ``rank=``, ``world_size=``.
 
@@ -131,15 +137,7 @@ class QueueFlowLoader:
         self.progress = progress
         self.epoch = 0
         self._warned_pin = False
-        self._fetch = Fetch(
-            dataset,
-            self._torch._auto_collation,
-            self._torch.collate_fn,
-            self._torch.drop_last,
-            self._torch.worker_init_fn,
-            report=in_order,  # worker states are restored only where batch k goes to worker k % num_workers
-        )
-        self._prefetch = self._torch.prefetch_factor or 0
+        self._configure()
         self._restorable = num_workers > 0 and in_order
         self._base_seed: int | None = None
         self._epoch: Epoch | None = None  # the last epoch begun (what state_dict describes)
@@ -152,6 +150,31 @@ class QueueFlowLoader:
         self._stream: _Stream | None = None  # an iterable dataset's epoch: batches yielded so far
         self._unbegun: torch.Tensor | None = None  # the generator before an iterator's draws, until it begins
         self._skip = 0  # an iterable dataset's batches to compute again and drop (``load_state_dict``)
+        self._initialized = True
+
+    def _configure(self) -> None:
+        """What the workers run, from the wrapped DataLoader's settings (again when one is set)."""
+        self._fetch = Fetch(
+            self.dataset,
+            self._torch._auto_collation,
+            self._torch.collate_fn,
+            self._torch.drop_last,
+            self._torch.worker_init_fn,
+            report=self._torch.in_order,  # worker states are restored only where batch k goes to worker k % n
+        )
+        self._prefetch = self._torch.prefetch_factor or 0
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """As DataLoader: what defines the batches cannot change after construction (``ValueError``);
+        ``collate_fn``, ``worker_init_fn``, ``timeout``, ``prefetch_factor`` and ``multiprocessing_context``
+        can, for the workers started from then on (persistent workers keep what they started with)."""
+        if name in _SET_AT_CONSTRUCTION and self.__dict__.get("_initialized"):
+            raise ValueError(f"{name} attribute should not be set after {type(self).__name__} is initialized")
+        if name in _SETTABLE and "_torch" in self.__dict__:
+            setattr(self._torch, name, value)  # DataLoader's own checks
+            self._configure()
+            return
+        super().__setattr__(name, value)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled or copied as DataLoader is: its arguments and where its epochs stand, no workers."""
