@@ -8,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -272,3 +273,24 @@ def test_round_robin_gives_element_k_to_worker_k_mod_n_in_order(start_method, be
     ) as seq:
         for _ in range(2):  # positions count from 0 again in every epoch
             assert list(seq(range(40))) == [(x % 3, x) for x in range(40)]
+
+
+def test_two_threads_queuing_at_once_start_one_pipeline_and_both_epochs_arrive():
+    before = {p.pid for p in psutil.Process().children()}  # a forkserver of earlier tests is one
+    seq = tq.Sequence(tq.ProcessStep(double, 2))
+    barrier = threading.Barrier(2)
+
+    def queue(value: int) -> None:
+        barrier.wait(timeout=30)
+        seq.queue_iterable([value] * 10)
+
+    threads = [threading.Thread(target=queue, args=(value,)) for value in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    children = [p for p in psutil.Process().children() if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
+    epochs = sorted([list(seq), list(seq)])
+    seq.close()
+    assert epochs == [[2] * 10, [4] * 10]
+    assert len(children) == 2  # one pipeline's workers, not two

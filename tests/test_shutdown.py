@@ -252,3 +252,38 @@ def test_regression_8_user_signal_handlers_are_left_alone():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+@pytest.mark.parametrize("child", ["exits", "uses the copy"])
+def test_a_process_forked_by_user_code_leaves_the_pipeline_to_its_parent(run_script, child):
+    # The child exits normally (multiprocessing's exit handler used to terminate the parent's workers
+    # as its own, as it does DataLoader's), or tries the copied Sequence (a clear error, not a hang
+    # that also takes the parent's outputs).
+    use = "list(seq(range(3)))" if child == "uses the copy" else "pass"
+    process = run_script(f"""
+        import json, os, sys
+        import torchqueue as tq
+
+        def ident(x):
+            return x
+
+        if __name__ == "__main__":
+            got, child = [], None
+            with tq.Sequence(tq.ProcessStep(ident, 2), context="fork") as seq:
+                for i, x in enumerate(seq(range(400))):
+                    got.append(x)
+                    if i == 20:
+                        child = os.fork()
+                        if child == 0:
+                            try:
+                                {use}
+                            except RuntimeError as exc:
+                                print(json.dumps({{"child": str(exc)}}), flush=True)
+                            sys.exit(0)  # a normal exit: atexit handlers run
+                _, status = os.waitpid(child, 0)
+            print(json.dumps({{"parent": got == list(range(400)), "child_status": status}}), flush=True)
+    """)
+    if child == "uses the copy":
+        assert "is a fork" in read_json_line(process)["child"]
+    assert read_json_line(process) == {"parent": True, "child_status": 0}
+    assert process.wait(60) == 0

@@ -38,12 +38,14 @@ messages left in it, and so do the workers if this process dies.
 from __future__ import annotations
 
 import logging
+import multiprocessing.process
 import os
 import queue
 import signal
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -60,6 +62,21 @@ from torchqueue.errors import PipelineError, WorkerDiedError
 from torchqueue.stats import NFIELDS, Field, Stats
 
 logger = logging.getLogger("torchqueue")
+
+_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()  # the pipelines this process started
+
+
+def _disown_workers() -> None:
+    """In a process forked from the consumer's by user code (``os.fork``): the pipelines' workers are
+    not its children, so multiprocessing's exit handler must not terminate them as its own (it would,
+    as DataLoader's workers are, when the fork exits normally)."""
+    children = multiprocessing.process._children  # type: ignore[attr-defined]
+    for runtime in list(_runtimes):
+        for _, _, process in runtime.workers:
+            children.discard(process)
+
+
+os.register_at_fork(after_in_child=_disown_workers)
 
 JOIN_S = 2.0
 """Seconds ``close`` waits for workers to leave on their own before terminating them."""
@@ -126,6 +143,7 @@ class Runtime:
         self._feeder_error: BaseException | None = None
         self._closed = False
         self._owner = os.getpid()
+        _runtimes.add(self)
         self._started = time.perf_counter()
         self._last_health = self._started
         self._samples: list[tuple[float, list[float]]] = []
@@ -321,11 +339,21 @@ class Runtime:
 
     # -- shutdown (see the NOTE at the top) ------------------------------------------------------
 
+    @property
+    def owner(self) -> int:
+        """The process id of the process that started this pipeline."""
+        return self._owner
+
+    @property
+    def forked_copy(self) -> bool:
+        """Whether this is a copy of the pipeline in a process forked from its owner (it cannot be used)."""
+        return os.getpid() != self._owner
+
     def close(self, join_s: float = JOIN_S) -> None:
         if self._closed:
             return
         self._closed = True
-        if os.getpid() != self._owner:
+        if self.forked_copy:
             return
         self._stop.set()
         self._epochs.put(None)

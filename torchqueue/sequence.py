@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections.abc
 import multiprocessing
+import threading
 import weakref
 from collections.abc import Iterable, Iterator
 from multiprocessing.context import BaseContext
@@ -27,6 +28,9 @@ from torchqueue.stats import Stats
 __all__ = ["Sequence"]
 
 _START_METHODS = ("fork", "spawn", "forkserver")
+_queuing = threading.Lock()
+"""Held while an epoch is queued: two threads that queue at once start one runtime, and number
+their epochs one after the other."""
 
 
 def resolve_context(context: str | BaseContext | None) -> BaseContext:
@@ -103,9 +107,10 @@ class Sequence:
             iterator = iter(iterable)
         except TypeError:
             raise TypeError(f"queue_iterable needs an iterable, got {type(iterable).__name__}") from None
-        runtime = self._start()
-        runtime.queue(self._queued, iterator, isinstance(iterable, (range, collections.abc.Sequence)))
-        self._queued += 1
+        with _queuing:
+            runtime = self._start()
+            runtime.queue(self._queued, iterator, isinstance(iterable, (range, collections.abc.Sequence)))
+            self._queued += 1
 
     def __call__(self, iterable: Iterable[Any]) -> _EpochIterator:
         """``queue_iterable(iterable)`` then ``iter(self)``."""
@@ -158,6 +163,11 @@ class Sequence:
             raise PipelineError(f"this Sequence was stopped by an earlier error ({self._error!r}); create a new one")
         if self._closed:
             raise RuntimeError("this Sequence is closed")
+        if self._runtime is not None and self._runtime.forked_copy:
+            raise RuntimeError(
+                f"this Sequence runs in process {self._runtime.owner}, of which this process is a fork: its workers "
+                "and their queues belong to that process. Create a new Sequence in this process"
+            )
 
     def _start(self) -> Runtime:
         if self._runtime is None:
