@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import pickle
+import resource
 from typing import NamedTuple
 
 import numpy as np
@@ -102,11 +104,25 @@ def test_small_tensors_kept_from_a_message_do_not_keep_its_large_ones_in_shared_
     assert torch.equal(saved["images"], images) and torch.equal(saved["labels"], labels)
 
 
-def test_a_message_of_small_tensors_only_keeps_them_in_its_segment(segment_dir):
-    value = {"labels": torch.arange(64), "runs": [torch.full((8,), float(i)) for i in range(20)]}
-    _, got = roundtrip(value, segment_dir)  # nothing large to keep alive: no copy on arrival
-    assert got["labels"].is_shared() and all(t.is_shared() for t in got["runs"])
-    assert torch.equal(got["labels"], value["labels"])
+def test_a_small_message_of_small_tensors_arrives_copied_out_and_a_large_one_in_its_segment(segment_dir):
+    small = {"labels": torch.arange(64), "runs": [torch.full((8,), float(i)) for i in range(20)]}
+    _, got = roundtrip(small, segment_dir)  # unmapped at once: kept by the thousand, it holds no descriptor
+    assert not got["labels"].is_shared() and not any(t.is_shared() for t in got["runs"])
+    assert torch.equal(got["labels"], small["labels"]) and torch.equal(got["runs"][7], small["runs"][7])
+    many = [torch.full((64,), float(i)) for i in range(5000)]  # 1.2 MiB: no second copy of so much
+    _, got = roundtrip(many, segment_dir)
+    assert all(t.is_shared() for t in got) and torch.equal(got[4999], many[4999])
+
+
+def test_thousands_of_small_outputs_can_be_kept_under_a_low_limit_of_open_files():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(512, hard), hard))
+    try:
+        with tq.Sequence(tq.ProcessStep(torch.ones, 2)) as seq:  # a tensor of x ones per element
+            kept = list(seq([4] * 2000))  # caching a small data set
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(kept) == 2000 and all(torch.equal(t, torch.ones(4)) for t in kept)
 
 
 def test_a_received_large_array_is_passed_on_without_a_copy(segment_dir):
@@ -224,7 +240,7 @@ def test_a_list_of_small_tensors_travels_as_one_block_and_arrives_as_a_list(segm
     assert len(table(data)) == 1 and len(data) < 1024  # one block, nothing per tensor in the pickle
     _, want = per_tensor_roundtrip(value, segment_dir, monkeypatch)
     assert_same(got, want)
-    assert all(torch.equal(a, b) and a.is_shared() and not a.requires_grad for a, b in zip(got, value))
+    assert all(torch.equal(a, b) and not a.requires_grad for a, b in zip(got, value))
 
 
 @pytest.mark.parametrize(
@@ -383,7 +399,7 @@ def test_runs_pass_through_process_steps(context):
         got = list(seq(items))
     for element, sent in zip(got, items):
         assert type(element) is list and len(element) == 200
-        assert all(torch.equal(a, b * 2) and a.is_shared() for a, b in zip(element, sent))
+        assert all(torch.equal(a, b * 2) for a, b in zip(element, sent))
 
 
 class _Registered:
@@ -418,3 +434,18 @@ def test_reducers_registered_with_forking_pickler_apply_also_when_registered_aft
     assert got["x"].value == ("rebuilt", 7)
     with pytest.raises(TypeError, match="only the registered reducer"):
         _serialize.dumps(_Registered(7), directory)  # unregistered again: the table followed
+
+
+def test_running_out_of_file_descriptors_says_why_and_what_to_do():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    kept = []
+    with tq.Sequence(tq.ProcessStep(torch.ones, 2), context="fork") as seq:
+        outputs = seq([1 << 18] * 200)  # 1 MiB each: every kept one holds its segment's descriptor
+        kept.append(next(outputs))  # the workers are running, with the limit they started with
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 30, hard))
+        try:
+            with pytest.raises(OSError, match="out of file descriptors.*clone.*ulimit"):
+                kept.extend(outputs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert 1 < len(kept) < 200

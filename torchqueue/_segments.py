@@ -303,11 +303,21 @@ def _pwritev_all(fd: int, iov: list[memoryview], offset: int) -> int:
 def map_segment(path: str, size: int) -> torch.UntypedStorage:
     """Map a segment as a torch shared storage (the call torch's own fd-sharing uses), and mark it
     received: renamed, for its sender to reuse once nobody uses it (a small one: its name removed)."""
-    fd = os.open(path, os.O_RDWR)
     try:
-        storage = _new_shared_fd(fd, size)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            storage = _new_shared_fd(fd, size)
+        finally:
+            os.close(fd)
+    except (OSError, RuntimeError) as exc:  # torch's: "could not duplicate a shared memory file descriptor"
+        if getattr(exc, "errno", None) != errno.EMFILE and "duplicate" not in str(exc):
+            raise
+        raise OSError(
+            errno.EMFILE,
+            f"cannot map a received message's shared memory ({exc}): this process is out of file descriptors. "
+            "Each received message of 1 MiB or more holds one while any of its tensors lives (as DataLoader's "
+            "tensors do): .clone() the outputs you keep, or raise the limit (ulimit -n)",
+        ) from exc
     if size >= REUSE_MIN_BYTES:
         os.rename(path, path + _RECEIVED)
     else:

@@ -8,8 +8,9 @@ one is. ``loads`` maps the segment once and rebuilds every tensor and array
 as a view of that mapping: no copy on the receiving side, one segment and
 one file descriptor per message however many tensors it holds, and received
 tensors are ``is_shared()``. Except small tensors (gathered, or in runs) of a
-message that also carries large ones: their blocks are copied out as they
-arrive (``_flat``), so that keeping them does not keep the segment mapped.
+message that also carries large ones, or of a small message: their blocks are
+copied out as they arrive (``_flat``), so that keeping them does not keep the
+segment mapped.
 
     message = b"P" + pickle                                  (nothing to share)
             | b"S" + <name length, segment size, table length> + name + table + pickle
@@ -77,6 +78,9 @@ SHARED_TENSOR_MIN_BYTES = 1 << 20
 """A tensor at least this large whose storage is in shared memory already (it came from another step,
 or the user shared it) keeps torch's own sharing: its storage's file descriptor is passed on and the
 data are never copied again. Smaller ones are cheaper to copy than a descriptor is to pass."""
+
+COPY_OUT_BYTES = 1 << 20
+"""A message of small tensors only, under this size, arrives copied out of its segment (see ``_flat``)."""
 
 RUN_MIN_TENSORS = 16
 """A list or tuple of at least this many small tensors alike is sent as one block (see above)."""
@@ -322,16 +326,18 @@ class _Pickler(MainClassPickler):
     def layout(self) -> tuple[list[tuple[Any, int, int, bool]], list[tuple[int, Any]], int]:
         """The blocks' ``(dtype, byte offset, bytes, private)``, the buffers to write at their offsets, the
         segment size. ``private``: the block's small tensors are copied out on arrival (see ``_flat``)."""
-        table, chunks, size = [], [], 0
-        large = not all(small for _, _, small in self.blocks)
+        table, chunks, size, smalls = [], [], 0, []
         for dtype, data, small in self.blocks:
             if isinstance(data, list):  # gathered small tensors: one contiguous copy
                 with torch.no_grad():
                     data = _tensor_bytes(torch._utils._flatten_dense_tensors(data))
-            table.append((dtype, size, data.nbytes, small and large))
+            table.append((dtype, size, data.nbytes, False))
+            smalls.append(small)
             if data.nbytes:
                 chunks.append((size, data))
             size += -(-data.nbytes // _ALIGN) * _ALIGN
+        if not all(smalls) or size < COPY_OUT_BYTES:  # see ``_flat``
+            table = [(dtype, offset, nbytes, small) for (dtype, offset, nbytes, _), small in zip(table, smalls)]
         return table, chunks, max(size, _ALIGN)
 
 
@@ -364,7 +370,9 @@ def _flat(index: int) -> Any:
 
     A block of small tensors (gathered, or a run) in a message that also carries large ones is
     copied out of the segment, once: a tensor the receiver keeps (a batch's labels) then keeps
-    only that copy alive, not the whole segment with the large ones (its images)."""
+    only that copy alive, not the whole segment with the large ones (its images). So are those
+    of a message of small tensors only, under ``COPY_OUT_BYTES``: the segment is then unmapped
+    at once, and outputs kept by the thousand hold no file descriptor each."""
     flat = _loading.flat.get(index)
     if flat is None:
         if _loading.storage is None:
