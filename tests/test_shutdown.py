@@ -287,3 +287,37 @@ def test_a_process_forked_by_user_code_leaves_the_pipeline_to_its_parent(run_scr
         assert "is a fork" in read_json_line(process)["child"]
     assert read_json_line(process) == {"parent": True, "child_status": 0}
     assert process.wait(60) == 0
+
+
+def test_workers_of_pipelines_started_by_threads_at_once_exit_when_the_consumer_is_killed(run_script):
+    # A worker forked while another thread forked one too may share its parent-death pipe with it,
+    # so that pipe never says the parent died: the workers also watch their parent id.
+    process = run_script("""
+        import json, os, signal, threading
+        import torchqueue as tq
+
+        def ident(x):
+            return x
+
+        if __name__ == "__main__":
+            sequences, barrier = [], threading.Barrier(4)
+
+            def start():
+                barrier.wait(timeout=30)
+                sequence = tq.Sequence(tq.ProcessStep(ident, 2), tq.RepackStep(2), context="fork")
+                sequence.queue_iterable(range(10))
+                sequences.append(sequence)
+
+            threads = [threading.Thread(target=start) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=30)
+            assert all(len(list(sequence)) == 5 for sequence in sequences)
+            pids = [p.pid for sequence in sequences for _, _, p in sequence._runtime.workers]
+            print(json.dumps(pids), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # no clean-up at all
+    """)
+    pids = json.loads(process.stdout.readline())
+    assert len(pids) == 12 and process.wait(30) == -signal.SIGKILL
+    assert wait_gone(pids, seconds=15) == []

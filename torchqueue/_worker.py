@@ -190,14 +190,30 @@ def worker_main(ctx: WorkerContext) -> None:
         pass
 
 
+PARENT_POLL_S = 1.0
+"""How often the parent watch also asks whether this process was orphaned (see ``_parent_gone``)."""
+
+
+def _parent_gone(sentinel: Any, parent_pid: int, timeout: float | None) -> bool:
+    """Whether the process that started this one died, waiting up to ``timeout`` for it.
+
+    Its sentinel (the end of a pipe the parent holds) says so at once, unless a process that another
+    thread of the parent forked at the same moment inherited that pipe too: then only the parent id
+    tells, which the kernel changes when a process is orphaned."""
+    ready = multiprocessing.connection.wait([sentinel], timeout=timeout)
+    return bool(ready) or os.getppid() != parent_pid
+
+
 def _exit_with_parent(segment_dir: str | None) -> None:
     """Exit as soon as the consumer's process is gone, removing the shared memory it left."""
     parent = multiprocessing.parent_process()
     if parent is None:
         return
+    parent_pid = os.getppid()  # the process that started this one (a forkserver's, under forkserver)
 
     def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
+        while not _parent_gone(parent.sentinel, parent_pid, PARENT_POLL_S):
+            pass
         if segment_dir is not None:
             shutil.rmtree(segment_dir, ignore_errors=True)
         os._exit(1)
