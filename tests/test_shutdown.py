@@ -321,3 +321,41 @@ def test_workers_of_pipelines_started_by_threads_at_once_exit_when_the_consumer_
     pids = json.loads(process.stdout.readline())
     assert len(pids) == 12 and process.wait(30) == -signal.SIGKILL
     assert wait_gone(pids, seconds=15) == []
+
+
+def test_ctrl_c_while_close_waits_for_a_busy_worker_still_stops_it_and_frees_the_memory(run_script, tmp_path):
+    started = tmp_path / "started"
+    process = run_script(f"""
+        import json, os, signal, threading, time
+        import torch
+        import torchqueue as tq
+
+        def slow(x):
+            open({str(started)!r}, "w").close()
+            time.sleep(60)  # busy in a long step: close() waits for it
+            return x
+
+        def big(x):
+            return torch.zeros(1 << 20)  # 4 MiB outputs, waiting unread in the segments
+
+        if __name__ == "__main__":
+            seq = tq.Sequence(tq.ProcessStep(big, 1), tq.ProcessStep(slow, 1), context="fork")
+            seq.queue_iterable(range(8))
+            deadline = time.monotonic() + 30
+            while not os.path.exists({str(started)!r}) and time.monotonic() < deadline:
+                time.sleep(0.01)  # polling a file another process writes, not synchronising our own code
+            pids = [p.pid for _, _, p in seq._runtime.workers]
+            directory = seq._runtime._segment_dir
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+            try:
+                seq.close()  # waits up to 2 s for the busy worker: Ctrl-C comes meanwhile
+                interrupted = False
+            except KeyboardInterrupt:
+                interrupted = True
+            left = os.path.exists(directory)
+            print(json.dumps({{"interrupted": interrupted, "pids": pids, "left": left}}), flush=True)
+    """)
+    report = read_json_line(process)
+    assert report["interrupted"] and not report["left"]
+    assert wait_gone(report["pids"]) == []
+    assert process.wait(60) == 0

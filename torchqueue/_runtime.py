@@ -21,6 +21,10 @@ so no thread or worker can stay blocked once it is set. ``Runtime.close``:
    function), then ``kill()``s (SIGKILL) what is still there;
 4. closes this process's ends of the edges.
 
+Steps 1-2 and the wait of 3 are ``_ask_to_stop``; the rest, ``_make_stop``, runs in a
+``finally``: Ctrl-C during the wait (a second Ctrl-C, while a worker finishes a long
+step) goes straight to ``terminate()``, and the exception is raised once nothing is left.
+
 ``close`` is idempotent, runs from ``Sequence.close``, leaving a ``with``
 block, an error reaching the consumer, and a ``weakref.finalize`` on the
 Sequence (garbage collection or interpreter exit). It does nothing in a
@@ -355,6 +359,13 @@ class Runtime:
         self._closed = True
         if self.forked_copy:
             return
+        try:
+            self._ask_to_stop(join_s)
+        finally:  # also after Ctrl-C during the wait: no worker and no segment outlives close()
+            self._make_stop()
+
+    def _ask_to_stop(self, join_s: float) -> None:
+        """Tell the feeder and the workers to stop, and give them ``join_s`` to leave on their own."""
         self._stop.set()
         self._epochs.put(None)
         feeder = getattr(self, "_feeder", None)
@@ -363,9 +374,12 @@ class Runtime:
         deadline = time.monotonic() + join_s
         for _, _, process in self.workers:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _make_stop(self) -> None:
+        """Terminate, then kill, the workers still there; close the edges; remove the segments."""
         for stage, worker, process in self.workers:
             if process.exitcode is None:
-                logger.debug("worker %d of step %r did not leave within %s s: terminating it", worker, stage, join_s)
+                logger.debug("worker %d of step %r did not leave when asked: terminating it", worker, stage)
                 process.terminate()
                 process.join(timeout=1.0)
             if process.exitcode is None:
