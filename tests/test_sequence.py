@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import random
 import threading
 import time
 
@@ -295,3 +296,16 @@ def test_two_threads_queuing_at_once_start_one_pipeline_and_both_epochs_arrive()
     seq.close()
     assert epochs == [[2] * 10, [4] * 10]
     assert len(children) == 2  # one pipeline's workers, not two
+
+
+def test_close_from_another_thread_while_a_stream_step_runs_ends_the_loop_as_closed():
+    rng = random.Random(0)
+    for _ in range(20):
+        seq = tq.Sequence(tq.ProcessStep(random_sleep, 2), tq.RepackStep(4), tq.Queue(3))
+        closer = threading.Timer(rng.uniform(0.05, 0.3), seq.close)  # at any moment of the stream
+        closer.start()
+        with pytest.raises(RuntimeError, match="closed") as info:
+            for _batch in seq(range(10**6)):
+                pass
+        closer.join(timeout=30)
+        assert not isinstance(info.value, tq.PipelineError), info.value  # not a failure of RepackStep

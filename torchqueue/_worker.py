@@ -410,6 +410,8 @@ class _Loop:
                     emit(output)
             except _UpstreamFailure as upstream:
                 failure = upstream.failure
+            except Stopped:  # the pipeline closes (raised by our reads under the step): not the step's failure
+                raise
             except Exception as exc:
                 failure = capture(self.ctx.stage_name, exc)
             if failure is not None:
