@@ -326,18 +326,17 @@ class _Pickler(MainClassPickler):
     def layout(self) -> tuple[list[tuple[Any, int, int, bool]], list[tuple[int, Any]], int]:
         """The blocks' ``(dtype, byte offset, bytes, private)``, the buffers to write at their offsets, the
         segment size. ``private``: the block's small tensors are copied out on arrival (see ``_flat``)."""
-        table, chunks, size, smalls = [], [], 0, []
+        entries, chunks, size = [], [], 0
         for dtype, data, small in self.blocks:
             if isinstance(data, list):  # gathered small tensors: one contiguous copy
                 with torch.no_grad():
                     data = _tensor_bytes(torch._utils._flatten_dense_tensors(data))
-            table.append((dtype, size, data.nbytes, False))
-            smalls.append(small)
+            entries.append((dtype, size, data.nbytes, small))
             if data.nbytes:
                 chunks.append((size, data))
             size += -(-data.nbytes // _ALIGN) * _ALIGN
-        if not all(smalls) or size < COPY_OUT_BYTES:  # see ``_flat``
-            table = [(dtype, offset, nbytes, small) for (dtype, offset, nbytes, _), small in zip(table, smalls)]
+        copy_out = not all(small for *_, small in entries) or size < COPY_OUT_BYTES  # see ``_flat``
+        table = [(dtype, offset, nbytes, small and copy_out) for dtype, offset, nbytes, small in entries]
         return table, chunks, max(size, _ALIGN)
 
 

@@ -28,9 +28,6 @@ from torchqueue.stats import Stats
 __all__ = ["Sequence"]
 
 _START_METHODS = ("fork", "spawn", "forkserver")
-_queuing = threading.Lock()
-"""Held while an epoch is queued: two threads that queue at once start one runtime, and number
-their epochs one after the other."""
 
 
 def resolve_context(context: str | BaseContext | None) -> BaseContext:
@@ -88,6 +85,7 @@ class Sequence:
         self._skip = on_error == "skip"
         self.name = name or "sequence"
         self._runtime: Runtime | None = None
+        self._queuing = threading.Lock()  # two threads that queue at once start one runtime, epochs in turn
         self._finalizer: weakref.finalize | None = None
         self._queued = 0  # epochs queued so far
         self._next_epoch = 0  # the epoch the next iter() yields
@@ -107,7 +105,7 @@ class Sequence:
             iterator = iter(iterable)
         except TypeError:
             raise TypeError(f"queue_iterable needs an iterable, got {type(iterable).__name__}") from None
-        with _queuing:
+        with self._queuing:
             runtime = self._start()
             runtime.queue(self._queued, iterator, isinstance(iterable, (range, collections.abc.Sequence)))
             self._queued += 1
