@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from benchmarks import _harness
-from benchmarks._harness import header, save
-from benchmarks.workloads import ALL
+
+def _workers_first() -> None:
+    """``--workers N`` before the contenders are imported: they read it once (``_contenders.WORKERS``)."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--workers", type=int, default=None)
+    workers = early.parse_known_args()[0].workers
+    if workers is not None:
+        if workers < 1:
+            raise SystemExit(f"--workers must be at least 1, got {workers}")
+        os.environ["TORCHQUEUE_BENCH_WORKERS"] = str(workers)
+
+
+_workers_first()
+
+from benchmarks import _harness  # noqa: E402
+from benchmarks._harness import header, save  # noqa: E402
+from benchmarks.workloads import ALL  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="torchqueue against DataLoader, torchdata.nodes, SPDL and serial")
+    parser.add_argument("--workers", type=int, default=2, help="workers per contender (default 2)")
     parser.add_argument("workloads", nargs="*", choices=[*ALL, []], help=f"default: all of {', '.join(ALL)}")
     parser.add_argument("--quick", action="store_true", help="about 10x smaller, for a smoke test")
     parser.add_argument("--save", action="store_true", help="also write benchmarks/results/latest.json")

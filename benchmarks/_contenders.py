@@ -1,7 +1,8 @@
-"""The same map, ``[fn(x) for x in items]`` with 2 workers, written the idiomatic way for each library."""
+"""The same map, ``[fn(x) for x in items]`` with ``WORKERS`` workers, written the idiomatic way for each library."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -10,7 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import torchqueue as tq
 
-WORKERS = 2
+WORKERS = int(os.environ.get("TORCHQUEUE_BENCH_WORKERS", "2"))
+"""Workers per contender (``python -m benchmarks --workers N`` sets it); 2 by default, the CI machine's cores."""
 
 
 class _Mapped(Dataset):

@@ -164,6 +164,7 @@ def header() -> str:
             versions.append(f"{name} missing")
     return (
         f"# {time.strftime('%Y-%m-%d %H:%M')}  {platform.platform()}  {os.cpu_count()} CPUs  "
+        f"{os.environ.get('TORCHQUEUE_BENCH_WORKERS', '2')} workers  "
         f"Python {platform.python_version()}  {', '.join(versions)}\n"
         f"{'workload':13s} {'contender':28s} {'figure':>12} {'unit':12s} {'vs DataLoader':>8}"
     )

@@ -13,6 +13,7 @@ import torch
 
 from benchmarks._contenders import (
     WORKERS,
+    _Mapped,
     all_map_contenders,
     dataloader,
     file_system_sharing,
@@ -179,12 +180,29 @@ def seed(quick: bool) -> list[Line]:
         ) as seq:
             yield from seq(chunks)
 
+    def fused() -> Iterator[Any]:  # read and transform in one step, then the same repack and collate
+        with tq.Sequence(
+            tq.ProcessStep(calo.chunk_to_graphs, WORKERS),
+            tq.RepackStep(batch),
+            tq.ProcessStep(calo.collate, 1),
+            tq.Queue(4),
+        ) as seq:
+            yield from seq(chunks)
+
+    def one_map() -> Iterator[Any]:  # the ceiling: one step does it all, one batch per chunk
+        with tq.Sequence(tq.ProcessStep(calo.chunk_to_batch, WORKERS), tq.Queue(4)) as seq:
+            yield from seq(chunks)
+
     def per_event() -> Iterator[Any]:
         dataset = calo.EventDataset(paths)
         yield from DataLoader(dataset, batch_size=batch, num_workers=WORKERS, collate_fn=calo.collate)
 
     def chunked() -> Iterator[Any]:
         yield from DataLoader(calo.ChunkDataset(chunks, batch), batch_size=None, num_workers=WORKERS)
+
+    def batch_per_chunk() -> Iterator[Any]:
+        dataset = _Mapped(chunks, calo.chunk_to_batch)
+        yield from DataLoader(dataset, batch_size=None, num_workers=WORKERS)
 
     def chunked_drop_in() -> Iterator[Any]:  # the same code as ``chunked``, QueueFlowLoader swapped in
         loader = tq.QueueFlowLoader(calo.ChunkDataset(chunks, batch), batch_size=None, num_workers=WORKERS)
@@ -195,7 +213,10 @@ def seed(quick: bool) -> list[Line]:
     work.run("serial", serial)
     work.run("DataLoader", per_event)
     work.run("DataLoader, chunks per worker", chunked)
+    work.run("DataLoader, one batch per chunk", batch_per_chunk)
     work.run("torchqueue", torchqueue)
+    work.run("torchqueue, read+transform fused", fused)
+    work.run("torchqueue, one map per chunk", one_map)
     work.run("torchqueue QueueFlowLoader, chunks per worker", chunked_drop_in)
     import shutil
 

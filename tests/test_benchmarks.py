@@ -18,3 +18,32 @@ def test_the_quick_benchmarks_run_and_every_contender_reports():
     for contender in ("serial", "DataLoader", "torchdata.nodes process", "SPDL process pool", "torchqueue"):
         lines = [line for line in result.stdout.splitlines() if f" {contender} " in line]
         assert lines and all("failed" not in line for line in lines), (contender, result.stdout)
+
+
+@pytest.mark.timeout(300)
+def test_the_seed_shapes_run_with_the_workers_asked_for():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "seed", "--quick", "--repeat", "1", "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert " 1 workers " in result.stdout.splitlines()[0]
+    shapes = [line for line in result.stdout.splitlines() if line.startswith("seed ")]
+    for contender in (
+        "DataLoader, one batch per chunk",
+        "torchqueue, read+transform fused",
+        "torchqueue, one map per chunk",
+    ):
+        assert any(f" {contender} " in line and "events/s" in line and "failed" not in line for line in shapes), (
+            contender,
+            result.stdout,
+        )
+
+
+def test_workers_below_one_are_refused():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "seed", "--workers", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0 and "--workers must be at least 1" in result.stderr
