@@ -153,9 +153,12 @@ def test_a_loader_over_a_pipeline_of_graphs_delivers_batches_on_the_device():
 def test_device_cuda_delivers_torch_geometric_batches_on_the_gpu_ready_on_the_current_stream(pin_memory, monkeypatch):
     recorded: list[int] = []
     record_stream = torch.Tensor.record_stream
-    monkeypatch.setattr(
-        torch.Tensor, "record_stream", lambda self, stream: recorded.append(self.data_ptr()) or record_stream(self, stream)
-    )
+
+    def recording(tensor: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        recorded.append(tensor.data_ptr())
+        record_stream(tensor, stream)
+
+    monkeypatch.setattr(torch.Tensor, "record_stream", recording)
     ds = tq.QueueFlowDataset(GRAPH_CHUNKS, list(GRAPH_STEPS))
     try:
         expected = list(QueueFlowLoader(ds))
