@@ -3,16 +3,21 @@
     pipeline ─► [background thread: pin_memory / .to(device, non_blocking) on its own stream,
                  record an event] ─► bounded queue ─► consumer: current stream waits on the event
 
-The consumer's stream waits for the copy's event before it uses the batch, and every tensor is
-``record_stream``-ed on the consumer's stream so the caching allocator does not reuse its memory
-while the consumer's kernels may still read it (the pattern of FFCV's EpochIterator and SPDL).
+The consumer's stream waits for the copy's event before it uses the batch, and every tensor the
+copy made is ``record_stream``-ed on the consumer's stream so the caching allocator does not reuse
+its memory while the consumer's kernels may still read it (the pattern of FFCV's EpochIterator and
+SPDL). Objects are told apart by what they can do, not by their class's module: anything with a
+``pin_memory()`` method is pinned by it (torch's ``pin_memory``), anything with a ``to`` method is
+moved by it (``move``), and its tensors are found by walking its attributes (``_tensors``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -24,40 +29,72 @@ _DONE = object()
 
 
 def move(data: Any, device: torch.device) -> Any:
-    """``data`` with every tensor inside moved to ``device`` (nested containers, Data/Batch, ...)."""
+    """``data`` with every tensor inside moved to ``device``, as Lightning's ``move_data_to_device``.
+
+    Anything with a ``to`` method moves itself: a tensor, a torch_geometric ``Data`` or ``Batch``
+    (whatever module its class says: ``Batch.from_data_list`` makes its class at run time), any
+    object with ``to(device, non_blocking=...)``. Mappings, namedtuples, tuples, lists and
+    dataclasses are rebuilt with their insides moved; anything else is left as it is."""
     if isinstance(data, torch.Tensor):
         return data.to(device, non_blocking=True)
-    if hasattr(data, "to") and callable(data.to) and type(data).__module__.startswith("torch_geometric"):
-        return data.to(device, non_blocking=True)
+    if _movable(data):
+        return _moved(data, device)
     if isinstance(data, dict):
         return type(data)({k: move(v, device) for k, v in data.items()})
     if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
         return type(data)(*(move(v, device) for v in data))
     if isinstance(data, (list, tuple)):
         return type(data)(move(v, device) for v in data)
-    if hasattr(data, "__dataclass_fields__"):
-        import dataclasses
-
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
         return dataclasses.replace(
             data, **{f.name: move(getattr(data, f.name), device) for f in dataclasses.fields(data)}
         )
     return data
 
 
+def _movable(data: Any) -> bool:
+    """Whether ``data`` is an object with a ``to`` method (a class with one is not)."""
+    return not isinstance(data, type) and callable(getattr(data, "to", None))
+
+
+def _moved(data: Any, device: torch.device) -> Any:
+    """``data.to(device)``, asynchronous where ``to`` takes ``non_blocking``; ``data`` itself where ``to``
+    moved it in place (returned ``None``)."""
+    moved = data.to(device, non_blocking=True) if _takes_non_blocking(data.to) else data.to(device)
+    return data if moved is None else moved
+
+
+def _takes_non_blocking(method: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some built-in methods)
+        return False
+    return any(p.name == "non_blocking" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def _tensors(data: Any) -> Iterator[torch.Tensor]:
-    if isinstance(data, torch.Tensor):
-        yield data
-    elif isinstance(data, dict):
-        for v in data.values():
-            yield from _tensors(v)
-    elif isinstance(data, (list, tuple)):
-        for v in data:
-            yield from _tensors(v)
-    elif hasattr(data, "__dataclass_fields__"):
-        for name in data.__dataclass_fields__:
-            yield from _tensors(getattr(data, name))
-    elif type(data).__module__.startswith("torch_geometric") and hasattr(data, "to_dict"):
-        yield from _tensors(data.to_dict())
+    """Every tensor ``move`` may have made inside ``data``: in the containers and dataclasses it
+    rebuilds, and in the attributes of objects with a ``to`` method, followed down through mappings,
+    lists, tuples and further such objects (a torch_geometric ``Data``/``Batch`` keeps its tensors in
+    stores, which are mappings). Each object is visited once (no endless walk on cycles)."""
+    seen: set[int] = set()
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            yield item
+            continue
+        if isinstance(item, (str, bytes, type)) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, Mapping):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif dataclasses.is_dataclass(item):
+            pending.extend(getattr(item, f.name) for f in dataclasses.fields(item))
+        elif _movable(item) and hasattr(item, "__dict__"):
+            pending.extend(vars(item).values())
 
 
 def prepare(pin: bool, device: torch.device | None) -> Callable[[Any], Any]:
@@ -73,7 +110,7 @@ def prepare(pin: bool, device: torch.device | None) -> Callable[[Any], Any]:
                 moved = move(pinned, device)
                 event = torch.cuda.Event()
                 event.record(stream)
-            return _OnStream(moved, event, device)
+            return _OnStream(moved, event, device, [t for t in _tensors(moved) if t.is_cuda])
 
         return to_cuda
     if device is not None:
@@ -87,14 +124,16 @@ def ready(batch: Any) -> Any:
 
 
 class _OnStream:
-    def __init__(self, batch: Any, event: Any, device: torch.device) -> None:
-        self.batch, self.event, self.device = batch, event, device
+    """A batch copied on the copy stream: ``tensors``, those of its tensors the copy made on the GPU."""
+
+    def __init__(self, batch: Any, event: Any, device: torch.device, tensors: list[torch.Tensor]) -> None:
+        self.batch, self.event, self.device, self.tensors = batch, event, device, tensors
 
     def ready(self) -> Any:
         """The batch, safe to use on the consumer's current stream (of the batch's device)."""
         current = torch.cuda.current_stream(self.device)
         current.wait_event(self.event)
-        for tensor in _tensors(self.batch):
+        for tensor in self.tensors:
             tensor.record_stream(current)
         return self.batch
 

@@ -20,20 +20,19 @@ state (it aligns the round robin), and a job with ``keep=False`` is fetched for 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-import random
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import numpy as np
-import torch
 import torch.utils.data._utils.worker as torch_worker
 from torch.utils.data import Dataset, default_collate
 from torch.utils.data._utils.fetch import _MapDatasetFetcher
 
 from torchqueue import _rngstate
 from torchqueue._rngstate import RandomState
-from torchqueue.worker_info import get_worker_info
+from torchqueue._seeding import seed_as_dataloader
+from torchqueue.worker_info import get_worker_info, set_worker_info
 
 
 class Start(enum.Enum):
@@ -125,10 +124,8 @@ class Fetch:
         if info is None:  # num_workers=0: fetched in the consumer's process, which DataLoader leaves alone
             return
         worker_id, num_workers = info.id, info.num_workers
-        seed = base_seed + worker_id
-        random.seed(seed)
-        torch.manual_seed(seed)
-        np.random.seed(torch_worker._generate_state(base_seed, worker_id))
+        seed = seed_as_dataloader(base_seed, worker_id)
+        set_worker_info(dataclasses.replace(info, seed=seed))
         torch_worker._worker_info = torch_worker.WorkerInfo(
             id=worker_id, num_workers=num_workers, seed=seed, dataset=self.dataset
         )

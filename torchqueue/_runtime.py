@@ -122,8 +122,19 @@ def pickled_steps(plan: Plan, ctx: BaseContext) -> list[Any]:
 class Runtime:
     """Starts the workers at once; feeds queued iterables; hands outputs to the consumer."""
 
-    def __init__(self, plan: Plan, ctx: BaseContext, steps: list[Any], ordered: bool, skip_errors: bool, name: str):
+    def __init__(
+        self,
+        plan: Plan,
+        ctx: BaseContext,
+        steps: list[Any],
+        ordered: bool,
+        skip_errors: bool,
+        name: str,
+        base_seed: int | None = None,
+    ):
+        """``base_seed``: the workers' random streams derive from it (``_seeding``); ``None``: not seeded."""
         self.plan = plan
+        self._base_seed = base_seed
         self._ctx = ctx
         self._name = name
         self._stop = StopSignal(ctx)
@@ -191,6 +202,8 @@ class Runtime:
                     events=self._events,
                     segment_dir=self._segment_dir,
                     in_bytes=self._bytes_out[upstream] if stage.kind == STREAM else None,
+                    stage_index=stage.index,
+                    base_seed=self._base_seed,
                 )
                 row += 1
                 process = self._ctx.Process(  # type: ignore[attr-defined]

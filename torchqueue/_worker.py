@@ -37,6 +37,7 @@ from torchqueue import _segments, _serialize
 from torchqueue._channel import POLL_S, Channel, Stopped, StopSignal, wait_acquire
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._messages import Bundle, EndOfEpoch, Envelope, Failure, SkipNotice, Skipped, StartupFailure
+from torchqueue._seeding import EpochSeeds
 from torchqueue.errors import capture
 from torchqueue.stats import NFIELDS, Field
 from torchqueue.steps import Step, StreamStep
@@ -73,6 +74,8 @@ class WorkerContext:
     events: Channel
     segment_dir: str | None  # shared memory for tensors and large arrays (see _serialize)
     in_bytes: Any  # stream stages: RawValue, mean bytes per element arriving (for the bundle policy)
+    stage_index: int
+    base_seed: int | None  # the pipeline's: this worker's random streams derive from it (None: not seeded)
 
 
 class Meter:
@@ -172,14 +175,17 @@ def worker_main(ctx: WorkerContext) -> None:
     _exit_with_parent(ctx.segment_dir)
     _clean_up_when_terminated_with_parent(ctx.stop, ctx.segment_dir)
     torch.set_num_threads(1)
-    set_worker_info(WorkerInfo(ctx.stage_name, ctx.worker, ctx.nworkers))
+    info = WorkerInfo(ctx.stage_name, ctx.worker, ctx.nworkers)
+    set_worker_info(info)
+    seeds = EpochSeeds(ctx.base_seed, ctx.stage_index, info)
+    seeds.enter(0)  # before the step is unpickled: a fork's inherited random state never shows
     try:
         step = ctx.step if isinstance(ctx.step, Step) else cloudpickle.loads(ctx.step)
     except BaseException:
         notice = StartupFailure(ctx.stage_name, ctx.worker, traceback.format_exc())
         ctx.events.put(_serialize.dumps(notice, None), lambda: not ctx.stop.is_set())
         raise SystemExit(3) from None
-    loop = _Loop(ctx)
+    loop = _Loop(ctx, seeds)
     try:
         if ctx.kind == "stream":
             assert isinstance(step, StreamStep)
@@ -259,8 +265,9 @@ class _UpstreamFailure(Exception):
 
 
 class _Loop:
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: WorkerContext, seeds: EpochSeeds) -> None:
         self.ctx = ctx
+        self.seeds = seeds
         self.meter = Meter(ctx.stats, ctx.stats_row)
         self.emitter = Emitter(ctx.outbox, self.alive, ctx.split_parts, ctx.split_step, ctx.stage_name, ctx.segment_dir)
         self._notified = False
@@ -283,6 +290,7 @@ class _Loop:
         self.meter.set(Field.IN_SINCE, 0.0)
         self.meter.add(Field.WAIT_IN, time.perf_counter() - start)
         envelope: Envelope = _serialize.loads(data)
+        self.seeds.enter(envelope.epoch)  # a new epoch's stream, before the step sees its first element
         if not isinstance(envelope.payload, CONTROL):
             self.meter.add(Field.MESSAGES, 1)
         if self.ctx.in_bytes is not None:

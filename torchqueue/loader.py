@@ -36,6 +36,7 @@ from torchqueue._epochs import Epoch
 from torchqueue._fetch import Fetch, Fetched, Job
 from torchqueue._lookahead import EpochStep, Guess, predictable
 from torchqueue._rngstate import merged
+from torchqueue._seeding import draw_base_seed
 from torchqueue.dataset import QueueFlowDataset
 from torchqueue.sequence import Sequence, _EpochIterator
 from torchqueue.steps import ProcessStep, Queue
@@ -411,7 +412,7 @@ class QueueFlowLoader:
     def _next_base_seed(self) -> int:
         """The base seed of the epoch beginning: a new draw, as DataLoader's iterator makes, unless workers persist."""
         if self._base_seed is None or not self.persistent_workers:
-            self._base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
+            self._base_seed = draw_base_seed(self.generator)
         return self._base_seed
 
     def _draw(self, previous: Epoch | None, ahead: Guess | None, base_seed: int | None) -> tuple[Epoch, bool]:
@@ -473,6 +474,7 @@ class QueueFlowLoader:
             ordered=self._torch.in_order,
             context=self._torch.multiprocessing_context,
             name="QueueFlowLoader",
+            _seed_workers=False,  # seeded by ``Fetch``, as DataLoader seeds (no draw of the pipeline's own)
         )
 
     def _drop_workers(self) -> None:

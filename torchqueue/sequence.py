@@ -22,6 +22,7 @@ from torchqueue._channel import Stopped
 from torchqueue._messages import EndOfEpoch, Failure, Skipped
 from torchqueue._plan import make_plan
 from torchqueue._runtime import ERROR_JOIN_S, Runtime, pickled_steps
+from torchqueue._seeding import draw_base_seed
 from torchqueue.errors import PipelineError, rebuild
 from torchqueue.stats import Stats
 
@@ -58,6 +59,11 @@ class Sequence:
             ``"skip"`` drops the failing element, warns once per step and counts it.
         name: A name for logs and thread names.
 
+    Random streams: when the workers start (at the first ``queue_iterable``), one base seed is
+    drawn from torch's default generator, as ``iter(DataLoader)`` draws one; every worker of every
+    step seeds ``random``, numpy and torch from it, its step and its worker index, and anew each
+    epoch (``_seeding``). So ``torch.manual_seed`` before makes the draws reproducible.
+
     Example:
         >>> with tq.Sequence(tq.ProcessStep(read, 2), tq.PoolStep(transform, 4), tq.RepackStep(64)) as seq:
         ...     for batch in seq(chunks):
@@ -71,6 +77,7 @@ class Sequence:
         context: str | BaseContext | None = None,
         on_error: str = "raise",
         name: str | None = None,
+        _seed_workers: bool = True,
     ) -> None:
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered must be True or False, got {ordered!r}")
@@ -84,6 +91,9 @@ class Sequence:
         self._ordered = ordered
         self._skip = on_error == "skip"
         self.name = name or "sequence"
+        # internal: False draws no base seed and leaves the workers' random state alone (the step seeds
+        # its workers itself: QueueFlowLoader's fetch, as DataLoader seeds them)
+        self._seed_workers = _seed_workers
         self._runtime: Runtime | None = None
         self._queuing = threading.Lock()  # two threads that queue at once start one runtime, epochs in turn
         self._finalizer: weakref.finalize | None = None
@@ -169,7 +179,8 @@ class Sequence:
 
     def _start(self) -> Runtime:
         if self._runtime is None:
-            self._runtime = Runtime(self._plan, self._ctx, self._steps, self._ordered, self._skip, self.name)
+            base_seed = draw_base_seed() if self._seed_workers else None
+            self._runtime = Runtime(self._plan, self._ctx, self._steps, self._ordered, self._skip, self.name, base_seed)
             self._finalizer = weakref.finalize(self, self._runtime.close)
         return self._runtime
 
