@@ -104,7 +104,7 @@ def test_an_exception_of_the_input_iterable_is_raised_in_order():
         with pytest.raises(OSError, match="the source broke") as info:
             for value in seq(failing_source(5)):
                 got.append(value)
-    assert got == [0, 2, 4, 6, 8] and "'input'" in str(info.value)
+    assert got == [0, 2, 4, 6, 8] and "in the input iterable" in str(info.value)
 
 
 def test_a_failed_sequence_refuses_further_use_with_a_clear_error():

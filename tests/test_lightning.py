@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+import torchqueue as tq
 from torchqueue import QueueFlowLoader
 
 lightning = pytest.importorskip("lightning")
@@ -89,6 +90,29 @@ def test_trainer_fit_runs_two_epochs_with_a_new_order_each_epoch(tmp_path):
     assert len(model.seen) == 2
     assert all(sorted(epoch) == list(range(64)) for epoch in model.seen)
     assert model.seen[0] != model.seen[1]
+
+
+def point(i: int):
+    return Points()[i]
+
+
+class PipelineData(lightning.LightningDataModule):
+    def __init__(self, length: int | None) -> None:
+        super().__init__()
+        chunks = [list(range(0, 40)), list(range(40, 64))]
+        self.dataset = tq.QueueFlowDataset(chunks, [tq.UnpackStep(), tq.ProcessStep(point, 2)], length=length)
+
+    def train_dataloader(self):
+        return QueueFlowLoader(self.dataset, batch_size=8)
+
+
+def test_a_queueflow_datasets_length_sizes_lightnings_epochs(tmp_path):
+    model, data = Model(), PipelineData(length=64)
+    fit = trainer(max_epochs=1, enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0)
+    fit.fit(model, datamodule=data)
+    data.dataset.close()
+    assert fit.num_training_batches == 8  # not inf: step-based schedules know the epoch
+    assert sorted(model.seen[0]) == list(range(64))
 
 
 def test_a_mid_epoch_checkpoint_restores_the_loader_position(tmp_path):

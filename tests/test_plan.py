@@ -1,5 +1,7 @@
 """How a list of elements becomes stages, edges and bounds."""
 
+import functools
+
 import torch.multiprocessing as mp
 from conftest import double, square
 
@@ -20,6 +22,16 @@ def test_given_queues_set_capacities_and_a_multiprocessing_queue_means_its_size(
 def test_default_names_are_unique_and_readable():
     plan = make_plan((tq.ProcessStep(double), tq.ProcessStep(double), tq.RepackStep(64), tq.ProcessStep(lambda x: x)))
     assert [s.name for s in plan.stages] == ["double", "double#2", "RepackStep(64)", "lambda"]
+
+
+def read_h5_events(chunk, keys):
+    return chunk
+
+
+def test_a_partial_step_is_named_after_its_function():
+    read = functools.partial(read_h5_events, keys=["ECAL"])
+    plan = make_plan((tq.ProcessStep(read), tq.PoolStep(functools.partial(double), nworkers=2), tq.ProcessStep(read)))
+    assert [s.name for s in plan.stages] == ["read_h5_events", "double", "double:join", "read_h5_events#2"]
 
 
 def test_a_process_step_after_a_pool_step_reads_through_a_join_stage():

@@ -2,7 +2,9 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
+import torch
 import torch.multiprocessing as mp
 from conftest import double
 
@@ -43,6 +45,30 @@ def test_counts_may_be_numpy_integers_as_from_a_config_and_are_kept_as_ints():
     ] == [int] * 4
     with tq.Sequence(steps[0], tq.Queue(np.int64(2))) as seq:
         assert list(seq(range(3))) == [0, 2, 4]
+
+
+@pytest.mark.parametrize("element", [torch.zeros(3, 4, 4), np.zeros((2, 5)), torch.tensor(1.0), np.array(2)])
+def test_repack_refuses_a_bare_tensor_or_array_pointing_to_packstep(element):
+    with pytest.raises(TypeError, match=r"RepackStep\(64\) got a bare .*use PackStep\(64\)"):
+        tq.RepackStep(64).check(element)
+    for fine in ([torch.zeros(2)], (np.zeros(2), np.ones(2)), 5, "text", {"x": torch.zeros(2)}):
+        tq.RepackStep(64).check(fine)  # lists and tuples of tensors, single items: as before
+
+
+def make_image(i):
+    return torch.full((3, 4, 4), float(i))
+
+
+def test_repack_over_image_tensors_raises_in_the_consumer_and_skip_drops_them():
+    with tq.Sequence(tq.ProcessStep(make_image), tq.RepackStep(2)) as seq:
+        with pytest.raises(TypeError, match="PackStep"):
+            list(seq(range(3)))
+    with tq.Sequence(tq.ProcessStep(make_image), tq.RepackStep(2), on_error="skip") as seq:
+        with pytest.warns(RuntimeWarning, match="PackStep"):
+            assert list(seq(range(3))) == []  # every element refused, none batched channel by channel
+        assert seq.stats()["RepackStep(2)"].skipped == 3
+    with tq.Sequence(tq.ProcessStep(make_image), tq.PackStep(2)) as seq:
+        assert [len(batch) for batch in seq(range(3))] == [2, 1]  # what it points to: whole images
 
 
 def test_steps_are_frozen_declarations():

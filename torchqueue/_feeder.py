@@ -8,7 +8,7 @@ the epoch with ``EndOfEpoch``. Only in-memory inputs (lists, tuples, ranges,
 other ``Sequence``s) are bundled: reading them never blocks, so an element
 never waits in a half-filled bundle while the input waits for something
 (perhaps for the consumer, which would then wait for that element). An exception raised by the input is sent in
-its place, in order, and ends that epoch's input. An epoch the consumer
+its place, in order, and ends that epoch's input; its message says it came from the input. An epoch the consumer
 abandoned stops being read at once.
 """
 
@@ -23,7 +23,7 @@ from torchqueue._bundle import BundlePolicy
 from torchqueue._channel import POLL_S, wait_acquire
 from torchqueue._messages import Bundle, EndOfEpoch, Envelope
 from torchqueue._worker import Emitter
-from torchqueue.errors import capture
+from torchqueue.errors import capture_input
 
 _RECHECK_EVERY = 16
 """Messages between two looks at the downstream figures for the bundle policy."""
@@ -83,7 +83,7 @@ class Feeder:
             except BaseException as exc:  # the user's input raised: deliver it in its place
                 seq = self._send(epoch, seq, pending)
                 pending = []
-                seq = self._send(epoch, seq, [capture("input", exc)])
+                seq = self._send(epoch, seq, [capture_input(exc, epoch, seq)])
                 break
             now = time.perf_counter()
             self._policy.observe_input(now - last)

@@ -16,22 +16,29 @@ checkpoint; persistent workers after a cancelled guess or an epoch left early, s
 the worker's first job of the epoch carries it in ``start``. A job without indices only sets the
 state (it aligns the round robin), and a job with ``keep=False`` is fetched for its random draws
 (DataLoader's workers fetched it) but sends no batch back.
+
+A fetch that raises sends a ``FailedBatch`` in the batch's place, naming the dataset call that
+raised (``__getitem__(13)``), and the worker goes on with its next job; the loader's iterator
+(``Batches``) raises it from ``next()`` and yields the following batches on the next calls, as
+DataLoader's iterator does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch.utils.data._utils.worker as torch_worker
 from torch.utils.data import Dataset, default_collate
-from torch.utils.data._utils.fetch import _MapDatasetFetcher
 
 from torchqueue import _rngstate
+from torchqueue._messages import Failure
 from torchqueue._rngstate import RandomState
 from torchqueue._seeding import seed_as_dataloader
+from torchqueue.errors import capture_at, rebuild
 from torchqueue.worker_info import get_worker_info, set_worker_info
 
 
@@ -93,7 +100,7 @@ class Fetch:
         self.drop_last = drop_last
         self.init_fn = init_fn
         self._seeded: int | None = None
-        self._fetcher: _MapDatasetFetcher | None = None
+        self._fetcher: _Fetcher | None = None
         self._worker: int | None = None  # None: in the loader's own process (num_workers=0)
         self._initial: RandomState | None = None
         self._epoch: int | None = None
@@ -104,7 +111,7 @@ class Fetch:
             self._start(job.base_seed)
         assert self._fetcher is not None
         if self._worker is None:
-            return self._fetcher.fetch(job.indices), -1, None, True, job.position
+            return self._fetch(job), -1, None, True, job.position
         if job.epoch != self._epoch:  # the loader may not have this epoch's earlier reports
             self._epoch = job.epoch
             self._tracker.forget()
@@ -112,13 +119,26 @@ class Fetch:
             _rngstate.restore(self._initial if job.start == Start.INITIAL else job.start)  # type: ignore[arg-type]
             self._tracker.forget()
         kept = job.indices is not None and job.keep
-        batch = self._fetcher.fetch(job.indices) if job.indices is not None else None
+        batch = self._fetch(job) if job.indices is not None else None
         state = self._tracker.report() if self.report else None
         return batch if kept else None, self._worker, state, kept, job.position
 
+    def _fetch(self, job: Job) -> Any:
+        """The batch of ``job``, or a ``FailedBatch`` in its place if the dataset or collate_fn raised."""
+        assert self._fetcher is not None
+        try:
+            return self._fetcher.fetch(job.indices)
+        except Exception as exc:
+            where = f"{self._fetcher.calling()} of batch {job.position}"
+            if self._worker is None:  # raised as it is in the consumer's process, as DataLoader does
+                _add_note(exc, f"raised in {where}")
+                return FailedBatch(exc)
+            where += f" (loader worker {self._worker}, pid {os.getpid()})"
+            return FailedBatch(capture_at("fetch", exc, where))
+
     def _start(self, base_seed: int) -> None:
         collate = _PrivateCollate() if self.collate_fn is default_collate else self.collate_fn
-        self._fetcher = _MapDatasetFetcher(self.dataset, self.auto_collation, collate, self.drop_last)
+        self._fetcher = _Fetcher(self.dataset, self.auto_collation, collate)
         self._seeded = base_seed
         info = get_worker_info()
         if info is None:  # num_workers=0: fetched in the consumer's process, which DataLoader leaves alone
@@ -134,3 +154,75 @@ class Fetch:
         self._worker = worker_id
         self._initial = _rngstate.capture()
         self._epoch = None
+
+
+class _Fetcher:
+    """torch's ``_MapDatasetFetcher`` (the same calls, in the same order), remembering the dataset call
+    in progress, so that an error names the index that raised."""
+
+    def __init__(self, dataset: Dataset, auto_collation: bool, collate_fn: Callable) -> None:
+        self.dataset = dataset
+        self.auto_collation = auto_collation
+        self.collate_fn = collate_fn
+        self._call: tuple[str, Any] = ("", None)
+
+    def fetch(self, indices: Any) -> Any:
+        dataset = self.dataset
+        if not self.auto_collation:
+            self._call = ("__getitem__", indices)
+            data = dataset[indices]
+        elif getattr(dataset, "__getitems__", None):
+            self._call = ("__getitems__", indices)
+            data = dataset.__getitems__(indices)  # type: ignore[attr-defined]
+        else:
+            data = []
+            for index in indices:
+                self._call = ("__getitem__", index)  # a tuple, not a formatted string: it costs nothing per item
+                data.append(dataset[index])
+        self._call = ("collate_fn", None)
+        return self.collate_fn(data)
+
+    def calling(self) -> str:
+        """The call in progress (or the last made): ``"__getitem__(13)"``, ``"collate_fn"``."""
+        name, argument = self._call
+        if argument is None:
+            return name
+        text = repr(argument)
+        return f"{name}({text if len(text) <= 200 else text[:200] + '...'})"
+
+
+class FailedBatch:
+    """A batch whose fetch raised, in its place: ``error`` is the exception (in the consumer's process)
+    or the ``Failure`` a worker captured. A plain class: the device path passes it through as it is."""
+
+    def __init__(self, error: BaseException | Failure) -> None:
+        self.error = error
+
+    def exception(self) -> BaseException:
+        return rebuild(self.error) if isinstance(self.error, Failure) else self.error
+
+
+class Batches(Iterator[Any]):
+    """The loader's iterator over a map-style dataset's batches: a ``FailedBatch`` raises its error
+    from ``next()``, and the next call yields the following batch, as DataLoader's iterator does."""
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        self._batches = batches
+
+    def __next__(self) -> Any:
+        batch = next(self._batches)
+        if isinstance(batch, FailedBatch):
+            raise batch.exception()
+        return batch
+
+    def close(self) -> None:
+        """Leave the epoch where it stands (as closing the generator it wraps)."""
+        close = getattr(self._batches, "close", None)
+        if close is not None:
+            close()
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    add_note = getattr(exc, "add_note", None)  # Python 3.11+
+    if add_note is not None:
+        add_note(note)

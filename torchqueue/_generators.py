@@ -10,6 +10,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any, TypeVar
 
+import numpy as np
+import torch
+
 T = TypeVar("T")
 
 
@@ -26,12 +29,22 @@ def unpack(elements: Iterable[Iterable[T]]) -> Iterator[T]:
         yield from element
 
 
+def is_array(element: Any) -> bool:
+    """Whether ``element`` is a bare tensor or numpy array, which ``RepackStep`` refuses.
+
+    Iterating one yields its slices (rows, channels, scalars), so repacking it would batch
+    parts of different elements together, one tiny item at a time; ``PackStep`` batches
+    whole elements."""
+    return isinstance(element, (torch.Tensor, np.ndarray))
+
+
 def is_single_item(element: Any) -> bool:
     """Whether ``repack`` takes ``element`` as one item rather than iterating it.
 
     Strings, bytes, mappings, torch_geometric ``Data`` objects and anything not
-    iterable are single items; lists, tuples, arrays, tensors and other
-    iterables contribute their items.
+    iterable are single items; lists, tuples and other iterables contribute their
+    items (``RepackStep`` refuses bare tensors and arrays before they get here, see
+    ``is_array``).
     """
     if isinstance(element, (str, bytes, bytearray, Mapping)):
         return True

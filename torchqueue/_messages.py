@@ -55,7 +55,9 @@ class Skipped:
 class Failure:
     """An exception raised by a step function, carried in order to the consumer.
 
-    ``pickled`` is the pickled exception when it pickles, else ``None``.
+    ``pickled`` is the pickled exception when it pickles, else ``None``. ``where`` says where it
+    was raised, for the message (``"step 'f' (worker pid 12) at element 13 of epoch 0"``);
+    ``in_consumer``: raised in the consumer's own process (by the input iterable).
     """
 
     step: str
@@ -64,6 +66,8 @@ class Failure:
     traceback: str
     pid: int
     pickled: bytes | None
+    where: str = ""
+    in_consumer: bool = False
 
 
 # Side-channel notices (worker -> consumer), outside the data stream.

@@ -124,7 +124,7 @@ class Emitter:
         except TypeError as exc:
             error = TypeError(f"PoolStep needs iterable elements (lists, tuples, ...), got {type(payload).__name__}")
             error.__cause__ = exc
-            return self.send(Envelope(epoch, seq, 0, 1, capture(self._split_step, error)))
+            return self.send(Envelope(epoch, seq, 0, 1, capture(self._split_step, error, epoch, seq)))
         parts = split(items, self._split_parts)
         return sum(self.send(Envelope(epoch, seq, index, len(parts), part)) for index, part in enumerate(parts))
 
@@ -134,7 +134,8 @@ class Emitter:
             data = _serialize.dumps(envelope, self._segment_dir)
         except Exception as exc:
             error = TypeError(f"step {self._writer!r} produced a value that cannot be sent to another process: {exc}")
-            data = _serialize.dumps(envelope._replace(payload=capture(self._writer, error)), None)
+            failure = capture(self._writer, error, envelope.epoch, envelope.seq)
+            data = _serialize.dumps(envelope._replace(payload=failure), None)
         self._channels[envelope.seq % len(self._channels)].put(data, self._alive)
         return _serialize.message_nbytes(data)
 
@@ -308,22 +309,23 @@ class _Loop:
         self.meter.set(Field.OUT_SINCE, 0.0)
         self.meter.add(Field.WAIT_OUT, time.perf_counter() - start)
 
-    def call(self, fn: Callable[[Any], Any], value: Any) -> Any:
-        """``fn(value)``, or a Failure / Skipped in its place."""
+    def call(self, fn: Callable[[Any], Any], value: Any, epoch: int, seq: int) -> Any:
+        """``fn(value)``, or a Failure / Skipped in its place (the element at ``seq`` of ``epoch``)."""
         self.meter.add(Field.IN, 1)
         start = time.perf_counter()
         try:
             result = fn(value)
         except Exception as exc:
-            result = self.failed(exc)
+            result = self.failed(exc, epoch, seq)
         else:
             self.meter.add(Field.OUT, 1)
         self.meter.add(Field.BUSY, time.perf_counter() - start)
         return result
 
-    def failed(self, exc: Exception) -> Failure | Skipped:
+    def failed(self, exc: Exception, epoch: int, seq: int) -> Failure | Skipped:
+        """``exc`` raised for the element at ``seq`` of ``epoch``: a Failure, or Skipped (``on_error="skip"``)."""
         if not self.ctx.skip_errors:
-            return capture(self.ctx.stage_name, exc)
+            return capture(self.ctx.stage_name, exc, epoch, seq)
         return self.skipped(f"{type(exc).__name__}: {exc}")
 
     def skipped(self, summary: str) -> Skipped:
@@ -353,28 +355,28 @@ class _Loop:
                 if self.cancelled(envelope.epoch):
                     items = [Skipped(self.ctx.stage_name)] * len(payload.items)
                 else:
-                    items = self.call_bundle(fn, payload.items)
+                    items = self.call_bundle(fn, payload.items, envelope.epoch, envelope.seq)
                 self.timed(self.emitter.send, envelope._replace(payload=Bundle(items)))
                 continue
             if self.cancelled(envelope.epoch):
                 payload = [] if pool else Skipped(self.ctx.stage_name)
             elif pool:
-                payload = self.call_items(fn, payload)
+                payload = self.call_items(fn, payload, envelope.epoch, envelope.seq)
             else:
-                payload = self.call(fn, payload)
+                payload = self.call(fn, payload, envelope.epoch, envelope.seq)
             if pool:
                 self.timed(self.emitter.send, envelope._replace(payload=payload))
             else:
                 self.timed(self.emitter.emit, envelope.epoch, envelope.seq, payload)
 
-    def call_bundle(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    def call_bundle(self, fn: Callable[[Any], Any], items: list[Any], epoch: int, seq: int) -> list[Any]:
         """``[fn(item) ...]`` with a Failure / Skipped in the place of each item that raised;
         an item that failed or was skipped upstream is passed on as it is. Metered once for the
-        whole bundle (its items are small and cheap)."""
+        whole bundle (its items are small and cheap); its items are at ``seq``, ``seq + 1``, ..."""
         results = []
         calls = failed = 0
         start = time.perf_counter()
-        for item in items:
+        for offset, item in enumerate(items):
             if type(item) in _PASSED_ON:
                 results.append(item)
                 continue
@@ -382,17 +384,19 @@ class _Loop:
             try:
                 results.append(fn(item))
             except Exception as exc:
-                results.append(self.failed(exc))
+                results.append(self.failed(exc, epoch, seq + offset))
                 failed += 1
         self.meter.add(Field.BUSY, time.perf_counter() - start)
         self.meter.add(Field.IN, calls)
         self.meter.add(Field.OUT, calls - failed)
         return results
 
-    def call_items(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any] | Failure:
+    def call_items(self, fn: Callable[[Any], Any], items: list[Any], epoch: int, seq: int) -> list[Any] | Failure:
+        """A pool's part (items of the element at ``seq``): ``[fn(item) ...]`` without skipped items, or
+        the first Failure."""
         results = []
         for item in items:
-            result = self.call(fn, item)
+            result = self.call(fn, item, epoch, seq)
             if isinstance(result, Failure):
                 return result
             if not isinstance(result, Skipped):
@@ -411,9 +415,10 @@ class _Loop:
                 outputs += 1
 
             elements = self.epoch_elements(collector, epoch)
+            taken = [-1]  # the input position of the element the step took last
             failure: Failure | None = None
             try:
-                for output in step.stream(self.checked(step, elements)):
+                for output in step.stream(self.checked(step, elements, epoch, taken)):
                     self.meter.add(Field.OUT, 1)
                     emit(output)
             except _UpstreamFailure as upstream:
@@ -421,7 +426,8 @@ class _Loop:
             except Stopped:  # the pipeline closes (raised by our reads under the step): not the step's failure
                 raise
             except Exception as exc:
-                failure = capture(self.ctx.stage_name, exc)
+                # the step failed while working on the last element it took (if any)
+                failure = capture(self.ctx.stage_name, exc, epoch, taken[0] if taken[0] >= 0 else None)
             if failure is not None:
                 emit(failure)
                 for _ in self.epoch_elements(collector, epoch, drain=True):
@@ -429,14 +435,17 @@ class _Loop:
             emit(EndOfEpoch(outputs))
             epoch += 1
 
-    def epoch_elements(self, collector: Collector, epoch: int, drain: bool = False) -> Iterator[Any]:
-        """The elements of ``epoch`` in order, until its end; an upstream Failure is raised."""
+    def epoch_elements(self, collector: Collector, epoch: int, drain: bool = False) -> Iterator[tuple[int, Any]]:
+        """The elements of ``epoch`` in order, until its end, with their input positions (in arrival
+        order when unordered); an upstream Failure is raised."""
+        position = -1
         while True:
             elements = collector.take(epoch)
             if elements is NOTHING:
                 collector.add(self.receive())
                 continue
             for payload in elements:
+                position += 1
                 if isinstance(payload, EndOfEpoch):
                     return
                 if isinstance(payload, Skipped):
@@ -445,16 +454,20 @@ class _Loop:
                     if drain:
                         continue
                     raise _UpstreamFailure(payload)
-                yield payload
+                yield position, payload
 
-    def checked(self, step: StreamStep, elements: Iterator[Any]) -> Iterator[Any]:
-        for element in elements:
+    def checked(
+        self, step: StreamStep, elements: Iterator[tuple[int, Any]], epoch: int, taken: list[int]
+    ) -> Iterator[Any]:
+        """The elements the step can take (``step.check``); ``taken[0]``: the position of the last one."""
+        for position, element in elements:
             self.meter.add(Field.IN, 1)
+            taken[0] = position
             try:
                 step.check(element)
             except TypeError as exc:
                 if not self.ctx.skip_errors:
                     raise
-                self.failed(exc)
+                self.failed(exc, epoch, position)
                 continue
             yield element

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections.abc
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.context import BaseContext
@@ -23,6 +24,10 @@ class QueueFlowDataset(IterableDataset):
         steps: The steps and queues of a ``tq.Sequence``.
         ordered: As for ``Sequence``.
         context: As for ``Sequence``.
+        length: The number of outputs per epoch (of this rank's share under ranks), if known:
+            ``len(ds)``, and ``len(QueueFlowLoader(ds, ...))`` with the loader's batching, which
+            PyTorch Lightning sizes its epochs with. Without it ``len()`` raises ``TypeError``.
+            It is not checked against what the pipeline yields.
 
     The pipeline's workers start at the first iteration and stay up across epochs until
     ``close()`` or garbage collection. Use it with ``QueueFlowLoader``, or with a plain
@@ -37,6 +42,7 @@ class QueueFlowDataset(IterableDataset):
         *,
         ordered: bool = True,
         context: str | BaseContext | None = None,
+        length: int | None = None,
     ) -> None:
         # not iter(source): a source with a state of its own (a DataLoader of chunks) is read once per epoch
         if (
@@ -48,12 +54,26 @@ class QueueFlowDataset(IterableDataset):
         if not isinstance(steps, (list, tuple)):
             raise TypeError(f"steps must be a list of steps and queues, got {type(steps).__name__}")
         self.source = source
+        self.length = _checked_length(length)
         self.steps = tuple(steps)
         self.ordered = ordered
         self.context = context
         self.epoch = 0
         self._read_once = False  # a source that is an iterator was read by an epoch
         self._sequence = Sequence(*self.steps, ordered=ordered, context=context, name="QueueFlowDataset")
+
+    def __len__(self) -> int:
+        """The number of outputs per epoch given as ``length=`` (``TypeError`` without it, as ``len()`` of
+        an iterable dataset that does not know its length)."""
+        if self.length is None:
+            raise TypeError(
+                "QueueFlowDataset does not know how many outputs an epoch has: pass "
+                "QueueFlowDataset(..., length=n) to give it a len()"
+            )
+        return self.length
+
+    def __bool__(self) -> bool:
+        return True  # not ``len() != 0``: a dataset without a length is still a dataset
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch the next iteration reads (passed to a callable ``source``)."""
@@ -105,3 +125,16 @@ class QueueFlowDataset(IterableDataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._sequence = Sequence(*self.steps, ordered=self.ordered, context=self.context, name="QueueFlowDataset")
+
+
+def _checked_length(length: object) -> int | None:
+    """``length=`` as an ``int`` (a numpy integer too), or ``None``; anything else raises."""
+    if length is None:
+        return None
+    if isinstance(length, bool) or not isinstance(length, numbers.Integral):
+        raise TypeError(
+            f"length must be an int >= 0 (outputs per epoch) or None, got {type(length).__name__} {length!r}"
+        )
+    if length < 0:
+        raise ValueError(f"length must be >= 0 (outputs per epoch), got {length}")
+    return int(length)

@@ -1,12 +1,14 @@
 """Exceptions raised in the consumer, and how a worker's exception gets there.
 
 A worker wraps an exception into a ``Failure`` message (``capture``) with its
-formatted traceback and the step name, and checks that the exception pickles.
-The consumer rebuilds it (``rebuild``) with its original type when it can,
-else as ``PipelineError``; either way the message names the step and carries
-the worker's traceback. A type whose constructor wants more than a message
-(``json.JSONDecodeError``) is raised as the worker's own exception object,
-with that message as its text, or as a note where its ``__str__`` ignores it.
+formatted traceback, the step name and the failing element's position, and
+checks that the exception pickles. The consumer rebuilds it (``rebuild``) with
+its original type when it can, else as ``PipelineError``; either way the
+message says where it was raised (the step and element, the input iterable,
+or a loader's ``__getitem__(index)``) and carries the original traceback. A
+type whose constructor wants more than a message (``json.JSONDecodeError``) is
+raised as the worker's own exception object, with that message as its text, or
+as a note where its ``__str__`` ignores it.
 """
 
 from __future__ import annotations
@@ -37,12 +39,28 @@ class _KeyErrorMessage(str):
         return str(self)
 
 
-def capture(step: str, exc: BaseException) -> Failure:
+def capture(step: str, exc: BaseException, epoch: int | None = None, seq: int | None = None) -> Failure:
     """Wrap ``exc``, raised by ``step`` in this process, for the trip to the consumer.
 
+    ``epoch`` and ``seq``: the position of the element that failed, which the message names.
     An exception whose arguments do not pickle (``ValueError("bad record", lock)``) travels as its
     type with its message, as DataLoader rebuilds every exception, so that ``except ValueError``
     still catches it; only one whose type cannot be built from a message becomes a ``PipelineError``."""
+    where = f"step {step!r} (worker pid {os.getpid()})"
+    if seq is not None:
+        where += f" at element {seq} of epoch {epoch}"
+    return capture_at(step, exc, where)
+
+
+def capture_input(exc: BaseException, epoch: int, seq: int) -> Failure:
+    """Wrap ``exc``, raised by the user's input iterable (read in the consumer's process) when asked
+    for the element at position ``seq`` of ``epoch``."""
+    where = f"the input iterable (read in the consumer's own process) at element {seq} of epoch {epoch}"
+    return capture_at("input", exc, where, in_consumer=True)
+
+
+def capture_at(step: str, exc: BaseException, where: str, in_consumer: bool = False) -> Failure:
+    """Wrap ``exc`` for the consumer, its message saying it was raised in ``where``."""
     pickled = _round_trip(exc)
     if pickled is None:
         try:
@@ -56,6 +74,8 @@ def capture(step: str, exc: BaseException) -> Failure:
         traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         pid=os.getpid(),
         pickled=pickled,
+        where=where,
+        in_consumer=in_consumer,
     )
 
 
@@ -73,10 +93,9 @@ def _round_trip(exc: BaseException) -> bytes | None:
 
 def rebuild(failure: Failure) -> BaseException:
     """The exception to raise in the consumer for ``failure``."""
-    message = (
-        f"{failure.exc_type} in step {failure.step!r} (worker pid {failure.pid}): {failure.message}\n"
-        f"\nWorker traceback:\n{failure.traceback}"
-    )
+    where = failure.where or f"step {failure.step!r} (worker pid {failure.pid})"
+    origin = "Input" if failure.in_consumer else "Worker"
+    message = f"{failure.exc_type} in {where}: {failure.message}\n\n{origin} traceback:\n{failure.traceback}"
     original = None
     if failure.pickled is not None:
         try:

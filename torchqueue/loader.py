@@ -26,19 +26,20 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from torchqueue import _device, _epochs, _sharding
 from torchqueue._epochs import Epoch
-from torchqueue._fetch import Fetch, Fetched, Job
+from torchqueue._fetch import Batches, Fetch, Fetched, Job
 from torchqueue._lookahead import EpochStep, Guess, predictable
 from torchqueue._rngstate import merged
 from torchqueue._seeding import draw_base_seed
 from torchqueue.dataset import QueueFlowDataset
 from torchqueue.sequence import Sequence, _EpochIterator
+from torchqueue.stats import Stats
 from torchqueue.steps import ProcessStep, Queue
 
 __all__ = ["QueueFlowLoader"]
@@ -47,6 +48,8 @@ logger = logging.getLogger("torchqueue")
 
 _DEFAULT: Any = object()
 
+_T_co = TypeVar("_T_co", covariant=True)
+
 
 _SET_AT_CONSTRUCTION = frozenset(
     ("batch_size", "batch_sampler", "sampler", "drop_last", "dataset", "persistent_workers")
@@ -54,8 +57,10 @@ _SET_AT_CONSTRUCTION = frozenset(
 _SETTABLE = frozenset(("collate_fn", "worker_init_fn", "timeout", "prefetch_factor", "multiprocessing_context"))
 
 
-class QueueFlowLoader:
+class QueueFlowLoader(Generic[_T_co]):
     """DataLoader's arguments with DataLoader's meaning, plus ``device=``, ``progress=``, ``rank=``, ``world_size=``.
+
+    Generic as ``DataLoader[T]`` is: ``QueueFlowLoader[int]`` works in annotations.
 
     Args:
         device: Deliver batches on this device; for CUDA a background thread copies pinned
@@ -145,6 +150,8 @@ class QueueFlowLoader:
         self._resume: Epoch | None = None  # an epoch load_state_dict left to finish
         self._sequence: Sequence | None = None  # the persistent workers
         self._running: weakref.WeakSet[Sequence] = weakref.WeakSet()  # each iterator's own workers (not persistent)
+        self._latest: weakref.ref[Sequence] | None = None  # the last of them (``stats``)
+        self._latest_stats: Stats | None = None  # its figures when it closed
         self._epochs_sent = 0  # epochs handed to the workers, guesses included (``Job.epoch``)
         self._epoch_step = EpochStep(self._torch._index_sampler)
         self._ahead: Guess | None = None  # the guessed next epoch, queued behind the current one
@@ -180,7 +187,7 @@ class QueueFlowLoader:
     def __getstate__(self) -> dict[str, Any]:
         """Pickled or copied as DataLoader is: its arguments and where its epochs stand, no workers."""
         state = self.__dict__.copy()
-        state.update(_sequence=None, _ahead=None, _running=None)
+        state.update(_sequence=None, _ahead=None, _running=None, _latest=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -190,9 +197,13 @@ class QueueFlowLoader:
     # -- DataLoader's surface ------------------------------------------------------------------
 
     def __len__(self) -> int:
-        """Batches per epoch, as ``len(DataLoader)``; ``TypeError`` over a ``QueueFlowDataset``."""
-        if isinstance(self.dataset, QueueFlowDataset):
-            raise TypeError("the length of a QueueFlowDataset's output is not known ahead")
+        """Batches per epoch, as ``len(DataLoader)``. Over a ``QueueFlowDataset``: from its ``length=``
+        (outputs per epoch), ``batch_size`` and ``drop_last``; ``TypeError`` without a ``length``."""
+        if isinstance(self.dataset, QueueFlowDataset) and self.dataset.length is None:
+            raise TypeError(
+                "the number of a QueueFlowDataset's outputs is not known ahead: give it one with "
+                "QueueFlowDataset(..., length=outputs_per_epoch)"
+            )
         return len(self._torch)
 
     @property
@@ -256,6 +267,8 @@ class QueueFlowLoader:
             batches = self._iter_map_style()
         if self.progress:
             batches = _with_progress(batches, self._length_or_none())
+        if not isinstance(self.dataset, IterableDataset):  # a batch that raised does not end the epoch
+            batches = Batches(batches)
         return batches
 
     def _on_device(self, batches: Iterator[Any], fetched: bool = False) -> Iterator[Any]:
@@ -365,6 +378,7 @@ class QueueFlowLoader:
                 outputs.close()
             if own is not None:  # DataLoader stops an iterator's workers with it
                 own.close()
+                self._latest_stats = own.stats()
 
     def _leave(self, epoch: Epoch) -> None:
         """``epoch`` is left where it stands; only the last epoch begun moves the generator."""
@@ -403,6 +417,7 @@ class QueueFlowLoader:
             jobs = [Job(seed, self._epochs_sent, indices, position=k) for k, indices in epoch.remaining()]
         if not self.persistent_workers:
             own = self._new_pipeline()
+            self._latest = weakref.ref(own)
             self._running.add(own)  # weakly: an iterator dropped unstarted takes its workers with it
             outputs = own(jobs)
             outputs.timeout = self._torch.timeout or None
@@ -518,6 +533,27 @@ class QueueFlowLoader:
         self._base_seed = epoch.base_seed if epoch is not None else None
         resume = epoch is not None and not epoch.left and epoch.yielded < len(epoch.batches)
         self._resume, self._epoch = (epoch, None) if resume else (None, epoch)
+
+    def stats(self) -> Stats:
+        """The ``tq.Stats`` of the pipeline the loader runs (``print`` it, or ``.plot()`` it).
+
+        Over a ``QueueFlowDataset``: that pipeline's. Over a map-style dataset with workers: the
+        ``"fetch"`` step's (its workers fetch and collate the batches), for the epoch running now or
+        the last one (each epoch has its own workers unless ``persistent_workers``); zeros before the
+        first epoch. Without workers (``num_workers=0``), or over another iterable dataset (a plain
+        DataLoader runs it), no pipeline runs: a ``Stats`` without steps.
+        """
+        if isinstance(self.dataset, QueueFlowDataset):
+            return self.dataset.stats()
+        if isinstance(self.dataset, IterableDataset) or self.num_workers == 0:
+            return Stats.from_rows([], None, 0.0)
+        latest = self._latest() if self._latest is not None else None
+        pipeline = self._sequence if self.persistent_workers else latest
+        if pipeline is not None:
+            return pipeline.stats()
+        if self._latest_stats is not None:
+            return self._latest_stats
+        return Stats.from_rows([("fetch", self.num_workers, False, True)], None, 0.0)
 
     def close(self) -> None:
         """Stop the worker processes (they also stop when the loader is garbage collected)."""

@@ -8,6 +8,7 @@ edge between two steps.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing.queues
 import numbers
 from abc import ABC, abstractmethod
@@ -44,6 +45,9 @@ def _check_name(name: object) -> None:
 
 
 def _function_name(fn: Callable[..., Any]) -> str:
+    """The name a step of ``fn`` gets by default: a ``functools.partial``'s is its function's."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
     name = getattr(fn, "__name__", None) or type(fn).__name__
     return "lambda" if name == "<lambda>" else name
 
@@ -186,10 +190,20 @@ class UnpackStep(StreamStep):
 class RepackStep(StreamStep):
     """Re-chunk the items of the elements into lists of exactly ``batch_size`` items, in order.
 
-    An element contributes its items (lists, tuples, arrays, tensors, ...); an
+    An element contributes its items (a list, a tuple, another iterable); an
     element that is not iterable, a string, a mapping or a torch_geometric
     ``Data`` counts as one item. The rest of an epoch comes as a shorter list,
     or is dropped with ``drop_last``. A batch never mixes items of two epochs.
+
+    A bare tensor or numpy array is refused with a ``TypeError`` (skipped under
+    ``on_error="skip"``): its items would be its slices, so images would be
+    batched channel by channel. To batch whole tensors use ``PackStep(n)``; to
+    re-chunk the rows of tensors, make each element a list of rows
+    (``list(t.unbind(0))``).
+
+    Example:
+        >>> tq.Sequence(tq.ProcessStep(read_chunk), tq.RepackStep(64))   # chunks: lists of events
+        >>> tq.Sequence(tq.ProcessStep(load_image), tq.PackStep(64))     # elements: image tensors
 
     Args:
         batch_size: Items per list.
@@ -212,6 +226,16 @@ class RepackStep(StreamStep):
 
     def stream(self, elements: Iterator[Any]) -> Iterator[list[Any]]:
         return _generators.repack(elements, self.batch_size, self.drop_last)
+
+    def check(self, element: Any) -> None:
+        if _generators.is_array(element):
+            shape = "x".join(str(size) for size in element.shape) or "0-d"
+            raise TypeError(
+                f"{self.default_name()} got a bare {type(element).__name__} ({shape}): it re-chunks the items of "
+                f"each element, and a tensor's items are its slices, so it would batch slices of different "
+                f"elements. To batch whole tensors or arrays use PackStep({self.batch_size}) instead; to "
+                "re-chunk rows, make each element a list of rows (list(t.unbind(0)))"
+            )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,178 @@
+"""Errors name the element that failed, and a loader goes on after a batch that raised, as DataLoader does."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+from conftest import double, fail_on_seven, failing_source, identity
+from torch.utils.data import DataLoader, Dataset
+
+import torchqueue as tq
+from torchqueue import QueueFlowLoader
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
+
+
+def fail_on_thirteen(x):
+    if x == 13:
+        raise ValueError("thirteen is bad")
+    return x
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_step_error_names_the_element_position_in_its_epoch(ordered):
+    with tq.Sequence(tq.ProcessStep(fail_on_thirteen, 2, name="f"), ordered=ordered) as seq:
+        list(seq(range(5)))  # epoch 0 goes through
+        with pytest.raises(ValueError) as info:
+            list(seq(range(20)))
+    first = str(info.value).splitlines()[0]
+    assert first.startswith("ValueError in step 'f' (worker pid ")
+    assert first.endswith(" at element 13 of epoch 1: thirteen is bad")
+
+
+def test_bundled_elements_name_their_own_position():
+    # a range is read from memory, so small elements travel bundled: each keeps its position
+    with tq.Sequence(tq.ProcessStep(identity), tq.ProcessStep(fail_on_thirteen, name="g")) as seq:
+        with pytest.raises(ValueError, match="at element 13 of epoch 0"):
+            list(seq(range(100)))
+
+
+def test_a_step_after_a_stream_step_names_the_position_in_its_own_input():
+    steps = (tq.PackStep(4), tq.ProcessStep(max), tq.ProcessStep(fail_on_seven, name="after"))
+    with tq.Sequence(*steps) as seq:
+        with pytest.raises(ValueError, match="'after'.* at element 1 of epoch 0"):
+            list(seq(range(12)))  # max of each pack of 4: 3, 7 (the second pack's), 11
+
+
+def raise_at_the_third_item(items):
+    for index, item in enumerate(items):
+        if index == 2:
+            raise KeyError("third")
+        yield item
+
+
+class _FailingStream(tq.UnpackStep):
+    def stream(self, elements):
+        return raise_at_the_third_item(elements)
+
+
+def test_a_stream_step_error_names_the_position_of_the_input_element_it_took_last():
+    with tq.Sequence(tq.ProcessStep(double), _FailingStream(name="s")) as seq:
+        with pytest.raises(KeyError, match="step 's' .* at element 2 of epoch 0"):
+            list(seq([[1], [2], [3], [4]]))
+
+
+def test_a_repack_refusal_names_the_element_position():
+    with tq.Sequence(tq.RepackStep(2)) as seq:
+        with pytest.raises(TypeError, match="at element 1 of epoch 0.*PackStep"):
+            list(seq([[1, 2], torch.zeros(3)]))
+
+
+def test_an_input_error_says_it_came_from_the_input_in_the_consumers_process():
+    with tq.Sequence(tq.ProcessStep(double, 2)) as seq:
+        with pytest.raises(OSError) as info:
+            list(seq(failing_source(5)))
+    message = str(info.value)
+    first = message.splitlines()[0]
+    assert first == (
+        "OSError in the input iterable (read in the consumer's own process) at element 5 of epoch 0: the source broke"
+    )
+    assert "worker pid" not in message and str(os.getpid()) not in first
+    assert "Input traceback" in message and "failing_source" in message
+
+
+class KeyErrorAt(Dataset):
+    """Raises ``KeyError`` for the indices in ``bad``."""
+
+    def __init__(self, size, bad):
+        self.size, self.bad = size, set(bad)
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        if index in self.bad:
+            raise KeyError(index)
+        return index
+
+
+class _Items(KeyErrorAt):
+    def __getitems__(self, indices):
+        return [self[index] for index in indices]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_map_style_dataset_error_names_the_dataset_index(num_workers):
+    loader = QueueFlowLoader(KeyErrorAt(40, [13]), batch_size=4, num_workers=num_workers)
+    with pytest.raises(KeyError) as info:
+        list(loader)
+    if num_workers:
+        first = str(info.value).splitlines()[0]
+        assert first.startswith("KeyError in __getitem__(13) of batch 3 (loader worker 1, pid ")
+    else:  # raised as it is, as by DataLoader, with a note where Python has them
+        assert info.value.args == (13,)
+        if sys.version_info >= (3, 11):
+            assert info.value.__notes__ == ["raised in __getitem__(13) of batch 3"]
+
+
+def test_a_dataset_with_getitems_names_the_batch_call_and_a_collate_error_names_collate_fn():
+    with pytest.raises(KeyError, match=r"KeyError in __getitems__\(\[12, 13, 14, 15\]\) of batch 3"):
+        list(QueueFlowLoader(_Items(40, [13]), batch_size=4, num_workers=1))
+
+    def bad_collate(batch):
+        raise ValueError("cannot collate")
+
+    with pytest.raises(ValueError, match="ValueError in collate_fn of batch 0"):
+        list(QueueFlowLoader(KeyErrorAt(8, []), batch_size=4, num_workers=1, collate_fn=bad_collate))
+
+
+def _catch_and_skip(loader):
+    """Every batch of one epoch, ``None`` where next() raised (a catch-and-skip loop)."""
+    out = []
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return out
+        except KeyError:
+            out.append(None)
+            continue
+        out.append(batch.tolist())
+
+
+@pytest.mark.parametrize(
+    "num_workers, persistent, in_order",
+    [(0, False, True), (2, False, True), (2, True, True), (2, False, False)],
+)
+def test_a_catch_and_skip_loop_gets_every_other_batch_in_order_as_with_dataloader(num_workers, persistent, in_order):
+    def loader(cls):
+        generator = torch.Generator().manual_seed(0)
+        dataset = KeyErrorAt(41, [3, 17, 18, 40])
+        return cls(dataset, batch_size=4, shuffle=True, num_workers=num_workers, generator=generator,
+                   persistent_workers=persistent, in_order=in_order)
+
+    ours, theirs = loader(QueueFlowLoader), loader(DataLoader)
+    for _ in range(2):  # and the next epoch runs as usual
+        got, expected = _catch_and_skip(ours), _catch_and_skip(theirs)
+        if not in_order:  # as they are ready: the same batches
+            got, expected = sorted(got, key=str), sorted(expected, key=str)
+        assert got == expected
+        assert len(got) == math.ceil(41 / 4) and got.count(None) == sum(b is None for b in expected) >= 3
+    ours.close()
+
+
+def test_the_failed_batch_counts_as_consumed_in_a_checkpoint():
+    loader = QueueFlowLoader(KeyErrorAt(16, [1]), batch_size=4, num_workers=2)
+    iterator = iter(loader)
+    with pytest.raises(KeyError):
+        next(iterator)
+    state = loader.state_dict()
+    del iterator
+    resumed = QueueFlowLoader(KeyErrorAt(16, [1]), batch_size=4, num_workers=2)
+    resumed.load_state_dict(state)
+    assert [b.tolist() for b in resumed] == [[4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
