@@ -274,8 +274,10 @@ def write(directory: str, chunks: list[tuple[int, Any]], size: int) -> str:
                 iov = []
         if iov:
             _pwritev_all(fd, iov, start)
-    except BaseException:
+    except BaseException as exc:
         os.unlink(path)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise no_room(directory, size) from exc
         raise
     finally:
         os.close(fd)
@@ -283,6 +285,26 @@ def write(directory: str, chunks: list[tuple[int, Any]], size: int) -> str:
         with sent.lock:
             sent.track(path, size)
     return path
+
+
+def no_room(directory: str, size: int) -> OSError:
+    """The error for a full /dev/shm (``ENOSPC``): what did not fit, what is free, and what to change."""
+    try:
+        fs = os.statvfs(directory)
+        free = f"{_mib(fs.f_bavail * fs.f_frsize)} free of {_mib(fs.f_blocks * fs.f_frsize)}"
+    except OSError:
+        free = "its free space unknown"
+    return OSError(
+        errno.ENOSPC,
+        f"No space left on device: a message of {_mib(size)} does not fit in /dev/shm ({free}). Give the "
+        "machine or container more shared memory (Docker: docker run --shm-size=8g; Kubernetes: an emptyDir "
+        "volume with medium Memory mounted at /dev/shm), or send smaller elements, or lower the queue "
+        "capacities (tq.Queue(n)): every element in flight holds its tensors in /dev/shm",
+    )
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"
 
 
 def _pwritev_all(fd: int, iov: list[memoryview], offset: int) -> int:
