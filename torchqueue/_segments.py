@@ -260,6 +260,20 @@ def write(directory: str, chunks: list[tuple[int, Any]], size: int) -> str:
         path = _new_path(directory)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        _write_file(fd, path, chunks, size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:  # the file is gone: the free space reported is what others left
+            raise no_room(directory, size) from exc
+        raise
+    if sent is not None:
+        with sent.lock:
+            sent.track(path, size)
+    return path
+
+
+def _write_file(fd: int, path: str, chunks: list[tuple[int, Any]], size: int) -> None:
+    """Write the chunks into the file ``fd`` (at ``path``) and close it; remove it if that failed."""
+    try:
         os.ftruncate(fd, size)  # a reused segment drops what it had beyond ``size``
         iov: list[memoryview] = []
         position = start = 0
@@ -274,17 +288,11 @@ def write(directory: str, chunks: list[tuple[int, Any]], size: int) -> str:
                 iov = []
         if iov:
             _pwritev_all(fd, iov, start)
-    except BaseException as exc:
+    except BaseException:
         os.unlink(path)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise no_room(directory, size) from exc
         raise
     finally:
         os.close(fd)
-    if sent is not None:
-        with sent.lock:
-            sent.track(path, size)
-    return path
 
 
 def no_room(directory: str, size: int) -> OSError:

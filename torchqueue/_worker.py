@@ -147,7 +147,7 @@ def _unsendable(writer: str, exc: Exception) -> Exception:
     """The error for a value ``writer`` could not send: ``OSError`` (``ENOSPC``) for a full /dev/shm,
     else ``TypeError``."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        error: Exception = OSError(errno.ENOSPC, f"step {writer!r} could not send its output: {exc.strerror}")
+        error: Exception = OSError(errno.ENOSPC, f"could not send an element: {exc.strerror}")
     else:
         error = TypeError(f"step {writer!r} produced a value that cannot be sent to another process: {exc}")
     error.__cause__ = exc
@@ -275,6 +275,7 @@ class _Loop:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
         self.meter = Meter(ctx.stats, ctx.stats_row)
+        self._busy_since = int(ctx.stats_row * NFIELDS + Field.BUSY_SINCE)  # written twice per call: kept at hand
         self.emitter = Emitter(ctx.outbox, self.alive, ctx.split_parts, ctx.split_step, ctx.stage_name, ctx.segment_dir)
         self._notified = False
 
@@ -335,15 +336,15 @@ class _Loop:
     def call(self, fn: Callable[[Any], Any], value: Any) -> Any:
         """``fn(value)``, or a Failure / Skipped in its place."""
         self.meter.add(Field.IN, 1)
-        start = time.perf_counter()
-        self.meter.set(Field.BUSY_SINCE, start)  # stats() counts a call still going on as busy
+        stats = self.ctx.stats
+        stats[self._busy_since] = start = time.perf_counter()  # stats() counts a call still going on as busy
         try:
             result = fn(value)
         except Exception as exc:
             result = self.failed(exc)
         else:
             self.meter.add(Field.OUT, 1)
-        self.meter.set(Field.BUSY_SINCE, 0.0)
+        stats[self._busy_since] = 0.0
         self.meter.add(Field.BUSY, time.perf_counter() - start)
         return result
 
