@@ -54,6 +54,20 @@ def test_a_timeout_with_nothing_held_says_the_input_is_waited_for():
             next(iterator)
 
 
+def test_starting_the_next_epoch_behind_a_stuck_element_times_out_too():
+    seq = tq.Sequence(tq.ProcessStep(stuck_on_five), timeout=0.5)
+    iterator = seq(range(20))
+    assert [next(iterator) for _ in range(5)] == [0, 1, 2, 3, 4]
+    deadline = time.monotonic() + 20
+    while seq.stats()["stuck_on_five"].busy_s < 0.1:  # element 5 is in the step (not merely queued)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    seq.queue_iterable(range(3))
+    with pytest.raises(TimeoutError, match="'stuck_on_five'"):  # cancelling the rest waits for element 5
+        iter(seq)
+    assert_no_workers()
+
+
 def test_no_timeout_by_default_and_a_bad_timeout_is_refused_at_the_call():
     with tq.Sequence(tq.ProcessStep(random_sleep, 2)) as seq:
         assert seq.timeout is None

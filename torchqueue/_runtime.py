@@ -359,11 +359,12 @@ class Runtime:
                 raise
             return None
 
-    def cancel(self, epoch: int) -> None:
-        """Abandon ``epoch`` (and earlier): stop feeding it, skip its work, drop its outputs."""
+    def cancel(self, epoch: int, timeout: float | None = None) -> None:
+        """Abandon ``epoch`` (and earlier): stop feeding it, skip its work, drop its outputs (waiting up to
+        ``timeout`` for each of its messages still coming)."""
         logger.debug("%s: epoch %d abandoned, its rest is dropped", self._name, epoch)
         self._cancelled.value = max(self._cancelled.value, epoch)
-        while not isinstance(self.next_outputs(epoch)[-1], EndOfEpoch):
+        while not isinstance(self.next_outputs(epoch, timeout)[-1], EndOfEpoch):
             pass
 
     def _sample(self, now: float) -> None:
@@ -429,21 +430,25 @@ class Runtime:
             if process.exitcode is None:
                 process.kill()
                 process.join(timeout=1.0)
+        reading = False
+        try:
+            reading = self._reading.acquire(timeout=READER_LEAVES_S)
+            if not reading:
+                logger.warning("a thread still reads %s's outputs as it closes", self._name)
+        finally:  # also after Ctrl-C during that wait
+            try:
+                self._release()
+            finally:
+                if reading:
+                    self._reading.release()
+
+    def _release(self) -> None:
+        """Close the processes' handles and the edges, remove the segments (no thread reads any more)."""
         for _, _, process in self.workers:
             if process.exitcode is None:
                 logger.warning("worker pid %s did not exit after SIGKILL", process.pid)
             else:
                 process.close()
-        reading = self._reading.acquire(timeout=READER_LEAVES_S)
-        if not reading:
-            logger.warning("a thread still reads %s's outputs as it closes", self._name)
-        try:
-            self._close_edges()
-        finally:
-            if reading:
-                self._reading.release()
-
-    def _close_edges(self) -> None:
         for channel in [*(c for edge in self._edges for c in edge), self._events]:
             channel.close()
         self._stop.close()

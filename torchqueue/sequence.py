@@ -212,7 +212,7 @@ class Sequence:
         previous = self._current
         if previous is not None and not previous.done:
             try:
-                previous.abandon(self._runtime)
+                previous.abandon(self._runtime, self.timeout)
             except Stopped:  # closed meanwhile by another thread
                 raise self._closed_error() from None
             except BaseException as exc:  # a dead worker or Ctrl-C while cancelling
@@ -284,14 +284,15 @@ class _EpochState:
                 self.control = payload
                 return
 
-    def abandon(self, runtime: Runtime | None) -> None:
-        """Cancel the rest of this epoch (its outputs are dropped); waits for a thread taking outputs of it."""
+    def abandon(self, runtime: Runtime | None, timeout: float | None) -> None:
+        """Cancel the rest of this epoch (its outputs are dropped); waits for a thread taking outputs of it,
+        and up to ``timeout`` for each of the epoch's messages still coming."""
         with self.lock:
             ended = isinstance(self.control, EndOfEpoch)  # its end was taken already
             self.ready.clear()
             self.done = self.abandoned = True
             if not ended and runtime is not None and not runtime.closed:
-                runtime.cancel(self.epoch)
+                runtime.cancel(self.epoch, timeout)
 
 
 class _EpochIterator(Iterator[Any]):
