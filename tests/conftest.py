@@ -177,3 +177,25 @@ def no_leaks():
 @pytest.fixture(params=START_METHODS)
 def start_method(request) -> str:
     return request.param
+
+
+def stuck_on_five(x):
+    """Does not come back from element 5 (for 30 s: a stuck step)."""
+    if x == 5:
+        threading.Event().wait(30)
+    return x
+
+
+def _cannot_rebuild():
+    raise ValueError("cannot rebuild")
+
+
+class Unrebuildable:
+    """Pickles, but fails to unpickle (its rebuilding function raises ``ValueError``)."""
+
+    def __reduce__(self):
+        return _cannot_rebuild, ()
+
+
+def unrebuildable_on_three(x):
+    return Unrebuildable() if x == 3 else x

@@ -26,6 +26,18 @@ class Envelope(NamedTuple):
     nparts: int
     payload: Any
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled as ``_envelope(epoch, seq, part, nparts, bundled, payload)``: the position comes
+        first, so that it can be read from the pickle even when the payload fails to rebuild
+        (``_unreadable``); ``bundled``: the number of elements of a ``Bundle`` payload, else 0."""
+        payload = self.payload
+        bundled = len(payload.items) if type(payload) is Bundle else 0
+        return _envelope, (self.epoch, self.seq, self.part, self.nparts, bundled, payload)
+
+
+def _envelope(epoch: int, seq: int, part: int, nparts: int, bundled: int, payload: Any) -> Envelope:
+    return Envelope(epoch, seq, part, nparts, payload)
+
 
 @dataclass(frozen=True)
 class EndOfEpoch:

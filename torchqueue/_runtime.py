@@ -19,7 +19,9 @@ so no thread or worker can stay blocked once it is set. ``Runtime.close``:
    an error closes it), then ``terminate()``s
    (SIGTERM) the ones still running (for instance inside a long user
    function), then ``kill()``s (SIGKILL) what is still there;
-4. closes this process's ends of the edges.
+4. closes this process's ends of the edges, once no thread reads the
+   outputs (a consumer in another thread leaves at its next wake-up, by
+   ``Stopped``, and gets the public error that the Sequence was closed).
 
 Steps 1-2 and the wait of 3 are ``_ask_to_stop``; the rest, ``_make_stop``, runs in a
 ``finally``: Ctrl-C during the wait (a second Ctrl-C, while a worker finishes a long
@@ -59,10 +61,12 @@ from torchqueue._channel import Channel, Stopped, StopSignal
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._feeder import Feeder
 from torchqueue._mainmodule import step_bytes
-from torchqueue._messages import EndOfEpoch, SkipNotice, StartupFailure
+from torchqueue._messages import EndOfEpoch, Envelope, SkipNotice, StartupFailure
 from torchqueue._plan import STREAM, Plan
+from torchqueue._stuck import Holder, holders, timeout_message
+from torchqueue._unreadable import in_place
 from torchqueue._worker import Emitter, WorkerContext, observe_bytes, worker_main
-from torchqueue.errors import PipelineError, WorkerDiedError
+from torchqueue.errors import PipelineError, WorkerDiedError, capture
 from torchqueue.stats import NFIELDS, Field, Stats
 
 logger = logging.getLogger("torchqueue")
@@ -88,6 +92,10 @@ JOIN_S = 2.0
 ERROR_JOIN_S = 0.25
 """The same when an error closes the pipeline: the error should reach the user at once, and a worker
 still running after a few ``POLL_S`` wake-ups is stuck in a step (a fetch that timed out)."""
+
+READER_LEAVES_S = 2.0
+"""How long ``close`` waits for a thread reading the outputs to leave before it closes the edges (it
+leaves within ``POLL_S`` of the stop event)."""
 
 HEALTH_S = 0.1
 """How often the consumer checks worker liveness and notices while outputs flow."""
@@ -157,7 +165,9 @@ class Runtime:
         self._warned: set[str] = set()
         self._feeder_error: BaseException | None = None
         self._closed = False
+        self._closed_at: float | None = None
         self._owner = os.getpid()
+        self._reading = threading.RLock()  # one thread at a time reads the outputs; close() waits for it
         _runtimes.add(self)
         self._started = time.perf_counter()
         self._last_health = self._started
@@ -271,35 +281,65 @@ class Runtime:
         ``TimeoutError`` when nothing came for ``timeout`` seconds, and ``Stopped`` when the
         pipeline was closed meanwhile.
         """
-        if self._closed:
-            raise Stopped
-        deadline = None if not timeout else time.perf_counter() + timeout
+        with self._reading:
+            if self._closed:
+                raise Stopped
+            return self._next_outputs(epoch, timeout)
+
+    def _next_outputs(self, epoch: int, timeout: float | None) -> list[Any]:
+        deadline = None if timeout is None else time.perf_counter() + timeout
         while True:
             payloads = self._collector.take(epoch)
+            now = time.perf_counter()
             if payloads is not NOTHING:
-                now = time.perf_counter()
                 if now - self._last_health > HEALTH_S:
                     self._last_health = now
-                    self.check_health()
+                    self._check_health()
                     self._sample(now)
                 return payloads
+            if deadline is not None and now >= deadline:
+                self._check_health()  # a dead worker explains the wait better
+                assert timeout is not None
+                raise TimeoutError(timeout_message(timeout, self._holders(now)))
+            wait = HEALTH_S if deadline is None else min(HEALTH_S, deadline - now)
             try:
-                data = self._edges[-1][0].get(self._writers_alive, timeout=HEALTH_S)
+                data = self._edges[-1][0].get(self._writers_alive, timeout=wait)
             except Stopped:
-                self.check_health()  # a worker died: WorkerDiedError
+                self._check_health()  # a worker died: WorkerDiedError
                 raise
             if data is None:
-                self.check_health()
+                self._check_health()
                 self._sample(time.perf_counter())
-                if deadline is not None and time.perf_counter() > deadline:
-                    raise TimeoutError(f"no output came within {timeout} seconds")
                 continue
-            envelope = _serialize.loads(data)
+            envelope = self._read(data)
             observe_bytes(self._bytes_out[self._last_assigner], data, envelope)
             self._collector.add(envelope)
 
+    def _read(self, data: bytearray) -> Envelope:
+        """The envelope of ``data``; one whose value does not unpickle here carries the last step's
+        error in its place (see ``_unreadable``)."""
+        try:
+            envelope: Envelope = _serialize.loads(data)
+        except Exception as exc:
+            step = self.plan.stages[-1].name
+            unread = in_place(data, exc, lambda error: capture(step, error), "unpickling its output in the consumer")
+            if unread is None:
+                raise
+            return unread
+        return envelope
+
+    def _holders(self, now: float) -> list[Holder]:
+        """The workers that hold elements now (from their stats rows), longest first."""
+        return holders([(stage, worker, process.pid) for stage, worker, process in self.workers], self._stats, now)
+
     def check_health(self) -> None:
         """Warn for skip notices; raise if a worker could not start or died."""
+        with self._reading:
+            if self._closed:
+                raise Stopped
+            self._check_health()
+
+    def _check_health(self) -> None:
         while (data := self._read_event()) is not None:
             notice = _serialize.loads(data)
             if isinstance(notice, StartupFailure):
@@ -332,11 +372,12 @@ class Runtime:
                 raise
             return None
 
-    def cancel(self, epoch: int) -> None:
-        """Abandon ``epoch`` (and earlier): stop feeding it, skip its work, drop its outputs."""
+    def cancel(self, epoch: int, timeout: float | None = None) -> None:
+        """Abandon ``epoch`` (and earlier): stop feeding it, skip its work, drop its outputs (waiting up to
+        ``timeout`` for each of its messages still coming)."""
         logger.debug("%s: epoch %d abandoned, its rest is dropped", self._name, epoch)
         self._cancelled.value = max(self._cancelled.value, epoch)
-        while not isinstance(self.next_outputs(epoch)[-1], EndOfEpoch):
+        while not isinstance(self.next_outputs(epoch, timeout)[-1], EndOfEpoch):
             pass
 
     def _sample(self, now: float) -> None:
@@ -350,8 +391,10 @@ class Runtime:
             self._sample_every *= 2
 
     def stats(self) -> Stats:
+        """The figures now; those of a closed pipeline stay as they were when it closed (a worker
+        stopped in the middle of a call or a wait never ends it)."""
         stages = [stage.stats_entry() for stage in self.plan.stages]
-        elapsed = time.perf_counter() - self._started
+        elapsed = (self._closed_at or time.perf_counter()) - self._started
         return Stats.from_rows(stages, self._stats, elapsed, self._samples, self._started)
 
     # -- shutdown (see the NOTE at the top) ------------------------------------------------------
@@ -370,6 +413,7 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
+        self._closed_at = time.perf_counter()
         if self.forked_copy:
             return
         try:
@@ -389,7 +433,8 @@ class Runtime:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _make_stop(self) -> None:
-        """Terminate, then kill, the workers still there; close the edges; remove the segments."""
+        """Terminate, then kill, the workers still there; close the edges (once no thread reads them: a
+        consumer in another thread leaves at its next wake-up); remove the segments."""
         for stage, worker, process in self.workers:
             if process.exitcode is None:
                 logger.debug("worker %d of step %r did not leave when asked: terminating it", worker, stage)
@@ -398,6 +443,20 @@ class Runtime:
             if process.exitcode is None:
                 process.kill()
                 process.join(timeout=1.0)
+        reading = False
+        try:
+            reading = self._reading.acquire(timeout=READER_LEAVES_S)
+            if not reading:
+                logger.warning("a thread still reads %s's outputs as it closes", self._name)
+        finally:  # also after Ctrl-C during that wait
+            try:
+                self._release()
+            finally:
+                if reading:
+                    self._reading.release()
+
+    def _release(self) -> None:
+        """Close the processes' handles and the edges, remove the segments (no thread reads any more)."""
         for _, _, process in self.workers:
             if process.exitcode is None:
                 logger.warning("worker pid %s did not exit after SIGKILL", process.pid)

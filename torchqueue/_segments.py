@@ -260,6 +260,20 @@ def write(directory: str, chunks: list[tuple[int, Any]], size: int) -> str:
         path = _new_path(directory)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        _write_file(fd, path, chunks, size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:  # the file is gone: the free space reported is what others left
+            raise no_room(directory, size) from exc
+        raise
+    if sent is not None:
+        with sent.lock:
+            sent.track(path, size)
+    return path
+
+
+def _write_file(fd: int, path: str, chunks: list[tuple[int, Any]], size: int) -> None:
+    """Write the chunks into the file ``fd`` (at ``path``) and close it; remove it if that failed."""
+    try:
         os.ftruncate(fd, size)  # a reused segment drops what it had beyond ``size``
         iov: list[memoryview] = []
         position = start = 0
@@ -279,10 +293,26 @@ def write(directory: str, chunks: list[tuple[int, Any]], size: int) -> str:
         raise
     finally:
         os.close(fd)
-    if sent is not None:
-        with sent.lock:
-            sent.track(path, size)
-    return path
+
+
+def no_room(directory: str, size: int) -> OSError:
+    """The error for a full /dev/shm (``ENOSPC``): what did not fit, what is free, and what to change."""
+    try:
+        fs = os.statvfs(directory)
+        free = f"{_mib(fs.f_bavail * fs.f_frsize)} free of {_mib(fs.f_blocks * fs.f_frsize)}"
+    except OSError:
+        free = "its free space unknown"
+    return OSError(
+        errno.ENOSPC,
+        f"No space left on device: a message of {_mib(size)} does not fit in /dev/shm ({free}). Give the "
+        "machine or container more shared memory (Docker: docker run --shm-size=8g; Kubernetes: an emptyDir "
+        "volume with medium Memory mounted at /dev/shm), or send smaller elements, or lower the queue "
+        "capacities (tq.Queue(n)): every element in flight holds its tensors in /dev/shm",
+    )
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"
 
 
 def _pwritev_all(fd: int, iov: list[memoryview], offset: int) -> int:

@@ -453,6 +453,15 @@ def message_nbytes(data: bytes | bytearray) -> int:
     return len(data)
 
 
+def pickle_part(data: bytes | bytearray) -> memoryview:
+    """The pickle of a message from ``dumps`` (without its segment's name and table)."""
+    view = memoryview(data)
+    if view[:1] == b"P":
+        return view[1:]
+    name_length, _, table_length = _SEGMENT.unpack_from(view, 1)
+    return view[1 + _SEGMENT.size + name_length + table_length :]
+
+
 def loads(data: bytes | bytearray | memoryview) -> Any:
     """The object ``dumps`` serialised (maps and unlinks its segment, if any)."""
     view = memoryview(data)

@@ -17,6 +17,7 @@ would have come. A thread watches the parent: if it dies, the worker exits.
 
 from __future__ import annotations
 
+import errno
 import gc
 import multiprocessing
 import multiprocessing.connection
@@ -38,6 +39,7 @@ from torchqueue._channel import POLL_S, Channel, Stopped, StopSignal, wait_acqui
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._messages import Bundle, EndOfEpoch, Envelope, Failure, SkipNotice, Skipped, StartupFailure
 from torchqueue._seeding import EpochSeeds
+from torchqueue._unreadable import in_place
 from torchqueue.errors import capture
 from torchqueue.stats import NFIELDS, Field
 from torchqueue.steps import Step, StreamStep
@@ -133,8 +135,7 @@ class Emitter:
         try:
             data = _serialize.dumps(envelope, self._segment_dir)
         except Exception as exc:
-            error = TypeError(f"step {self._writer!r} produced a value that cannot be sent to another process: {exc}")
-            failure = capture(self._writer, error, envelope.epoch, envelope.seq)
+            failure = capture(self._writer, _unsendable(self._writer, exc), envelope.epoch, envelope.seq)
             data = _serialize.dumps(envelope._replace(payload=failure), None)
         self._channels[envelope.seq % len(self._channels)].put(data, self._alive)
         return _serialize.message_nbytes(data)
@@ -143,6 +144,17 @@ class Emitter:
         """The sender has nothing to send for now: free the unused segments it kept for reuse."""
         if self._segment_dir is not None:
             _segments.trim(self._segment_dir)
+
+
+def _unsendable(writer: str, exc: Exception) -> Exception:
+    """The error for a value ``writer`` could not send: ``OSError`` (``ENOSPC``) for a full /dev/shm,
+    else ``TypeError``."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        error: Exception = OSError(errno.ENOSPC, f"could not send an element: {exc.strerror}")
+    else:
+        error = TypeError(f"step {writer!r} produced a value that cannot be sent to another process: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 def observe_bytes(meter: Any, data: bytes | bytearray, envelope: Envelope) -> None:
@@ -270,6 +282,7 @@ class _Loop:
         self.ctx = ctx
         self.seeds = seeds
         self.meter = Meter(ctx.stats, ctx.stats_row)
+        self._busy_since = int(ctx.stats_row * NFIELDS + Field.BUSY_SINCE)  # written twice per call: kept at hand
         self.emitter = Emitter(ctx.outbox, self.alive, ctx.split_parts, ctx.split_step, ctx.stage_name, ctx.segment_dir)
         self._notified = False
 
@@ -290,13 +303,32 @@ class _Loop:
                 self.emitter.idle()
         self.meter.set(Field.IN_SINCE, 0.0)
         self.meter.add(Field.WAIT_IN, time.perf_counter() - start)
-        envelope: Envelope = _serialize.loads(data)
+        envelope = self.read(data)
         self.seeds.enter(envelope.epoch)  # a new epoch's stream, before the step sees its first element
         if not isinstance(envelope.payload, CONTROL):
             self.meter.add(Field.MESSAGES, 1)
+            self.meter.set(Field.AT_EPOCH, envelope.epoch)  # what a consumer's timeout reports
+            self.meter.set(Field.AT_SEQ, envelope.seq)
         if self.ctx.in_bytes is not None:
             observe_bytes(self.ctx.in_bytes, data, envelope)
         return envelope
+
+    def read(self, data: bytearray) -> Envelope:
+        """The envelope of ``data``; one whose value does not unpickle here carries this step's error
+        (see ``_unreadable``): the worker goes on."""
+        try:
+            envelope: Envelope = _serialize.loads(data)
+        except Exception as exc:
+            unread = in_place(data, exc, self.failed_input, "unpickling its input")
+            if unread is None:
+                raise
+            return unread
+        return envelope
+
+    def failed_input(self, exc: Exception) -> Any:
+        """What stands for an input that did not unpickle: its Failure, or dropped (a pool's part: no items)."""
+        result = self.failed(exc)
+        return [] if self.ctx.kind == "pool" and isinstance(result, Skipped) else result
 
     def timed(self, send: Callable[..., object], *args: Any, credits: Any = None) -> None:
         """Take a credit of ``credits`` (if given), then ``send(*args)``, counting the time as waiting
@@ -312,18 +344,21 @@ class _Loop:
     def call(self, fn: Callable[[Any], Any], value: Any, epoch: int, seq: int) -> Any:
         """``fn(value)``, or a Failure / Skipped in its place (the element at ``seq`` of ``epoch``)."""
         self.meter.add(Field.IN, 1)
-        start = time.perf_counter()
+        stats = self.ctx.stats
+        stats[self._busy_since] = start = time.perf_counter()  # stats() counts a call still going on as busy
         try:
             result = fn(value)
         except Exception as exc:
             result = self.failed(exc, epoch, seq)
         else:
             self.meter.add(Field.OUT, 1)
+        stats[self._busy_since] = 0.0
         self.meter.add(Field.BUSY, time.perf_counter() - start)
         return result
 
-    def failed(self, exc: Exception, epoch: int, seq: int) -> Failure | Skipped:
-        """``exc`` raised for the element at ``seq`` of ``epoch``: a Failure, or Skipped (``on_error="skip"``)."""
+    def failed(self, exc: Exception, epoch: int | None = None, seq: int | None = None) -> Failure | Skipped:
+        """``exc`` raised for the element at ``seq`` of ``epoch`` (where known): a Failure, or Skipped
+        (``on_error="skip"``)."""
         if not self.ctx.skip_errors:
             return capture(self.ctx.stage_name, exc, epoch, seq)
         return self.skipped(f"{type(exc).__name__}: {exc}")
@@ -376,6 +411,7 @@ class _Loop:
         results = []
         calls = failed = 0
         start = time.perf_counter()
+        self.meter.set(Field.BUSY_SINCE, start)
         for offset, item in enumerate(items):
             if type(item) in _PASSED_ON:
                 results.append(item)
@@ -386,6 +422,7 @@ class _Loop:
             except Exception as exc:
                 results.append(self.failed(exc, epoch, seq + offset))
                 failed += 1
+        self.meter.set(Field.BUSY_SINCE, 0.0)
         self.meter.add(Field.BUSY, time.perf_counter() - start)
         self.meter.add(Field.IN, calls)
         self.meter.add(Field.OUT, calls - failed)

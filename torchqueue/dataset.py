@@ -28,6 +28,8 @@ class QueueFlowDataset(IterableDataset):
             ``len(ds)``, and ``len(QueueFlowLoader(ds, ...))`` with the loader's batching, which
             PyTorch Lightning sizes its epochs with. Without it ``len()`` raises ``TypeError``.
             It is not checked against what the pipeline yields.
+        timeout: As for ``Sequence``: seconds to wait for the next output (``None``: no limit). A
+            ``QueueFlowLoader`` with a ``timeout`` of its own uses that one instead.
 
     The pipeline's workers start at the first iteration and stay up across epochs until
     ``close()`` or garbage collection. Use it with ``QueueFlowLoader``, or with a plain
@@ -43,6 +45,7 @@ class QueueFlowDataset(IterableDataset):
         ordered: bool = True,
         context: str | BaseContext | None = None,
         length: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         # not iter(source): a source with a state of its own (a DataLoader of chunks) is read once per epoch
         if (
@@ -60,7 +63,8 @@ class QueueFlowDataset(IterableDataset):
         self.context = context
         self.epoch = 0
         self._read_once = False  # a source that is an iterator was read by an epoch
-        self._sequence = Sequence(*self.steps, ordered=ordered, context=context, name="QueueFlowDataset")
+        self.timeout = timeout
+        self._sequence = self._new_sequence()
 
     def __len__(self) -> int:
         """The number of outputs per epoch given as ``length=`` (``TypeError`` without it, as ``len()`` of
@@ -100,13 +104,15 @@ class QueueFlowDataset(IterableDataset):
         """The pipeline's outputs for the current epoch (see ``set_epoch``)."""
         return self._outputs(self.chunks(self.epoch))
 
-    def _outputs(self, chunks: Iterable[Any]) -> Iterator[Any]:
-        """The pipeline's outputs for ``chunks`` (``QueueFlowLoader`` passes a rank's share of an epoch's)."""
+    def _outputs(self, chunks: Iterable[Any], timeout: float | None = None) -> Iterator[Any]:
+        """The pipeline's outputs for ``chunks`` (``QueueFlowLoader`` passes a rank's share of an epoch's,
+        and its ``timeout``, if it has one, instead of the dataset's)."""
         if get_worker_info() is not None:
             raise RuntimeError(
                 "QueueFlowDataset runs its own worker processes and cannot run inside DataLoader workers: "
                 "use DataLoader(ds, batch_size=None, num_workers=0), or torchqueue.QueueFlowLoader(ds)"
             )
+        self._sequence.timeout = timeout if timeout is not None else self.timeout
         return self._sequence(chunks)
 
     def stats(self) -> Any:
@@ -124,7 +130,12 @@ class QueueFlowDataset(IterableDataset):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._sequence = Sequence(*self.steps, ordered=self.ordered, context=self.context, name="QueueFlowDataset")
+        self._sequence = self._new_sequence()
+
+    def _new_sequence(self) -> Sequence:
+        return Sequence(
+            *self.steps, ordered=self.ordered, context=self.context, name="QueueFlowDataset", timeout=self.timeout
+        )
 
 
 def _checked_length(length: object) -> int | None:

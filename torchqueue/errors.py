@@ -106,7 +106,10 @@ def rebuild(failure: Failure) -> BaseException:
         return PipelineError(message)
     exc_type = type(original)
     try:
-        rebuilt = exc_type(_KeyErrorMessage(message) if issubclass(exc_type, KeyError) else message)
+        if isinstance(original, OSError) and original.errno is not None:  # ``except`` tests on errno keep working
+            rebuilt = exc_type(original.errno, message)
+        else:
+            rebuilt = exc_type(_KeyErrorMessage(message) if issubclass(exc_type, KeyError) else message)
     except Exception:
         rebuilt = None
     if rebuilt is not None and failure.message in _text(rebuilt):

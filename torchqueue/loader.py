@@ -38,7 +38,7 @@ from torchqueue._lookahead import EpochStep, Guess, predictable
 from torchqueue._rngstate import merged
 from torchqueue._seeding import draw_base_seed
 from torchqueue.dataset import QueueFlowDataset
-from torchqueue.sequence import Sequence, _EpochIterator
+from torchqueue.sequence import Sequence
 from torchqueue.stats import Stats
 from torchqueue.steps import ProcessStep, Queue
 
@@ -312,18 +312,23 @@ class QueueFlowLoader(Generic[_T_co]):
         chunks = dataset.chunks(dataset.epoch)
         if self._shard is not None:
             chunks = _sharding.shard_chunks(chunks, *self._shard, drop_last=self._torch.drop_last)
-        outputs = dataset._outputs(chunks)
-        if self.batch_size is None:
-            yield from outputs
-            return
-        batch: list[Any] = []
-        for item in outputs:
-            batch.append(item)
-            if len(batch) == self.batch_size:
+        outputs = dataset._outputs(chunks, self._torch.timeout or None)
+        try:
+            if self.batch_size is None:
+                yield from outputs
+                return
+            batch: list[Any] = []
+            for item in outputs:
+                batch.append(item)
+                if len(batch) == self.batch_size:
+                    yield self._torch.collate_fn(batch)
+                    batch = []
+            if batch and not self._torch.drop_last:
                 yield self._torch.collate_fn(batch)
-                batch = []
-        if batch and not self._torch.drop_last:
-            yield self._torch.collate_fn(batch)
+        except TimeoutError as exc:
+            if not self._torch.timeout:  # the dataset's own timeout
+                raise
+            raise self._timed_out() from exc
 
     # -- map-style epochs ----------------------------------------------------------------------
 
@@ -371,7 +376,7 @@ class QueueFlowLoader(Generic[_T_co]):
             if own is None:
                 self._drop_workers()  # a failed pipeline is closed: the next epoch starts a new one
             if isinstance(exc, TimeoutError):
-                raise RuntimeError(f"DataLoader timed out after {self._torch.timeout} seconds") from exc
+                raise self._timed_out() from exc
             raise
         finally:
             if isinstance(outputs, types.GeneratorType):  # a device thread's (or the fetches in this process)
@@ -379,6 +384,11 @@ class QueueFlowLoader(Generic[_T_co]):
             if own is not None:  # DataLoader stops an iterator's workers with it
                 own.close()
                 self._latest_stats = own.stats()
+
+    def _timed_out(self) -> RuntimeError:
+        """DataLoader's error for its ``timeout`` (the pipeline's ``TimeoutError``, which names the stuck
+        step, is its cause)."""
+        return RuntimeError(f"DataLoader timed out after {self._torch.timeout} seconds")
 
     def _leave(self, epoch: Epoch) -> None:
         """``epoch`` is left where it stands; only the last epoch begun moves the generator."""
@@ -419,9 +429,7 @@ class QueueFlowLoader(Generic[_T_co]):
             own = self._new_pipeline()
             self._latest = weakref.ref(own)
             self._running.add(own)  # weakly: an iterator dropped unstarted takes its workers with it
-            outputs = own(jobs)
-            outputs.timeout = self._torch.timeout or None
-            return epoch, self._on_device(outputs, fetched=True), own
+            return epoch, self._on_device(own(jobs), fetched=True), own
         return epoch, self._on_device(self._persistent_outputs(ahead, guessed, jobs), fetched=True), None
 
     def _next_base_seed(self) -> int:
@@ -451,7 +459,7 @@ class QueueFlowLoader(Generic[_T_co]):
             epoch.states = dict(previous.states)  # the same workers go on
         return epoch, guessed
 
-    def _persistent_outputs(self, ahead: Guess | None, guessed: bool, jobs: list[Job]) -> _EpochIterator:
+    def _persistent_outputs(self, ahead: Guess | None, guessed: bool, jobs: list[Job]) -> Iterator[Any]:
         """This epoch's outputs from the persistent workers: the guessed epoch if it was right, else ``jobs``.
 
         The following epoch is guessed and queued behind this one (see ``_lookahead``), so the
@@ -460,6 +468,7 @@ class QueueFlowLoader(Generic[_T_co]):
         if self._sequence is None:
             self._sequence = self._new_pipeline()
         sequence = self._sequence
+        sequence.timeout = self._torch.timeout or None  # as set now (DataLoader's timeout may be set any time)
         if ahead is not None:
             epoch = iter(sequence)  # the guessed epoch's outputs, queued behind the previous epoch
         if not guessed:  # iterating the new epoch cancels a wrong guess
@@ -478,7 +487,6 @@ class QueueFlowLoader(Generic[_T_co]):
                 lambda position, indices: Job(base_seed, number, indices, position=position),
             )
             sequence.queue_iterable(self._ahead.jobs())
-        epoch.timeout = self._torch.timeout or None
         return epoch
 
     def _new_pipeline(self) -> Sequence:
@@ -489,6 +497,7 @@ class QueueFlowLoader(Generic[_T_co]):
             ordered=self._torch.in_order,
             context=self._torch.multiprocessing_context,
             name="QueueFlowLoader",
+            timeout=self._torch.timeout or None,
             _seed_workers=False,  # seeded by ``Fetch``, as DataLoader seeds (no draw of the pipeline's own)
         )
 

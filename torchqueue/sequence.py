@@ -6,6 +6,13 @@ iterable is queued, a ``Runtime`` (``_runtime``) that runs it. Each
 outputs of the oldest epoch not yet iterated. An iterator abandoned before
 its end is cancelled when the next one starts: its remaining input is not
 read and its outputs are dropped.
+
+Threads. A Sequence has one consumer at a time. Several threads may share one
+iterator (each output goes to one of them; every one of them stops at the
+epoch's end): its ``_EpochState.lock`` lets one thread at a time take outputs
+from the runtime. A thread that starts an epoch while another thread's
+iterator is still going gets a ``RuntimeError`` at once, and that iterator
+goes on unharmed. ``queue_iterable`` is safe from any thread.
 """
 
 from __future__ import annotations
@@ -58,6 +65,9 @@ class Sequence:
         on_error: ``"raise"`` (default) re-raises a step's exception in the consumer;
             ``"skip"`` drops the failing element, warns once per step and counts it.
         name: A name for logs and thread names.
+        timeout: Seconds to wait for the next output (``None``: no limit). Waiting longer raises
+            ``TimeoutError`` naming the steps that hold elements and the oldest element's
+            position, and closes the Sequence. Settable as ``seq.timeout``.
 
     Random streams: when the workers start (at the first ``queue_iterable``), one base seed is
     drawn from torch's default generator, as ``iter(DataLoader)`` draws one; every worker of every
@@ -77,6 +87,7 @@ class Sequence:
         context: str | BaseContext | None = None,
         on_error: str = "raise",
         name: str | None = None,
+        timeout: float | None = None,
         _seed_workers: bool = True,
     ) -> None:
         if not isinstance(ordered, bool):
@@ -94,8 +105,11 @@ class Sequence:
         # internal: False draws no base seed and leaves the workers' random state alone (the step seeds
         # its workers itself: QueueFlowLoader's fetch, as DataLoader seeds them)
         self._seed_workers = _seed_workers
+        self.timeout = timeout
         self._runtime: Runtime | None = None
-        self._queuing = threading.Lock()  # two threads that queue at once start one runtime, epochs in turn
+        # two threads that queue at once start one runtime, epochs in turn; and starting an epoch is one
+        # thread at a time (the one-consumer check and the hand-over from the previous epoch)
+        self._queuing = threading.Lock()
         self._finalizer: weakref.finalize | None = None
         self._queued = 0  # epochs queued so far
         self._next_epoch = 0  # the epoch the next iter() yields
@@ -108,39 +122,40 @@ class Sequence:
         """The names of the steps in order, as ``stats()`` uses them."""
         return [stage.name for stage in self._plan.stages if not stage.internal]
 
+    @property
+    def timeout(self) -> float | None:
+        """Seconds the consumer waits for the next output before ``TimeoutError`` (``None``: no limit)."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"timeout must be a number of seconds or None, got {type(value).__name__}")
+        if value is not None and not value > 0:
+            raise ValueError(f"timeout must be > 0 seconds (or None: wait without limit), got {value!r}")
+        self._timeout = value
+
     def queue_iterable(self, iterable: Iterable[Any]) -> None:
         """Queue one epoch: start feeding ``iterable`` (lazily) and return at once."""
         self._check_open()
-        try:
-            iterator = iter(iterable)
-        except TypeError:
-            raise TypeError(f"queue_iterable needs an iterable, got {type(iterable).__name__}") from None
+        iterator = _iterator(iterable)
         with self._queuing:
-            runtime = self._start()
-            runtime.queue(self._queued, iterator, isinstance(iterable, (range, collections.abc.Sequence)))
-            self._queued += 1
+            self._queue(iterator, isinstance(iterable, (range, collections.abc.Sequence)))
 
     def __call__(self, iterable: Iterable[Any]) -> _EpochIterator:
-        """``queue_iterable(iterable)`` then ``iter(self)``."""
-        self.queue_iterable(iterable)
-        return iter(self)
+        """``queue_iterable(iterable)`` then ``iter(self)``; nothing is queued if another thread's
+        iteration is going on (``RuntimeError``)."""
+        self._check_open()
+        iterator = _iterator(iterable)
+        with self._queuing:
+            self._check_one_consumer()
+            self._queue(iterator, isinstance(iterable, (range, collections.abc.Sequence)))
+            return self._next_iterator()
 
     def __iter__(self) -> _EpochIterator:
         """The outputs of the next queued epoch."""
-        self._check_open()
-        if self._next_epoch >= self._queued:
-            raise RuntimeError("no iterable is queued: call seq.queue_iterable(chunks) first, or iterate seq(chunks)")
-        previous = self._current
-        if previous is not None and not previous.done:
-            try:
-                previous.abandon(self._runtime)
-            except BaseException as exc:  # a dead worker or Ctrl-C while cancelling
-                self._fail(exc)
-                raise
-        iterator = _EpochIterator(self, self._next_epoch)
-        self._current = iterator.state
-        self._next_epoch += 1
-        return iterator
+        with self._queuing:
+            return self._next_iterator()
 
     def stats(self) -> Stats:
         """Per-step figures since the workers started (zeros before)."""
@@ -166,6 +181,12 @@ class Sequence:
 
     # -- internals -------------------------------------------------------------------------------
 
+    def _closed_error(self) -> Exception:
+        """What a thread gets that was taking outputs when another thread closed this Sequence."""
+        if self._error is not None:
+            return PipelineError(f"this Sequence was stopped by an error in another thread ({self._error!r})")
+        return RuntimeError("this Sequence was closed while it was being iterated")
+
     def _check_open(self) -> None:
         if self._error is not None:
             raise PipelineError(f"this Sequence was stopped by an earlier error ({self._error!r}); create a new one")
@@ -176,6 +197,41 @@ class Sequence:
                 f"this Sequence runs in process {self._runtime.owner}, of which this process is a fork: its workers "
                 "and their queues belong to that process. Create a new Sequence in this process"
             )
+
+    def _queue(self, iterator: Iterator[Any], in_memory: bool) -> None:
+        runtime = self._start()
+        runtime.queue(self._queued, iterator, in_memory)
+        self._queued += 1
+
+    def _check_one_consumer(self) -> None:
+        """Raise if another thread iterates an epoch of this Sequence now (see the module docstring)."""
+        current = self._current
+        if current is not None and current.busy_elsewhere():
+            raise RuntimeError(
+                f"this Sequence is being iterated by thread {current.owner.name!r} (epoch {current.epoch} is not "
+                "over): a Sequence has one consumer at a time. Iterate it from one thread, share that one "
+                "iterator between threads, or give each thread its own Sequence"
+            )
+
+    def _next_iterator(self) -> _EpochIterator:
+        """The next queued epoch's iterator; the previous epoch, if not over, is cancelled (``_queuing`` held)."""
+        self._check_open()
+        if self._next_epoch >= self._queued:
+            raise RuntimeError("no iterable is queued: call seq.queue_iterable(chunks) first, or iterate seq(chunks)")
+        self._check_one_consumer()
+        previous = self._current
+        if previous is not None and not previous.done:
+            try:
+                previous.abandon(self._runtime, self.timeout)
+            except Stopped:  # closed meanwhile by another thread
+                raise self._closed_error() from None
+            except BaseException as exc:  # a dead worker or Ctrl-C while cancelling
+                self._fail(exc)
+                raise
+        iterator = _EpochIterator(self, self._next_epoch)
+        self._current = iterator.state
+        self._next_epoch += 1
+        return iterator
 
     def _start(self) -> Runtime:
         if self._runtime is None:
@@ -191,26 +247,63 @@ class Sequence:
         self.close()
 
 
+def _iterator(iterable: Iterable[Any]) -> Iterator[Any]:
+    try:
+        return iter(iterable)
+    except TypeError:
+        raise TypeError(f"queue_iterable needs an iterable, got {type(iterable).__name__}") from None
+
+
 class _EpochState:
     """One epoch as far as it was iterated: what its iterator and its Sequence share.
 
     The iterator holds its Sequence (to keep it alive while iterated) and the Sequence holds only
     this, so dropping both frees them at once, without waiting for the cyclic garbage collector,
-    and the workers stop then."""
+    and the workers stop then.
 
-    def __init__(self, epoch: int) -> None:
+    ``ready`` holds values only, so that threads sharing the iterator may pop them without a lock;
+    the control message that follows them (the epoch's end, a failure) waits in ``control``, and
+    is acted on, like every call into the runtime, under ``lock``.
+    """
+
+    def __init__(self, epoch: int, iterator: _EpochIterator) -> None:
         self.epoch = epoch
         self.ready: collections.deque[Any] = collections.deque()  # outputs taken from the runtime, not yet yielded
+        self.control: EndOfEpoch | Failure | None = None  # what comes once ``ready`` is empty
         self.done = False
         self.abandoned = False
+        self.lock = threading.Lock()
+        self.owner = threading.current_thread()  # the thread that began the epoch
+        self._iterator = weakref.ref(iterator)
 
-    def abandon(self, runtime: Runtime | None) -> None:
-        """Cancel the rest of this epoch (its outputs are dropped)."""
-        ended = bool(self.ready) and isinstance(self.ready[-1], EndOfEpoch)  # its end was taken already
-        self.ready.clear()
-        self.done = self.abandoned = True
-        if not ended and runtime is not None and not runtime.closed:
-            runtime.cancel(self.epoch)
+    def busy_elsewhere(self) -> bool:
+        """Whether another thread than the caller's iterates this epoch: it began it, lives, and its
+        iterator is not over and not dropped."""
+        return (
+            not self.done
+            and self.owner is not threading.current_thread()
+            and self.owner.is_alive()
+            and self._iterator() is not None
+        )
+
+    def take(self, payloads: list[Any]) -> None:
+        """Keep the values of ``payloads`` (skipped elements dropped) up to the first control message."""
+        for payload in payloads:
+            if type(payload) not in _CONTROL:
+                self.ready.append(payload)
+            elif not isinstance(payload, Skipped):
+                self.control = payload
+                return
+
+    def abandon(self, runtime: Runtime | None, timeout: float | None) -> None:
+        """Cancel the rest of this epoch (its outputs are dropped); waits for a thread taking outputs of it,
+        and up to ``timeout`` for each of the epoch's messages still coming."""
+        with self.lock:
+            ended = isinstance(self.control, EndOfEpoch)  # its end was taken already
+            self.ready.clear()
+            self.done = self.abandoned = True
+            if not ended and runtime is not None and not runtime.closed:
+                runtime.cancel(self.epoch, timeout)
 
 
 class _EpochIterator(Iterator[Any]):
@@ -222,52 +315,61 @@ class _EpochIterator(Iterator[Any]):
 
     def __init__(self, sequence: Sequence, epoch: int) -> None:
         self._sequence = sequence
-        self.state = _EpochState(epoch)
-        self.timeout: float | None = None  # seconds to wait for one output (QueueFlowLoader's timeout=)
+        self.state = _EpochState(epoch, self)
 
     def __next__(self) -> Any:
         state = self.state
-        if state.ready and not (state.abandoned or self._sequence._closed):
-            payload = state.ready.popleft()
-            if type(payload) not in _CONTROL:
-                return payload
-            state.ready.appendleft(payload)
+        if not (state.abandoned or self._sequence._closed):
+            try:
+                return state.ready.popleft()  # atomic: threads sharing this iterator each get their own
+            except IndexError:
+                pass
         return self._next_slowly()
 
     def _next_slowly(self) -> Any:
         state = self.state
-        if state.abandoned:
-            raise RuntimeError("this iterator was superseded by a later iter(seq); its epoch was cancelled")
-        if state.done:
-            raise StopIteration
-        sequence = self._sequence
-        sequence._check_open()
+        with state.lock:
+            while True:
+                if state.abandoned:
+                    raise RuntimeError("this iterator was superseded by a later iter(seq); its epoch was cancelled")
+                if state.done:
+                    raise StopIteration
+                self._sequence._check_open()
+                if state.ready:  # another thread sharing this iterator took them
+                    return state.ready.popleft()
+                if state.control is not None:
+                    self._end(state.control)
+                self._take()
+
+    def _take(self) -> None:
+        """Take the next outputs from the runtime (the state's lock held)."""
+        state, sequence = self.state, self._sequence
         runtime = sequence._runtime
         assert runtime is not None  # started by queue_iterable
-        while True:
-            if not state.ready:
-                try:
-                    state.ready.extend(runtime.next_outputs(state.epoch, self.timeout))
-                except Stopped:
-                    state.done = True
-                    raise RuntimeError("the Sequence was closed while it was being iterated") from None
-                except BaseException as exc:  # a dead worker, Ctrl-C, ...: nothing can be trusted to go on
-                    state.done = True
-                    sequence._fail(exc)
-                    raise
-            payload = state.ready.popleft()
-            if isinstance(payload, EndOfEpoch):
-                state.done = True
-                runtime.check_health()  # deliver the epoch's skip warnings before it ends
-                raise StopIteration
-            if isinstance(payload, Skipped):
-                continue
-            if isinstance(payload, Failure):
-                state.done = True
-                error = rebuild(payload)
-                sequence._fail(error)
-                raise error
-            return payload
+        try:
+            state.take(runtime.next_outputs(state.epoch, sequence.timeout))
+        except BaseException as exc:  # a dead worker, a timeout, Ctrl-C, ...: nothing can be trusted to go on
+            state.done = True
+            if isinstance(exc, Stopped) or runtime.closed:  # another thread closed the Sequence
+                raise sequence._closed_error() from None
+            sequence._fail(exc)
+            raise
+
+    def _end(self, control: EndOfEpoch | Failure) -> None:
+        """Act on the control message that follows the epoch's last value: stop, or raise the failure."""
+        state, sequence = self.state, self._sequence
+        state.done = True
+        if isinstance(control, Failure):
+            error = rebuild(control)
+            sequence._fail(error)
+            raise error
+        runtime = sequence._runtime
+        assert runtime is not None  # started by queue_iterable
+        try:
+            runtime.check_health()  # deliver the epoch's skip warnings before it ends
+        except Stopped:
+            raise sequence._closed_error() from None
+        raise StopIteration
 
 
 _CONTROL = frozenset({EndOfEpoch, Skipped, Failure})

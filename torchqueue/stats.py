@@ -31,9 +31,15 @@ class Field(IntEnum):
     MESSAGES = 8
     IN_SINCE = 9  # perf_counter() when the worker began waiting for input, 0.0 when not waiting
     OUT_SINCE = 10  # the same for waiting for room downstream
+    BUSY_SINCE = 11  # the same for a call of the step's function going on
+    AT_EPOCH = 12  # the position of the element the worker took last (for a timeout's report)
+    AT_SEQ = 13
 
 
 NFIELDS = len(Field)
+
+_GOING_ON = ((Field.IN_SINCE, Field.WAIT_IN), (Field.OUT_SINCE, Field.WAIT_OUT), (Field.BUSY_SINCE, Field.BUSY))
+"""Each ``*_SINCE`` column and the figure it adds to until it ends."""
 
 
 @dataclass(frozen=True)
@@ -98,8 +104,9 @@ class Stats(Mapping[str, StepStats]):
         internal stage that is not shown keeps its rows but gets no entry).
 
         ``history``: earlier ``(elapsed_s, rows)`` copies of the array, oldest first. ``started``:
-        the ``perf_counter()`` the elapsed time counts from; given, a wait still going on counts
-        up to now (a worker adds a wait to its row only when it ends).
+        the ``perf_counter()`` the elapsed time counts from; given, a wait or a call still going on
+        counts up to now (a worker adds it to its row only when it ends): a step stuck in its
+        function is busy, and the bottleneck.
         """
         steps, row = [], 0
         now = None if started is None else started + elapsed_s
@@ -110,9 +117,9 @@ class Stats(Mapping[str, StepStats]):
                 for field in Field:
                     total[field] += rows[base + field] if rows is not None else 0.0
                 if rows is not None and now is not None:
-                    for since, waited in ((Field.IN_SINCE, Field.WAIT_IN), (Field.OUT_SINCE, Field.WAIT_OUT)):
+                    for since, spent in _GOING_ON:
                         if rows[base + since] > 0:
-                            total[waited] += max(0.0, now - rows[base + since])
+                            total[spent] += max(0.0, now - rows[base + since])
             row += nworkers
             if not shown:
                 continue

@@ -1,0 +1,297 @@
+"""Faults that used to hang, lose data or mislead (issue 16): a stuck step, two consumer threads,
+values that do not unpickle, a full /dev/shm."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from conftest import Unrebuildable, assert_no_workers, identity, random_sleep, stuck_on_five, unrebuildable_on_three
+
+import torchqueue as tq
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
+
+
+# -- 1. a stuck step -------------------------------------------------------------------------------
+
+
+def test_a_timeout_names_the_stuck_step_and_the_oldest_element():
+    seq = tq.Sequence(tq.ProcessStep(identity, name="fast"), tq.ProcessStep(stuck_on_five, 2, name="slow"), timeout=1)
+    got = []
+    start = time.monotonic()
+    with pytest.raises(TimeoutError) as info:
+        for value in seq(range(20)):
+            got.append(value)
+    waited = time.monotonic() - start
+    assert got == [0, 1, 2, 3, 4]
+    assert 1.0 <= waited < 3.0
+    message = str(info.value)
+    assert "within 1 seconds" in message and "'slow'" in message and "'fast'" not in message
+    assert "in its function" in message and "oldest is element 5 of epoch 0, in step 'slow'" in message
+    with pytest.raises(tq.PipelineError, match="TimeoutError"):  # closed, as after any error
+        list(seq(range(3)))
+    assert_no_workers()
+
+
+def test_a_timeout_with_nothing_held_says_the_input_is_waited_for():
+    def slow_input():
+        yield 1
+        threading.Event().wait(30)
+
+    with tq.Sequence(tq.ProcessStep(identity), timeout=0.5) as seq:
+        iterator = seq(slow_input())
+        assert next(iterator) == 1
+        with pytest.raises(TimeoutError, match="no step holds an element: the pipeline waits for its input"):
+            next(iterator)
+
+
+def test_starting_the_next_epoch_behind_a_stuck_element_times_out_too():
+    seq = tq.Sequence(tq.ProcessStep(stuck_on_five), timeout=0.5)
+    iterator = seq(range(20))
+    assert [next(iterator) for _ in range(5)] == [0, 1, 2, 3, 4]
+    deadline = time.monotonic() + 20
+    while seq.stats()["stuck_on_five"].busy_s < 0.1:  # element 5 is in the step (not merely queued)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    seq.queue_iterable(range(3))
+    with pytest.raises(TimeoutError, match="'stuck_on_five'"):  # cancelling the rest waits for element 5
+        iter(seq)
+    assert_no_workers()
+
+
+def test_no_timeout_by_default_and_a_bad_timeout_is_refused_at_the_call():
+    with tq.Sequence(tq.ProcessStep(random_sleep, 2)) as seq:
+        assert seq.timeout is None
+        assert list(seq(range(50))) == list(range(50))
+    for bad, error in [(0, ValueError), (-1, ValueError), ("5", TypeError), (True, TypeError)]:
+        with pytest.raises(error, match="timeout"):
+            tq.Sequence(tq.ProcessStep(identity), timeout=bad)
+
+
+def test_a_step_inside_its_function_counts_as_busy_while_it_runs_and_is_the_bottleneck():
+    with tq.Sequence(tq.ProcessStep(identity, name="fast"), tq.ProcessStep(stuck_on_five, name="slow")) as seq:
+        iterator = seq(range(20))
+        assert [next(iterator) for _ in range(5)] == [0, 1, 2, 3, 4]
+        deadline = time.monotonic() + 20
+        while seq.stats()["slow"].busy_s < 0.5:  # element 5 is in its function, not returned yet
+            assert time.monotonic() < deadline, seq.stats()
+            time.sleep(0.05)
+        stats = seq.stats()
+        assert stats.bottleneck == "slow" and stats["slow"].utilization > 0.3
+    closed = seq.stats()["slow"].busy_s
+    assert seq.stats()["slow"].busy_s == closed  # a closed pipeline's figures stay as they were
+
+
+def test_a_queueflow_dataset_takes_a_timeout_and_a_loader_passes_its_own():
+    dataset = tq.QueueFlowDataset(range(20), [tq.ProcessStep(stuck_on_five, name="slow")], timeout=0.5)
+    with pytest.raises(TimeoutError, match="'slow'"):
+        list(dataset)
+    dataset.close()
+    dataset = tq.QueueFlowDataset(range(20), [tq.ProcessStep(stuck_on_five, name="slow")])
+    loader = tq.QueueFlowLoader(dataset, timeout=0.5)
+    with pytest.raises(RuntimeError, match="DataLoader timed out after 0.5 seconds") as info:
+        list(loader)
+    assert isinstance(info.value.__cause__, TimeoutError) and "'slow'" in str(info.value.__cause__)
+    dataset.close()
+
+
+# -- 2. one Sequence, several threads --------------------------------------------------------------
+
+
+def _join(threads: list[threading.Thread], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "a consumer thread is still blocked"
+
+
+def test_a_second_thread_starting_an_epoch_gets_an_error_at_once_and_the_first_goes_on():
+    seq = tq.Sequence(tq.ProcessStep(random_sleep, 2))
+    first_started, second_done = threading.Event(), threading.Event()
+    results: dict[str, object] = {}
+
+    def first():
+        iterator = seq(range(2000))
+        values = [next(iterator)]
+        first_started.set()
+        second_done.wait(30)
+        results["first"] = values + list(iterator)
+
+    def second():
+        first_started.wait(30)
+        start = time.monotonic()
+        try:
+            results["second"] = list(seq(range(2000)))
+        except RuntimeError as exc:
+            results["second"] = exc
+        results["second_s"] = time.monotonic() - start
+        second_done.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    _join(threads, 20)
+    assert results["first"] == list(range(2000))
+    assert isinstance(results["second"], RuntimeError) and "one consumer at a time" in str(results["second"])
+    assert results["second_s"] < 1.0
+    assert list(seq(range(5))) == list(range(5))  # nothing of the refused call was queued
+    seq.close()
+
+
+def test_threads_sharing_one_iterator_get_every_output_once_and_all_end():
+    with tq.Sequence(tq.ProcessStep(random_sleep, 2)) as seq:
+        iterator = seq(range(2000))
+        got: list[list[int]] = [[], [], []]
+
+        def take(mine: list[int]) -> None:
+            mine.extend(iterator)
+
+        threads = [threading.Thread(target=take, args=(mine,)) for mine in got]
+        for thread in threads:
+            thread.start()
+        _join(threads, 20)
+        assert sorted(sum(got, [])) == list(range(2000))
+        assert all(mine == sorted(mine) for mine in got)  # each thread sees them in order
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_a_thread_blocked_on_a_sequence_closed_by_another_gets_the_public_error(trial):
+    seq = tq.Sequence(tq.ProcessStep(stuck_on_five, 2), tq.ProcessStep(identity))
+    errors: list[BaseException] = []
+
+    def consume():
+        try:
+            list(seq(range(20)))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while seq.stats()["stuck_on_five"].busy_s <= 0.05 * trial:  # the thread waits for element 5
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    seq.close()
+    _join([thread], 20)
+    assert len(errors) == 1 and type(errors[0]) is RuntimeError, errors
+    assert "closed while it was being iterated" in str(errors[0])
+
+
+# -- 3. values that do not unpickle ----------------------------------------------------------------
+
+
+def test_an_input_that_does_not_unpickle_in_a_worker_is_that_steps_error():
+    def elements():  # a generator: elements travel one by one
+        yield from [0, 1, Unrebuildable(), 3]
+
+    with tq.Sequence(tq.ProcessStep(identity, name="first"), tq.ProcessStep(identity, name="second")) as seq:
+        got = []
+        with pytest.raises(ValueError) as info:
+            for value in seq(elements()):
+                got.append(value)
+    assert got == [0, 1]
+    message = str(info.value)
+    assert "in step 'first'" in message and "cannot rebuild" in message
+    assert "raised unpickling its input: element 2 of epoch 0" in message and "_cannot_rebuild" in message
+    assert not isinstance(info.value, tq.WorkerDiedError)
+
+
+def test_a_bundle_that_does_not_unpickle_fails_in_the_place_of_its_elements():
+    got = []
+    with tq.Sequence(tq.ProcessStep(identity, name="first"), tq.Queue(512)) as seq:
+        with pytest.raises(ValueError) as info:
+            for value in seq([*range(10_000), Unrebuildable(), *range(1000)]):  # a list: small elements go bundled
+                got.append(value)
+    found = re.search(r"in step 'first'.*raised unpickling its input: elements (\d+)-(\d+) of epoch 0", str(info.value))
+    assert found, info.value
+    first, last = int(found[1]), int(found[2])
+    assert first <= 10_000 <= last and got == list(range(first))
+
+
+def test_with_on_error_skip_the_worker_goes_on_past_an_input_that_does_not_unpickle():
+    def elements():
+        yield from [0, 1, Unrebuildable(), 3, 4]
+
+    with tq.Sequence(tq.ProcessStep(identity, name="first"), on_error="skip") as seq:
+        with pytest.warns(RuntimeWarning, match="step 'first' raised ValueError: cannot rebuild"):
+            assert list(seq(elements())) == [0, 1, 3, 4]
+        assert list(seq(range(5))) == list(range(5))  # the same worker, alive
+        assert seq.stats()["first"].skipped == 1
+
+
+def test_an_output_that_does_not_unpickle_in_the_consumer_is_the_last_steps_error():
+    with tq.Sequence(tq.ProcessStep(unrebuildable_on_three, name="maker")) as seq:
+        got = []
+        with pytest.raises(ValueError) as info:
+            for value in seq(iter(range(10))):
+                got.append(value)
+    assert got == [0, 1, 2]
+    message = str(info.value)
+    assert "in step 'maker'" in message and "cannot rebuild" in message
+    assert "raised unpickling its output in the consumer: element 3 of epoch 0" in message
+
+
+def test_an_output_that_does_not_unpickle_in_the_next_step_is_the_next_steps_error():
+    steps = [tq.ProcessStep(unrebuildable_on_three, name="maker"), tq.ProcessStep(identity, name="taker")]
+    with tq.Sequence(*steps) as seq:
+        with pytest.raises(ValueError, match=r"in step 'taker'.*raised unpickling its input: element 3 of epoch 0"):
+            list(seq(iter(range(10))))
+
+
+# -- 5. a full /dev/shm ----------------------------------------------------------------------------
+
+_FULL_SHM = textwrap.dedent(
+    """
+    import errno, json, sys
+    import torch
+    import torchqueue as tq
+
+    def big(x):
+        return torch.ones(4 << 20)  # 16 MiB
+
+    out = {}
+    for name, steps, inputs in [
+        ("step", [tq.ProcessStep(big, name="big")], range(3)),
+        ("input", [tq.ProcessStep(len, name="size")], [torch.ones(4 << 20)]),
+    ]:
+        try:
+            with tq.Sequence(*steps) as seq:
+                list(seq(inputs))
+            out[name] = None
+        except Exception as exc:
+            out[name] = [type(exc).__name__, exc.errno if isinstance(exc, OSError) else None, str(exc)]
+    print(json.dumps(out))
+    """
+)
+
+
+def _small_shm_available() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True, timeout=30
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _small_shm_available(), reason="needs unshare -m and mount (root) for a small /dev/shm")
+def test_a_full_dev_shm_raises_oserror_enospc_saying_what_did_not_fit_and_what_to_do():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    script = f"mount -t tmpfs -o size=8m tmpfs /dev/shm && exec {sys.executable} -c '{_FULL_SHM}'"
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=50, env=env)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, step in [("step", "'big'"), ("input", "'input'")]:
+        kind, code, message = out[name]
+        assert kind == "OSError" and code == 28, out[name]
+        assert f"step {step}" in message and "16.0 MiB" in message and "MiB free of 8.0 MiB" in message
+        assert "--shm-size" in message and "tq.Queue(n)" in message

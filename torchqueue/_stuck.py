@@ -1,0 +1,62 @@
+"""What a consumer's timeout reports: the steps that hold elements now, and the oldest element.
+
+Every worker's row of the stats array (see ``stats.Field``) says what the worker does and since
+when: a call of the step's function going on (``BUSY_SINCE``), a wait for room downstream with
+an element in hand (``OUT_SINCE``), and the position of the element it took last
+(``AT_EPOCH``, ``AT_SEQ``). A worker writes these few numbers per element; the consumer reads
+them only when it gave up waiting, so a stuck step is named without any message to or from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torchqueue.stats import NFIELDS, Field
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A worker that holds an element: ``doing`` it for ``seconds``, the element at ``(epoch, seq)``."""
+
+    step: str
+    worker: int
+    pid: int | None
+    doing: str
+    seconds: float
+    epoch: int
+    seq: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.step!r} (worker {self.worker}, pid {self.pid}: {self.doing} for {self.seconds:.1f} s, "
+            f"element {self.seq} of epoch {self.epoch})"
+        )
+
+
+def holders(workers: list[tuple[str, int, int | None]], rows: Any, now: float) -> list[Holder]:
+    """The workers (``(step, worker, pid)``, one per row in order) that hold an element, longest first."""
+    found = []
+    for row, (step, worker, pid) in enumerate(workers):
+        base = row * NFIELDS
+        busy, out = rows[base + Field.BUSY_SINCE], rows[base + Field.OUT_SINCE]
+        if busy <= 0 and out <= 0:
+            continue
+        doing, since = ("in its function", busy) if busy > 0 else ("waiting for room downstream", out)
+        epoch, seq = int(rows[base + Field.AT_EPOCH]), int(rows[base + Field.AT_SEQ])
+        found.append(Holder(step, worker, pid, doing, max(0.0, now - since), epoch, seq))
+    return sorted(found, key=lambda holder: -holder.seconds)
+
+
+def timeout_message(timeout: float, held: list[Holder]) -> str:
+    """The text of the consumer's ``TimeoutError``."""
+    if not held:
+        return (
+            f"no output came within {timeout} seconds, and no step holds an element: the pipeline waits "
+            "for its input (the iterable's next() has not returned)"
+        )
+    oldest = held[0]
+    return (
+        f"no output came within {timeout} seconds. Steps holding elements: {'; '.join(map(str, held))}. "
+        f"The oldest is element {oldest.seq} of epoch {oldest.epoch}, in step {oldest.step!r}"
+    )
