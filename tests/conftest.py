@@ -23,7 +23,8 @@ START_METHODS = ["fork", "spawn", "forkserver"]
 def _is_python_helper(process: psutil.Process) -> bool:
     """Python's resource tracker and forkserver, and torchqueue's fork server: they live as long as the interpreter."""
     cmdline = " ".join(process.cmdline())
-    return any(name in cmdline for name in ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "torchqueue._forkserver"))
+    helpers = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "torchqueue._forkserver")
+    return any(name in cmdline for name in helpers)
 
 
 def double(x):

@@ -128,7 +128,7 @@ class TravellingStep:
                 f"step {self.name!r} cannot be pickled for the {self.method!r} start method: {exc}. Make its "
                 "function and what it refers to picklable, and create the multiprocessing objects it holds "
                 "with multiprocessing.get_context('spawn')"
-                + (" (under 'fork' too: workers start from a clean process, see docs/concepts.md)" if self.as_forked else "")
+                + (" (under 'fork' too: workers start from a fork server, docs/concepts.md)" if self.as_forked else "")
             ) from exc
         finally:
             set_spawning_popen(popen)

@@ -114,7 +114,9 @@ def travelling_steps(plan: Plan, ctx: BaseContext) -> list[TravellingStep]:
 class Runtime:
     """Starts the workers at once; feeds queued iterables; hands outputs to the consumer."""
 
-    def __init__(self, plan: Plan, ctx: BaseContext, steps: list[TravellingStep], ordered: bool, skip_errors: bool, name: str):
+    def __init__(
+        self, plan: Plan, ctx: BaseContext, steps: list[TravellingStep], ordered: bool, skip_errors: bool, name: str
+    ):
         self.plan = plan
         self._ctx = ctx
         self._name = name
@@ -155,7 +157,9 @@ class Runtime:
 
     # -- start ---------------------------------------------------------------------------------
 
-    def _start_workers(self, steps: list[TravellingStep], ordered: bool, skip_errors: bool, assigners: list[int]) -> None:
+    def _start_workers(
+        self, steps: list[TravellingStep], ordered: bool, skip_errors: bool, assigners: list[int]
+    ) -> None:
         row = 0
         for stage, step in zip(self.plan.stages, steps):
             upstream = max(a for a in assigners if a < stage.index)
