@@ -21,9 +21,10 @@ START_METHODS = ["fork", "spawn", "forkserver"]
 
 
 def _is_python_helper(process: psutil.Process) -> bool:
-    """Python's own resource tracker and forkserver (not torchqueue's): they live as long as the interpreter."""
+    """Python's resource tracker and forkserver, and torchqueue's fork server: they live as long as the interpreter."""
     cmdline = " ".join(process.cmdline())
-    return "multiprocessing.resource_tracker" in cmdline or "multiprocessing.forkserver" in cmdline
+    helpers = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "torchqueue._forkserver")
+    return any(name in cmdline for name in helpers)
 
 
 def double(x):

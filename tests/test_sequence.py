@@ -9,11 +9,10 @@ import threading
 import time
 
 import numpy as np
-import psutil
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import double, identity, random_sleep, square
+from conftest import double, identity, random_sleep, square, worker_children
 from torch_geometric.data import Batch, Data
 
 import torchqueue as tq
@@ -278,7 +277,7 @@ def test_round_robin_gives_element_k_to_worker_k_mod_n_in_order(start_method, be
 
 
 def test_two_threads_queuing_at_once_start_one_pipeline_and_both_epochs_arrive():
-    before = {p.pid for p in psutil.Process().children()}  # a forkserver of earlier tests is one
+    before = {p.pid for p in worker_children()}
     seq = tq.Sequence(tq.ProcessStep(double, 2))
     barrier = threading.Barrier(2)
 
@@ -291,7 +290,7 @@ def test_two_threads_queuing_at_once_start_one_pipeline_and_both_epochs_arrive()
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
-    children = [p for p in psutil.Process().children() if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
+    children = [p for p in worker_children() if p.pid not in before]  # workers: the fork server's children
     epochs = sorted([list(seq), list(seq)])
     seq.close()
     assert epochs == [[2] * 10, [4] * 10]

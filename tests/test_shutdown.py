@@ -31,7 +31,10 @@ def run_script(tmp_path):
     def run(body: str, **kwargs) -> subprocess.Popen:
         path = tmp_path / f"script{len(started)}.py"
         path.write_text(textwrap.dedent(body))
-        process = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, cwd=ROOT, text=True, **kwargs)
+        env = {**os.environ, "PYTHONPATH": ROOT}  # this checkout's torchqueue (a script's own folder comes first)
+        process = subprocess.Popen(
+            [sys.executable, str(path)], stdout=subprocess.PIPE, cwd=ROOT, text=True, env=env, **kwargs
+        )
         started.append(process)
         return process
 
@@ -73,14 +76,16 @@ def as_tensor(x):  # so that messages carry shared memory
 def worker_pids():
     helpers = {{c.pid for c in psutil.Process().children()
                if "multiprocessing.resource_tracker" in " ".join(c.cmdline())
-               or "multiprocessing.forkserver" in " ".join(c.cmdline())}}
+               or "multiprocessing.forkserver" in " ".join(c.cmdline())
+               or "torchqueue._forkserver" in " ".join(c.cmdline())}}
     return [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in helpers]
 
 if __name__ == "__main__":
     seq = tq.Sequence(tq.ProcessStep(as_tensor, 2), tq.PoolStep(slow, nworkers=2), context="{method}")
     it = seq((range(i, i + 3) for i in range(10**6)))
     next(it)
-    print(json.dumps({{"pid": os.getpid(), "workers": worker_pids()}}), flush=True)
+    server = tq._forkserver.server_pid()  # the fork server (fork only)
+    print(json.dumps({{"pid": os.getpid(), "workers": worker_pids(), "helpers": [server] if server else []}}), flush=True)
 """
 
 
@@ -171,7 +176,7 @@ def test_interpreter_exit_without_close_leaves_no_worker(method, run_script):
     info = read_json_line(process)
     assert len(info["workers"]) == 4
     assert process.wait(60) == 0
-    assert wait_gone(info["workers"]) == []
+    assert wait_gone(info["workers"] + info["helpers"]) == []
 
 
 @pytest.mark.parametrize("method", START_METHODS)
@@ -180,7 +185,7 @@ def test_regression_5_workers_exit_when_their_parent_is_killed(method, run_scrip
     info = read_json_line(process)
     os.kill(info["pid"], signal.SIGKILL)
     process.wait(30)
-    assert wait_gone(info["workers"]) == []
+    assert wait_gone(info["workers"] + info["helpers"]) == []
     # the workers removed the shared memory the dead consumer left
     assert not glob.glob(f"/dev/shm/torchqueue-{info['pid']}-*")
 
@@ -193,7 +198,7 @@ def test_a_signal_that_kills_the_whole_process_group_leaves_no_shared_memory(run
     assert glob.glob(f"/dev/shm/torchqueue-{info['pid']}-*")
     os.killpg(process.pid, signum)
     assert process.wait(30) == -signum
-    assert wait_gone(info["workers"]) == []
+    assert wait_gone(info["workers"] + info["helpers"]) == []
     assert not glob.glob(f"/dev/shm/torchqueue-{info['pid']}-*")
 
 
@@ -203,7 +208,7 @@ def test_shared_memory_left_by_a_pipeline_killed_whole_is_removed_by_the_next_on
     info = read_json_line(process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(30)
-    assert wait_gone(info["workers"]) == []
+    assert wait_gone(info["workers"] + info["helpers"]) == []
     left = glob.glob(f"/dev/shm/torchqueue-{info['pid']}-*")
     assert left
     monkeypatch.setattr(tq._segments, "ABANDONED_AFTER_S", 0.0)  # it died a moment ago

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import double
+from conftest import assert_no_workers, double
 
 import torchqueue as tq
 
@@ -114,9 +114,11 @@ def test_a_non_iterable_input_raises_in_the_caller():
             seq.queue_iterable(42)
 
 
-def test_an_unpicklable_function_under_spawn_raises_at_construction():
-    import threading
-
-    lock = threading.Lock()
-    with pytest.raises(TypeError, match="cannot be pickled"):
-        tq.Sequence(tq.ProcessStep(lambda x: (lock, x)), context="spawn")
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_an_unpicklable_function_raises_when_its_pipeline_starts(context):
+    # steps are pickled for each worker as it starts (under fork too: workers come from the fork server)
+    generator = (x for x in range(3))
+    with tq.Sequence(tq.ProcessStep(double), tq.ProcessStep(lambda x: (generator, x)), context=context) as seq:
+        with pytest.raises(TypeError, match=f"step 'lambda' cannot be pickled for the '{context}' start method"):
+            seq.queue_iterable(range(3))
+    assert_no_workers()

@@ -1,13 +1,19 @@
 """What is defined in ``__main__`` (a script, ``python -c``, a notebook) crossing to spawned workers.
 
-Steps. Under spawn and forkserver, a worker gets its step pickled (``step_bytes``):
+Steps. Every worker gets its step pickled (``TravellingStep``), while its process starts:
 
-- by reference, as multiprocessing itself would, when that works and ``__main__`` is a script
-  or module the workers re-import (multiprocessing runs it again as ``__mp_main__`` in each):
-  then a function of the script finds the script's globals there, a lock included, and the
-  classes it returns are the script's own classes;
+- under spawn and forkserver, by reference, as multiprocessing itself would, when that works and
+  ``__main__`` is a script or module the workers re-import (multiprocessing runs it again as
+  ``__mp_main__`` in each): then a function of the script finds the script's globals there, a
+  lock included, and the classes it returns are the script's own classes;
 - else by value with cloudpickle: lambdas, closures, and whatever a notebook or ``python -c``
-  defined (a worker cannot import those).
+  defined (a worker cannot import those). Workers of torchqueue's fork server (``"fork"``, see
+  ``_forkserver``) re-import nothing, so there what ``__main__`` defines always goes by value, and
+  a lock goes as a new lock, as a forked child would have it (not held: nobody holds it there).
+
+Tensors, semaphores and ``multiprocessing`` values inside a step go as multiprocessing sends them
+to a process it starts: a CPU tensor's storage is moved to shared memory and its file descriptor
+passed to that one worker.
 
 Classes of outputs. A worker's class defined in ``__main__`` may not be the consumer's object of
 that name (it came by value), or not exist in the worker's ``__main__`` at all (a notebook's).
@@ -19,10 +25,17 @@ the definition (cloudpickle gives the same class object for the same definition 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pickle
 import sys
+import threading
+import types
 import weakref
+from collections import ChainMap
+from collections.abc import Iterator
+from multiprocessing.context import get_spawning_popen, set_spawning_popen
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -38,14 +51,108 @@ def _main_reimported() -> bool:
     return isinstance(path, str) and path.endswith(".py") and os.path.isfile(path)
 
 
-def step_bytes(step: Any) -> bytes:
-    """``step`` pickled for a spawned worker: by reference where the worker can import it, else by value."""
-    if _main_reimported():
+def step_bytes(step: Any, as_forked: bool) -> bytes:
+    """``step`` pickled for a worker: by reference where the worker can import it, else by value.
+
+    ``as_forked``: for a worker of the fork server, which imports no ``__main__``.
+    """
+    buffer = io.BytesIO()
+    _StepPickler(buffer, as_forked).dump(step)
+    return buffer.getvalue()
+
+
+class _StepPickler(cloudpickle.Pickler):
+    """cloudpickle, with multiprocessing's reductions (tensors through shared memory, semaphores),
+    and what ``__main__`` defines at its top level by reference where workers re-import it."""
+
+    def __init__(self, file: io.BytesIO, as_forked: bool) -> None:
+        self._main_by_reference = not as_forked and _main_reimported()
+        tables = [ForkingPickler._extra_reducers, cloudpickle.Pickler.dispatch_table]  # type: ignore[attr-defined]
+        self.dispatch_table = ChainMap(*([_LOCK_COPIES] if as_forked else []), *tables)  # read by __init__
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            self._main_by_reference
+            and isinstance(obj, (types.FunctionType, type))
+            and obj.__module__ == "__main__"
+            and _lookup(obj.__qualname__) is obj
+        ):
+            return NotImplemented  # pickle's own: by reference
+        return super().reducer_override(obj)
+
+
+_LOCK_COPIES = {
+    type(threading.Lock()): lambda lock: (threading.Lock, ()),
+    type(threading.RLock()): lambda lock: (threading.RLock, ()),
+}
+
+
+class TravellingStep:
+    """A step on its way to one worker: pickled while that worker's process starts.
+
+    Its ``Process`` is pickled then, inside multiprocessing's start (``get_spawning_popen()`` is
+    set), so what the step holds reaches this worker as multiprocessing allows at a start: each
+    worker gets its own copy of a shared tensor's file descriptor (bytes pickled once for all
+    workers would carry one, which only the first worker could take), and semaphores and
+    ``Value``s may travel. The worker loads it in ``worker_main``, which reports a failure there
+    as the worker's start-up failure. Start each worker inside ``starting()``.
+    """
+
+    def __init__(self, step: Any, name: str, method: str, as_forked: bool, data: bytes | None = None) -> None:
+        self.step = step
+        self.name = name
+        self.method = method
+        self.as_forked = as_forked
+        self.data = data
+        self._duplicates: list[int] = []
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """Around one worker's ``Process.start()``: then the fds passed for the step are closed here."""
         try:
-            return bytes(ForkingPickler.dumps(step, pickle.HIGHEST_PROTOCOL))
-        except Exception:  # a lambda, a closure, a local class: by value
-            pass
-    return cloudpickle.dumps(step)
+            yield
+        finally:
+            duplicates, self._duplicates = self._duplicates, []
+            for fd in duplicates:
+                os.close(fd)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        popen = get_spawning_popen()
+        if popen is not None:  # the step's own pickle must not repeat an fd the Process's passes too
+            set_spawning_popen(_FreshFds(popen, self._duplicates))
+        try:
+            data = step_bytes(self.step, self.as_forked)
+        except Exception as exc:
+            raise TypeError(
+                f"step {self.name!r} cannot be pickled for the {self.method!r} start method: {exc}. Make its "
+                "function and what it refers to picklable, and create the multiprocessing objects it holds "
+                "with multiprocessing.get_context('spawn')"
+                + (" (under 'fork' too: workers start from a fork server, docs/concepts.md)" if self.as_forked else "")
+            ) from exc
+        finally:
+            set_spawning_popen(popen)
+        return TravellingStep, (None, self.name, self.method, self.as_forked, data)
+
+    def load(self) -> Any:
+        """In the worker: the step."""
+        assert self.data is not None, "a TravellingStep is loaded only where it arrived"
+        return cloudpickle.loads(self.data)
+
+
+class _FreshFds:
+    """The starting process's popen as a step's pickle sees it: every fd it passes is a new duplicate
+    (spawn refuses an fd passed twice, and the step's pickle cannot see what the Process's passes)."""
+
+    def __init__(self, popen: Any, duplicates: list[int]) -> None:
+        self._popen = popen
+        self._duplicates = duplicates
+        self.DupFd = popen.DupFd
+
+    def duplicate_for_child(self, fd: int) -> Any:
+        duplicate = os.dup(fd)
+        self._duplicates.append(duplicate)
+        return self._popen.duplicate_for_child(duplicate)
 
 
 def _lookup(qualname: str) -> Any:

@@ -60,7 +60,8 @@ from torchqueue import _segments, _serialize
 from torchqueue._channel import Channel, Stopped, StopSignal
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._feeder import Feeder
-from torchqueue._mainmodule import step_bytes
+from torchqueue._forkserver import CONTEXT as FORK_SERVER
+from torchqueue._mainmodule import TravellingStep
 from torchqueue._messages import EndOfEpoch, Envelope, SkipNotice, StartupFailure
 from torchqueue._plan import STREAM, Plan
 from torchqueue._stuck import Holder, holders, timeout_message
@@ -111,20 +112,11 @@ MAX_SAMPLES = 400
 """History bound: when full, every other snapshot is dropped and snapshots are taken half as often."""
 
 
-def pickled_steps(plan: Plan, ctx: BaseContext) -> list[Any]:
-    """The step each worker gets: as is under fork, else pickled (see ``_mainmodule``; raises ``TypeError`` here)."""
-    if ctx.get_start_method() == "fork":
-        return [stage.step for stage in plan.stages]
-    out = []
-    for stage in plan.stages:
-        try:
-            out.append(step_bytes(stage.step))
-        except Exception as exc:
-            raise TypeError(
-                f"step {stage.name!r} cannot be pickled for the {ctx.get_start_method()!r} start method: {exc}. "
-                "Make its function and what it refers to picklable, or use context='fork'."
-            ) from exc
-    return out
+def travelling_steps(plan: Plan, ctx: BaseContext) -> list[TravellingStep]:
+    """The step of each stage, to be pickled for each of its workers as the worker starts (``TravellingStep``)."""
+    forked = ctx is FORK_SERVER
+    method = "fork" if forked else ctx.get_start_method()
+    return [TravellingStep(stage.step, stage.name, method, forked) for stage in plan.stages]
 
 
 class Runtime:
@@ -134,7 +126,7 @@ class Runtime:
         self,
         plan: Plan,
         ctx: BaseContext,
-        steps: list[Any],
+        steps: list[TravellingStep],
         ordered: bool,
         skip_errors: bool,
         name: str,
@@ -184,7 +176,9 @@ class Runtime:
 
     # -- start ---------------------------------------------------------------------------------
 
-    def _start_workers(self, steps: list[Any], ordered: bool, skip_errors: bool, assigners: list[int]) -> None:
+    def _start_workers(
+        self, steps: list[TravellingStep], ordered: bool, skip_errors: bool, assigners: list[int]
+    ) -> None:
         row = 0
         for stage, step in zip(self.plan.stages, steps):
             upstream = max(a for a in assigners if a < stage.index)
@@ -222,7 +216,8 @@ class Runtime:
                     name=f"torchqueue:{stage.name}#{worker}",
                     daemon=True,
                 )
-                process.start()
+                with step.starting():
+                    process.start()
                 self.workers.append((stage.name, worker, process))
         logger.debug("started %d workers for %s", len(self.workers), self._name)
 

@@ -31,18 +31,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
 import torch
 
 from torchqueue import _segments, _serialize
 from torchqueue._channel import POLL_S, Channel, Stopped, StopSignal, wait_acquire
 from torchqueue._collect import NOTHING, Collector
+from torchqueue._mainmodule import TravellingStep
 from torchqueue._messages import Bundle, EndOfEpoch, Envelope, Failure, SkipNotice, Skipped, StartupFailure
 from torchqueue._seeding import EpochSeeds
 from torchqueue._unreadable import in_place
 from torchqueue.errors import capture
 from torchqueue.stats import NFIELDS, Field
-from torchqueue.steps import Step, StreamStep
+from torchqueue.steps import StreamStep
 from torchqueue.worker_info import WorkerInfo, set_worker_info
 
 CONTROL = (EndOfEpoch, Failure, Skipped)
@@ -60,7 +60,7 @@ class WorkerContext:
     kind: str
     worker: int
     nworkers: int
-    step: Step | bytes  # bytes: cloudpickled for spawn/forkserver
+    step: TravellingStep  # pickled for this worker as it starts
     inbox: Channel  # this worker's: shared by the stage's workers, or its own (round robin)
     outbox: list[Channel]  # the next stage's inboxes
     split_parts: int  # > 0: the next stage is a pool; split elements into up to this many parts
@@ -193,7 +193,7 @@ def worker_main(ctx: WorkerContext) -> None:
     seeds = EpochSeeds(ctx.base_seed, ctx.stage_index, info)
     seeds.enter(0)  # before the step is unpickled: a fork's inherited random state never shows
     try:
-        step = ctx.step if isinstance(ctx.step, Step) else cloudpickle.loads(ctx.step)
+        step = ctx.step.load()
     except BaseException:
         notice = StartupFailure(ctx.stage_name, ctx.worker, traceback.format_exc())
         ctx.events.put(_serialize.dumps(notice, None), lambda: not ctx.stop.is_set())

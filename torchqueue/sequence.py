@@ -28,7 +28,8 @@ from typing import Any
 from torchqueue._channel import Stopped
 from torchqueue._messages import EndOfEpoch, Failure, Skipped
 from torchqueue._plan import make_plan
-from torchqueue._runtime import ERROR_JOIN_S, Runtime, pickled_steps
+from torchqueue._forkserver import CONTEXT as FORK_SERVER
+from torchqueue._runtime import ERROR_JOIN_S, Runtime, travelling_steps
 from torchqueue._seeding import draw_base_seed
 from torchqueue.errors import PipelineError, rebuild
 from torchqueue.stats import Stats
@@ -39,16 +40,20 @@ _START_METHODS = ("fork", "spawn", "forkserver")
 
 
 def resolve_context(context: str | BaseContext | None) -> BaseContext:
-    """A multiprocessing context from a start method name, a context, or ``None`` (the default)."""
+    """The context a pipeline's workers start with, from a start method name, a context, or ``None``
+    (Python's default start method). ``"fork"`` gives torchqueue's fork server (see ``_forkserver``):
+    its workers are forked, but never from a process with other threads."""
     if context is None:
-        return multiprocessing.get_context()
-    if isinstance(context, str):
+        context = multiprocessing.get_context()
+    elif isinstance(context, str):
         if context not in _START_METHODS:
             raise ValueError(f"context must be one of {_START_METHODS} or a multiprocessing context, got {context!r}")
-        return multiprocessing.get_context(context)
-    if isinstance(context, BaseContext):
-        return context
-    raise TypeError(f"context must be a start method name or a multiprocessing context, got {type(context).__name__}")
+        context = multiprocessing.get_context(context)
+    elif not isinstance(context, BaseContext):
+        raise TypeError(
+            f"context must be a start method name or a multiprocessing context, got {type(context).__name__}"
+        )
+    return FORK_SERVER if context.get_start_method() == "fork" else context
 
 
 class Sequence:
@@ -98,7 +103,7 @@ class Sequence:
             raise TypeError(f"name must be a str or None, got {type(name).__name__}")
         self._plan = make_plan(elements)
         self._ctx = resolve_context(context)
-        self._steps = pickled_steps(self._plan, self._ctx)
+        self._steps = travelling_steps(self._plan, self._ctx)
         self._ordered = ordered
         self._skip = on_error == "skip"
         self.name = name or "sequence"

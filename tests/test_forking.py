@@ -1,0 +1,253 @@
+"""How workers start: under "fork" from torchqueue's fork server, never from the consumer's threaded
+process; every worker gets its step pickled as it starts (shared tensors, semaphores, Values)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import assert_no_workers, identity
+
+import torchqueue as tq
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTEXTS = ["fork", "spawn", "forkserver"]
+
+
+def run_program(program: str, tmp_path: Path, *args: str, flags: tuple[str, ...] = (), timeout: float = 60) -> str:
+    """Run ``program`` as a script; stderr goes to a file (a pipe nobody reads could block it), unbuffered off."""
+    script = tmp_path / "program.py"
+    script.write_text(textwrap.dedent(program))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = str(ROOT)
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        try:
+            result = subprocess.run(
+                [sys.executable, *flags, str(script), *args],
+                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=tmp_path, env=env, timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"hung; stderr ends with:\n{(tmp_path / 'stderr.txt').read_text()[-2000:]}")
+    assert result.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    return result.stdout
+
+
+# -- fork safety -----------------------------------------------------------------------------------
+
+ISSUE_SCRIPT = """
+    import logging, sys, torchqueue as tq
+    logging.basicConfig(level=logging.INFO)
+    def chunks():
+        i = 0
+        while True:
+            logging.info("reading chunk %d", i); i += 1; yield i
+    def step(x):
+        logging.info("validating %s", x); return x
+    if __name__ == "__main__":
+        it = tq.Sequence(tq.ProcessStep(abs, 1), tq.Queue(256))(chunks())
+        for i in range(int(sys.argv[1])):
+            for _ in range(300): next(it)
+            with tq.Sequence(tq.ProcessStep(step, 2)) as val:
+                print(i, len(list(val(range(10)))), flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_feeder_logging_while_a_pipeline_starts_does_not_hang_it(tmp_path):
+    # issue 15's script: the first pipeline's feeder logs while the next one starts; forked from
+    # this process, a worker could inherit stderr's lock held, and hang in its first log line
+    out = run_program(ISSUE_SCRIPT, tmp_path, "80", timeout=75)
+    assert out.splitlines()[-1] == "79 10"
+
+
+LOGGING_THREAD = """
+    import logging, sys, threading, torchqueue as tq
+    def step(x):
+        logging.info("validating %s", x); return x
+    if __name__ == "__main__":
+        logging.basicConfig(level=logging.INFO, filename="log.txt")
+        stop = threading.Event()
+        def chatter():
+            while not stop.is_set():
+                logging.info("a user thread logs " + "x" * 200)
+        thread = threading.Thread(target=chatter)
+        thread.start()
+        try:
+            for i in range(4):
+                with tq.Sequence(tq.ProcessStep(step, 2)) as seq:
+                    assert list(seq(range(10))) == list(range(10))
+        finally:
+            stop.set()
+            thread.join()
+        print("ok")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_user_thread_logging_to_a_file_does_not_hang_the_workers(tmp_path):
+    assert run_program(LOGGING_THREAD, tmp_path, timeout=45).strip() == "ok"
+
+
+THREADS_AT_FORK = """
+    import os, sys, warnings, torch, torchqueue as tq
+    forks = []
+    os.register_at_fork(before=lambda: forks.append(len(os.listdir("/proc/self/task"))))
+    def slow(x):
+        return x
+    if __name__ == "__main__":
+        warnings.simplefilter("ignore", UserWarning)  # pin_memory without CUDA
+        first = tq.Sequence(tq.ProcessStep(slow, 2), tq.Queue(8))
+        it = first(range(1000))
+        next(it)  # its feeder thread is alive while the next pipelines start
+        with tq.Sequence(tq.ProcessStep(abs, 2)) as second:
+            assert list(second(range(-5, 0))) == [5, 4, 3, 2, 1]
+        dataset = torch.utils.data.TensorDataset(torch.arange(12.0))
+        loader = tq.QueueFlowLoader(dataset, batch_size=4, num_workers=2, persistent_workers=True, pin_memory=True)
+        for epoch in range(3):
+            assert [b[0].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+        loader.close()
+        first.close()
+        print("forks", forks, "threads", len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_no_fork_in_the_consumer_while_another_thread_is_alive(tmp_path):
+    line = run_program(THREADS_AT_FORK, tmp_path, timeout=75).strip().splitlines()[-1]
+    forks = eval(line.split("forks ")[1].split(" threads")[0])
+    assert all(threads == 1 for threads in forks), f"forked while {max(forks)} threads were alive: {line}"
+
+
+@pytest.mark.timeout(90)
+def test_no_deprecation_warning_with_warnings_as_errors(tmp_path):
+    # Python 3.12+ warns (DeprecationWarning) at a fork while any OS thread is alive, numpy's OpenBLAS
+    # pool included; -W error turns that one into nothing visible, so it is shown ("always") here.
+    # torchqueue's fork server (which gets these flags too) is started single-threaded: nobody warns.
+    program = THREADS_AT_FORK.replace("os.register_at_fork", "# os.register_at_fork")
+    flags = ("-W", "error::DeprecationWarning", "-W", "always:This process:DeprecationWarning")
+    run_program(program, tmp_path, flags=flags, timeout=75)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "multi-threaded" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+
+
+@pytest.mark.timeout(60)
+def test_the_fork_server_is_one_thread_and_reused():
+    from torchqueue import _forkserver
+
+    with tq.Sequence(tq.ProcessStep(identity, 2), context="fork") as seq:
+        assert list(seq(range(4))) == [0, 1, 2, 3]
+    pid = _forkserver.server_pid()
+    assert pid is not None and psutil.Process(pid).num_threads() == 1
+    with tq.Sequence(tq.ProcessStep(identity, 1)) as seq:  # the default start method (fork here)
+        assert list(seq(range(2))) == [0, 1]
+    assert _forkserver.server_pid() == pid
+    assert_no_workers()
+
+
+def what_a_worker_sees(_):
+    return os.environ.get("TQ_PROBE"), os.getcwd(), multiprocessing.parent_process().pid
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_worker_sees_the_consumer_as_it_is_when_it_starts(tmp_path, monkeypatch):
+    # the fork server started earlier; a worker still gets the consumer's environment and directory of now
+    with tq.Sequence(tq.ProcessStep(identity), context="fork") as seq:
+        list(seq(range(1)))
+    monkeypatch.setenv("TQ_PROBE", "set after the server started")
+    monkeypatch.chdir(tmp_path)
+    with tq.Sequence(tq.ProcessStep(what_a_worker_sees), context="fork") as seq:
+        assert list(seq(range(1))) == [("set after the server started", str(tmp_path), os.getpid())]
+
+
+CONSUMER_KILLED = """
+    import os, sys, time, torchqueue as tq
+    from torchqueue import _forkserver
+    if __name__ == "__main__":
+        seq = tq.Sequence(tq.ProcessStep(abs, 2), context="fork")
+        it = seq(range(-10**9, 0))
+        next(it)
+        print(_forkserver.server_pid(), flush=True)
+        time.sleep(60)  # killed meanwhile
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_fork_server_and_its_workers_exit_when_the_consumer_is_killed(tmp_path):
+    script = tmp_path / "consumer.py"
+    script.write_text(textwrap.dedent(CONSUMER_KILLED))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env) as consumer:
+        try:
+            server = psutil.Process(int(consumer.stdout.readline()))
+            workers = server.children()
+            assert len(workers) == 2
+        finally:
+            consumer.send_signal(signal.SIGKILL)
+            consumer.wait(10)
+    gone, alive = psutil.wait_procs([server, *workers], timeout=10)
+    assert not alive, f"still running after the consumer was killed: {[p.pid for p in alive]}"
+
+
+# -- what a step holds reaches every worker (issue 20, items 1 and 3) -------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_a_dataset_of_cpu_tensors_reaches_every_worker(context):
+    dataset = torch.utils.data.TensorDataset(torch.arange(20.0))
+    loader = tq.QueueFlowLoader(dataset, batch_size=4, num_workers=2, multiprocessing_context=context)
+    try:
+        assert [b[0].tolist() for b in loader] == [list(map(float, range(i, i + 4))) for i in range(0, 20, 4)]
+    finally:
+        loader.close()
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """Counts the items fetched in a shared Value; a semaphore lets one fetch at a time."""
+
+    def __init__(self, context: str) -> None:
+        mp = multiprocessing.get_context(context)
+        self.count = mp.Value("i", 0)
+        self.one_at_a_time = mp.Semaphore(1)
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> int:
+        with self.one_at_a_time, self.count.get_lock():
+            self.count.value += 1
+        return i
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_a_dataset_holding_multiprocessing_values_and_semaphores_works(context):
+    # made with a spawn or forkserver context (a fork context's cannot reach a process that was not forked)
+    dataset = CountingDataset("spawn" if context == "fork" else context)
+    loader = tq.QueueFlowLoader(dataset, batch_size=3, num_workers=2, multiprocessing_context=context)
+    try:
+        assert [b.tolist() for b in loader] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    finally:
+        loader.close()
+    assert dataset.count.value == 12
+
+
+@pytest.mark.timeout(60)
+def test_a_fork_context_value_under_fork_says_what_to_change():
+    dataset = CountingDataset("fork")
+    loader = tq.QueueFlowLoader(dataset, batch_size=3, num_workers=2, multiprocessing_context="fork")
+    try:
+        with pytest.raises(TypeError, match=r"get_context\('spawn'\)"):
+            list(loader)
+    finally:
+        loader.close()
+    assert_no_workers()
