@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("sphinx")  # the docs toolchain (the dev extra): absent on machines that only run the library
+pytest.importorskip("myst_nb")
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(300)
 

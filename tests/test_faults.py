@@ -54,6 +54,29 @@ def test_a_timeout_with_nothing_held_says_the_input_is_waited_for():
             next(iterator)
 
 
+def test_close_unlinks_the_named_semaphores_while_a_stuck_input_generator_still_holds_them():
+    release = threading.Event()
+
+    def stuck_input():
+        yield 1
+        release.wait(30)
+
+    def semaphores() -> set[str]:
+        return {name for name in os.listdir("/dev/shm") if name.startswith("sem.")}
+
+    before = semaphores()
+    try:
+        with tq.Sequence(tq.ProcessStep(identity), timeout=0.5) as seq:
+            iterator = seq(stuck_input())
+            assert next(iterator) == 1
+            assert semaphores() - before  # the fork server's context names its semaphores
+            with pytest.raises(TimeoutError):
+                next(iterator)
+        assert not semaphores() - before  # the feeder thread is still inside stuck_input
+    finally:
+        release.set()
+
+
 def test_starting_the_next_epoch_behind_a_stuck_element_times_out_too():
     seq = tq.Sequence(tq.ProcessStep(stuck_on_five), timeout=0.5)
     iterator = seq(range(20))

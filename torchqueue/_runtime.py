@@ -56,7 +56,7 @@ from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from torchqueue import _segments, _serialize
+from torchqueue import _segments, _semnames, _serialize
 from torchqueue._channel import Channel, Stopped, StopSignal
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._feeder import Feeder
@@ -452,6 +452,7 @@ class Runtime:
 
     def _release(self) -> None:
         """Close the processes' handles and the edges, remove the segments (no thread reads any more)."""
+        workers_gone = all(process.exitcode is not None for _, _, process in self.workers)
         for _, _, process in self.workers:
             if process.exitcode is None:
                 logger.warning("worker pid %s did not exit after SIGKILL", process.pid)
@@ -460,10 +461,12 @@ class Runtime:
         for channel in [*(c for edge in self._edges for c in edge), self._events]:
             channel.close()
         self._stop.close()
+        if workers_gone:  # nobody opens the semaphores' names any more
+            _semnames.unlink_now(_semnames.semaphore_names(self._edges, self._events, self._stop, self._credits))
         if self._segment_dir is not None:  # segments kept for reuse, and of messages nobody will read
             _segments.remove_dir(self._segment_dir)
-        # Drop every lock, semaphore and process: under spawn and forkserver their named
-        # semaphores are unlinked when collected. The stats array stays for stats().
+        # Drop every lock, semaphore and process (their names are gone already, see _semnames).
+        # The stats array stays for stats().
         self._edges, self._credits, self.workers = [], {}, []
         del self._events, self._stop, self._collector
         logger.debug("closed %s", self._name)
