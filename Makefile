@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench docs
+.PHONY: demo test bench docs conformance
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -15,6 +15,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# PyTorch's own DataLoader tests against QueueFlowLoader, when ../shared/conformance is there
+# (tests/conformance-differences.txt lists the tests left out, and why).
+conformance: $(STAMP)
+	PY=$(VENV)/bin/python .ci/conformance
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks
