@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 import torchqueue as tq
+from conftest import assert_no_workers
 from torchqueue import QueueFlowLoader
 
 lightning = pytest.importorskip("lightning")
@@ -50,20 +51,26 @@ class Model(lightning.LightningModule):
 
 
 class Data(lightning.LightningDataModule):
-    def __init__(self, workers: int = 2) -> None:
+    def __init__(self, workers: int = 2, persistent: bool = False) -> None:
         super().__init__()
         self.workers = workers
+        self.persistent = persistent
         self.loaders: list[QueueFlowLoader] = []
 
     def train_dataloader(self):
         loader = QueueFlowLoader(
-            Points(), batch_size=8, shuffle=True, num_workers=self.workers, generator=torch.Generator().manual_seed(0)
+            Points(),
+            batch_size=8,
+            shuffle=True,
+            num_workers=self.workers,
+            generator=torch.Generator().manual_seed(0),
+            persistent_workers=self.persistent,
         )
         self.loaders.append(loader)
         return loader
 
     def val_dataloader(self):
-        loader = QueueFlowLoader(Points(), batch_size=16, num_workers=1)
+        loader = QueueFlowLoader(Points(), batch_size=16, num_workers=1, persistent_workers=self.persistent)
         self.loaders.append(loader)
         return loader
 
@@ -97,7 +104,7 @@ def point(i: int):
 
 
 class PipelineData(lightning.LightningDataModule):
-    def __init__(self, length: int | None) -> None:
+    def __init__(self, length: int | None = None) -> None:
         super().__init__()
         chunks = [list(range(0, 40)), list(range(40, 64))]
         self.dataset = tq.QueueFlowDataset(chunks, [tq.UnpackStep(), tq.ProcessStep(point, 2)], length=length)
@@ -135,3 +142,49 @@ def test_a_mid_epoch_checkpoint_restores_the_loader_position(tmp_path):
     # the rest of epoch 0 (3 batches of 8 were done: not again), then epoch 1 as uninterrupted
     assert resumed.seen[0] == reference.seen[0][24:]
     assert resumed.seen[1] == reference.seen[1]
+
+
+def test_no_worker_outlives_fit_with_persistent_workers(tmp_path):
+    model, data = Model(), Data(persistent=True)
+    trainer(max_epochs=2, enable_checkpointing=False, default_root_dir=tmp_path).fit(model, datamodule=data)
+    assert_no_workers()  # Lightning's teardown stops them, as it stops DataLoader's
+    data.close()
+    assert len(model.seen) == 2
+
+
+def test_no_pipeline_worker_outlives_fit_over_a_queueflowdataset(tmp_path):
+    model, data = Model(), PipelineData()
+    fit = trainer(max_epochs=2, enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0)
+    fit.fit(model, datamodule=data)
+    assert_no_workers()
+    assert data.dataset.stats()["point"].elements_out == 128  # the stopped pipeline's figures stay
+    fit = trainer(max_epochs=1, enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0)
+    fit.fit(Model(), datamodule=data)  # new workers for the next fit
+    assert_no_workers()
+    data.dataset.close()
+
+
+class Noisy(Points):
+    def __getitem__(self, i: int):
+        x, y, i = super().__getitem__(i)
+        return x, y, i, torch.rand(())  # from the worker's random stream
+
+
+def fits_after_teardowns(loader_class) -> list[tuple[int, float]]:
+    """Two "fits" of two epochs each, with Lightning's teardown after each (what ``CombinedLoader.reset`` calls)."""
+    from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
+
+    generator = torch.Generator().manual_seed(0)
+    loader = loader_class(Noisy(), batch_size=8, shuffle=True, num_workers=2, persistent_workers=True, generator=generator)
+    seen = []
+    for _ in range(2):
+        for _ in range(2):
+            seen += [(i, noise) for _, _, index, noise in loader for i, noise in zip(index.tolist(), noise.tolist())]
+        _shutdown_workers_and_reset_iterator(loader)
+    assert_no_workers()
+    return seen
+
+
+def test_after_the_teardown_the_next_epoch_gives_dataloaders_batches():
+    # DataLoader's next iterator after Lightning's teardown draws a new base seed and starts new workers
+    assert fits_after_teardowns(QueueFlowLoader) == fits_after_teardowns(torch.utils.data.DataLoader)

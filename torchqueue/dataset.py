@@ -65,6 +65,7 @@ class QueueFlowDataset(IterableDataset):
         self._read_once = False  # a source that is an iterator was read by an epoch
         self.timeout = timeout
         self._sequence = self._new_sequence()
+        self._stopped = False  # by ``_stop_workers``: the next epoch starts a new pipeline
 
     def __len__(self) -> int:
         """The number of outputs per epoch given as ``length=`` (``TypeError`` without it, as ``len()`` of
@@ -112,6 +113,8 @@ class QueueFlowDataset(IterableDataset):
                 "QueueFlowDataset runs its own worker processes and cannot run inside DataLoader workers: "
                 "use DataLoader(ds, batch_size=None, num_workers=0), or torchqueue.QueueFlowLoader(ds)"
             )
+        if self._stopped:
+            self._sequence, self._stopped = self._new_sequence(), False
         self._sequence.timeout = timeout if timeout is not None else self.timeout
         return self._sequence(chunks)
 
@@ -123,6 +126,12 @@ class QueueFlowDataset(IterableDataset):
         """Stop the pipeline's workers."""
         self._sequence.close()
 
+    def _stop_workers(self) -> None:
+        """Stop the workers but stay usable: the next epoch starts new ones (``stats()`` keeps the stopped
+        ones' figures until then). ``QueueFlowLoader`` does this when Lightning shuts its workers down."""
+        self._sequence.close()
+        self._stopped = True
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_sequence")
@@ -130,7 +139,7 @@ class QueueFlowDataset(IterableDataset):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._sequence = self._new_sequence()
+        self._sequence, self._stopped = self._new_sequence(), False
 
     def _new_sequence(self) -> Sequence:
         return Sequence(

@@ -158,6 +158,7 @@ class QueueFlowLoader(Generic[_T_co]):
         self._stream: _Stream | None = None  # an iterable dataset's epoch: batches yielded so far
         self._unbegun: torch.Tensor | None = None  # the generator before an iterator's draws, until it begins
         self._skip = 0  # an iterable dataset's batches to compute again and drop (``load_state_dict``)
+        self._fresh = False  # the workers were shut down (``_iterator = None``): the next epoch follows none
         self._initialized = True
 
     def _configure(self) -> None:
@@ -403,7 +404,8 @@ class QueueFlowLoader(Generic[_T_co]):
 
         Returns the epoch, its outputs, and the workers of this iterator alone (``None`` with
         persistent workers or none)."""
-        previous, ahead, self._ahead = self._epoch, self._ahead, None
+        previous, ahead, self._ahead = (None if self._fresh else self._epoch), self._ahead, None
+        self._fresh = False
         self._epoch_step.started()
         if self._resume is not None:
             epoch, guessed, self._resume = self._resume, False, None
@@ -500,6 +502,32 @@ class QueueFlowLoader(Generic[_T_co]):
             timeout=self._torch.timeout or None,
             _seed_workers=False,  # seeded by ``Fetch``, as DataLoader seeds (no draw of the pipeline's own)
         )
+
+    # -- Lightning's teardown -------------------------------------------------------------------
+
+    @property
+    def _iterator(self) -> None:
+        """DataLoader's persistent iterator, which Lightning drops when ``fit()`` ends (``CombinedLoader.reset``
+        sets it to ``None`` after shutting its workers down). Here there is none to hand out."""
+        return None
+
+    @_iterator.setter
+    def _iterator(self, value: None) -> None:
+        if value is None:
+            self._shutdown_workers()
+
+    def _shutdown_workers(self) -> None:
+        """What dropping DataLoader's iterator does: every worker stops (a ``QueueFlowDataset``'s too), and
+        the next epoch begins as a new iterator's would: new workers, a new base seed, nothing carried
+        over from the last epoch's workers. ``stats()`` keeps the stopped workers' figures until then."""
+        if self._epoch is not None:
+            self._leave(self._epoch)
+        if self._sequence is not None:
+            self._latest_stats = self._sequence.stats()
+        self.close()
+        if isinstance(self.dataset, QueueFlowDataset):
+            self.dataset._stop_workers()
+        self._base_seed, self._fresh = None, True
 
     def _drop_workers(self) -> None:
         """Stop the persistent workers (the next epoch starts new ones)."""

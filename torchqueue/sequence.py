@@ -121,6 +121,7 @@ class Sequence:
         self._current: _EpochState | None = None  # the epoch iterated last (not its iterator: no cycle)
         self._closed = False
         self._error: BaseException | None = None
+        self._interrupted = False  # Ctrl-C stopped the workers: the next call starts new ones
 
     @property
     def step_names(self) -> list[str]:
@@ -204,6 +205,7 @@ class Sequence:
             )
 
     def _queue(self, iterator: Iterator[Any], in_memory: bool) -> None:
+        self._restart_if_interrupted()
         runtime = self._start()
         runtime.queue(self._queued, iterator, in_memory)
         self._queued += 1
@@ -221,6 +223,7 @@ class Sequence:
     def _next_iterator(self) -> _EpochIterator:
         """The next queued epoch's iterator; the previous epoch, if not over, is cancelled (``_queuing`` held)."""
         self._check_open()
+        self._restart_if_interrupted()
         if self._next_epoch >= self._queued:
             raise RuntimeError("no iterable is queued: call seq.queue_iterable(chunks) first, or iterate seq(chunks)")
         self._check_one_consumer()
@@ -230,7 +233,10 @@ class Sequence:
                 previous.abandon(self._runtime, self.timeout)
             except Stopped:  # closed meanwhile by another thread
                 raise self._closed_error() from None
-            except BaseException as exc:  # a dead worker or Ctrl-C while cancelling
+            except KeyboardInterrupt:  # Ctrl-C while cancelling: as while iterating
+                self._interrupt()
+                raise
+            except BaseException as exc:  # a dead worker while cancelling
                 self._fail(exc)
                 raise
         iterator = _EpochIterator(self, self._next_epoch)
@@ -244,6 +250,25 @@ class Sequence:
             self._runtime = Runtime(self._plan, self._ctx, self._steps, self._ordered, self._skip, self.name, base_seed)
             self._finalizer = weakref.finalize(self, self._runtime.close)
         return self._runtime
+
+    def _interrupt(self) -> None:
+        """Ctrl-C reached the consumer while it took outputs or cancelled an epoch: the workers stop, as
+        after an error (a read cut short leaves the edges in no state to go on), but the Sequence stays
+        usable, as interrupt-and-rerun in a notebook wants. The next call starts new workers
+        (``_restart_if_interrupted``); the epochs queued meanwhile are dropped with the old ones."""
+        self._interrupted = True
+        if self._runtime is not None:  # a second Ctrl-C during close() still stops everything (``Runtime.close``)
+            self._runtime.close(join_s=ERROR_JOIN_S)
+
+    def _restart_if_interrupted(self) -> None:
+        """After Ctrl-C (``_interrupt``), forget the stopped runtime and its epochs (``_queuing`` held)."""
+        if not self._interrupted:
+            return
+        self._interrupted = False
+        if self._finalizer is not None:
+            self._finalizer()  # closed already: this only drops it
+        self._runtime, self._finalizer, self._current = None, None, None
+        self._next_epoch = self._queued
 
     def _fail(self, error: BaseException) -> None:
         self._error = error
@@ -357,7 +382,10 @@ class _EpochIterator(Iterator[Any]):
             state.done = True
             if isinstance(exc, Stopped) or runtime.closed:  # another thread closed the Sequence
                 raise sequence._closed_error() from None
-            sequence._fail(exc)
+            if isinstance(exc, KeyboardInterrupt):  # the epoch is cancelled, the Sequence lives on
+                sequence._interrupt()
+            else:
+                sequence._fail(exc)
             raise
 
     def _end(self, control: EndOfEpoch | Failure) -> None:
