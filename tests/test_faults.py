@@ -17,6 +17,7 @@ import pytest
 from conftest import Unrebuildable, assert_no_workers, identity, random_sleep, stuck_on_five, unrebuildable_on_three
 
 import torchqueue as tq
+from torchqueue._semnames import semaphore_names
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
 
@@ -61,18 +62,19 @@ def test_close_unlinks_the_named_semaphores_while_a_stuck_input_generator_still_
         yield 1
         release.wait(30)
 
-    def semaphores() -> set[str]:
-        return {name for name in os.listdir("/dev/shm") if name.startswith("sem.")}
+    def present(names: set[str]) -> set[str]:  # only this pipeline's: other processes may make their own
+        return {name for name in names if os.path.exists(f"/dev/shm/sem.{name.lstrip('/')}")}
 
-    before = semaphores()
     try:
         with tq.Sequence(tq.ProcessStep(identity), timeout=0.5) as seq:
             iterator = seq(stuck_input())
             assert next(iterator) == 1
-            assert semaphores() - before  # the fork server's context names its semaphores
+            runtime = seq._runtime
+            ours = semaphore_names(runtime._edges, runtime._events, runtime._stop, runtime._credits)
+            assert present(ours)  # the fork server's context names its semaphores
             with pytest.raises(TimeoutError):
                 next(iterator)
-        assert not semaphores() - before  # the feeder thread is still inside stuck_input
+        assert not present(ours)  # the feeder thread is still inside stuck_input
     finally:
         release.set()
 
