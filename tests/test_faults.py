@@ -66,12 +66,12 @@ def test_close_unlinks_the_named_semaphores_while_a_stuck_input_generator_still_
         return {name for name in names if os.path.exists(f"/dev/shm/sem.{name.lstrip('/')}")}
 
     try:
-        with tq.Sequence(tq.ProcessStep(identity), timeout=0.5) as seq:
+        with tq.Sequence(tq.ProcessStep(identity), timeout=0.5, context="spawn") as seq:
             iterator = seq(stuck_input())
             assert next(iterator) == 1
             runtime = seq._runtime
             ours = semaphore_names(runtime._edges, runtime._events, runtime._stop, runtime._credits)
-            assert present(ours)  # the fork server's context names its semaphores
+            assert present(ours)  # spawn's context names its semaphores
             with pytest.raises(TimeoutError):
                 next(iterator)
         assert not present(ours)  # the feeder thread is still inside stuck_input

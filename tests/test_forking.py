@@ -3,6 +3,7 @@ process; every worker gets its step pickled as it starts (shared tensors, semaph
 
 from __future__ import annotations
 
+import threading
 import multiprocessing
 import os
 import signal
@@ -23,10 +24,26 @@ ROOT = Path(__file__).resolve().parent.parent
 CONTEXTS = ["fork", "spawn", "forkserver"]
 
 
+USER_THREAD = "import threading; threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+
+
+@pytest.fixture
+def user_thread():
+    """A thread of the test's own while it runs: under "fork", workers then come from the fork server."""
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join(5)
+
+
 def run_program(program: str, tmp_path: Path, *args: str, flags: tuple[str, ...] = (), timeout: float = 60) -> str:
     """Run ``program`` as a script; stderr goes to a file (a pipe nobody reads could block it), unbuffered off."""
     script = tmp_path / "program.py"
-    script.write_text(textwrap.dedent(program))
+    # a consumer with a thread of its own (a user's, a feeder's): where forking it could hang, so workers
+    # come from the fork server (without one, the consumer's own process is forked)
+    script.write_text(USER_THREAD + textwrap.dedent(program))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     env["PYTHONPATH"] = str(ROOT)
     with open(tmp_path / "stderr.txt", "w") as stderr:
@@ -100,7 +117,7 @@ def test_a_user_thread_logging_to_a_file_does_not_hang_the_workers(tmp_path):
 THREADS_AT_FORK = """
     import os, sys, warnings, torch, torchqueue as tq
     forks = []
-    os.register_at_fork(before=lambda: forks.append(len(os.listdir("/proc/self/task"))))
+    os.register_at_fork(before=lambda: forks.append(threading.active_count()))
     def slow(x):
         return x
     if __name__ == "__main__":
@@ -116,7 +133,7 @@ THREADS_AT_FORK = """
             assert [b[0].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
         loader.close()
         first.close()
-        print("forks", forks, "threads", len(os.listdir("/proc/self/task")))
+        print("forks", forks, "threads", threading.active_count())
 """
 
 
@@ -140,6 +157,7 @@ def test_no_deprecation_warning_with_warnings_as_errors(tmp_path):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.usefixtures("user_thread")
 def test_the_fork_server_is_one_thread_and_reused():
     from torchqueue import _forkserver
 
@@ -183,7 +201,7 @@ CONSUMER_KILLED = """
 @pytest.mark.timeout(60)
 def test_the_fork_server_and_its_workers_exit_when_the_consumer_is_killed(tmp_path):
     script = tmp_path / "consumer.py"
-    script.write_text(textwrap.dedent(CONSUMER_KILLED))
+    script.write_text(USER_THREAD + textwrap.dedent(CONSUMER_KILLED))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env) as consumer:
         try:
@@ -242,6 +260,7 @@ def test_a_dataset_holding_multiprocessing_values_and_semaphores_works(context):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.usefixtures("user_thread")
 def test_a_fork_context_value_under_fork_says_what_to_change():
     dataset = CountingDataset("fork")
     loader = tq.QueueFlowLoader(dataset, batch_size=3, num_workers=2, multiprocessing_context="fork")

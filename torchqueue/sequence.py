@@ -40,9 +40,8 @@ _START_METHODS = ("fork", "spawn", "forkserver")
 
 
 def resolve_context(context: str | BaseContext | None) -> BaseContext:
-    """The context a pipeline's workers start with, from a start method name, a context, or ``None``
-    (Python's default start method). ``"fork"`` gives torchqueue's fork server (see ``_forkserver``):
-    its workers are forked, but never from a process with other threads."""
+    """The start method asked for, as a context, from a start method name, a context, or ``None``
+    (Python's default start method); ``_start_context`` picks the one workers start with."""
     if context is None:
         context = multiprocessing.get_context()
     elif isinstance(context, str):
@@ -53,7 +52,16 @@ def resolve_context(context: str | BaseContext | None) -> BaseContext:
         raise TypeError(
             f"context must be a start method name or a multiprocessing context, got {type(context).__name__}"
         )
-    return FORK_SERVER if context.get_start_method() == "fork" else context
+    return context
+
+
+def _start_context(context: BaseContext) -> BaseContext:
+    """The context a pipeline's workers start with, chosen as it starts: under ``"fork"``, a fork of this
+    process while no other Python thread runs (one that could hold a lock: logging's, a stream's, a
+    feeder's), else torchqueue's fork server (see ``_forkserver``), which forks from a clean process."""
+    if context.get_start_method() == "fork" and threading.active_count() > 1:
+        return FORK_SERVER
+    return context
 
 
 class Sequence:
@@ -103,7 +111,6 @@ class Sequence:
             raise TypeError(f"name must be a str or None, got {type(name).__name__}")
         self._plan = make_plan(elements)
         self._ctx = resolve_context(context)
-        self._steps = travelling_steps(self._plan, self._ctx)
         self._ordered = ordered
         self._skip = on_error == "skip"
         self.name = name or "sequence"
@@ -247,7 +254,9 @@ class Sequence:
     def _start(self) -> Runtime:
         if self._runtime is None:
             base_seed = draw_base_seed() if self._seed_workers else None
-            self._runtime = Runtime(self._plan, self._ctx, self._steps, self._ordered, self._skip, self.name, base_seed)
+            ctx = _start_context(self._ctx)
+            steps = travelling_steps(self._plan, ctx)
+            self._runtime = Runtime(self._plan, ctx, steps, self._ordered, self._skip, self.name, base_seed)
             self._finalizer = weakref.finalize(self, self._runtime.close)
         return self._runtime
 
