@@ -66,7 +66,7 @@ def test_close_unlinks_the_named_semaphores_while_a_stuck_input_generator_still_
         return {name for name in names if os.path.exists(f"/dev/shm/sem.{name.lstrip('/')}")}
 
     try:
-        with tq.Sequence(tq.ProcessStep(identity), timeout=0.5, context="spawn") as seq:
+        with tq.Sequence(tq.ProcessStep(identity), timeout=5, context="spawn") as seq:
             iterator = seq(stuck_input())
             assert next(iterator) == 1
             runtime = seq._runtime
