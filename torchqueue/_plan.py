@@ -19,6 +19,15 @@ ProcessStep of several workers: it needs its input in order.
 
 A ``round_robin`` stage reads one channel per worker (element ``k`` goes to
 channel ``k % nworkers``); its edge's capacity is shared among them.
+
+Fusion. A one-worker ProcessStep right after a stream stage (a RepackStep, PackStep or
+UnpackStep, or a join), with no queue declared between them, runs inside the stream stage's
+process (``Plan.fused``): each output of the stream step goes through the function there, and
+the hop between them (pickling a batch's worth of elements into shared memory, a process
+switch, unpickling) is not paid. That is the seed's ``RepackStep(n) -> ProcessStep(collate, 1)``.
+Nothing else changes: both steps keep their names, stats rows, errors, random streams and
+``get_worker_info()``, and the outputs are the same. The edge between them and its credits
+are gone; a declared ``Queue`` between them keeps the two processes apart.
 """
 
 from __future__ import annotations
@@ -82,6 +91,15 @@ class Plan:
 
     stages: tuple[StagePlan, ...]
     capacities: tuple[int, ...]
+    fused: frozenset[int] = frozenset()  # map stages run inside the stream stage before them
+
+    def fused_into(self, stage: int) -> StagePlan | None:
+        """The stage that runs inside ``stage``'s process, after its stream step (``None``: none)."""
+        return self.stages[stage + 1] if stage + 1 in self.fused else None
+
+    def output_edge(self, stage: int) -> int:
+        """The edge ``stage``'s workers write to: the next one, or the fused stage's (its input has no edge)."""
+        return stage + 2 if stage + 1 in self.fused else stage + 1
 
     def message_capacity(self, edge: int) -> int:
         """Messages edge ``edge`` holds: its capacity times the parts per element of a pool it touches."""
@@ -102,8 +120,9 @@ class Plan:
     def credits(self, stage: int) -> int:
         """Elements that may be in flight in the segment starting at ``stage``'s output."""
         end = self.segment_end(stage)
-        between = self.stages[stage + 1 : end]
-        return sum(self.capacities[stage + 1 : end + 1]) + sum(s.nworkers for s in between)
+        between = [s for s in self.stages[stage + 1 : end] if s.index not in self.fused]
+        edges = [self.capacities[edge] for edge in range(stage + 1, end + 1) if edge not in self.fused]
+        return sum(edges) + sum(s.nworkers for s in between)
 
     def channel_capacity(self, edge: int) -> int:
         """Messages each channel of edge ``edge`` holds (a round robin reader shares the edge's among its own)."""
@@ -151,6 +170,7 @@ def make_plan(elements: tuple[Any, ...]) -> Plan:
     """Validate ``elements`` and lay out stages and edge capacities (see the module docstring)."""
     steps: list[Step] = []
     capacities: list[int] = []
+    declared: list[bool] = []  # whether a queue was declared before each step
     pending: Queue | None = None
     for position, element in enumerate(elements):
         queue = _as_queue(element)
@@ -160,6 +180,7 @@ def make_plan(elements: tuple[Any, ...]) -> Plan:
             pending = queue
         elif isinstance(element, Step):
             capacities.append(pending.capacity if pending else 1)
+            declared.append(pending is not None)
             pending = None
             steps.append(element)
         else:
@@ -173,18 +194,32 @@ def make_plan(elements: tuple[Any, ...]) -> Plan:
 
     # A ProcessStep right after a PoolStep reads through a join stage; so does a round robin
     # ProcessStep after several workers of a ProcessStep (they finish out of order).
-    laid: list[tuple[Step, int]] = []
-    for step, capacity in zip(steps, capacities):
+    laid: list[tuple[Step, int, bool]] = []
+    for step, capacity, given in zip(steps, capacities, declared):
         if laid and isinstance(step, ProcessStep) and _needs_join(laid[-1][0], step):
-            laid.append((JoinStep(), 1))
-        laid.append((step, capacity))
+            if step.nworkers == 1:  # the step runs inside the join (fused): the queue goes before the join
+                laid.append((JoinStep(), capacity, given))
+                capacity, given = 1, False
+            else:
+                laid.append((JoinStep(), 1, False))
+        laid.append((step, capacity, given))
 
-    names = _unique_names([step for step, _ in laid])
+    names = _unique_names([step for step, _, _ in laid])
     stages = tuple(
         StagePlan(index, names[index], step, _kind(step), getattr(step, "nworkers", 1))
-        for index, (step, _) in enumerate(laid)
+        for index, (step, _, _) in enumerate(laid)
     )
-    return Plan(stages, tuple(c for _, c in laid) + (capacities[-1],))
+    fused = frozenset(
+        stage.index
+        for stage, (_, _, given) in zip(stages, laid)
+        if stage.index and not given and _fusable(stages[stage.index - 1], stage)
+    )
+    return Plan(stages, tuple(c for _, c, _ in laid) + (capacities[-1],), fused)
+
+
+def _fusable(previous: StagePlan, stage: StagePlan) -> bool:
+    """Whether ``stage`` can run inside ``previous``'s process: a one-worker map after a stream stage."""
+    return previous.kind == STREAM and stage.kind == MAP and stage.nworkers == 1
 
 
 def _unique_names(steps: list[Step]) -> list[str]:

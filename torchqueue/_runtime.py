@@ -44,6 +44,7 @@ messages left in it, and so do the workers if this process dies.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 import multiprocessing.process
 import os
 import queue
@@ -66,7 +67,7 @@ from torchqueue._messages import EndOfEpoch, Envelope, SkipNotice, StartupFailur
 from torchqueue._plan import STREAM, Plan
 from torchqueue._stuck import Holder, holders, timeout_message
 from torchqueue._unreadable import in_place
-from torchqueue._worker import Emitter, WorkerContext, observe_bytes, worker_main
+from torchqueue._worker import Emitter, FusedStage, WorkerContext, observe_bytes, worker_main
 from torchqueue.errors import PipelineError, WorkerDiedError, capture
 from torchqueue.stats import NFIELDS, Field, Stats
 
@@ -139,9 +140,11 @@ class Runtime:
         self._name = name
         self._stop = StopSignal(ctx)
         self._cancelled = ctx.RawValue("q", -1)
-        # edge i feeds stage i (the last one the consumer): one channel, or one per round robin worker
+        # edge i feeds stage i (the last one the consumer); a fused stage's input has none
         self._edges = [
             [Channel(ctx, plan.channel_capacity(i)) for _ in range(stage.inboxes() if stage else 1)]
+            if i not in plan.fused
+            else []
             for i, stage in enumerate([*plan.stages, None])
         ]
         self._events = Channel(ctx, 4 + 2 * sum(s.nworkers for s in plan.stages))
@@ -166,6 +169,7 @@ class Runtime:
         self._samples: list[tuple[float, list[float]]] = []
         self._sample_every = SAMPLE_S
         self.workers: list[tuple[str, int, Any]] = []  # (stage name, worker index, Process)
+        self._row_owners: list[tuple[str, int, Any]] = []  # the same per stats row (a fused stage's: its host's)
         try:
             self._start_workers(steps, ordered, skip_errors, assigners)
         except BaseException:
@@ -181,9 +185,15 @@ class Runtime:
     ) -> None:
         row = 0
         for stage, step in zip(self.plan.stages, steps):
-            upstream = max(a for a in assigners if a < stage.index)
             self._rows[stage.index] = row
-            split = self.plan.splits_into(stage.index)
+            if stage.index in self.plan.fused:  # runs in the previous stage's process, on this row
+                self._row_owners.append((stage.name, 0, self.workers[-1][2]))
+                row += 1
+                continue
+            upstream = max(a for a in assigners if a < stage.index)
+            fused = self.plan.fused_into(stage.index)
+            last = stage if fused is None else fused  # the stage whose outputs these workers send
+            split = self.plan.splits_into(last.index)
             for worker in range(stage.nworkers):
                 context = WorkerContext(
                     stage_name=stage.name,
@@ -192,9 +202,9 @@ class Runtime:
                     nworkers=stage.nworkers,
                     step=step,
                     inbox=self._edges[stage.index][worker % stage.inboxes()],
-                    outbox=self._edges[stage.index + 1],
-                    split_parts=self.plan.stages[stage.index + 1].parts_per_element() if split else 0,
-                    split_step=self.plan.stages[stage.index + 1].name if split else "",
+                    outbox=self._edges[self.plan.output_edge(stage.index)],
+                    split_parts=self.plan.stages[last.index + 1].parts_per_element() if split else 0,
+                    split_step=self.plan.stages[last.index + 1].name if split else "",
                     in_credits=self._credits[upstream],
                     out_credits=self._credits.get(stage.index),
                     ordered=ordered,
@@ -208,6 +218,7 @@ class Runtime:
                     in_bytes=self._bytes_out[upstream] if stage.kind == STREAM else None,
                     stage_index=stage.index,
                     base_seed=self._base_seed,
+                    fused=None if fused is None else FusedStage(fused.name, fused.index, steps[fused.index], row + 1),
                 )
                 row += 1
                 process = self._ctx.Process(  # type: ignore[attr-defined]
@@ -216,9 +227,10 @@ class Runtime:
                     name=f"torchqueue:{stage.name}#{worker}",
                     daemon=True,
                 )
-                with step.starting():
+                with step.starting(), (nullcontext() if fused is None else steps[fused.index].starting()):
                     process.start()
                 self.workers.append((stage.name, worker, process))
+                self._row_owners.append((stage.name, worker, process))
         logger.debug("started %d workers for %s", len(self.workers), self._name)
 
     # -- feeding -------------------------------------------------------------------------------
@@ -325,7 +337,7 @@ class Runtime:
 
     def _holders(self, now: float) -> list[Holder]:
         """The workers that hold elements now (from their stats rows), longest first."""
-        return holders([(stage, worker, process.pid) for stage, worker, process in self.workers], self._stats, now)
+        return holders([(stage, worker, process.pid) for stage, worker, process in self._row_owners], self._stats, now)
 
     def check_health(self) -> None:
         """Warn for skip notices; raise if a worker could not start or died."""
@@ -467,7 +479,7 @@ class Runtime:
             _segments.remove_dir(self._segment_dir)
         # Drop every lock, semaphore and process (their names are gone already, see _semnames).
         # The stats array stays for stats().
-        self._edges, self._credits, self.workers = [], {}, []
+        self._edges, self._credits, self.workers, self._row_owners = [], {}, [], []
         del self._events, self._stop, self._collector
         logger.debug("closed %s", self._name)
 

@@ -53,6 +53,16 @@ _PASSED_ON = frozenset({Failure, Skipped})
 
 
 @dataclass(frozen=True)
+class FusedStage:
+    """A one-worker map stage that runs inside a stream stage's worker (``_plan``'s fusion)."""
+
+    name: str
+    index: int
+    step: TravellingStep
+    stats_row: int
+
+
+@dataclass(frozen=True)
 class WorkerContext:
     """Everything one worker needs; built by the runtime, pickled to spawned workers."""
 
@@ -78,14 +88,18 @@ class WorkerContext:
     in_bytes: Any  # stream stages: RawValue, mean bytes per element arriving (for the bundle policy)
     stage_index: int
     base_seed: int | None  # the pipeline's: this worker's random streams derive from it (None: not seeded)
+    fused: FusedStage | None = None  # stream stages: the map stage run on each output, in this process
 
 
 class Meter:
-    """This worker's row of the shared stats array (only this worker writes it)."""
+    """A step's row of the shared stats array (only this worker writes it), and the step's name."""
 
-    def __init__(self, array: Any, row: int) -> None:
+    def __init__(self, array: Any, row: int, step: str) -> None:
         self._array = array
         self._base = row * NFIELDS
+        self.step = step
+        self.busy_since = int(self._base + Field.BUSY_SINCE)  # written twice per call: kept at hand
+        self.notified = False  # a skip notice was sent for this step
 
     def add(self, field: Field, value: float) -> None:
         self._array[self._base + field] += value
@@ -188,21 +202,28 @@ def worker_main(ctx: WorkerContext) -> None:
     _exit_with_parent(ctx.segment_dir)
     _clean_up_when_terminated_with_parent(ctx.stop, ctx.segment_dir)
     torch.set_num_threads(1)
-    info = WorkerInfo(ctx.stage_name, ctx.worker, ctx.nworkers)
+    # A fused stage's function is the only user code here (stream steps draw no random numbers): it
+    # sees its own step in get_worker_info() and its own random streams, as in a process of its own.
+    name, index = (ctx.stage_name, ctx.stage_index) if ctx.fused is None else (ctx.fused.name, ctx.fused.index)
+    info = WorkerInfo(name, ctx.worker, ctx.nworkers)
     set_worker_info(info)
-    seeds = EpochSeeds(ctx.base_seed, ctx.stage_index, info)
+    seeds = EpochSeeds(ctx.base_seed, index, info)
     seeds.enter(0)  # before the step is unpickled: a fork's inherited random state never shows
+    loading = ctx.stage_name, ctx.worker
     try:
         step = ctx.step.load()
+        if ctx.fused is not None:
+            loading = ctx.fused.name, 0
+            fused = getattr(ctx.fused.step.load(), "fn")  # noqa: B009
     except BaseException:
-        notice = StartupFailure(ctx.stage_name, ctx.worker, traceback.format_exc())
+        notice = StartupFailure(*loading, traceback.format_exc())
         ctx.events.put(_serialize.dumps(notice, None), lambda: not ctx.stop.is_set())
         raise SystemExit(3) from None
     loop = _Loop(ctx, seeds)
     try:
         if ctx.kind == "stream":
             assert isinstance(step, StreamStep)
-            loop.run_stream(step)
+            loop.run_stream(step, fused if ctx.fused is not None else None)
         else:
             loop.run_function(getattr(step, "fn"), pool=ctx.kind == "pool")  # noqa: B009
     except Stopped:
@@ -281,10 +302,11 @@ class _Loop:
     def __init__(self, ctx: WorkerContext, seeds: EpochSeeds) -> None:
         self.ctx = ctx
         self.seeds = seeds
-        self.meter = Meter(ctx.stats, ctx.stats_row)
-        self._busy_since = int(ctx.stats_row * NFIELDS + Field.BUSY_SINCE)  # written twice per call: kept at hand
-        self.emitter = Emitter(ctx.outbox, self.alive, ctx.split_parts, ctx.split_step, ctx.stage_name, ctx.segment_dir)
-        self._notified = False
+        self.meter = Meter(ctx.stats, ctx.stats_row, ctx.stage_name)
+        fused = ctx.fused
+        self.fused_meter = None if fused is None else Meter(ctx.stats, fused.stats_row, fused.name)
+        writer = ctx.stage_name if fused is None else fused.name
+        self.emitter = Emitter(ctx.outbox, self.alive, ctx.split_parts, ctx.split_step, writer, ctx.segment_dir)
 
     def alive(self) -> bool:
         return not self.ctx.stop.is_set()
@@ -330,46 +352,56 @@ class _Loop:
         result = self.failed(exc)
         return [] if self.ctx.kind == "pool" and isinstance(result, Skipped) else result
 
-    def timed(self, send: Callable[..., object], *args: Any, credits: Any = None) -> None:
+    def timed(self, send: Callable[..., object], *args: Any, credits: Any = None, meters: tuple[Meter, ...] = ()) -> None:
         """Take a credit of ``credits`` (if given), then ``send(*args)``, counting the time as waiting
-        for room downstream."""
+        for room downstream (for this worker's step, and for ``meters``' steps)."""
+        meters = (self.meter, *meters)
         start = time.perf_counter()
-        self.meter.set(Field.OUT_SINCE, start)  # stats() counts a wait still going on
+        for meter in meters:
+            meter.set(Field.OUT_SINCE, start)  # stats() counts a wait still going on
         if credits is not None:
             wait_acquire(credits, self.alive)
         send(*args)
-        self.meter.set(Field.OUT_SINCE, 0.0)
-        self.meter.add(Field.WAIT_OUT, time.perf_counter() - start)
+        spent = time.perf_counter() - start
+        for meter in meters:
+            meter.set(Field.OUT_SINCE, 0.0)
+            meter.add(Field.WAIT_OUT, spent)
 
-    def call(self, fn: Callable[[Any], Any], value: Any, epoch: int, seq: int) -> Any:
-        """``fn(value)``, or a Failure / Skipped in its place (the element at ``seq`` of ``epoch``)."""
-        self.meter.add(Field.IN, 1)
+    def call(self, fn: Callable[[Any], Any], value: Any, epoch: int, seq: int, meter: Meter | None = None) -> Any:
+        """``fn(value)``, or a Failure / Skipped in its place (the element at ``seq`` of ``epoch``);
+        counted on ``meter``'s step (default: this worker's)."""
+        meter = meter or self.meter
+        meter.add(Field.IN, 1)
         stats = self.ctx.stats
-        stats[self._busy_since] = start = time.perf_counter()  # stats() counts a call still going on as busy
+        stats[meter.busy_since] = start = time.perf_counter()  # stats() counts a call still going on as busy
         try:
             result = fn(value)
         except Exception as exc:
-            result = self.failed(exc, epoch, seq)
+            result = self.failed(exc, epoch, seq, meter)
         else:
-            self.meter.add(Field.OUT, 1)
-        stats[self._busy_since] = 0.0
-        self.meter.add(Field.BUSY, time.perf_counter() - start)
+            meter.add(Field.OUT, 1)
+        stats[meter.busy_since] = 0.0
+        meter.add(Field.BUSY, time.perf_counter() - start)
         return result
 
-    def failed(self, exc: Exception, epoch: int | None = None, seq: int | None = None) -> Failure | Skipped:
-        """``exc`` raised for the element at ``seq`` of ``epoch`` (where known): a Failure, or Skipped
-        (``on_error="skip"``)."""
+    def failed(
+        self, exc: Exception, epoch: int | None = None, seq: int | None = None, meter: Meter | None = None
+    ) -> Failure | Skipped:
+        """``exc`` raised for the element at ``seq`` of ``epoch`` (where known) by ``meter``'s step
+        (default: this worker's): a Failure, or Skipped (``on_error="skip"``)."""
+        meter = meter or self.meter
         if not self.ctx.skip_errors:
-            return capture(self.ctx.stage_name, exc, epoch, seq)
-        return self.skipped(f"{type(exc).__name__}: {exc}")
+            return capture(meter.step, exc, epoch, seq)
+        return self.skipped(f"{type(exc).__name__}: {exc}", meter)
 
-    def skipped(self, summary: str) -> Skipped:
-        """This step's failure, dropped (``on_error="skip"``): counted, and noticed once."""
-        self.meter.add(Field.SKIPPED, 1)
-        if not self._notified:
-            self._notified = True
-            self.ctx.events.put(_serialize.dumps(SkipNotice(self.ctx.stage_name, summary), None), self.alive)
-        return Skipped(self.ctx.stage_name)
+    def skipped(self, summary: str, meter: Meter | None = None) -> Skipped:
+        """A step's failure, dropped (``on_error="skip"``): counted, and noticed once per step."""
+        meter = meter or self.meter
+        meter.add(Field.SKIPPED, 1)
+        if not meter.notified:
+            meter.notified = True
+            self.ctx.events.put(_serialize.dumps(SkipNotice(meter.step, summary), None), self.alive)
+        return Skipped(meter.step)
 
     def cancelled(self, epoch: int) -> bool:
         return epoch <= self.ctx.cancelled.value
@@ -440,15 +472,21 @@ class _Loop:
                 results.append(result)
         return results
 
-    def run_stream(self, step: StreamStep) -> None:
+    def run_stream(self, step: StreamStep, fused: Callable[[Any], Any] | None = None) -> None:
+        """The stream step's loop; ``fused``: the function of the map stage fused into this one, run on
+        each output before it is sent."""
         collector = Collector(self.ctx.ordered, self.ctx.in_credits.release)
         epoch = 0
+        self._fused_idle_since = time.perf_counter()
         while True:
             outputs = 0
 
             def emit(payload: Any) -> None:
                 nonlocal outputs
-                self.timed(self.emitter.emit, epoch, outputs, payload, credits=self.ctx.out_credits)  # noqa: B023
+                if fused is not None:
+                    self.emit_fused(fused, epoch, outputs, payload)  # noqa: B023
+                else:
+                    self.timed(self.emitter.emit, epoch, outputs, payload, credits=self.ctx.out_credits)  # noqa: B023
                 outputs += 1
 
             elements = self.epoch_elements(collector, epoch)
@@ -471,6 +509,27 @@ class _Loop:
                     pass
             emit(EndOfEpoch(outputs))
             epoch += 1
+
+    def emit_fused(self, fn: Callable[[Any], Any], epoch: int, seq: int, payload: Any) -> None:
+        """Send ``fn(payload)`` for the output at ``seq``, counted as the fused stage would count it in a
+        process of its own: its call busy, the time it waited for this output as its wait for input. To
+        the stream step, the call and the send are both its wait for room downstream."""
+        meter = self.fused_meter
+        assert meter is not None
+        start = time.perf_counter()
+        if not isinstance(payload, CONTROL):
+            meter.add(Field.WAIT_IN, start - self._fused_idle_since)
+            meter.add(Field.MESSAGES, 1)
+            meter.set(Field.AT_EPOCH, epoch)
+            meter.set(Field.AT_SEQ, seq)
+            if self.cancelled(epoch):
+                payload = Skipped(meter.step)
+            else:
+                payload = self.call(fn, payload, epoch, seq, meter)
+        called = time.perf_counter()
+        self.meter.add(Field.WAIT_OUT, called - start)
+        self.timed(self.emitter.emit, epoch, seq, payload, credits=self.ctx.out_credits, meters=(meter,))
+        self._fused_idle_since = time.perf_counter()
 
     def epoch_elements(self, collector: Collector, epoch: int, drain: bool = False) -> Iterator[tuple[int, Any]]:
         """The elements of ``epoch`` in order, until its end, with their input positions (in arrival
