@@ -22,7 +22,7 @@ from typing import Any
 from torchqueue._bundle import BundlePolicy
 from torchqueue._channel import POLL_S, wait_acquire
 from torchqueue._messages import Bundle, EndOfEpoch, Envelope
-from torchqueue._worker import Emitter
+from torchqueue._transport import Emitter
 from torchqueue.errors import capture_input
 
 _RECHECK_EVERY = 16

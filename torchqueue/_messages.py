@@ -100,3 +100,7 @@ class StartupFailure:
     step: str
     worker: int
     traceback: str
+
+
+CONTROL = (EndOfEpoch, Failure, Skipped)
+"""Payloads every stage passes on untouched (a ``Bundle`` is not one: its items are work)."""

@@ -44,7 +44,6 @@ messages left in it, and so do the workers if this process dies.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 import multiprocessing.process
 import os
 import queue
@@ -54,6 +53,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterator
+from contextlib import nullcontext
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -66,8 +66,8 @@ from torchqueue._mainmodule import TravellingStep
 from torchqueue._messages import EndOfEpoch, Envelope, SkipNotice, StartupFailure
 from torchqueue._plan import STREAM, Plan
 from torchqueue._stuck import Holder, holders, timeout_message
-from torchqueue._unreadable import in_place
-from torchqueue._worker import Emitter, FusedStage, WorkerContext, observe_bytes, worker_main
+from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
+from torchqueue._worker import FusedStage, WorkerContext, worker_main
 from torchqueue.errors import PipelineError, WorkerDiedError, capture
 from torchqueue.stats import NFIELDS, Field, Stats
 
@@ -203,7 +203,7 @@ class Runtime:
                     step=step,
                     inbox=self._edges[stage.index][worker % stage.inboxes()],
                     outbox=self._edges[self.plan.output_edge(stage.index)],
-                    split_parts=self.plan.stages[last.index + 1].parts_per_element() if split else 0,
+                    split=self._sizer(last.index + 1) if split else None,
                     split_step=self.plan.stages[last.index + 1].name if split else "",
                     in_credits=self._credits[upstream],
                     out_credits=self._credits.get(stage.index),
@@ -227,7 +227,7 @@ class Runtime:
                     name=f"torchqueue:{stage.name}#{worker}",
                     daemon=True,
                 )
-                with step.starting(), (nullcontext() if fused is None else steps[fused.index].starting()):
+                with step.starting(), nullcontext() if fused is None else steps[fused.index].starting():
                     process.start()
                 self.workers.append((stage.name, worker, process))
                 self._row_owners.append((stage.name, worker, process))
@@ -251,7 +251,7 @@ class Runtime:
         """Feeder thread: a failure of its own (not of the user's input) is reported by ``check_health``."""
         try:
             first = self.plan.stages[0]
-            split = first.parts_per_element() if self.plan.splits_into(-1) else 0
+            split = self._sizer(0) if self.plan.splits_into(-1) else None
             Feeder(
                 self._epochs,
                 Emitter(self._edges[0], self._alive, split, first.name, "input", self._segment_dir),
@@ -265,6 +265,11 @@ class Runtime:
             pass
         except BaseException as exc:
             self._feeder_error = exc
+
+    def _sizer(self, pool: int) -> PartSizer:
+        """How the writers into stage ``pool`` (a PoolStep) split elements, from its stats rows."""
+        first_row = sum(stage.nworkers for stage in self.plan.stages[:pool])
+        return PartSizer(self._stats, first_row, self.plan.stages[pool].nworkers)
 
     def _first_segment_figures(self) -> tuple[float, float]:
         """For the bundle policy: the slowest step's seconds per element, and bytes per element out."""
@@ -325,15 +330,8 @@ class Runtime:
     def _read(self, data: bytearray) -> Envelope:
         """The envelope of ``data``; one whose value does not unpickle here carries the last step's
         error in its place (see ``_unreadable``)."""
-        try:
-            envelope: Envelope = _serialize.loads(data)
-        except Exception as exc:
-            step = self.plan.stages[-1].name
-            unread = in_place(data, exc, lambda error: capture(step, error), "unpickling its output in the consumer")
-            if unread is None:
-                raise
-            return unread
-        return envelope
+        step = self.plan.stages[-1].name
+        return read(data, lambda error: capture(step, error), "unpickling its output in the consumer")
 
     def _holders(self, now: float) -> list[Holder]:
         """The workers that hold elements now (from their stats rows), longest first."""

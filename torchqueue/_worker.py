@@ -17,7 +17,6 @@ would have come. A thread watches the parent: if it dies, the worker exits.
 
 from __future__ import annotations
 
-import errno
 import gc
 import multiprocessing
 import multiprocessing.connection
@@ -33,20 +32,17 @@ from typing import Any
 
 import torch
 
-from torchqueue import _segments, _serialize
+from torchqueue import _serialize
 from torchqueue._channel import POLL_S, Channel, Stopped, StopSignal, wait_acquire
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._mainmodule import TravellingStep
-from torchqueue._messages import Bundle, EndOfEpoch, Envelope, Failure, SkipNotice, Skipped, StartupFailure
+from torchqueue._messages import CONTROL, Bundle, EndOfEpoch, Envelope, Failure, SkipNotice, Skipped, StartupFailure
 from torchqueue._seeding import EpochSeeds
-from torchqueue._unreadable import in_place
+from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
 from torchqueue.errors import capture
 from torchqueue.stats import NFIELDS, Field
 from torchqueue.steps import StreamStep
 from torchqueue.worker_info import WorkerInfo, set_worker_info
-
-CONTROL = (EndOfEpoch, Failure, Skipped)
-"""Payloads every stage passes on untouched (a ``Bundle`` is not one: its items are work)."""
 
 _PASSED_ON = frozenset({Failure, Skipped})
 """Items of a bundle that are not work: an element that failed or was skipped upstream."""
@@ -73,7 +69,7 @@ class WorkerContext:
     step: TravellingStep  # pickled for this worker as it starts
     inbox: Channel  # this worker's: shared by the stage's workers, or its own (round robin)
     outbox: list[Channel]  # the next stage's inboxes
-    split_parts: int  # > 0: the next stage is a pool; split elements into up to this many parts
+    split: PartSizer | None  # the next stage is a pool: how many parts an element goes in
     split_step: str  # the name of that pool, for errors
     in_credits: Any  # stream stages: released per element taken out of order
     out_credits: Any  # stream stages: acquired per element emitted
@@ -106,88 +102,6 @@ class Meter:
 
     def set(self, field: Field, value: float) -> None:
         self._array[self._base + field] = value
-
-
-class Emitter:
-    """Writes envelopes to an edge, splitting elements into parts when a pool reads it.
-
-    The edge is one channel, or one per worker of a round robin reader: then the element at
-    position ``seq`` goes to channel ``seq % len(channels)``.
-    """
-
-    def __init__(
-        self,
-        channels: list[Channel],
-        alive: Callable[[], bool],
-        split_parts: int,
-        split_step: str,
-        writer: str,
-        segment_dir: str | None,
-    ):
-        self._channels = channels
-        self._segment_dir = segment_dir
-        self._alive = alive
-        self._split_parts = split_parts
-        self._split_step = split_step
-        self._writer = writer
-
-    def emit(self, epoch: int, seq: int, payload: Any) -> int:
-        """Send one whole element (or control message) at position ``seq``; return the bytes sent."""
-        if not self._split_parts or isinstance(payload, CONTROL):
-            return self.send(Envelope(epoch, seq, 0, 1, payload))
-        try:
-            items = list(payload)
-        except TypeError as exc:
-            error = TypeError(f"PoolStep needs iterable elements (lists, tuples, ...), got {type(payload).__name__}")
-            error.__cause__ = exc
-            return self.send(Envelope(epoch, seq, 0, 1, capture(self._split_step, error, epoch, seq)))
-        parts = split(items, self._split_parts)
-        return sum(self.send(Envelope(epoch, seq, index, len(parts), part)) for index, part in enumerate(parts))
-
-    def send(self, envelope: Envelope) -> int:
-        """Send one envelope as it is; return the bytes sent (shared memory included)."""
-        try:
-            data = _serialize.dumps(envelope, self._segment_dir)
-        except Exception as exc:
-            failure = capture(self._writer, _unsendable(self._writer, exc), envelope.epoch, envelope.seq)
-            data = _serialize.dumps(envelope._replace(payload=failure), None)
-        self._channels[envelope.seq % len(self._channels)].put(data, self._alive)
-        return _serialize.message_nbytes(data)
-
-    def idle(self) -> None:
-        """The sender has nothing to send for now: free the unused segments it kept for reuse."""
-        if self._segment_dir is not None:
-            _segments.trim(self._segment_dir)
-
-
-def _unsendable(writer: str, exc: Exception) -> Exception:
-    """The error for a value ``writer`` could not send: ``OSError`` (``ENOSPC``) for a full /dev/shm,
-    else ``TypeError``."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        error: Exception = OSError(errno.ENOSPC, f"could not send an element: {exc.strerror}")
-    else:
-        error = TypeError(f"step {writer!r} produced a value that cannot be sent to another process: {exc}")
-    error.__cause__ = exc
-    return error
-
-
-def observe_bytes(meter: Any, data: bytes | bytearray, envelope: Envelope) -> None:
-    """Fold one message's bytes per element into ``meter`` (a RawValue: a running mean)."""
-    payload = envelope.payload
-    count = len(payload.items) if isinstance(payload, Bundle) else 1
-    meter.value += 0.1 * (_serialize.message_nbytes(data) / max(count, 1) - meter.value)
-
-
-def split(items: list[Any], nparts: int) -> list[list[Any]]:
-    """``items`` in at most ``nparts`` contiguous, nearly equal parts (one empty part for no items)."""
-    nparts = max(1, min(nparts, len(items)))
-    size, extra = divmod(len(items), nparts)
-    parts, start = [], 0
-    for index in range(nparts):
-        stop = start + size + (index < extra)
-        parts.append(items[start:stop])
-        start = stop
-    return parts
 
 
 def worker_main(ctx: WorkerContext) -> None:
@@ -306,7 +220,7 @@ class _Loop:
         fused = ctx.fused
         self.fused_meter = None if fused is None else Meter(ctx.stats, fused.stats_row, fused.name)
         writer = ctx.stage_name if fused is None else fused.name
-        self.emitter = Emitter(ctx.outbox, self.alive, ctx.split_parts, ctx.split_step, writer, ctx.segment_dir)
+        self.emitter = Emitter(ctx.outbox, self.alive, ctx.split, ctx.split_step, writer, ctx.segment_dir)
 
     def alive(self) -> bool:
         return not self.ctx.stop.is_set()
@@ -338,21 +252,16 @@ class _Loop:
     def read(self, data: bytearray) -> Envelope:
         """The envelope of ``data``; one whose value does not unpickle here carries this step's error
         (see ``_unreadable``): the worker goes on."""
-        try:
-            envelope: Envelope = _serialize.loads(data)
-        except Exception as exc:
-            unread = in_place(data, exc, self.failed_input, "unpickling its input")
-            if unread is None:
-                raise
-            return unread
-        return envelope
+        return read(data, self.failed_input, "unpickling its input")
 
     def failed_input(self, exc: Exception) -> Any:
         """What stands for an input that did not unpickle: its Failure, or dropped (a pool's part: no items)."""
         result = self.failed(exc)
         return [] if self.ctx.kind == "pool" and isinstance(result, Skipped) else result
 
-    def timed(self, send: Callable[..., object], *args: Any, credits: Any = None, meters: tuple[Meter, ...] = ()) -> None:
+    def timed(
+        self, send: Callable[..., object], *args: Any, credits: Any = None, meters: tuple[Meter, ...] = ()
+    ) -> None:
         """Take a credit of ``credits`` (if given), then ``send(*args)``, counting the time as waiting
         for room downstream (for this worker's step, and for ``meters``' steps)."""
         meters = (self.meter, *meters)

@@ -1,0 +1,157 @@
+"""Stage boundaries that cost nothing: a one-worker step fused into the stream stage before it, and
+pool parts sized by the pool's cost. Both keep the contract: outputs, order, epochs, errors, stats,
+random streams and worker info are those of the pipeline as declared."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from conftest import square
+
+import torchqueue as tq
+from torchqueue._plan import JoinStep, make_plan
+from torchqueue._transport import PartSizer
+from torchqueue.stats import NFIELDS, Field
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
+
+
+def where(batch):
+    """The step and process that ran this function, with the batch's sum."""
+    info = tq.get_worker_info()
+    return info.step, os.getpid(), sum(batch)
+
+
+def draw(batch):
+    return torch.rand(1).item()
+
+
+def fails_on_third(batch):
+    if batch[0] == 8:
+        raise ValueError("bad batch")
+    return sum(batch)
+
+
+# -- the plan ------------------------------------------------------------------------------------
+
+
+def test_a_one_worker_step_right_after_a_stream_step_is_fused_into_it():
+    plan = make_plan((tq.ProcessStep(abs, 2), tq.RepackStep(4), tq.ProcessStep(sum, 1), tq.Queue(3)))
+    assert plan.fused == {2}
+    assert plan.fused_into(1) is plan.stages[2] and plan.output_edge(1) == 3
+    assert plan.credits(1) == 3  # the consumer's Queue(3); no edge and no worker of its own for the fused step
+
+
+@pytest.mark.parametrize(
+    "elements",
+    [
+        (tq.RepackStep(4), tq.Queue(2), tq.ProcessStep(sum, 1)),  # a declared queue keeps them apart
+        (tq.RepackStep(4), tq.ProcessStep(sum, 2)),  # two workers: a process of their own
+        (tq.ProcessStep(abs, 1), tq.ProcessStep(abs, 1)),  # not after a stream step
+    ],
+)
+def test_no_fusion_where_the_user_asked_for_a_queue_or_for_workers(elements):
+    assert make_plan(elements).fused == frozenset()
+
+
+def test_a_pool_then_a_one_worker_step_fuses_the_step_into_the_join_which_takes_the_declared_queue():
+    plan = make_plan((tq.PoolStep(abs, 2), tq.Queue(5), tq.ProcessStep(sum, 1)))
+    assert [type(s.step) for s in plan.stages] == [tq.PoolStep, JoinStep, tq.ProcessStep]
+    assert plan.fused == {2}
+    assert plan.capacities[1] == 5  # the queue is before the join
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+def test_the_fused_step_runs_in_the_stream_stages_process_and_sees_its_own_worker_info(start_method):
+    with tq.Sequence(tq.ProcessStep(abs, 1), tq.RepackStep(4), tq.ProcessStep(where, 1), context=start_method) as seq:
+        for _ in range(2):  # epochs
+            out = list(seq(range(10)))
+            assert [s for _, _, s in out] == [6, 22, 17]  # the last batch is partial
+        assert len(seq._runtime.workers) == 2  # abs and the repack (with where in it)
+        repack_pid = [p.pid for name, _, p in seq._runtime.workers if name == "RepackStep(4)"]
+    assert {(name, pid) for name, pid, _ in out} == {("where", repack_pid[0])}
+
+
+def test_the_seed_shape_with_a_fused_collate_matches_the_steps_run_in_order(start_method):
+    data = [list(range(i, i + 7)) for i in range(0, 70, 7)]
+    with tq.Sequence(
+        tq.PoolStep(square, nworkers=2), tq.RepackStep(16), tq.ProcessStep(sum, 1), tq.Queue(2), context=start_method
+    ) as seq:
+        flat = [x * x for chunk in data for x in chunk]
+        expected = [sum(flat[i : i + 16]) for i in range(0, len(flat), 16)]
+        assert list(seq(data)) == expected
+        assert list(seq(data)) == expected
+
+
+def test_a_failure_in_the_fused_step_names_it_and_the_element():
+    with tq.Sequence(tq.RepackStep(4), tq.ProcessStep(fails_on_third, 1)) as seq:
+        it = seq(range(20))
+        assert [next(it), next(it)] == [6, 22]
+        with pytest.raises(ValueError, match="'fails_on_third'.* at element 2 of epoch 0: bad batch"):
+            next(it)
+
+
+def test_on_error_skip_in_the_fused_step_drops_the_batch_and_counts_it_on_that_step():
+    with tq.Sequence(tq.RepackStep(4), tq.ProcessStep(fails_on_third, 1), on_error="skip") as seq:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert list(seq(range(20))) == [6, 22, 54, 70]
+        stats = seq.stats()
+    assert any("'fails_on_third'" in str(w.message) for w in caught)
+    assert stats["fails_on_third"].skipped == 1 and stats["RepackStep(4)"].skipped == 0
+
+
+def test_the_fused_step_keeps_its_stats_row():
+    with tq.Sequence(tq.ProcessStep(abs, 1), tq.RepackStep(4), tq.ProcessStep(sum, 1)) as seq:
+        assert list(seq(range(10))) == [6, 22, 17]
+        stats = seq.stats()
+    assert list(stats) == ["abs", "RepackStep(4)", "sum"]
+    assert (stats["sum"].elements_in, stats["sum"].elements_out, stats["sum"].nworkers) == (3, 3, 1)
+    assert (stats["RepackStep(4)"].elements_in, stats["RepackStep(4)"].elements_out) == (10, 3)
+
+
+def test_the_fused_step_draws_the_random_numbers_it_would_draw_in_a_process_of_its_own(start_method):
+    def run(*between):
+        torch.manual_seed(7)
+        with tq.Sequence(tq.RepackStep(2), *between, tq.ProcessStep(draw, 1), context=start_method) as seq:
+            assert seq._plan.fused == (frozenset({1}) if not between else frozenset())
+            return [list(seq(range(6))) for _ in range(2)]
+
+    fused, apart = run(), run(tq.Queue(1))
+    assert fused == apart
+    assert fused[0] != fused[1]  # a new stream each epoch
+
+
+# -- pool parts ----------------------------------------------------------------------------------
+
+
+class _Rows(list):
+    """A stand-in for the stats array: ``rows`` workers' rows."""
+
+    def __init__(self, rows, busy=0.0, items=0.0):
+        super().__init__([0.0] * (NFIELDS * rows))
+        for row in range(rows):
+            self[row * NFIELDS + Field.BUSY] = busy / rows
+            self[row * NFIELDS + Field.IN] = items / rows
+
+
+def test_pool_parts_follow_the_pools_cost_per_item():
+    assert PartSizer(_Rows(4), 0, 4).parts(100) == 8  # nothing measured yet: 2 per worker
+    assert PartSizer(_Rows(4, busy=0.004, items=40), 0, 4).parts(100) == 1  # 0.1 ms items: one part
+    assert PartSizer(_Rows(4, busy=0.4, items=40), 0, 4).parts(100) == 8  # 10 ms items: all parts
+    assert PartSizer(_Rows(4, busy=0.04, items=40), 0, 4).parts(100) == 5  # 1 ms: 20 ms a part
+    assert PartSizer(_Rows(4, busy=4.0, items=40), 0, 4).parts(3) == 3  # never more parts than items
+    assert PartSizer(_Rows(4, busy=0.4, items=40), 0, 4).parts(3) == 2  # 30 ms of work: two parts
+
+
+def test_cheap_items_go_to_the_pool_in_few_parts_and_come_back_complete(start_method):
+    data = [list(range(i, i + 100)) for i in range(0, 5000, 100)]
+    with tq.Sequence(tq.PoolStep(square, nworkers=2), context=start_method) as seq:
+        assert list(seq(data)) == [[x * x for x in chunk] for chunk in data]
+        messages = seq.stats()["square"].messages_in
+    assert messages < 2 * 2 * len(data) / 2  # 4 parts for the first elements only, one after

@@ -1,0 +1,160 @@
+"""How an element crosses a process boundary: the one place the feeder, the workers and the consumer
+go through to send and to receive.
+
+    sender                                                       receiver
+      Emitter.emit(epoch, seq, value)                              read(data, fail)
+        ├─ a pool reads next: split into parts (PartSizer)           ├─ _serialize.loads: maps the segment
+        ├─ _serialize.dumps: pickle; tensors into a segment          └─ does not unpickle: the step's error
+        │   (cannot be sent: the step's error, in place)                in the element's place (_unreadable)
+        └─ Channel.put (one channel, or seq % n: round robin)
+
+Envelopes carry ``(epoch, seq, part, nparts, payload)``; a receiver that reorders (a ``Collector``)
+joins the parts and puts the epoch back in order. ``observe_bytes`` keeps the running mean of bytes
+per element a stream stage receives (the feeder's bundle policy reads it).
+
+Pool parts are sized by cost (``PartSizer``): an element goes to a pool in as many parts as keep
+each part at ``PART_S`` seconds of the pool's work or more, up to ``2 * nworkers`` parts. A part
+costs a message (a pickle, a segment, a wake-up of a worker) whatever its size, so parts of two
+small items spend much of the pool's time on messages, while parts much larger than needed only
+lose parallelism on the last element of an epoch. Before the pool has measured its items'
+cost, elements go in ``2 * nworkers`` parts.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+from collections.abc import Callable
+from typing import Any
+
+from torchqueue import _segments, _serialize
+from torchqueue._channel import Channel
+from torchqueue._messages import CONTROL, Bundle, Envelope, Failure, Skipped
+from torchqueue._unreadable import in_place
+from torchqueue.errors import capture
+from torchqueue.stats import NFIELDS, Field
+
+PART_S = 0.02
+"""The pool work a part should carry at least (seconds): 20 ms is a few hundred times what the message
+of a part costs, and short next to an epoch."""
+
+
+class PartSizer:
+    """How many parts an element of ``n`` items goes to a pool in, from the pool's own figures (its
+    workers' rows of the stats array: seconds busy per item)."""
+
+    def __init__(self, stats: Any, first_row: int, nworkers: int) -> None:
+        self._stats = stats
+        self._rows = range(first_row, first_row + nworkers)
+        self.most = 2 * nworkers
+
+    def item_seconds(self) -> float | None:
+        """The pool's mean seconds per item so far (``None`` until each worker could have done one)."""
+        busy = items = 0.0
+        for row in self._rows:
+            busy += self._stats[row * NFIELDS + Field.BUSY]
+            items += self._stats[row * NFIELDS + Field.IN]
+        return busy / items if items >= len(self._rows) else None
+
+    def parts(self, n: int) -> int:
+        cost = self.item_seconds()
+        wanted = self.most if cost is None else math.ceil(n * cost / PART_S)
+        return max(1, min(self.most, wanted, n))
+
+
+class Emitter:
+    """Writes envelopes to an edge, splitting elements into parts when a pool reads it.
+
+    The edge is one channel, or one per worker of a round robin reader: then the element at
+    position ``seq`` goes to channel ``seq % len(channels)``.
+    """
+
+    def __init__(
+        self,
+        channels: list[Channel],
+        alive: Callable[[], bool],
+        sizer: PartSizer | None,
+        split_step: str,
+        writer: str,
+        segment_dir: str | None,
+    ):
+        """``sizer``: the pool that reads this edge (``None``: no pool, elements go whole);
+        ``split_step``: its name, for errors; ``writer``: the step whose outputs these are."""
+        self._channels = channels
+        self._segment_dir = segment_dir
+        self._alive = alive
+        self._sizer = sizer
+        self._split_step = split_step
+        self._writer = writer
+
+    def emit(self, epoch: int, seq: int, payload: Any) -> int:
+        """Send one whole element (or control message) at position ``seq``; return the bytes sent."""
+        if self._sizer is None or isinstance(payload, CONTROL):
+            return self.send(Envelope(epoch, seq, 0, 1, payload))
+        try:
+            items = list(payload)
+        except TypeError as exc:
+            error = TypeError(f"PoolStep needs iterable elements (lists, tuples, ...), got {type(payload).__name__}")
+            error.__cause__ = exc
+            return self.send(Envelope(epoch, seq, 0, 1, capture(self._split_step, error, epoch, seq)))
+        parts = split(items, self._sizer.parts(len(items)))
+        return sum(self.send(Envelope(epoch, seq, index, len(parts), part)) for index, part in enumerate(parts))
+
+    def send(self, envelope: Envelope) -> int:
+        """Send one envelope as it is; return the bytes sent (shared memory included)."""
+        try:
+            data = _serialize.dumps(envelope, self._segment_dir)
+        except Exception as exc:
+            failure = capture(self._writer, _unsendable(self._writer, exc), envelope.epoch, envelope.seq)
+            data = _serialize.dumps(envelope._replace(payload=failure), None)
+        self._channels[envelope.seq % len(self._channels)].put(data, self._alive)
+        return _serialize.message_nbytes(data)
+
+    def idle(self) -> None:
+        """The sender has nothing to send for now: free the unused segments it kept for reuse."""
+        if self._segment_dir is not None:
+            _segments.trim(self._segment_dir)
+
+
+def _unsendable(writer: str, exc: Exception) -> Exception:
+    """The error for a value ``writer`` could not send: ``OSError`` (``ENOSPC``) for a full /dev/shm,
+    else ``TypeError``."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        error: Exception = OSError(errno.ENOSPC, f"could not send an element: {exc.strerror}")
+    else:
+        error = TypeError(f"step {writer!r} produced a value that cannot be sent to another process: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def split(items: list[Any], nparts: int) -> list[list[Any]]:
+    """``items`` in at most ``nparts`` contiguous, nearly equal parts (one empty part for no items)."""
+    nparts = max(1, min(nparts, len(items)))
+    size, extra = divmod(len(items), nparts)
+    parts, start = [], 0
+    for index in range(nparts):
+        stop = start + size + (index < extra)
+        parts.append(items[start:stop])
+        start = stop
+    return parts
+
+
+def read(data: bytearray, fail: Callable[[Exception], Failure | Skipped], where: str) -> Envelope:
+    """The envelope of a received message; one whose value does not unpickle here carries ``fail(exc)``
+    in its place (see ``_unreadable``: the receiver goes on). ``where``: what the receiver was doing,
+    for the error."""
+    try:
+        envelope: Envelope = _serialize.loads(data)
+    except Exception as exc:
+        unread = in_place(data, exc, fail, where)
+        if unread is None:
+            raise
+        return unread
+    return envelope
+
+
+def observe_bytes(meter: Any, data: bytes | bytearray, envelope: Envelope) -> None:
+    """Fold one message's bytes per element into ``meter`` (a RawValue: a running mean)."""
+    payload = envelope.payload
+    count = len(payload.items) if isinstance(payload, Bundle) else 1
+    meter.value += 0.1 * (_serialize.message_nbytes(data) / max(count, 1) - meter.value)
