@@ -155,3 +155,74 @@ def test_cheap_items_go_to_the_pool_in_few_parts_and_come_back_complete(start_me
         assert list(seq(data)) == [[x * x for x in chunk] for chunk in data]
         messages = seq.stats()["square"].messages_in
     assert messages < 2 * 2 * len(data) / 2  # 4 parts for the first elements only, one after
+
+
+# -- a first PackStep in the feeder, a last UnpackStep in the consumer ---------------------------
+
+
+def three(_):
+    return 3
+
+
+def failing_source(n):
+    yield from range(n)
+    raise OSError("the source broke")
+
+
+def test_a_first_pack_step_and_a_last_unpack_step_run_at_the_ends():
+    plan = make_plan((tq.PackStep(4), tq.PoolStep(square, nworkers=2), tq.UnpackStep()))
+    assert plan.feeder_runs_first and plan.consumer_runs_last
+    assert [stage.name for stage in plan.in_processes] == ["square"]
+    assert not make_plan((tq.PackStep(4), tq.ProcessStep(sum, 1))).fused  # no user function in the feeder
+
+    class Mine(tq.UnpackStep):  # a step of the user's own streams as it likes: a process of its own
+        pass
+
+    assert not make_plan((tq.ProcessStep(abs, 1), Mine())).consumer_runs_last
+
+
+def test_packed_tiny_elements_cross_as_lists_and_come_out_one_by_one_in_order(start_method):
+    with tq.Sequence(
+        tq.PackStep(16), tq.PoolStep(square, nworkers=2), tq.UnpackStep(), tq.Queue(4), context=start_method
+    ) as seq:
+        for _ in range(2):
+            assert list(seq(range(1000))) == [x * x for x in range(1000)]
+        assert len(seq._runtime.workers) == 2  # the pool's only
+        stats = seq.stats()
+    assert (stats["PackStep(16)"].elements_in, stats["PackStep(16)"].elements_out) == (2000, 126)
+    assert (stats["UnpackStep()"].elements_in, stats["UnpackStep()"].elements_out) == (126, 2000)
+    assert stats["square"].messages_in <= 2 * 126  # lists, not elements (a few first ones in two parts)
+    assert stats["PackStep(16)"].utilization == 0.0  # nothing of it is measured as a step's work
+
+
+def test_a_pack_step_or_an_unpack_step_alone_needs_no_process():
+    with tq.Sequence(tq.PackStep(3)) as seq:
+        assert list(seq(range(7))) == [[0, 1, 2], [3, 4, 5], [6]]
+        assert seq._runtime.workers == []
+    with tq.Sequence(tq.UnpackStep()) as seq:
+        assert list(seq([[1, 2], [], (3,)])) == [1, 2, 3]
+        assert seq._runtime.workers == []
+
+
+def test_an_input_error_behind_a_pack_step_names_the_inputs_element():
+    with tq.Sequence(tq.PackStep(2), tq.ProcessStep(sum, 1)) as seq:
+        with pytest.raises(OSError, match="the input iterable .* at element 5 of epoch 0: the source broke"):
+            list(seq(failing_source(5)))
+
+
+def test_the_consumers_unpack_refuses_what_is_not_iterable_as_its_step_would():
+    with tq.Sequence(tq.ProcessStep(three, 1), tq.UnpackStep()) as seq:
+        with pytest.raises(TypeError, match="'UnpackStep\\(\\)'.* at element 0 of epoch 0"):
+            list(seq(range(3)))
+    with tq.Sequence(tq.ProcessStep(three, 1), tq.UnpackStep(), on_error="skip") as seq:
+        with pytest.warns(RuntimeWarning, match="'UnpackStep\\(\\)'") as caught:
+            assert list(seq(range(3))) == []
+        assert seq.stats()["UnpackStep()"].skipped == 3
+    assert caught[0].filename == __file__  # the warning points at the user's loop
+
+
+def test_a_skip_warning_from_a_worker_points_at_the_users_line():
+    with tq.Sequence(tq.RepackStep(4), tq.ProcessStep(fails_on_third, 1), on_error="skip") as seq:
+        with pytest.warns(RuntimeWarning, match="fails_on_third") as caught:
+            list(seq(range(20)))
+    assert caught[0].filename == __file__

@@ -10,6 +10,10 @@ never waits in a half-filled bundle while the input waits for something
 (perhaps for the consumer, which would then wait for that element). An exception raised by the input is sent in
 its place, in order, and ends that epoch's input; its message says it came from the input. An epoch the consumer
 abandoned stops being read at once.
+
+A first PackStep runs here (``packing``, see ``_plan``): the feeder sends the lists it makes, at
+positions of their own, and counts the elements in and lists out on the step's stats row; an
+error of the input names the element's position in the input.
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ from typing import Any
 from torchqueue._bundle import BundlePolicy
 from torchqueue._channel import POLL_S, wait_acquire
 from torchqueue._messages import Bundle, EndOfEpoch, Envelope
+from torchqueue._meter import Meter
 from torchqueue._transport import Emitter
 from torchqueue.errors import capture_input
+from torchqueue.stats import Field
+from torchqueue.steps import StreamStep
 
 _RECHECK_EVERY = 16
 """Messages between two looks at the downstream figures for the bundle policy."""
@@ -41,6 +48,7 @@ class Feeder:
         cancelled: Callable[[int], bool],
         downstream: Callable[[], tuple[float, float]] | None,
         max_bundle: int = 1,
+        packing: tuple[StreamStep, Meter] | None = None,
     ) -> None:
         """``downstream()`` gives (step seconds per element, bytes per element out); ``None``: never bundle.
 
@@ -55,6 +63,7 @@ class Feeder:
         self._downstream = downstream
         self._policy = BundlePolicy()
         self._sent = 0
+        self._packing = packing
 
     def run(self) -> None:
         idle = True
@@ -72,6 +81,8 @@ class Feeder:
             idle = False
 
     def _feed(self, epoch: int, iterator: Iterator[Any], in_memory: bool) -> None:
+        read = _Counted(iterator, None if self._packing is None else self._packing[1])
+        iterator = read if self._packing is None else self._packing[0].stream(read)
         seq = 0
         pending: list[Any] = []
         last = time.perf_counter()
@@ -83,10 +94,12 @@ class Feeder:
             except BaseException as exc:  # the user's input raised: deliver it in its place
                 seq = self._send(epoch, seq, pending)
                 pending = []
-                seq = self._send(epoch, seq, [capture_input(exc, epoch, seq)])
+                seq = self._send(epoch, seq, [capture_input(exc, epoch, read.count)])
                 break
             now = time.perf_counter()
             self._policy.observe_input(now - last)
+            if self._packing is not None:
+                self._packing[1].add(Field.OUT, 1)
             pending.append(element)
             if not in_memory or len(pending) >= min(self._policy.limit, self._max_bundle):
                 seq = self._send(epoch, seq, pending)
@@ -112,3 +125,20 @@ class Feeder:
         if self._downstream is not None and self._sent % _RECHECK_EVERY == 0:
             self._policy.observe_downstream(*self._downstream())
         return seq + len(elements)
+
+
+class _Counted(Iterator[Any]):
+    """The input, counting the elements read (on ``meter``'s ``IN`` too, if given): the position of the
+    element an error of the input stands for."""
+
+    def __init__(self, iterator: Iterator[Any], meter: Meter | None) -> None:
+        self._iterator = iterator
+        self._meter = meter
+        self.count = 0
+
+    def __next__(self) -> Any:
+        element = next(self._iterator)
+        self.count += 1
+        if self._meter is not None:
+            self._meter.add(Field.IN, 1)
+        return element

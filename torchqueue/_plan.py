@@ -17,6 +17,12 @@ between them, since a ProcessStep wants whole elements and its workers cannot
 join parts among themselves. So does a ``round_robin`` ProcessStep after a
 ProcessStep of several workers: it needs its input in order.
 
+Ends. A first PackStep runs in the feeder thread, which reads the input in the consumer's process
+anyway: grouping elements into lists is nothing next to reading them, and the elements then cross
+to the workers as lists (one message per ``n``) rather than one message each. A last UnpackStep runs
+in the consumer's thread, which then reads whole lists and hands out their items. The seed idea's
+``PackStep(256) -> PoolStep(f) -> UnpackStep()`` over tiny elements so moves 1/256th of the messages.
+
 A ``round_robin`` stage reads one channel per worker (element ``k`` goes to
 channel ``k % nworkers``); its edge's capacity is shared among them.
 
@@ -38,7 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchqueue.steps import PoolStep, ProcessStep, Queue, Step, StreamStep
+from torchqueue.steps import PackStep, PoolStep, ProcessStep, Queue, Step, StreamStep, UnpackStep
 
 MAP, POOL, STREAM = "map", "pool", "stream"
 
@@ -92,6 +98,33 @@ class Plan:
     stages: tuple[StagePlan, ...]
     capacities: tuple[int, ...]
     fused: frozenset[int] = frozenset()  # map stages run inside the stream stage before them
+    feeder_runs_first: bool = False  # a first PackStep runs in the feeder thread
+    consumer_runs_last: bool = False  # a last UnpackStep runs in the consumer's thread
+
+    @property
+    def in_processes(self) -> list[StagePlan]:
+        """The stages that have worker processes of their own (not fused, not run by the feeder or the consumer)."""
+        return [stage for stage in self.stages if not self.runs_elsewhere(stage.index)]
+
+    def runs_elsewhere(self, stage: int) -> bool:
+        """Whether ``stage`` has no process of its own: fused, or run by the feeder or by the consumer."""
+        return (
+            stage in self.fused
+            or (stage == 0 and self.feeder_runs_first)
+            or (stage == len(self.stages) - 1 and self.consumer_runs_last)
+        )
+
+    def has_edge(self, edge: int) -> bool:
+        """Whether edge ``edge`` (into stage ``edge``; the last: into the consumer) is a channel: not
+        the input of a fused stage or of a feeder-run first stage, nor the output of a consumer-run last one."""
+        if edge in self.fused or (edge == 0 and self.feeder_runs_first):
+            return False
+        return not (edge == len(self.stages) and self.consumer_runs_last)
+
+    @property
+    def consumer_edge(self) -> int:
+        """The edge the consumer reads."""
+        return len(self.stages) - 1 if self.consumer_runs_last else len(self.stages)
 
     def fused_into(self, stage: int) -> StagePlan | None:
         """The stage that runs inside ``stage``'s process, after its stream step (``None``: none)."""
@@ -209,12 +242,18 @@ def make_plan(elements: tuple[Any, ...]) -> Plan:
         StagePlan(index, names[index], step, _kind(step), getattr(step, "nworkers", 1))
         for index, (step, _, _) in enumerate(laid)
     )
+    # exactly these steps (a subclass may stream otherwise: it keeps a process of its own)
+    feeder_first = type(stages[0].step) is PackStep
+    consumer_last = type(stages[-1].step) is UnpackStep and not (feeder_first and len(stages) == 1)
     fused = frozenset(
         stage.index
         for stage, (_, _, given) in zip(stages, laid)
-        if stage.index and not given and _fusable(stages[stage.index - 1], stage)
+        if stage.index
+        and not given
+        and not (stage.index == 1 and feeder_first)  # never a user's function in the feeder thread
+        and _fusable(stages[stage.index - 1], stage)
     )
-    return Plan(stages, tuple(c for _, c, _ in laid) + (capacities[-1],), fused)
+    return Plan(stages, tuple(c for _, c, _ in laid) + (capacities[-1],), fused, feeder_first, consumer_last)
 
 
 def _fusable(previous: StagePlan, stage: StagePlan) -> bool:

@@ -48,6 +48,7 @@ import multiprocessing.process
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -63,7 +64,8 @@ from torchqueue._collect import NOTHING, Collector
 from torchqueue._feeder import Feeder
 from torchqueue._forkserver import CONTEXT as FORK_SERVER
 from torchqueue._mainmodule import TravellingStep
-from torchqueue._messages import EndOfEpoch, Envelope, SkipNotice, StartupFailure
+from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, StartupFailure
+from torchqueue._meter import Meter
 from torchqueue._plan import STREAM, Plan
 from torchqueue._stuck import Holder, holders, timeout_message
 from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
@@ -143,15 +145,23 @@ class Runtime:
         # edge i feeds stage i (the last one the consumer); a fused stage's input has none
         self._edges = [
             [Channel(ctx, plan.channel_capacity(i)) for _ in range(stage.inboxes() if stage else 1)]
-            if i not in plan.fused
+            if plan.has_edge(i)
             else []
             for i, stage in enumerate([*plan.stages, None])
         ]
         self._events = Channel(ctx, 4 + 2 * sum(s.nworkers for s in plan.stages))
+        # the segments' assigners: the feeder (-1; stage 0 when it runs a first PackStep) and the stream stages
+        # (but a last UnpackStep the consumer runs: the consumer ends the segment before it)
         assigners = [-1] + [s.index for s in plan.stages if s.kind == STREAM]
+        if plan.feeder_runs_first:
+            assigners.remove(-1)
+        if plan.consumer_runs_last:
+            assigners.remove(len(plan.stages) - 1)
+        self._feeder_stage = 0 if plan.feeder_runs_first else -1  # where the feeder's elements get positions
         self._credits = {a: ctx.BoundedSemaphore(plan.credits(a)) for a in assigners}
         self._last_assigner = assigners[-1]  # the consumer closes the last segment
         self._collector = Collector(ordered, self._credits[assigners[-1]].release)
+        self._unpack: _ConsumerUnpack | None = None  # a last UnpackStep (made once the rows are laid out)
         self._stats = ctx.RawArray("d", NFIELDS * sum(s.nworkers for s in plan.stages))
         self._segment_dir = _serialize.make_segment_dir()
         self._bytes_out = {a: ctx.RawValue("d", 0.0) for a in assigners}  # per segment, at its end
@@ -175,6 +185,10 @@ class Runtime:
         except BaseException:
             self.close()
             raise
+        if plan.consumer_runs_last:
+            last = plan.stages[-1]
+            meter = Meter(self._stats, self._rows[last.index], last.name)
+            self._unpack = _ConsumerUnpack(last.step, meter, skip_errors, self._warn_skipped)
         self._feeder = threading.Thread(target=self._feed, name=f"torchqueue-feeder-{name}", daemon=True)
         self._feeder.start()
 
@@ -186,8 +200,9 @@ class Runtime:
         row = 0
         for stage, step in zip(self.plan.stages, steps):
             self._rows[stage.index] = row
-            if stage.index in self.plan.fused:  # runs in the previous stage's process, on this row
-                self._row_owners.append((stage.name, 0, self.workers[-1][2]))
+            if self.plan.runs_elsewhere(stage.index):  # in the previous stage's process, or in this one
+                host = self.workers[-1][2] if stage.index in self.plan.fused else _ThisProcess()
+                self._row_owners.append((stage.name, 0, host))
                 row += 1
                 continue
             upstream = max(a for a in assigners if a < stage.index)
@@ -250,16 +265,26 @@ class Runtime:
     def _feed(self) -> None:
         """Feeder thread: a failure of its own (not of the user's input) is reported by ``check_health``."""
         try:
-            first = self.plan.stages[0]
-            split = self._sizer(0) if self.plan.splits_into(-1) else None
+            start = self._feeder_stage
+            reader = self.plan.stages[start + 1] if start + 1 < len(self.plan.stages) else None
+            split = self._sizer(start + 1) if self.plan.splits_into(start) else None
+            packing = self.plan.stages[0] if start == 0 else None
             Feeder(
                 self._epochs,
-                Emitter(self._edges[0], self._alive, split, first.name, "input", self._segment_dir),
-                self._credits[-1],
+                Emitter(
+                    self._edges[start + 1],
+                    self._alive,
+                    split,
+                    reader.name if reader else "",
+                    packing.name if packing else "input",
+                    self._segment_dir,
+                ),
+                self._credits[start],
                 self._alive,
                 lambda epoch: self._cancelled.value >= epoch,
-                self._first_segment_figures if self.plan.can_bundle(-1) else None,
-                self.plan.credits(-1) // BUNDLE_SHARE,
+                self._first_segment_figures if self.plan.can_bundle(start) else None,
+                self.plan.credits(start) // BUNDLE_SHARE,
+                packing=None if packing is None else (packing.step, Meter(self._stats, self._rows[0], packing.name)),
             ).run()
         except Stopped:
             pass
@@ -274,14 +299,14 @@ class Runtime:
     def _first_segment_figures(self) -> tuple[float, float]:
         """For the bundle policy: the slowest step's seconds per element, and bytes per element out."""
         step_s = 0.0
-        for stage in self.plan.stages[: self.plan.segment_end(-1)]:
+        for stage in self.plan.stages[self._feeder_stage + 1 : self.plan.segment_end(self._feeder_stage)]:
             busy = calls = 0.0
             for row in range(self._rows[stage.index], self._rows[stage.index] + stage.nworkers):
                 busy += self._stats[row * NFIELDS + Field.BUSY]
                 calls += self._stats[row * NFIELDS + Field.IN]
             if calls:
                 step_s = max(step_s, busy / calls)
-        return step_s, self._bytes_out[-1].value
+        return step_s, self._bytes_out[self._feeder_stage].value
 
     # -- consuming -------------------------------------------------------------------------------
 
@@ -308,14 +333,14 @@ class Runtime:
                     self._last_health = now
                     self._check_health()
                     self._sample(now)
-                return payloads
+                return payloads if self._unpack is None else self._unpack(payloads, epoch)
             if deadline is not None and now >= deadline:
                 self._check_health()  # a dead worker explains the wait better
                 assert timeout is not None
                 raise TimeoutError(timeout_message(timeout, self._holders(now)))
             wait = HEALTH_S if deadline is None else min(HEALTH_S, deadline - now)
             try:
-                data = self._edges[-1][0].get(self._writers_alive, timeout=wait)
+                data = self._edges[self.plan.consumer_edge][0].get(self._writers_alive, timeout=wait)
             except Stopped:
                 self._check_health()  # a worker died: WorkerDiedError
                 raise
@@ -351,14 +376,8 @@ class Runtime:
                 raise PipelineError(
                     f"worker {notice.worker} of step {notice.step!r} could not start:\n{notice.traceback}"
                 )
-            if isinstance(notice, SkipNotice) and notice.step not in self._warned:
-                self._warned.add(notice.step)
-                warnings.warn(
-                    f"step {notice.step!r} raised {notice.summary}; on_error='skip' drops failing elements "
-                    "(warned once per step; see stats()[step].skipped)",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
+            if isinstance(notice, SkipNotice):
+                self._warn_skipped(notice.step, notice.summary)
         if self._feeder_error is not None:
             raise PipelineError(f"torchqueue's feeder thread failed: {self._feeder_error!r}") from self._feeder_error
         for stage, worker, process in self.workers:
@@ -366,6 +385,18 @@ class Runtime:
                 raise WorkerDiedError(
                     f"worker {worker} of step {stage!r} (pid {process.pid}) died: {_describe_exit(process.exitcode)}"
                 )
+
+    def _warn_skipped(self, step: str, summary: str) -> None:
+        """Warn, once per step, that ``on_error="skip"`` dropped an element that raised ``summary``."""
+        if step in self._warned:
+            return
+        self._warned.add(step)
+        warnings.warn(
+            f"step {step!r} raised {summary}; on_error='skip' drops failing elements "
+            "(warned once per step; see stats()[step].skipped)",
+            RuntimeWarning,
+            stacklevel=_user_stacklevel(),
+        )
 
     def _read_event(self) -> bytearray | None:
         """The next notice from a worker, if one is waiting; ``None`` also when its writer died while
@@ -399,6 +430,10 @@ class Runtime:
         """The figures now; those of a closed pipeline stay as they were when it closed (a worker
         stopped in the middle of a call or a wait never ends it)."""
         stages = [stage.stats_entry() for stage in self.plan.stages]
+        for index in (0, len(stages) - 1):  # a stream step the feeder or the consumer runs: only its calls are busy
+            if self.plan.runs_elsewhere(index) and index not in self.plan.fused:
+                name, nworkers, _, shown = stages[index]
+                stages[index] = (name, nworkers, False, shown)
         elapsed = (self._closed_at or time.perf_counter()) - self._started
         return Stats.from_rows(stages, self._stats, elapsed, self._samples, self._started)
 
@@ -484,6 +519,62 @@ class Runtime:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def _user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, called from the caller of this, for the first frame outside
+    torchqueue: the user's line that asked for the next output."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class _ThisProcess:
+    """Stands for the process of a stage that runs in this one (the feeder's or the consumer's thread)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+
+
+class _ConsumerUnpack:
+    """A last UnpackStep, run where the consumer takes outputs: each element's items become outputs.
+
+    Errors are the step's, as in a process of its own: an element that is not iterable is a
+    ``TypeError`` at its position (dropped and counted under ``on_error="skip"``)."""
+
+    def __init__(self, step: Any, meter: Meter, skip_errors: bool, warn: Any) -> None:
+        self._step = step
+        self._meter = meter
+        self._skip = skip_errors
+        self._warn = warn
+        self._positions: dict[int, int] = {}
+
+    def __call__(self, payloads: list[Any], epoch: int) -> list[Any]:
+        outputs: list[Any] = []
+        for payload in payloads:
+            if isinstance(payload, CONTROL):
+                if isinstance(payload, EndOfEpoch):
+                    self._positions.pop(epoch, None)
+                outputs.append(payload)
+                continue
+            position = self._positions.get(epoch, 0)
+            self._positions[epoch] = position + 1
+            self._meter.add(Field.IN, 1)
+            try:
+                self._step.check(payload)
+            except TypeError as exc:
+                if not self._skip:
+                    outputs.append(capture(self._meter.step, exc, epoch, position))
+                    continue
+                self._meter.add(Field.SKIPPED, 1)
+                self._warn(self._meter.step, f"{type(exc).__name__}: {exc}")
+                continue
+            before = len(outputs)
+            outputs.extend(payload)
+            self._meter.add(Field.OUT, len(outputs) - before)
+        return outputs
 
 
 def _describe_exit(code: int) -> str:

@@ -37,10 +37,11 @@ from torchqueue._channel import POLL_S, Channel, Stopped, StopSignal, wait_acqui
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._mainmodule import TravellingStep
 from torchqueue._messages import CONTROL, Bundle, EndOfEpoch, Envelope, Failure, SkipNotice, Skipped, StartupFailure
+from torchqueue._meter import Meter
 from torchqueue._seeding import EpochSeeds
 from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
 from torchqueue.errors import capture
-from torchqueue.stats import NFIELDS, Field
+from torchqueue.stats import Field
 from torchqueue.steps import StreamStep
 from torchqueue.worker_info import WorkerInfo, set_worker_info
 
@@ -85,23 +86,6 @@ class WorkerContext:
     stage_index: int
     base_seed: int | None  # the pipeline's: this worker's random streams derive from it (None: not seeded)
     fused: FusedStage | None = None  # stream stages: the map stage run on each output, in this process
-
-
-class Meter:
-    """A step's row of the shared stats array (only this worker writes it), and the step's name."""
-
-    def __init__(self, array: Any, row: int, step: str) -> None:
-        self._array = array
-        self._base = row * NFIELDS
-        self.step = step
-        self.busy_since = int(self._base + Field.BUSY_SINCE)  # written twice per call: kept at hand
-        self.notified = False  # a skip notice was sent for this step
-
-    def add(self, field: Field, value: float) -> None:
-        self._array[self._base + field] += value
-
-    def set(self, field: Field, value: float) -> None:
-        self._array[self._base + field] = value
 
 
 def worker_main(ctx: WorkerContext) -> None:
