@@ -36,7 +36,6 @@ too and the consumer sees them die.
 from __future__ import annotations
 
 import io
-import multiprocessing
 import os
 import selectors
 import signal
@@ -44,6 +43,7 @@ import socket
 import subprocess
 import sys
 import threading
+import multiprocessing
 from multiprocessing import connection, forkserver, popen_forkserver, process, resource_tracker, spawn, util
 from multiprocessing.context import BaseContext, reduction, set_spawning_popen
 from typing import Any

@@ -26,9 +26,9 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from torchqueue._channel import Stopped
-from torchqueue._forkserver import CONTEXT as FORK_SERVER
 from torchqueue._messages import EndOfEpoch, Failure, Skipped
 from torchqueue._plan import make_plan
+from torchqueue._forkserver import CONTEXT as FORK_SERVER
 from torchqueue._runtime import ERROR_JOIN_S, Runtime, travelling_steps
 from torchqueue._seeding import draw_base_seed
 from torchqueue.errors import PipelineError, rebuild
