@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
 import platform
+import resource
 import signal
 import statistics
 import time
@@ -38,15 +40,20 @@ REPEAT_UNDER_S = 30.0
 class Workload:
     """Runs contenders on one workload, in interleaved rounds, and prints their lines."""
 
-    def __init__(self, name: str, unit: str, amount: float, checksum: Callable[[Any], Any]) -> None:
+    def __init__(
+        self, name: str, unit: str, amount: float, checksum: Callable[[Any], Any], cpu_per: str | None = None
+    ) -> None:
         """``amount``: how many units one run moves (items, or GB); the figure is amount / seconds.
 
         ``checksum`` consumes a contender's outputs (an iterable) and returns something comparable.
+        ``cpu_per``: also print the CPU time per unit (named so: "event"), summed over every process
+        of the run, and how much it is over the first contender's (the work alone, in a serial loop).
         """
         self.name = name
         self.unit = unit
         self.amount = amount
         self.checksum = checksum
+        self.cpu_per = cpu_per
         self.lines: list[Line] = []
         self._contenders: list[tuple[str, Callable[[], Any], float | None, bool]] = []
 
@@ -58,6 +65,7 @@ class Workload:
     def finish(self, repeat: int | None = None) -> list[Line]:
         rounds = REPEAT if repeat is None else repeat
         seconds: dict[str, list[float]] = {name: [] for name, *_ in self._contenders}
+        cpu: dict[str, list[float]] = {name: [] for name, *_ in self._contenders}
         failures: dict[str, str] = {}
         expected: Any = None
         for round_ in range(rounds):
@@ -75,6 +83,7 @@ class Workload:
                     failures[name] = str(outcome[1])[:90]
                     continue
                 seconds[name].append(outcome[1][0])
+                cpu[name].append(outcome[1][2])
         for name, _, amount, _ in self._contenders:
             if name in failures:
                 self.lines.append(Line(self.name, name, None, self.unit, failures[name]))
@@ -94,7 +103,25 @@ class Workload:
             if base and line.value is not None:
                 line.ratio = line.value / base
             print(format_line(line), flush=True)
+        if self.cpu_per is not None:
+            self.lines += self._cpu_lines(cpu)
         return self.lines
+
+    def _cpu_lines(self, cpu: dict[str, list[float]]) -> list[Line]:
+        """CPU milliseconds per unit, each run's processes summed (median of the rounds), against the first
+        contender's: what the stage boundaries, the queues and the processes cost over the work alone."""
+        lines = []
+        work = None
+        for name, _, amount, _ in self._contenders:
+            if not cpu[name]:
+                continue
+            per = 1000 * statistics.median(cpu[name]) / (amount if amount is not None else self.amount)
+            work = per if work is None else work
+            over = f"{100 * (per / work - 1):+.0f}% over {self._contenders[0][0]}"
+            lines.append(Line(f"{self.name}-cpu", name, per, f"ms/{self.cpu_per}", over))
+        for line in lines:
+            print(format_line(line), flush=True)
+        return lines
 
 
 def _drain(out: Any) -> None:
@@ -106,10 +133,20 @@ def _drain(out: Any) -> None:
 TIMEOUT_S = 180.0
 
 
-def _timed(fn: Callable[[], Any], checksum: Callable[[Any], Any]) -> tuple[float, Any]:
+def _timed(fn: Callable[[], Any], checksum: Callable[[Any], Any]) -> tuple[float, Any, float]:
+    """Seconds, the checksum, and the CPU seconds of this process and of every child process it reaped
+    meanwhile (run in a fresh process: each contender's workers are gone when its iterator ends)."""
+    cpu = _cpu_seconds()
     start = time.perf_counter()
     got = checksum(fn())
-    return time.perf_counter() - start, got
+    elapsed = time.perf_counter() - start
+    gc.collect()  # an iterator dropped without being closed: its workers are reaped now
+    return elapsed, got, _cpu_seconds() - cpu
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _child(job: Callable[[], Any], conn: Any) -> None:
@@ -146,7 +183,7 @@ def _run_isolated(job: Callable[[], Any]) -> tuple[str, Any]:
 def format_line(line: Line) -> str:
     value = f"{line.value:12,.2f}" if line.value is not None else f"{'-':>12}"
     ratio = f"{line.ratio:7.2f}x" if line.ratio is not None else f"{'':>8}"
-    return f"{line.workload:13s} {line.contender:28s} {value} {line.unit:12s} {ratio}  {line.note}"
+    return f"{line.workload:13s} {line.contender:44s} {value} {line.unit:12s} {ratio}  {line.note}"
 
 
 def header() -> str:
@@ -166,7 +203,7 @@ def header() -> str:
         f"# {time.strftime('%Y-%m-%d %H:%M')}  {platform.platform()}  {os.cpu_count()} CPUs  "
         f"{os.environ.get('TORCHQUEUE_BENCH_WORKERS', '2')} workers  "
         f"Python {platform.python_version()}  {', '.join(versions)}\n"
-        f"{'workload':13s} {'contender':28s} {'figure':>12} {'unit':12s} {'vs DataLoader':>8}"
+        f"{'workload':13s} {'contender':44s} {'figure':>12} {'unit':12s} {'vs DataLoader':>8}"
     )
 
 

@@ -74,6 +74,7 @@ def tiny(quick: bool) -> list[Line]:
     # Both tuned for many small elements, with the same 1,024 elements in flight at most.
     work.run("DataLoader, prefetch_factor=512", lambda: dataloader(items, small_op, prefetch_factor=512))
     work.run("torchqueue, Queue(1024)", lambda: torchqueue(items, small_op, capacity=1024))
+    work.run("torchqueue, Pack(256)->Pool->Unpack", lambda: packed(items, small_op, 256))
 
     def raw_queue() -> Iterator[int]:
         queue = mp.get_context("fork").Queue(64)
@@ -85,6 +86,14 @@ def tiny(quick: bool) -> list[Line]:
 
     work.run("raw mp.Queue, 1 producer", raw_queue)
     return work.finish()
+
+
+def packed(items: list[Any], fn: Any, n: int) -> Iterator[Any]:
+    """The seed idea's way with tiny elements: lists of ``n`` to a pool, items out one by one."""
+    import torchqueue as tq
+
+    with tq.Sequence(tq.PackStep(n), tq.PoolStep(fn, nworkers=WORKERS), tq.UnpackStep(), tq.Queue(4)) as seq:
+        yield from seq(items)
 
 
 def _half(args: tuple[int, int]) -> None:
@@ -166,9 +175,15 @@ def seed(quick: bool) -> list[Line]:
     def checksum(batches: Iterable[Any]) -> float:
         return round(sum(float(b.y.sum()) for b in batches), 1)
 
-    def serial() -> Iterator[Any]:
-        graphs = [calo.event_to_graph(e) for c in chunks for e in calo.read_chunk(c)]
-        return (calo.collate(graphs[i : i + batch]) for i in range(0, len(graphs), batch))
+    def serial() -> Iterator[Any]:  # the work alone: chunk by chunk, batches of 64 as they fill
+        pending: list[Any] = []
+        for chunk in chunks:
+            pending += [calo.event_to_graph(event) for event in calo.read_chunk(chunk)]
+            while len(pending) >= batch:
+                yield calo.collate(pending[:batch])
+                del pending[:batch]
+        if pending:
+            yield calo.collate(pending)
 
     def torchqueue() -> Iterator[Any]:
         with tq.Sequence(
@@ -209,7 +224,7 @@ def seed(quick: bool) -> list[Line]:
         yield from loader
         loader.close()
 
-    work = Workload("seed", "events/s", events, checksum)
+    work = Workload("seed", "events/s", events, checksum, cpu_per="event")
     work.run("serial", serial)
     work.run("DataLoader", per_event)
     work.run("DataLoader, chunks per worker", chunked)
