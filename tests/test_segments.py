@@ -116,6 +116,17 @@ def test_unused_segments_beyond_a_spare_are_removed_as_data_flows(segment_dir):
     assert torch.equal(kept, message(9.0))
 
 
+def test_the_parts_of_one_element_reuse_as_many_freed_segments(segment_dir):
+    """A sender writing a pool's parts, one after the other, keeps freed segments for the next parts
+    rather than removing them and writing the next parts into fresh pages."""
+    received = [_serialize.loads(_serialize.dumps(message(float(i)), segment_dir)) for i in range(4)]
+    used = {inode(t) for t in received}
+    del received
+    parts = [_serialize.loads(_serialize.dumps(message(9.0 + i), segment_dir, spare=3 - i)) for i in range(4)]
+    assert {inode(t) for t in parts} == used  # all four files reused, none fresh
+    assert all(torch.equal(t, message(9.0 + i)) for i, t in enumerate(parts))
+
+
 def test_a_sender_going_idle_keeps_no_more_than_spares_and_none_in_use_is_touched(segment_dir):
     held = [send_and_receive(float(i), segment_dir) for i in range(5)]
     still_used = held.pop()

@@ -125,10 +125,10 @@ class _Sent:
         self.names: collections.deque[tuple[str, int]] = collections.deque()  # (path, size)
         self.nbytes = 0
 
-    def claim(self, take: bool = True) -> tuple[int, str] | None:
+    def claim(self, take: bool = True, spare: int = 0) -> tuple[int, str] | None:
         """An open descriptor and a new path for the oldest segment nobody uses any more (else
-        ``None``); of the other unused ones, ``SPARE`` are kept and the rest removed.
-        ``take=False``: claim none, only keep ``SPARE`` unused ones (the sender is going idle)."""
+        ``None``); of the other unused ones, ``SPARE`` (or ``spare``, if more) are kept and the rest
+        removed. ``take=False``: claim none, only keep ``SPARE`` unused ones (the sender is going idle)."""
         claimed = None
         spares = 0
         kept: collections.deque[tuple[str, int]] = collections.deque()
@@ -147,7 +147,7 @@ class _Sent:
                 self.nbytes -= size
                 continue
             os.close(fd)
-            if spares < SPARE:
+            if spares < max(SPARE, spare):
                 spares += 1
                 kept.append((path, size))
             else:
@@ -244,16 +244,18 @@ def _open_unused(path: str) -> int | None:
         return None
 
 
-def write(directory: str, chunks: list[tuple[int, Any]], size: int) -> str:
+def write(directory: str, chunks: list[tuple[int, Any]], size: int, spare: int = 0) -> str:
     """Write the chunks at their offsets into a segment of ``size`` bytes (a reused one when one is
     free) and return its path. ``write`` (not a mapping), so the kernel fills pages without a page
-    fault per page, and a full /dev/shm is an ``OSError``."""
+    fault per page, and a full /dev/shm is an ``OSError``. ``spare``: messages the sender writes
+    right after this one (the other parts of an element for a pool): that many unused segments are
+    kept for them, rather than removed now and allocated again a moment later."""
     reused = size >= REUSE_MIN_BYTES
     sent = _sent_into(directory) if reused else None
     claimed = None
     if sent is not None and _leases:
         with sent.lock:
-            claimed = sent.claim()
+            claimed = sent.claim(spare=spare)
     if claimed is not None:
         fd, path = claimed
     else:

@@ -423,8 +423,9 @@ def _rebuild_shared_array(storage: torch.UntypedStorage, offset: int, dtype: str
     return raw.numpy().view(np.dtype(dtype)).reshape(shape)
 
 
-def dumps(obj: Any, segment_dir: str | None) -> bytes:
-    """Serialise ``obj``; tensors and large arrays go to a new segment in ``segment_dir``."""
+def dumps(obj: Any, segment_dir: str | None, spare: int = 0) -> bytes:
+    """Serialise ``obj``; tensors and large arrays go to a new segment in ``segment_dir`` (``spare``: see
+    ``_segments.write``)."""
     buffer = io.BytesIO()
     if segment_dir is None:
         pickler = _forking_pickler(buffer)
@@ -441,7 +442,7 @@ def dumps(obj: Any, segment_dir: str | None) -> bytes:
     if not pickler.blocks:
         return b"P" + body
     table, chunks, size = pickler.layout()
-    name = _segments.write(segment_dir, chunks, size).encode()  # type: ignore[arg-type]
+    name = _segments.write(segment_dir, chunks, size, spare).encode()  # type: ignore[arg-type]
     encoded_table = pickle.dumps(table, pickle.HIGHEST_PROTOCOL)
     return b"S" + _SEGMENT.pack(len(name), size, len(encoded_table)) + name + encoded_table + body
 

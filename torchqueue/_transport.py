@@ -98,12 +98,16 @@ class Emitter:
             error.__cause__ = exc
             return self.send(Envelope(epoch, seq, 0, 1, capture(self._split_step, error, epoch, seq)))
         parts = split(items, self._sizer.parts(len(items)))
-        return sum(self.send(Envelope(epoch, seq, index, len(parts), part)) for index, part in enumerate(parts))
+        return sum(
+            self.send(Envelope(epoch, seq, index, len(parts), part), len(parts) - 1 - index)
+            for index, part in enumerate(parts)
+        )
 
-    def send(self, envelope: Envelope) -> int:
-        """Send one envelope as it is; return the bytes sent (shared memory included)."""
+    def send(self, envelope: Envelope, more: int = 0) -> int:
+        """Send one envelope as it is; return the bytes sent (shared memory included). ``more``: messages
+        sent right after this one (an element's other parts), for the segments' reuse."""
         try:
-            data = _serialize.dumps(envelope, self._segment_dir)
+            data = _serialize.dumps(envelope, self._segment_dir, more)
         except Exception as exc:
             failure = capture(self._writer, _unsendable(self._writer, exc), envelope.epoch, envelope.seq)
             data = _serialize.dumps(envelope._replace(payload=failure), None)

@@ -301,33 +301,38 @@ class _Loop:
 
     def run_function(self, fn: Callable[[Any], Any], pool: bool) -> None:
         while True:
-            envelope = self.receive()
-            payload = envelope.payload
-            if pool and self.ctx.skip_errors and isinstance(payload, Failure) and payload.step == self.ctx.stage_name:
-                # the element could not be split into this pool's parts (not iterable): this step's failure
-                skipped = self.skipped(f"{payload.exc_type}: {payload.message}")
-                self.timed(self.emitter.send, envelope._replace(payload=skipped))
-                continue
-            if isinstance(payload, CONTROL):
-                self.timed(self.emitter.send, envelope)
-                continue
-            if isinstance(payload, Bundle):  # only between map stages: no pool in a bundling segment
-                if self.cancelled(envelope.epoch):
-                    items = [Skipped(self.ctx.stage_name)] * len(payload.items)
-                else:
-                    items = self.call_bundle(fn, payload.items, envelope.epoch, envelope.seq)
-                self.timed(self.emitter.send, envelope._replace(payload=Bundle(items)))
-                continue
+            # nothing of one message stays referenced while the next is awaited: its segment is unmapped
+            # as soon as it is sent on, so that its sender can write the next message into it
+            self.handle(self.receive(), fn, pool)
+
+    def handle(self, envelope: Envelope, fn: Callable[[Any], Any], pool: bool) -> None:
+        """One message of a map or pool stage: its outputs sent on."""
+        payload = envelope.payload
+        if pool and self.ctx.skip_errors and isinstance(payload, Failure) and payload.step == self.ctx.stage_name:
+            # the element could not be split into this pool's parts (not iterable): this step's failure
+            skipped = self.skipped(f"{payload.exc_type}: {payload.message}")
+            self.timed(self.emitter.send, envelope._replace(payload=skipped))
+            return
+        if isinstance(payload, CONTROL):
+            self.timed(self.emitter.send, envelope)
+            return
+        if isinstance(payload, Bundle):  # only between map stages: no pool in a bundling segment
             if self.cancelled(envelope.epoch):
-                payload = [] if pool else Skipped(self.ctx.stage_name)
-            elif pool:
-                payload = self.call_items(fn, payload, envelope.epoch, envelope.seq)
+                items = [Skipped(self.ctx.stage_name)] * len(payload.items)
             else:
-                payload = self.call(fn, payload, envelope.epoch, envelope.seq)
-            if pool:
-                self.timed(self.emitter.send, envelope._replace(payload=payload))
-            else:
-                self.timed(self.emitter.emit, envelope.epoch, envelope.seq, payload)
+                items = self.call_bundle(fn, payload.items, envelope.epoch, envelope.seq)
+            self.timed(self.emitter.send, envelope._replace(payload=Bundle(items)))
+            return
+        if self.cancelled(envelope.epoch):
+            payload = [] if pool else Skipped(self.ctx.stage_name)
+        elif pool:
+            payload = self.call_items(fn, payload, envelope.epoch, envelope.seq)
+        else:
+            payload = self.call(fn, payload, envelope.epoch, envelope.seq)
+        if pool:
+            self.timed(self.emitter.send, envelope._replace(payload=payload))
+        else:
+            self.timed(self.emitter.emit, envelope.epoch, envelope.seq, payload)
 
     def call_bundle(self, fn: Callable[[Any], Any], items: list[Any], epoch: int, seq: int) -> list[Any]:
         """``[fn(item) ...]`` with a Failure / Skipped in the place of each item that raised;
