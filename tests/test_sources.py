@@ -151,3 +151,14 @@ def test_collate_graphs_makes_a_torch_geometric_batch():
 
     batch = collate_graphs([Data(x=torch.zeros(2, 1)), Data(x=torch.ones(3, 1))])
     assert batch.num_graphs == 2 and batch.x.shape == (5, 1)
+
+
+def test_a_file_that_is_not_hdf5_is_named_in_the_error(tmp_path):
+    path = tmp_path / "notes.h5"
+    path.write_text("not HDF5")
+    with pytest.raises(OSError, match=f"{path}: it is not an HDF5 file"):
+        H5Chunks([str(path)], length_key="energy")
+    with pytest.raises(OSError, match=f"{path}: it is not an HDF5 file"):
+        read_h5_chunk((str(path), 0, 1), ["energy"])
+    with pytest.raises(FileNotFoundError, match="missing.h5: it cannot be opened"):
+        read_h5_chunk((str(tmp_path / "missing.h5"), 0, 1), ["energy"])

@@ -93,7 +93,7 @@ class _LengthCache:
             if entry and all(entry.get(k) == v for k, v in fresh.items()):
                 out.append(entry["length"])
                 continue
-            with h5py.File(path, "r") as f:
+            with _open_h5(h5py, path) as f:
                 if key not in f:
                     raise KeyError(f"key {key!r} not found in {path}")
                 length = len(f[key])
@@ -198,11 +198,21 @@ class H5Chunks:
         )
 
 
+def _open_h5(h5py: Any, path: str) -> Any:
+    """``h5py.File(path, "r")``, whose error names the file (h5py's says only "file signature not found")."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        reason = "it is not an HDF5 file" if "signature" in str(exc) else "it cannot be opened"
+        message = f"{path}: {reason} ({exc})"
+        raise (OSError(exc.errno, message) if exc.errno else OSError(message)) from exc
+
+
 def _check_keys(paths: list[str], keys: list[str]) -> None:
     h5py = _h5py()
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
     for path in paths:
-        with h5py.File(path, "r") as f:
+        with _open_h5(h5py, path) as f:
             for key in keys:
                 if key not in f:
                     raise KeyError(f"key {key!r} not found in {path}")
@@ -224,7 +234,7 @@ def read_h5_chunk(chunk: Chunk, keys: Sequence[str], permute_seed: int | None = 
     """
     path, start, stop = chunk
     h5py = _h5py()
-    with h5py.File(path, "r") as f:
+    with _open_h5(h5py, path) as f:
         out = {}
         for key in keys:
             if key not in f:
