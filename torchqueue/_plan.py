@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchqueue.steps import PackStep, PoolStep, ProcessStep, Queue, Step, StreamStep, UnpackStep
+from torchqueue.steps import PackStep, PoolStep, ProcessStep, Queue, RepackStep, Step, StreamStep, UnpackStep
 
 MAP, POOL, STREAM = "map", "pool", "stream"
 
@@ -120,6 +120,19 @@ class Plan:
         if edge in self.fused or (edge == 0 and self.feeder_runs_first):
             return False
         return not (edge == len(self.stages) and self.consumer_runs_last)
+
+    def routes_items(self, stage: int) -> bool:
+        """Whether ``stage`` routes the items of the elements it reads without decoding them
+        (``_routing``): a RepackStep, UnpackStep or join (exactly: a subclass may look at its items)
+        in a process of its own that runs no fused function."""
+        if not 0 <= stage < len(self.stages) or self.runs_elsewhere(stage) or self.fused_into(stage):
+            return False
+        return type(self.stages[stage].step) in (RepackStep, UnpackStep, JoinStep)
+
+    def sends_items(self, stage: int) -> bool:
+        """Whether the writers at ``stage``'s output (-1: the feeder) send list elements item by item: their
+        reader routes items, and they do not route items themselves (what they route goes by reference)."""
+        return self.routes_items(self.output_edge(stage) if stage >= 0 else 0) and not self.routes_items(stage)
 
     @property
     def consumer_edge(self) -> int:

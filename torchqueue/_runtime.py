@@ -234,6 +234,8 @@ class Runtime:
                     stage_index=stage.index,
                     base_seed=self._base_seed,
                     fused=None if fused is None else FusedStage(fused.name, fused.index, steps[fused.index], row + 1),
+                    routes=self.plan.routes_items(stage.index),
+                    sends_items=self.plan.sends_items(stage.index),
                 )
                 row += 1
                 process = self._ctx.Process(  # type: ignore[attr-defined]
@@ -278,6 +280,7 @@ class Runtime:
                     reader.name if reader else "",
                     packing.name if packing else "input",
                     self._segment_dir,
+                    self.plan.sends_items(start),
                 ),
                 self._credits[start],
                 self._alive,

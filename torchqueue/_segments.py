@@ -227,7 +227,8 @@ def _new_path(directory: str) -> str:
 
 
 def _open_unused(path: str) -> int | None:
-    """``path`` opened for writing if no process has it open or mapped, else ``None``."""
+    """``path`` opened for writing if no process has it open or mapped and it has no other name (a
+    routed item's link, see ``_routing``), else ``None``."""
     global _leases
     try:
         fd = os.open(path, os.O_RDWR)
@@ -235,7 +236,12 @@ def _open_unused(path: str) -> int | None:
         return None  # not received yet (or the pipeline is closing)
     try:
         fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_WRLCK)
+        # under the lease nobody can open it, so nobody can map it and make a link to it: the count holds
+        linked = os.fstat(fd).st_nlink > 1
         fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
+        if linked:
+            os.close(fd)
+            return None
         return fd
     except OSError as exc:
         os.close(fd)
@@ -332,9 +338,10 @@ def _pwritev_all(fd: int, iov: list[memoryview], offset: int) -> int:
     return total
 
 
-def map_segment(path: str, size: int) -> torch.UntypedStorage:
+def map_segment(path: str, size: int, link: bool = False) -> torch.UntypedStorage:
     """Map a segment as a torch shared storage (the call torch's own fd-sharing uses), and mark it
-    received: renamed, for its sender to reuse once nobody uses it (a small one: its name removed)."""
+    received: renamed, for its sender to reuse once nobody uses it (a small one, or a ``link`` made for
+    this message by a stream step that routed items: its name removed)."""
     try:
         fd = os.open(path, os.O_RDWR)
         try:
@@ -350,7 +357,7 @@ def map_segment(path: str, size: int) -> torch.UntypedStorage:
             "Each received message of 1 MiB or more holds one while any of its tensors lives (as DataLoader's "
             "tensors do): .clone() the outputs you keep, or raise the limit (ulimit -n)",
         ) from exc
-    if size >= REUSE_MIN_BYTES:
+    if size >= REUSE_MIN_BYTES and not link:
         os.rename(path, path + _RECEIVED)
     else:
         os.unlink(path)

@@ -63,6 +63,7 @@ import torch.multiprocessing  # noqa: F401  (registers torch's reductions for wh
 from torchqueue import _segments
 from torchqueue._mainmodule import MainClassPickler
 from torchqueue._messages import Bundle, Envelope
+from torchqueue._routing import EncodedItem, Source
 from torchqueue._segments import make_segment_dir
 
 __all__ = ["dumps", "loads", "make_segment_dir", "message_nbytes"]
@@ -90,6 +91,7 @@ _SCAN_CHILDREN = 32
 
 _ALIGN = 64
 _SEGMENT = struct.Struct("<HQI")
+_META = struct.Struct("<I")
 _NUMPY_DTYPES = {
     torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
     torch.uint8, torch.bool, torch.complex64, torch.complex128,
@@ -249,6 +251,14 @@ class _Pickler(MainClassPickler):
         self._gathering: dict[torch.dtype, tuple[int, list[torch.Tensor], list[int]]] = {}
         self._scanned: dict[int, Any] = {}  # id of a list, tuple or dict looked at -> what stands for it
         self._in_runs: set[int] = set()  # ids of the tensors in runs
+        self.refs: list[Source] = []  # the segments of the routed items in the message (``_routing``)
+        self._ref_index: dict[int, int] = {}
+
+    def sharing(self, file: io.BytesIO) -> _Pickler:
+        """A pickler into ``file`` whose tensors go into this one's blocks (items pickled one by one)."""
+        other = _Pickler(file)
+        other.blocks, other._gathering = self.blocks, self._gathering
+        return other
 
     def with_runs(self, obj: Any) -> Any:
         """``obj`` with the runs of small tensors in its value(s) replaced by ``_Run``s (blocks added)."""
@@ -290,6 +300,15 @@ class _Pickler(MainClassPickler):
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
+        if kind is EncodedItem:  # routed by a stream step: a reference to where it is (see ``_routing``)
+            source = obj.source
+            if source is None:
+                return _rebuild_routed, (-1, obj.blob)
+            index = self._ref_index.get(id(source))
+            if index is None:
+                index = self._ref_index[id(source)] = len(self.refs)
+                self.refs.append(source)
+            return _rebuild_routed, (index, obj.blob)
         if kind is torch.Tensor and id(obj) in self._in_runs:
             raise _RunElsewhere
         if kind is torch.Tensor and _to_segment(obj):
@@ -341,12 +360,16 @@ class _Pickler(MainClassPickler):
 
 
 class _Loading(threading.local):
-    """The segment of the message being unpickled in this thread, and its blocks as flat views."""
+    """The segment of the message being unpickled in this thread, and its blocks as flat views; for a
+    message with items pickled one by one, or routed ones, where they are (see ``_routing``)."""
 
     def __init__(self) -> None:
         self.storage: torch.UntypedStorage | None = None
         self.table: list[tuple[Any, int, int, bool]] = []
         self.flat: dict[int, Any] = {}
+        self.own: Any = None  # lazily: the Source of the message's own segment; else its (storage, table, flat)
+        self.refs: list[Any] = []  # per routed segment: a Source (lazily), or (storage, table, flat)
+        self.lazy = False
 
 
 _loading = _Loading()
@@ -407,6 +430,45 @@ def _rebuild_run(
     return tuple(tensors) if as_tuple else list(tensors)
 
 
+def _items(blobs: list[bytes]) -> list[Any]:
+    """The items of a list pickled one by one: routed (``EncodedItem``) by a stream step that reads the
+    message lazily, else unpickled here."""
+    if _loading.lazy:
+        return [EncodedItem(_loading.own, blob) for blob in blobs]
+    return [_decode(_loading.own, blob) for blob in blobs]
+
+
+def _rebuild_routed(index: int, blob: bytes) -> Any:
+    """An item a stream step routed: routed on (lazily), or unpickled from its segment (``index``; -1: none)."""
+    where = _loading.refs[index] if index >= 0 else None
+    if _loading.lazy:
+        return EncodedItem(where, blob)
+    return _decode(where, blob)
+
+
+def _decode(where: Any, blob: bytes) -> Any:
+    """Unpickle ``blob`` against a mapped segment ``(storage, table, flat)`` (or none)."""
+    saved = _loading.storage, _loading.table, _loading.flat, _loading.lazy
+    _loading.storage, _loading.table, _loading.flat = where if where is not None else (None, [], {})
+    _loading.lazy = False
+    try:
+        return pickle.loads(blob)
+    finally:
+        _loading.storage, _loading.table, _loading.flat, _loading.lazy = saved
+
+
+class _Items:
+    """Stands for a list whose items are pickled one by one (``dumps(..., items=True)``)."""
+
+    __slots__ = ("blobs",)
+
+    def __init__(self, blobs: list[bytes]) -> None:
+        self.blobs = blobs
+
+    def __reduce__(self) -> tuple[Any, tuple[list[bytes]]]:
+        return _items, (self.blobs,)
+
+
 def _rebuild_array(index: int, shape: tuple[int, ...]) -> np.ndarray:
     return _flat(index).reshape(shape)
 
@@ -423,14 +485,17 @@ def _rebuild_shared_array(storage: torch.UntypedStorage, offset: int, dtype: str
     return raw.numpy().view(np.dtype(dtype)).reshape(shape)
 
 
-def dumps(obj: Any, segment_dir: str | None, spare: int = 0) -> bytes:
+def dumps(obj: Any, segment_dir: str | None, spare: int = 0, items: bool = False) -> bytes:
     """Serialise ``obj``; tensors and large arrays go to a new segment in ``segment_dir`` (``spare``: see
-    ``_segments.write``)."""
+    ``_segments.write``). ``items``: an envelope whose payload is a list or tuple goes with its items
+    pickled one by one, for a stream step that routes them (``_routing``)."""
     buffer = io.BytesIO()
     if segment_dir is None:
         pickler = _forking_pickler(buffer)
         pickler.dump(obj)
         return b"P" + buffer.getvalue()
+    if items and type(obj) is Envelope and type(obj.payload) in (list, tuple):
+        return _dumps_items(obj, segment_dir, spare)
     pickler = _Pickler(buffer)
     try:
         pickler.dump(pickler.with_runs(obj))
@@ -439,6 +504,8 @@ def dumps(obj: Any, segment_dir: str | None, spare: int = 0) -> bytes:
         pickler = _Pickler(buffer)
         pickler.dump(obj)
     body = buffer.getvalue()
+    if pickler.refs:
+        return _with_meta(pickler, segment_dir, spare, body, items_only=False)
     if not pickler.blocks:
         return b"P" + body
     table, chunks, size = pickler.layout()
@@ -447,10 +514,39 @@ def dumps(obj: Any, segment_dir: str | None, spare: int = 0) -> bytes:
     return b"S" + _SEGMENT.pack(len(name), size, len(encoded_table)) + name + encoded_table + body
 
 
+def _dumps_items(envelope: Envelope, segment_dir: str, spare: int) -> bytes:
+    """An envelope whose payload's items are pickled one by one, their tensors in one segment."""
+    first: _Pickler | None = None
+    blobs = []
+    for item in envelope.payload:
+        buffer = io.BytesIO()
+        pickler = _Pickler(buffer) if first is None else first.sharing(buffer)
+        first = first or pickler
+        pickler.dump(item)
+        blobs.append(buffer.getvalue())
+    body = pickle.dumps(envelope._replace(payload=_Items(blobs)), pickle.HIGHEST_PROTOCOL)
+    return _with_meta(first, segment_dir, spare, body, items_only=True)
+
+
+def _with_meta(pickler: _Pickler | None, segment_dir: str, spare: int, body: bytes, items_only: bool) -> bytes:
+    """A message with its own segment (if any blocks) and the routed segments it refers to (linked for it)."""
+    own = None
+    if pickler is not None and pickler.blocks:
+        table, chunks, size = pickler.layout()
+        own = (_segments.write(segment_dir, chunks, size, spare), size, table)
+    refs = [(source.link(), source.size, source.table) for source in (pickler.refs if pickler else [])]
+    meta = pickle.dumps((own, refs, items_only), pickle.HIGHEST_PROTOCOL)
+    return b"M" + _META.pack(len(meta)) + meta + body
+
+
 def message_nbytes(data: bytes | bytearray) -> int:
-    """Size of a message from ``dumps``, its shared-memory segment included."""
+    """Size of a message from ``dumps``, its shared-memory segment included (routed items: where they are)."""
     if data[:1] == b"S":
         return len(data) + _SEGMENT.unpack_from(data, 1)[1]
+    if data[:1] == b"M":
+        (length,) = _META.unpack_from(data, 1)
+        own, refs, _ = pickle.loads(memoryview(data)[1 + _META.size : 1 + _META.size + length])
+        return len(data) + sum(size for _, size, _ in ([own] if own else []) + refs)
     return len(data)
 
 
@@ -459,15 +555,21 @@ def pickle_part(data: bytes | bytearray) -> memoryview:
     view = memoryview(data)
     if view[:1] == b"P":
         return view[1:]
+    if view[:1] == b"M":
+        return view[1 + _META.size + _META.unpack_from(view, 1)[0] :]
     name_length, _, table_length = _SEGMENT.unpack_from(view, 1)
     return view[1 + _SEGMENT.size + name_length + table_length :]
 
 
-def loads(data: bytes | bytearray | memoryview) -> Any:
-    """The object ``dumps`` serialised (maps and unlinks its segment, if any)."""
+def loads(data: bytes | bytearray | memoryview, lazy: bool = False) -> Any:
+    """The object ``dumps`` serialised (maps and unlinks its segment, if any). ``lazy``: a stream step
+    that routes items reads items pickled one by one, and routed ones, as ``EncodedItem``s, without
+    mapping their segments (``_routing``)."""
     view = memoryview(data)
     if view[:1] == b"P":
         return pickle.loads(view[1:])
+    if view[:1] == b"M":
+        return _loads_meta(view, lazy)
     name_length, size, table_length = _SEGMENT.unpack_from(view, 1)
     start = 1 + _SEGMENT.size
     name = bytes(view[start : start + name_length]).decode()
@@ -478,3 +580,28 @@ def loads(data: bytes | bytearray | memoryview) -> Any:
         return pickle.loads(view[start + table_length :])
     finally:
         _loading.storage, _loading.table, _loading.flat = None, [], {}
+
+
+def _loads_meta(view: memoryview, lazy: bool) -> Any:
+    """A message with items pickled one by one or routed items (``b"M"``, see ``_with_meta``)."""
+    (length,) = _META.unpack_from(view, 1)
+    start = 1 + _META.size
+    own, refs, items_only = pickle.loads(view[start : start + length])
+    mapped = None
+    if own is not None and not (lazy and items_only):  # the message's own tensors are read here
+        name, size, table = own
+        mapped = (_segments.map_segment(name, size), table, {})
+    if lazy:
+        reuse = _segments.REUSE_MIN_BYTES
+        _loading.own = Source(own[0], own[1], own[2], False, reuse) if own is not None and items_only else None
+        _loading.refs = [Source(path, size, table, True, reuse) for path, size, table in refs]
+    else:
+        _loading.own = mapped
+        _loading.refs = [(_segments.map_segment(path, size, link=True), table, {}) for path, size, table in refs]
+    _loading.lazy = lazy
+    _loading.storage, _loading.table, _loading.flat = mapped if mapped is not None else (None, [], {})
+    try:
+        return pickle.loads(view[start + length :])
+    finally:
+        _loading.storage, _loading.table, _loading.flat = None, [], {}
+        _loading.own, _loading.refs, _loading.lazy = None, [], False

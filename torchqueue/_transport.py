@@ -77,9 +77,12 @@ class Emitter:
         split_step: str,
         writer: str,
         segment_dir: str | None,
+        items: bool = False,
     ):
         """``sizer``: the pool that reads this edge (``None``: no pool, elements go whole);
-        ``split_step``: its name, for errors; ``writer``: the step whose outputs these are."""
+        ``split_step``: its name, for errors; ``writer``: the step whose outputs these are; ``items``: the
+        reader routes items (``_routing``): list elements go item by item."""
+        self._items = items
         self._channels = channels
         self._segment_dir = segment_dir
         self._alive = alive
@@ -107,7 +110,7 @@ class Emitter:
         """Send one envelope as it is; return the bytes sent (shared memory included). ``more``: messages
         sent right after this one (an element's other parts), for the segments' reuse."""
         try:
-            data = _serialize.dumps(envelope, self._segment_dir, more)
+            data = _serialize.dumps(envelope, self._segment_dir, more, self._items)
         except Exception as exc:
             failure = capture(self._writer, _unsendable(self._writer, exc), envelope.epoch, envelope.seq)
             data = _serialize.dumps(envelope._replace(payload=failure), None)
@@ -143,12 +146,12 @@ def split(items: list[Any], nparts: int) -> list[list[Any]]:
     return parts
 
 
-def read(data: bytearray, fail: Callable[[Exception], Failure | Skipped], where: str) -> Envelope:
+def read(data: bytearray, fail: Callable[[Exception], Failure | Skipped], where: str, lazy: bool = False) -> Envelope:
     """The envelope of a received message; one whose value does not unpickle here carries ``fail(exc)``
     in its place (see ``_unreadable``: the receiver goes on). ``where``: what the receiver was doing,
-    for the error."""
+    for the error; ``lazy``: the receiver routes items without decoding them (``_routing``)."""
     try:
-        envelope: Envelope = _serialize.loads(data)
+        envelope: Envelope = _serialize.loads(data, lazy)
     except Exception as exc:
         unread = in_place(data, exc, fail, where)
         if unread is None:

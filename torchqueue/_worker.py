@@ -86,6 +86,8 @@ class WorkerContext:
     stage_index: int
     base_seed: int | None  # the pipeline's: this worker's random streams derive from it (None: not seeded)
     fused: FusedStage | None = None  # stream stages: the map stage run on each output, in this process
+    routes: bool = False  # a stream stage that routes items without decoding them (``_routing``)
+    sends_items: bool = False  # its reader routes items: list elements go item by item
 
 
 def worker_main(ctx: WorkerContext) -> None:
@@ -204,7 +206,9 @@ class _Loop:
         fused = ctx.fused
         self.fused_meter = None if fused is None else Meter(ctx.stats, fused.stats_row, fused.name)
         writer = ctx.stage_name if fused is None else fused.name
-        self.emitter = Emitter(ctx.outbox, self.alive, ctx.split, ctx.split_step, writer, ctx.segment_dir)
+        self.emitter = Emitter(
+            ctx.outbox, self.alive, ctx.split, ctx.split_step, writer, ctx.segment_dir, ctx.sends_items
+        )
 
     def alive(self) -> bool:
         return not self.ctx.stop.is_set()
@@ -236,7 +240,7 @@ class _Loop:
     def read(self, data: bytearray) -> Envelope:
         """The envelope of ``data``; one whose value does not unpickle here carries this step's error
         (see ``_unreadable``): the worker goes on."""
-        return read(data, self.failed_input, "unpickling its input")
+        return read(data, self.failed_input, "unpickling its input", self.ctx.routes)
 
     def failed_input(self, exc: Exception) -> Any:
         """What stands for an input that did not unpickle: its Failure, or dropped (a pool's part: no items)."""
