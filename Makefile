@@ -1,7 +1,11 @@
-# Both targets create the environment they need (.venv) from pyproject.toml and constraints.txt.
+# Each target creates the environment it needs from pyproject.toml and constraints.txt: the demo a small
+# one of its own (.venv-demo: the library with the hdf5 and pyg extras it uses), the rest the full dev
+# and bench set (.venv: tests, docs, the libraries the benchmarks compare against).
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+DEMO_VENV := .venv-demo
+DEMO_STAMP := $(DEMO_VENV)/.installed
 
 .PHONY: demo test bench docs conformance
 
@@ -10,8 +14,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev,bench]"
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(VENV)/bin/python -m torchqueue.demo
+$(DEMO_STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/pip install -q -c constraints.txt -e ".[hdf5,pyg]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
+	$(DEMO_VENV)/bin/python -m torchqueue.demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,3 +89,14 @@ def test_the_demo_command_runs_and_prints_rates_and_stats(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "torchqueue Sequence:" in result.stdout and "DataLoader, one event per item:" in result.stdout
     assert "elapsed" in result.stdout and "graph" in result.stdout  # the stats table
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_installs_only_the_library_and_the_extras_it_uses_in_an_environment_of_its_own():
+    root = Path(__file__).resolve().parent.parent
+    plan = subprocess.run(["make", "-n", "-B", "demo"], cwd=root, capture_output=True, text=True, timeout=30)
+    assert plan.returncode == 0, plan.stderr
+    installs = [line for line in plan.stdout.splitlines() if "pip install" in line]
+    assert len(installs) == 1 and installs[0].startswith(".venv-demo/bin/pip install"), plan.stdout
+    assert '-c constraints.txt -e ".[hdf5,pyg]"' in installs[0]  # torch and the rest pinned as for the tests
+    assert "-m torchqueue.demo" in plan.stdout.splitlines()[-1] and ".venv/" not in plan.stdout

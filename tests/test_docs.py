@@ -45,3 +45,24 @@ def test_an_undocumented_public_object_fails_the_build(tmp_path):
     result = sphinx_build(src, tmp_path / "html", "-c", str(ROOT / "docs"), env=env)
     assert result.returncode != 0
     assert "torchqueue_undocumented.Documented.method has no docstring" in result.stderr
+
+
+def _sections(page: str) -> list[str]:
+    return [line for line in (ROOT / "docs" / page).read_text().splitlines() if line.startswith("## ")]
+
+
+def test_the_internals_live_on_the_design_page_and_concepts_keeps_what_a_user_needs():
+    index = (ROOT / "docs" / "index.md").read_text()
+    assert "\ndesign\n" in index.split("```{toctree}")[1]
+    concepts, design = ((ROOT / "docs" / p).read_text() for p in ("concepts.md", "design.md"))
+    for internal in ("pwritev", "write lease", "1.5 GB/s", "are reused", "stacked into one block"):
+        assert internal in design and internal not in concepts, internal
+    for kept in ("## Stage boundaries", "is_shared()", ".clone()", "torch.save"):
+        assert kept in concepts, kept
+
+
+def test_the_migration_page_lists_the_differences_first():
+    sections = _sections("from-dataloader.md")
+    assert sections[0] == "## What differs, in short", sections
+    first = (ROOT / "docs" / "from-dataloader.md").read_text().split("## What stays the same")[0]
+    assert "nothing else changes" not in first and "torch.save(batch)" in first

@@ -424,6 +424,23 @@ def test_progress_bar_wraps_the_batches(capsys):
     assert "6/6" in capsys.readouterr().err
 
 
+def test_progress_bar_shows_the_epoch_counted_or_set(capsys):
+    loader = QueueFlowLoader(Squares(), batch_size=4, progress=True)
+    for _ in range(2):
+        list(loader)
+    counted = capsys.readouterr().err
+    assert "epoch 0: 100%" in counted and "epoch 1: 100%" in counted
+    loader.set_epoch(7)  # as Lightning does before each epoch
+    list(loader)
+    assert "epoch 7: 100%" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("progress", ["tqdm", 1, None, "False"])
+def test_progress_takes_only_true_or_false(progress):
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        QueueFlowLoader(Squares(), progress=progress)
+
+
 def test_timeout_raises_dataloaders_error_and_the_next_epoch_starts_afresh():
     loader = QueueFlowLoader(Stuck(), batch_size=None, num_workers=1, timeout=0.5)
     with pytest.raises(RuntimeError, match="DataLoader timed out after 0.5 seconds"):

@@ -52,6 +52,14 @@ def test_the_notebook_is_stored_stripped(path):
         assert cell.get("execution_count") is None, f"execution_count null in git: {cell.source[:60]!r}"
 
 
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem) for p in NOTEBOOKS])
+def test_every_code_cell_follows_prose_saying_what_to_look_for(path):
+    cells = nbformat.read(path, as_version=4).cells
+    pairs = zip(cells, cells[1:])
+    bare = [cell.source[:60] for before, cell in pairs if (before.cell_type, cell.cell_type) == ("code", "code")]
+    assert not bare, f"code cells with no markdown cell before them: {bare}"
+
+
 def test_every_expectation_names_a_notebook():
     assert set(EXPECTED) <= {p.stem for p in NOTEBOOKS}
 

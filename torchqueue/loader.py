@@ -31,7 +31,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from torchqueue import _device, _epochs, _sharding
+from torchqueue import _device, _epochs, _progress, _sharding
 from torchqueue._epochs import Epoch
 from torchqueue._fetch import Batches, Fetch, Fetched, Job
 from torchqueue._lookahead import EpochStep, Guess, predictable
@@ -65,7 +65,9 @@ class QueueFlowLoader(Generic[_T_co]):
     Args:
         device: Deliver batches on this device; for CUDA a background thread copies pinned
             batches on a dedicated stream. ``"cuda"`` without CUDA raises here.
-        progress: Show a tqdm progress bar (batches and samples per second).
+        progress: ``True`` shows a tqdm bar for each epoch, titled with its number (``epoch 3``: the
+            one ``set_epoch`` gave, else the count of epochs begun); anything but ``True``/``False``
+            raises ``TypeError``. Needs the ``progress`` extra (tqdm).
         rank, world_size: This process's share of the data (default: from ``torch.distributed``
             when it is initialized): disjoint shares, the same count on every rank (see
             ``docs/from-dataloader.md``).
@@ -140,8 +142,9 @@ class QueueFlowLoader(Generic[_T_co]):
         self.pin_memory = pin_memory
         self.generator = generator
         self.persistent_workers = persistent_workers
-        self.progress = progress
+        self.progress = _progress.check(progress)
         self.epoch = 0
+        self._bar_epoch = 0  # the number the next epoch's progress bar shows (``set_epoch`` sets it)
         self._warned_pin = False
         self._configure()
         self._restorable = num_workers > 0 and in_order
@@ -240,7 +243,7 @@ class QueueFlowLoader(Generic[_T_co]):
         """Pass ``epoch`` to the sampler, batch sampler and dataset that take it (``set_epoch``), as
         Lightning does: a ``DistributedSampler`` (the one ``rank=`` builds, too) or a ``QueueFlowDataset``
         then draws that epoch's order. A plain ``shuffle=True`` draws from the generator, as DataLoader's."""
-        self.epoch = epoch
+        self.epoch = self._bar_epoch = epoch
         for target in (self._torch.sampler, self._torch.batch_sampler, self.dataset):
             set_target_epoch = getattr(target, "set_epoch", None)
             if callable(set_target_epoch):
@@ -267,7 +270,8 @@ class QueueFlowLoader(Generic[_T_co]):
                 raise AssertionError(f"timeout={self._torch.timeout} needs workers: it bounds the wait for one")
             batches = self._iter_map_style()
         if self.progress:
-            batches = _with_progress(batches, self._length_or_none())
+            batches = _progress.bar(batches, self._length_or_none(), self._bar_epoch)
+        self._bar_epoch += 1
         if not isinstance(self.dataset, IterableDataset):  # a batch that raised does not end the epoch
             batches = Batches(batches)
         return batches
@@ -606,10 +610,3 @@ class _Stream:
         self.generator_before = generator_before  # the loader's generator before the epoch's draws
         self.yielded = 0
         self.over = False  # it ran out
-
-
-def _with_progress(batches: Iterator[Any], total: int | None) -> Iterator[Any]:
-    from tqdm.auto import tqdm
-
-    with tqdm(batches, total=total, unit="batch") as bar:
-        yield from bar
