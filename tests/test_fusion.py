@@ -226,3 +226,87 @@ def test_a_skip_warning_from_a_worker_points_at_the_users_line():
         with pytest.warns(RuntimeWarning, match="fails_on_third") as caught:
             list(seq(range(20)))
     assert caught[0].filename == __file__
+
+
+# -- items routed, not decoded, by a stream step between two steps of workers ----------------------
+
+
+def rows(n):
+    """``n`` items with tensors of their own (a graph's worth)."""
+    return [{"x": torch.full((2000,), float(n)), "i": torch.arange(3) + n} for _ in range(n)]
+
+
+def sums(batch):
+    return [float(item["x"].sum()) + int(item["i"].sum()) for item in batch]
+
+
+class Logged:
+    """An item that notes, in a file named by the step, every process that unpickles it."""
+
+    def __init__(self, value, log):
+        self.value, self.log = value, log
+
+    def __reduce__(self):
+        return _unpickled, (self.value, self.log)
+
+
+def _unpickled(value, log):
+    info = tq.get_worker_info()
+    with open(f"{log}/{info.step if info else 'consumer'}", "a") as out:
+        out.write(f"{value}\n")
+    return Logged(value, log)
+
+
+def logged(log):
+    return lambda n: [Logged(n * 10 + i, log) for i in range(n)]
+
+
+def values(batch):
+    return [item.value for item in batch]
+
+
+def test_a_stream_step_between_workers_routes_items_and_the_writers_send_them_item_by_item():
+    plan = make_plan((tq.PoolStep(abs, 2), tq.RepackStep(4), tq.ProcessStep(sum, 2)))
+    assert plan.routes_items(1) and plan.sends_items(0) and not plan.sends_items(1)
+    fused = make_plan((tq.PoolStep(abs, 2), tq.RepackStep(4), tq.ProcessStep(sum, 1)))
+    assert not fused.routes_items(1)  # it calls the function on its outputs: it decodes them
+
+    class Mine(tq.RepackStep):  # a subclass may look at its items
+        pass
+
+    assert not make_plan((tq.ProcessStep(abs, 2), Mine(4), tq.ProcessStep(sum, 2))).routes_items(1)
+
+
+def test_routed_items_are_unpickled_only_where_a_function_takes_them(tmp_path):
+    with tq.Sequence(
+        tq.ProcessStep(logged(str(tmp_path)), 2), tq.RepackStep(3), tq.ProcessStep(values, 2, name="take")
+    ) as seq:
+        assert list(seq([1, 2, 3])) == [[10, 20, 21], [30, 31, 32]]
+    assert os.listdir(tmp_path) == ["take"]  # never in RepackStep(3)
+    assert sorted(map(int, (tmp_path / "take").read_text().split())) == [10, 20, 21, 30, 31, 32]
+
+
+def test_routed_items_arrive_intact_through_two_stream_steps_under_every_start_method(start_method):
+    with tq.Sequence(
+        tq.ProcessStep(rows, 2),
+        tq.RepackStep(3),
+        tq.UnpackStep(),
+        tq.PackStep(2),
+        tq.ProcessStep(sums, 2),
+        tq.Queue(2),
+        context=start_method,
+    ) as seq:
+        expected = [2000.0 * n + 3 * n + 3 for n in range(1, 6) for _ in range(n)]
+        for _ in range(2):  # epochs
+            out = [x for batch in seq(range(1, 6)) for x in batch]
+            assert out == expected
+        directory = seq._runtime._segment_dir
+        assert not [name for name in os.listdir(directory) if name.count(".") and not name.endswith(".r")]
+
+
+def test_an_epoch_left_early_with_routed_items_leaves_the_next_one_whole():
+    with tq.Sequence(tq.ProcessStep(rows, 2), tq.RepackStep(4), tq.ProcessStep(sums, 2)) as seq:
+        it = seq(range(1, 30))
+        next(it)
+        del it
+        assert [x for batch in seq(range(1, 4)) for x in batch] == [2000.0 * n + 3 * n + 3 for n in (1, 2, 2, 3, 3, 3)]

@@ -398,6 +398,7 @@ class _Loop:
                 for output in step.stream(self.checked(step, elements, epoch, taken)):
                     self.meter.add(Field.OUT, 1)
                     emit(output)
+                    del output  # held no longer than sent: what it refers to is freed, its segments given back
             except _UpstreamFailure as upstream:
                 failure = upstream.failure
             except Stopped:  # the pipeline closes (raised by our reads under the step): not the step's failure
