@@ -141,9 +141,7 @@ def _stats(*steps: StepStats, elapsed_s: float = 10.0, wait: float = 0.0, work: 
 
 def _step(name: str, busy_s: float, nworkers: int = 1, **figures) -> StepStats:
     figures = {"elements_in": 100, "elements_out": 100, "wait_in_s": 0.0, "wait_out_s": 0.0, **figures}
-    return StepStats(
-        name=name, nworkers=nworkers, busy_s=busy_s, queue_fill=0.5, skipped=0, utilization=0.0, **figures
-    )
+    return StepStats(name=name, nworkers=nworkers, busy_s=busy_s, queue_fill=0.5, skipped=0, utilization=0.0, **figures)
 
 
 def test_start_up_under_spawn_is_its_own_figure_and_not_busy_time():
@@ -248,3 +246,9 @@ def test_encoding_and_decoding_are_counted_apart_from_the_step_s_work(tmp_path):
 def test_the_hint_says_when_the_hops_limit():
     stats = _stats(_step("graph", 3.0, nworkers=1, encode_s=4.0, decode_s=2.0), _step("collate", 1.0))
     assert stats.bottleneck == "graph" and "hops limit" in stats.hint() and "more workers" not in stats.hint()
+
+
+def test_the_hint_says_when_the_hops_limit_though_no_step_is_busy_half_the_time():
+    # issue 17's seed shape: every step under half busy, the time gone to moving small graphs
+    stats = _stats(_step("pool", 1.0, encode_s=2.0, decode_s=2.0), _step("RepackStep(64)", 2.0, stream=True), wait=9.0)
+    assert "hops limit" in stats.hint() and "input or the consumer" not in stats.hint()

@@ -7,8 +7,9 @@ The decision, in order:
 2. The busiest step is the one whose workers, once started, spent the largest share of their time in
    the step or on its messages (``occupied``). Start-up is left out: under spawn or forkserver a
    worker spends its first second or two importing, which is no step's work.
-3. Below half of its workers' time, no step limits: your loop does (it worked longer than it waited
-   for outputs), or the input does. A start-up that takes a large share of a short run is said too.
+3. Below half of its workers' time, no step limits: your loop does where it worked longer than it
+   waited for outputs; else the hops do, where the steps together spent more time encoding and
+   decoding messages than working; else the input does. A start-up that takes a large share of a run is said too.
 4. A step that spends more time encoding and decoding messages than in its work is limited by the
    hops: more workers would not help; fewer, larger messages or fewer stages would.
 5. A Pack/Unpack/RepackStep has no ``nworkers``: the advice is about what it is given.
@@ -30,6 +31,16 @@ LIMITS = 0.5
 
 STARTUP_SHARE = 0.25
 """A start-up longer than this share of the run is worth saying."""
+
+
+HOPS_SHARE = 0.1
+"""Below half busy, the hops are said to limit only where they took more than the steps' work and this
+share of the run (a pipeline of cheap steps over small elements waits on anything else first)."""
+
+_HOPS = (
+    "{who} spent {hops:.2f} s encoding and decoding messages and {work:.2f} s in the steps' work: send fewer, "
+    "larger messages (larger elements, a PackStep before a pool), or do two steps' work in one ProcessStep"
+)
 
 
 def available_cpus() -> int:
@@ -72,17 +83,19 @@ def verdict(stats: Stats) -> Verdict:
             f"the workers took {startup:.2f} s of the {stats.elapsed_s:.2f} s to start, too much for the figures "
             "after it to tell what limits: run longer (persistent workers start once for many epochs)",
         )
+    hops, work = sum(s.encode_s + s.decode_s for s in steps), sum(s.busy_s for s in steps)
     if share < LIMITS:
-        return Verdict(top.name, f"no step is busy more than half the time ({top.name}: {share:.0%})", _outside(stats))
+        title = f"no step is busy more than half the time ({top.name}: {share:.0%})"
+        consumer_limits = stats.consumer_work_s > stats.consumer_wait_s
+        if hops > work and hops > HOPS_SHARE * stats.elapsed_s and not consumer_limits:
+            return Verdict(top.name, f"the hops limit; {title}", _HOPS.format(who="the steps", hops=hops, work=work))
+        return Verdict(top.name, title, _outside(stats))
     title = f"bottleneck: {top.name} ({share:.0%} busy)"
-    hops = top.encode_s + top.decode_s
-    if hops > top.busy_s:
+    if top.encode_s + top.decode_s > top.busy_s:
         return Verdict(
             top.name,
             f"the hops limit: {top.name} ({share:.0%} busy)",
-            f"it spent {hops:.2f} s encoding and decoding messages and {top.busy_s:.2f} s in its work: "
-            "send fewer, larger messages (larger elements, a PackStep before it), or do its work in the step "
-            "before it (one ProcessStep for both)",
+            _HOPS.format(who="it", hops=top.encode_s + top.decode_s, work=top.busy_s),
         )
     if top.stream:
         return Verdict(

@@ -267,4 +267,3 @@ class Stats(Mapping[str, StepStats]):
         from torchqueue import _plot
 
         return _plot.plot(self, ax)
-
