@@ -110,10 +110,10 @@ def verdict(stats: Stats) -> Verdict:
         return Verdict(
             top.name,
             title,
-            f"the workers already keep {used:.1f} of the {cpus} cores busy, so more workers would only share "
-            f"them: make {top.name} do less per element, or run on more cores",
+            f"the workers' busy time adds up to {used:.1f} cores and this process may use {cpus}, so more "
+            f"workers would only share them: make {top.name} do less per element, or run on more cores",
         )
-    return Verdict(top.name, title, f"give it more workers (now {top.nworkers}; {used:.1f} of {cpus} cores busy)")
+    return Verdict(top.name, title, f"give it more workers (now {top.nworkers}; {used:.1f} of {cpus} cores in use)")
 
 
 def _outside(stats: Stats) -> str:

@@ -67,10 +67,14 @@ def _start_context(context: BaseContext) -> BaseContext:
 
 
 def _check_cores(plan: Plan) -> None:
-    """Warn (``TooManyWorkersWarning``) when the steps that take ``nworkers`` ask for more workers than
-    this process has CPUs, as DataLoader warns for ``num_workers``. The one process of a
-    Pack/Unpack/RepackStep is not counted: it mostly waits."""
-    steps = [(stage.name, stage.nworkers) for stage in plan.stages if stage.kind != STREAM]
+    """Warn (``TooManyWorkersWarning``) when the steps that take ``nworkers`` ask for more worker
+    processes than this process has CPUs, as DataLoader warns for ``num_workers``. The one process of a
+    Pack/Unpack/RepackStep is not counted (it mostly waits), nor a step that runs in another's process."""
+    steps = [
+        (stage.name, stage.nworkers)
+        for stage in plan.stages
+        if stage.kind != STREAM and not plan.runs_elsewhere(stage.index)
+    ]
     workers, cpus = sum(n for _, n in steps), available_cpus()
     if workers > cpus:
         listed = ", ".join(f"{name}: {n}" for name, n in steps)
