@@ -195,10 +195,10 @@ def test_the_table_and_the_plot_say_the_same_verdict():
 
 def test_the_consumer_s_wait_and_own_work_are_figures_and_tell_who_limits():
     with tq.Sequence(tq.ProcessStep(double, 1, name="quick")) as seq:
-        for _ in seq(range(30)):
-            time.sleep(0.02)  # the consumer's own work (a training step)
+        for _ in seq(range(40)):
+            time.sleep(0.03)  # the consumer's own work (a training step)
         stats = seq.stats()
-    assert stats.consumer_work_s >= 30 * 0.02 * 0.9 and stats.consumer_work_s > stats.consumer_wait_s
+    assert stats.consumer_work_s >= 40 * 0.03 * 0.9 and stats.consumer_work_s > stats.consumer_wait_s
     assert "your loop limits" in stats.hint() and "your loop waited" in str(stats)
     with tq.Sequence(tq.ProcessStep(pause, 1, name="slowstep")) as seq:
         list(seq(range(30)))
