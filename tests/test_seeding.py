@@ -83,7 +83,8 @@ def check_streams(epochs: list[list], again: list[list], steps: set[str]) -> Non
     assert all(isinstance(r[2], int) and r[2] == r[4] for r in records)  # the seed reported is torch's
     for r in records:  # the n-th draws of a stream: those of random and torch seeded with the seed reported
         assert r[5] == nth_draw(random.Random(r[2]).random, r[3])
-        assert r[7] == nth_draw(lambda g=torch.Generator().manual_seed(r[2]): torch.rand(1, generator=g).item(), r[3])
+        generator = torch.Generator().manual_seed(r[2])
+        assert r[7] == nth_draw(lambda generator=generator: torch.rand(1, generator=generator).item(), r[3])
     # the first step hands out elements in order: every element gets the same draws on every run
     firsts = [[of_step(element, "first") for element in epoch] for epoch in epochs]
     assert firsts == [[of_step(element, "first") for element in epoch] for epoch in again]

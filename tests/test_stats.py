@@ -1,12 +1,17 @@
 """stats(): per-step figures, the bottleneck, a readable table and a plot."""
 
 import time
+import warnings
+from pathlib import Path
 
 import matplotlib
 import pytest
+import torch
 from conftest import double, identity
 
 import torchqueue as tq
+from torchqueue import _verdict
+from torchqueue.stats import StepStats
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
 
@@ -120,3 +125,130 @@ def test_history_stays_bounded_in_a_long_run():
         runtime._sample(runtime._started + (second + 1) * runtime._sample_every)
     assert len(seq.stats().history) <= _runtime.MAX_SAMPLES
     seq.close()
+
+
+# -- issue 18: honest figures and advice; issue 17: the cost of the hops ------------------------------
+
+
+def pause(x):
+    time.sleep(0.01)  # the step's work (not a synchronisation): the run lasts a few tenths of a second
+    return x
+
+
+def _stats(*steps: StepStats, elapsed_s: float = 10.0, wait: float = 0.0, work: float = 0.0) -> tq.Stats:
+    return tq.Stats(list(steps), elapsed_s, consumer_wait_s=wait, consumer_work_s=work)
+
+
+def _step(name: str, busy_s: float, nworkers: int = 1, **figures) -> StepStats:
+    figures = {"elements_in": 100, "elements_out": 100, "wait_in_s": 0.0, "wait_out_s": 0.0, **figures}
+    return StepStats(name=name, nworkers=nworkers, busy_s=busy_s, queue_fill=0.5, skipped=0, utilization=0.0, **figures)
+
+
+def test_start_up_under_spawn_is_its_own_figure_and_not_busy_time():
+    # before: a stream worker's start-up (importing torch, seconds under spawn) counted as busy
+    with tq.Sequence(tq.ProcessStep(pause, 1, name="read"), tq.RepackStep(4), context="spawn") as seq:
+        assert len(list(seq(range(40)))) == 10
+        stats = seq.stats()
+    repack = stats["RepackStep(4)"]
+    assert repack.startup_s > 0 and stats["read"].startup_s > 0
+    assert repack.utilization < 0.5  # it does almost nothing
+    assert repack.startup_s + repack.busy_s + repack.wait_in_s + repack.wait_out_s <= stats.elapsed_s * 1.01
+    assert stats.bottleneck != "RepackStep(4)" or "more workers" not in stats.hint()
+
+
+def test_the_hint_never_tells_a_step_without_nworkers_to_take_more_workers():
+    stats = _stats(_step("read", 2.0), _step("RepackStep(64)", 9.0, stream=True))
+    assert stats.bottleneck == "RepackStep(64)"
+    assert "more workers" not in stats.hint() and "no nworkers" in stats.hint()
+    assert "larger elements" in stats.hint()
+
+
+def test_the_hint_does_not_ask_for_more_workers_when_the_cores_are_busy(monkeypatch):
+    stats = _stats(_step("read", 9.0, nworkers=2), _step("graph", 19.0, nworkers=2))  # 2.8 cores busy
+    monkeypatch.setattr(_verdict, "available_cpus", lambda: 3)
+    assert stats.bottleneck == "graph" and "give it more workers" not in stats.hint() and "may use 3" in stats.hint()
+    monkeypatch.setattr(_verdict, "available_cpus", lambda: 16)
+    assert "give it more workers (now 2" in stats.hint()
+
+
+def test_more_workers_than_cpus_warn_at_construction_where_the_user_wrote_it(monkeypatch):
+    monkeypatch.setattr(tq.sequence, "available_cpus", lambda: 2)
+    with pytest.warns(tq.TooManyWorkersWarning, match="starts 3 workers") as caught:
+        tq.Sequence(tq.ProcessStep(double, 1), tq.PoolStep(double, nworkers=2), tq.RepackStep(4)).close()
+    assert issubclass(tq.TooManyWorkersWarning, UserWarning) and caught[0].filename == __file__
+    with pytest.warns(tq.TooManyWorkersWarning):
+        tq.QueueFlowDataset(range(4), [tq.ProcessStep(double, 3)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tq.Sequence(tq.ProcessStep(double, 1), tq.RepackStep(4), tq.ProcessStep(double, 1)).close()  # 2 workers
+
+
+def test_the_table_and_the_plot_say_the_same_verdict():
+    matplotlib.use("Agg")
+    # before: the table said "no step is busy more than half the time" and the plot "bottleneck: read"
+    quiet = _stats(_step("read", 4.0), _step("collate", 1.0), wait=8.0, work=1.0)
+    title = quiet.plot().axes[0].get_title()
+    assert quiet.hint().startswith(title) and "half the time" in title and "input limits" in quiet.hint()
+    busy = _stats(_step("read", 9.0), _step("collate", 1.0))
+    assert busy.hint().startswith(busy.plot().axes[0].get_title()) and "bottleneck: read" in busy.hint()
+
+
+def test_the_consumer_s_wait_and_own_work_are_figures_and_tell_who_limits():
+    with tq.Sequence(tq.ProcessStep(double, 1, name="quick")) as seq:
+        for _ in seq(range(40)):
+            time.sleep(0.03)  # the consumer's own work (a training step)
+        stats = seq.stats()
+    assert stats.consumer_work_s >= 40 * 0.03 * 0.9 and stats.consumer_work_s > stats.consumer_wait_s
+    assert "your loop limits" in stats.hint() and "your loop waited" in str(stats)
+    with tq.Sequence(tq.ProcessStep(pause, 1, name="slowstep")) as seq:
+        list(seq(range(30)))
+        stats = seq.stats()
+    assert stats.consumer_wait_s >= 30 * 0.01 * 0.5 and stats.consumer_wait_s > stats.consumer_work_s
+    assert stats.bottleneck == "slowstep"
+
+
+def test_the_first_queue_is_full_when_a_later_step_limits_as_the_tuning_guide_says():
+    with tq.Sequence(tq.ProcessStep(double, 1, name="first"), tq.ProcessStep(busy, 1, name="later")) as seq:
+        list(seq(range(100)))
+        stats = seq.stats()
+    first = stats["first"]
+    # the input keeps the first queue full; the step waits for room: a later step limits
+    assert first.queue_fill > 0.5 and first.wait_out_s > first.busy_s and stats.bottleneck == "later"
+    guide = (Path(__file__).parents[1] / "docs" / "howto" / "tune.md").read_text()
+    assert "that step cannot keep up" not in guide and "wait_out_s" in guide.split("queue_fill", 1)[1][:600]
+
+
+def test_the_loader_plots_its_pipeline():
+    matplotlib.use("Agg")
+    loader = tq.QueueFlowLoader(torch.utils.data.TensorDataset(torch.arange(16.0)), batch_size=4, num_workers=1)
+    assert len(list(loader)) == 4
+    figure = loader.plot()
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["fetch"]
+    loader.close()
+
+
+def tensor(i):
+    return torch.full((200_000,), float(i))
+
+
+def test_encoding_and_decoding_are_counted_apart_from_the_step_s_work(tmp_path):
+    matplotlib.use("Agg")
+    with tq.Sequence(tq.ProcessStep(tensor, 1, name="make"), tq.ProcessStep(torch.sum, 1, name="total")) as seq:
+        assert len(list(seq(range(20)))) == 20
+        stats = seq.stats()
+    assert stats["make"].encode_s > 0 and stats["total"].decode_s > 0 and stats["total"].encode_s > 0
+    header = str(stats).splitlines()[0].split()
+    assert "encode_s" in header and "decode_s" in header
+    figure = stats.plot()
+    assert "encoding, decoding" in [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+
+
+def test_the_hint_says_when_the_hops_limit():
+    stats = _stats(_step("graph", 3.0, nworkers=1, encode_s=4.0, decode_s=2.0), _step("collate", 1.0))
+    assert stats.bottleneck == "graph" and "hops limit" in stats.hint() and "more workers" not in stats.hint()
+
+
+def test_the_hint_says_when_the_hops_limit_though_no_step_is_busy_half_the_time():
+    # issue 17's seed shape: every step under half busy, the time gone to moving small graphs
+    stats = _stats(_step("pool", 1.0, encode_s=2.0, decode_s=2.0), _step("RepackStep(64)", 2.0, stream=True), wait=9.0)
+    assert "hops limit" in stats.hint() and "input or the consumer" not in stats.hint()

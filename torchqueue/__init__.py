@@ -5,7 +5,7 @@ Module map (see ``torchqueue/README.md`` for the life of one element):
 - ``steps``: declarations (ProcessStep, PoolStep, PackStep, UnpackStep, RepackStep, Queue);
 - ``sequence``: ``Sequence``, epochs in and outputs out;
 - ``stats``: ``Stats`` and ``StepStats``;
-- ``errors``: ``PipelineError``, ``WorkerDiedError``;
+- ``errors``: ``PipelineError``, ``WorkerDiedError``, ``TooManyWorkersWarning``;
 - ``worker_info``: ``get_worker_info()`` inside a worker (step name, worker id, count);
 - ``dataset``, ``loader``: ``QueueFlowDataset`` and ``QueueFlowLoader`` (the DataLoader drop-in;
   private helpers ``_fetch``: a worker's seeded fetch, ``_lookahead``: the next epoch guessed ahead);
@@ -20,7 +20,7 @@ Module map (see ``torchqueue/README.md`` for the life of one element):
 import logging
 
 from torchqueue.dataset import QueueFlowDataset
-from torchqueue.errors import PipelineError, WorkerDiedError
+from torchqueue.errors import PipelineError, TooManyWorkersWarning, WorkerDiedError
 from torchqueue.loader import QueueFlowLoader
 from torchqueue.sequence import Sequence
 from torchqueue.stats import Stats, StepStats
@@ -44,6 +44,7 @@ __all__ = [
     "Sequence",
     "Stats",
     "StepStats",
+    "TooManyWorkersWarning",
     "UnpackStep",
     "WorkerDiedError",
     "WorkerInfo",

@@ -1,16 +1,20 @@
 """``Stats.plot``: where each step's workers spend their time, now and over the run (matplotlib).
 
-    ┌ bars: busy / waiting for input / waiting for room, ┐ ┌ outputs per second per step, over time ┐
-    │ and the input queue's fill, one group per step      │ ├ busy fraction per step, over time      ┤
+    ┌ bars: starting / busy / encoding+decoding /         ┐ ┌ outputs per second per step, over time ┐
+    │ waiting for input / waiting for room, and the input │ ├ busy fraction per step, over time      ┤
+    │ queue's fill, one group per step; title: verdict    │ │                                        │
     └─────────────────────────────────────────────────────┘ └────────────────────────────────────────┘
 
-A step that stays busy near 1 while the others wait is the bottleneck. The time series come from
-``Stats.history``: each point is the difference between two consecutive snapshots.
+A step that stays busy near 1 while the others wait is the bottleneck. The title is the verdict the
+table's hint gives (``_verdict``). The time series come from ``Stats.history``: each point is the
+difference between two consecutive snapshots.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+from torchqueue._verdict import verdict
 
 if TYPE_CHECKING:
     from torchqueue.stats import Stats
@@ -40,18 +44,24 @@ def plot(stats: Stats, ax: Any = None) -> Any:
 def _bars(stats: Stats, ax: Any) -> None:
     steps = list(stats.values())
     span = [max(s.nworkers * stats.elapsed_s, 1e-9) for s in steps]
-    busy = [s.busy_s / t for s, t in zip(steps, span)]
-    wait_in = [s.wait_in_s / t for s, t in zip(steps, span)]
-    wait_out = [s.wait_out_s / t for s, t in zip(steps, span)]
+    parts = [
+        ("starting", "tab:olive", [s.startup_s for s in steps]),
+        ("busy", "tab:red", [s.busy_s for s in steps]),
+        ("encoding, decoding", "tab:orange", [s.encode_s + s.decode_s for s in steps]),
+        ("waiting for input", "tab:blue", [s.wait_in_s for s in steps]),
+        ("waiting for room", "tab:gray", [s.wait_out_s for s in steps]),
+    ]
     x = list(range(len(steps)))
-    ax.bar(x, busy, label="busy", color="tab:red")
-    ax.bar(x, wait_in, bottom=busy, label="waiting for input", color="tab:blue")
-    ax.bar(x, wait_out, bottom=[a + b for a, b in zip(busy, wait_in)], label="waiting for room", color="tab:gray")
+    bottom = [0.0] * len(steps)
+    for label, color, seconds in parts:
+        heights = [part / t for part, t in zip(seconds, span)]
+        ax.bar(x, heights, bottom=bottom, label=label, color=color)
+        bottom = [b + h for b, h in zip(bottom, heights)]
     ax.plot(x, [s.queue_fill for s in steps], "ko--", label="input queue fill")
     ax.set_xticks(x, [s.name for s in steps], rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("fraction of worker time")
-    ax.set_title(f"bottleneck: {stats.bottleneck}")
+    ax.set_title(verdict(stats).title, fontsize="medium", wrap=True)
     ax.legend(fontsize="small", loc="upper right")
 
 

@@ -178,6 +178,8 @@ class Runtime:
         self._last_health = self._started
         self._samples: list[tuple[float, list[float]]] = []
         self._sample_every = SAMPLE_S
+        self._consumer_wait = self._consumer_work = 0.0  # seconds in and between next_outputs calls
+        self._handed_at: float | None = None  # when next_outputs last returned
         self.workers: list[tuple[str, int, Any]] = []  # (stage name, worker index, Process)
         self._row_owners: list[tuple[str, int, Any]] = []  # the same per stats row (a fused stage's: its host's)
         try:
@@ -202,6 +204,8 @@ class Runtime:
             self._rows[stage.index] = row
             if self.plan.runs_elsewhere(stage.index):  # in the previous stage's process, or in this one
                 host = self.workers[-1][2] if stage.index in self.plan.fused else _ThisProcess()
+                if stage.index not in self.plan.fused:  # this process needs no start-up
+                    self._stats[row * NFIELDS + Field.READY_AT] = self._started
                 self._row_owners.append((stage.name, 0, host))
                 row += 1
                 continue
@@ -324,7 +328,14 @@ class Runtime:
         with self._reading:
             if self._closed:
                 raise Stopped
-            return self._next_outputs(epoch, timeout)
+            asked = time.perf_counter()
+            if self._handed_at is not None:  # since the last outputs: the consumer's own work
+                self._consumer_work += asked - self._handed_at
+            try:
+                return self._next_outputs(epoch, timeout)
+            finally:
+                self._handed_at = time.perf_counter()
+                self._consumer_wait += self._handed_at - asked
 
     def _next_outputs(self, epoch: int, timeout: float | None) -> list[Any]:
         deadline = None if timeout is None else time.perf_counter() + timeout
@@ -436,9 +447,10 @@ class Runtime:
         for index in (0, len(stages) - 1):  # a stream step the feeder or the consumer runs: only its calls are busy
             if self.plan.runs_elsewhere(index) and index not in self.plan.fused:
                 name, nworkers, _, shown = stages[index]
-                stages[index] = (name, nworkers, False, shown)
+                stages[index] = (name, nworkers, False, shown, True)
         elapsed = (self._closed_at or time.perf_counter()) - self._started
-        return Stats.from_rows(stages, self._stats, elapsed, self._samples, self._started)
+        consumer = self._consumer_wait, self._consumer_work
+        return Stats.from_rows(stages, self._stats, elapsed, self._samples, self._started, consumer)
 
     # -- shutdown (see the NOTE at the top) ------------------------------------------------------
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -66,7 +67,8 @@ class Emitter:
     """Writes envelopes to an edge, splitting elements into parts when a pool reads it.
 
     The edge is one channel, or one per worker of a round robin reader: then the element at
-    position ``seq`` goes to channel ``seq % len(channels)``.
+    position ``seq`` goes to channel ``seq % len(channels)``. ``encode_s``: the seconds spent
+    encoding so far (the sender's stats count them apart from its waits).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class Emitter:
         self._sizer = sizer
         self._split_step = split_step
         self._writer = writer
+        self.encode_s = 0.0
 
     def emit(self, epoch: int, seq: int, payload: Any) -> int:
         """Send one whole element (or control message) at position ``seq``; return the bytes sent."""
@@ -109,11 +112,13 @@ class Emitter:
     def send(self, envelope: Envelope, more: int = 0) -> int:
         """Send one envelope as it is; return the bytes sent (shared memory included). ``more``: messages
         sent right after this one (an element's other parts), for the segments' reuse."""
+        start = time.perf_counter()
         try:
             data = _serialize.dumps(envelope, self._segment_dir, more, self._items)
         except Exception as exc:
             failure = capture(self._writer, _unsendable(self._writer, exc), envelope.epoch, envelope.seq)
             data = _serialize.dumps(envelope._replace(payload=failure), None)
+        self.encode_s += time.perf_counter() - start
         self._channels[envelope.seq % len(self._channels)].put(data, self._alive)
         return _serialize.message_nbytes(data)
 

@@ -120,6 +120,7 @@ def worker_main(ctx: WorkerContext) -> None:
         ctx.events.put(_serialize.dumps(notice, None), lambda: not ctx.stop.is_set())
         raise SystemExit(3) from None
     loop = _Loop(ctx, seeds)
+    loop.ready()
     try:
         if ctx.kind == "stream":
             assert isinstance(step, StreamStep)
@@ -213,6 +214,13 @@ class _Loop:
     def alive(self) -> bool:
         return not self.ctx.stop.is_set()
 
+    def ready(self) -> None:
+        """The loop begins: this worker's start-up (and a fused stage's) ends now (see ``stats``)."""
+        now = time.perf_counter()
+        for meter in (self.meter, self.fused_meter):
+            if meter is not None:
+                meter.set(Field.READY_AT, now)
+
     def receive(self) -> Envelope:
         if self.ctx.stop.is_set():
             raise Stopped
@@ -226,8 +234,10 @@ class _Loop:
                 idle = True
                 self.emitter.idle()
         self.meter.set(Field.IN_SINCE, 0.0)
-        self.meter.add(Field.WAIT_IN, time.perf_counter() - start)
+        received = time.perf_counter()
+        self.meter.add(Field.WAIT_IN, received - start)
         envelope = self.read(data)
+        self.meter.add(Field.DECODE, time.perf_counter() - received)
         self.seeds.enter(envelope.epoch)  # a new epoch's stream, before the step sees its first element
         if not isinstance(envelope.payload, CONTROL):
             self.meter.add(Field.MESSAGES, 1)
@@ -251,18 +261,22 @@ class _Loop:
         self, send: Callable[..., object], *args: Any, credits: Any = None, meters: tuple[Meter, ...] = ()
     ) -> None:
         """Take a credit of ``credits`` (if given), then ``send(*args)``, counting the time as waiting
-        for room downstream (for this worker's step, and for ``meters``' steps)."""
+        for room downstream (for this worker's step, and for ``meters``' steps), but the encoding: the
+        writer's (the last of them), and to the others part of their wait."""
         meters = (self.meter, *meters)
         start = time.perf_counter()
         for meter in meters:
             meter.set(Field.OUT_SINCE, start)  # stats() counts a wait still going on
+        encoded = self.emitter.encode_s
         if credits is not None:
             wait_acquire(credits, self.alive)
         send(*args)
         spent = time.perf_counter() - start
+        encoding = self.emitter.encode_s - encoded
+        meters[-1].add(Field.ENCODE, encoding)
         for meter in meters:
             meter.set(Field.OUT_SINCE, 0.0)
-            meter.add(Field.WAIT_OUT, spent)
+            meter.add(Field.WAIT_OUT, spent - encoding if meter is meters[-1] else spent)
 
     def call(self, fn: Callable[[Any], Any], value: Any, epoch: int, seq: int, meter: Meter | None = None) -> Any:
         """``fn(value)``, or a Failure / Skipped in its place (the element at ``seq`` of ``epoch``);

@@ -21,7 +21,7 @@ import traceback
 from torchqueue._mainmodule import MainClassPickler
 from torchqueue._messages import Failure
 
-__all__ = ["PipelineError", "WorkerDiedError"]
+__all__ = ["PipelineError", "TooManyWorkersWarning", "WorkerDiedError"]
 
 
 class PipelineError(RuntimeError):
@@ -30,6 +30,11 @@ class PipelineError(RuntimeError):
 
 class WorkerDiedError(PipelineError):
     """A worker process ended without being asked to (killed, segfault, out of memory)."""
+
+
+class TooManyWorkersWarning(UserWarning):
+    """A pipeline's steps ask for more workers than this process has CPUs (as DataLoader warns for
+    ``num_workers``): the extra workers only share the cores, and slow each other down."""
 
 
 class _KeyErrorMessage(str):

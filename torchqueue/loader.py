@@ -596,6 +596,10 @@ class QueueFlowLoader(Generic[_T_co]):
             return self._latest_stats
         return Stats.from_rows([("fetch", self.num_workers, False, True)], None, 0.0)
 
+    def plot(self, ax: Any = None) -> Any:
+        """``stats().plot(ax)``: where the loader's pipeline spends its time, drawn with matplotlib."""
+        return self.stats().plot(ax)
+
     def close(self) -> None:
         """Stop the worker processes (they also stop when the loader is garbage collected)."""
         self._drop_workers()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections.abc
 import multiprocessing
 import threading
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator
 from multiprocessing.context import BaseContext
@@ -27,11 +28,12 @@ from typing import Any
 
 from torchqueue._channel import Stopped
 from torchqueue._messages import EndOfEpoch, Failure, Skipped
-from torchqueue._plan import make_plan
+from torchqueue._plan import STREAM, Plan, make_plan
 from torchqueue._forkserver import CONTEXT as FORK_SERVER
-from torchqueue._runtime import ERROR_JOIN_S, Runtime, travelling_steps
+from torchqueue._runtime import ERROR_JOIN_S, Runtime, _user_stacklevel, travelling_steps
 from torchqueue._seeding import draw_base_seed
-from torchqueue.errors import PipelineError, rebuild
+from torchqueue._verdict import available_cpus
+from torchqueue.errors import PipelineError, TooManyWorkersWarning, rebuild
 from torchqueue.stats import Stats
 
 __all__ = ["Sequence"]
@@ -62,6 +64,27 @@ def _start_context(context: BaseContext) -> BaseContext:
     if context.get_start_method() == "fork" and threading.active_count() > 1:
         return FORK_SERVER
     return context
+
+
+def _check_cores(plan: Plan) -> None:
+    """Warn (``TooManyWorkersWarning``) when the steps that take ``nworkers`` ask for more worker
+    processes than this process has CPUs, as DataLoader warns for ``num_workers``. The one process of a
+    Pack/Unpack/RepackStep is not counted (it mostly waits), nor a step that runs in another's process."""
+    steps = [
+        (stage.name, stage.nworkers)
+        for stage in plan.stages
+        if stage.kind != STREAM and not plan.runs_elsewhere(stage.index)
+    ]
+    workers, cpus = sum(n for _, n in steps), available_cpus()
+    if workers > cpus:
+        listed = ", ".join(f"{name}: {n}" for name, n in steps)
+        warnings.warn(
+            f"this Sequence starts {workers} workers ({listed}) and this process may use {cpus} CPUs: "
+            "workers beyond the cores only share them, and slow each other down; lower the steps' "
+            "nworkers (print(seq.stats()) shows which steps need them)",
+            TooManyWorkersWarning,
+            stacklevel=_user_stacklevel(),
+        )
 
 
 class Sequence:
@@ -110,6 +133,7 @@ class Sequence:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {type(name).__name__}")
         self._plan = make_plan(elements)
+        _check_cores(self._plan)
         self._ctx = resolve_context(context)
         self._ordered = ordered
         self._skip = on_error == "skip"

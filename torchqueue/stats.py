@@ -5,6 +5,12 @@ one writer per row); ``Stats`` sums the rows of each step when asked. While
 outputs are consumed, the consumer also copies the array every so often
 (``_runtime``'s ``SAMPLE_S``): ``Stats.history`` holds those snapshots, so
 ``Stats.plot`` can draw each step's throughput and busy fraction over time.
+
+A worker's time is split five ways: starting (from the pipeline's start until its loop is ready:
+under spawn or forkserver, importing torch and the step), busy (in the step's function), encoding
+and decoding messages (pickling outputs, writing their segments; unpickling inputs), and waiting
+for input or for room downstream. What limits the pipeline is decided once, from these figures,
+in ``_verdict``: the table's hint and the plot's title both say it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
+
+from torchqueue._verdict import verdict
 
 __all__ = ["Stats", "StepStats"]
 
@@ -34,6 +42,9 @@ class Field(IntEnum):
     BUSY_SINCE = 11  # the same for a call of the step's function going on
     AT_EPOCH = 12  # the position of the element the worker took last (for a timeout's report)
     AT_SEQ = 13
+    READY_AT = 14  # perf_counter() when the worker's loop began (0.0: still starting)
+    ENCODE = 15  # seconds spent encoding messages sent (pickling, writing segments)
+    DECODE = 16  # seconds spent decoding messages received (unpickling, mapping segments)
 
 
 NFIELDS = len(Field)
@@ -51,15 +62,27 @@ class StepStats:
         nworkers: Its number of worker processes.
         elements_in: Elements (for a PoolStep: items) its function was given.
         elements_out: Outputs it produced (failed or skipped calls do not count).
-        busy_s: Seconds its workers spent working, summed over workers.
+        busy_s: Seconds its workers spent in the step's function, summed over workers (for a
+            Pack/Unpack/RepackStep, a join: in the step, between receiving and sending).
         wait_in_s: Seconds its workers waited for input.
         wait_out_s: Seconds its workers waited for room downstream.
-        queue_fill: Mean fill (0 to 1) of its input queue, sampled at every read.
+        queue_fill: Mean fill (0 to 1) of its input queue, sampled whenever a worker was ready for
+            its next input: near 1, an element was always waiting for it, so this step or one
+            after it limits (a step after it that limits holds this step back, through
+            ``wait_out_s``, and its queue fills). The first step's queue is near 1 whenever the
+            input is faster than the pipeline, which is the usual case.
         skipped: Elements dropped under ``on_error="skip"``.
-        utilization: ``busy_s / (nworkers * elapsed_s)``: 1.0 means always busy.
+        utilization: ``busy_s`` over its workers' time once started (``nworkers * elapsed_s -
+            startup_s``): 1.0 means always in the step's function.
         messages_in: Data messages its workers received (control messages such as the end of an
             epoch are not counted): fewer than ``elements_in`` where small
             elements travel bundled, or a PoolStep's items in parts.
+        startup_s: Seconds its workers took to start (until their loop was ready), summed over
+            workers: counted apart from the other figures.
+        encode_s: Seconds its workers spent encoding the messages they sent (pickling, writing
+            tensors into shared memory), summed over workers: not in ``busy_s``.
+        decode_s: The same for decoding the messages they received.
+        stream: A Pack/Unpack/RepackStep (or a join): one process, no ``nworkers`` to raise.
     """
 
     name: str
@@ -73,6 +96,10 @@ class StepStats:
     skipped: int
     utilization: float
     messages_in: int = 0
+    startup_s: float = 0.0
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+    stream: bool = False
 
 
 class Stats(Mapping[str, StepStats]):
@@ -84,48 +111,71 @@ class Stats(Mapping[str, StepStats]):
             quarter second while outputs were consumed (fewer, further apart, in a long run:
             at most a few hundred are kept). Each is a ``Stats`` with totals since the start;
             the difference of two is what happened between them.
+        consumer_wait_s: Seconds your loop waited for the pipeline's next output.
+        consumer_work_s: Seconds your loop spent between taking an output and asking for the next
+            (its own work: a training step). More work than wait: your loop limits, not the pipeline.
     """
 
-    def __init__(self, steps: list[StepStats], elapsed_s: float, history: tuple[Stats, ...] = ()) -> None:
+    def __init__(
+        self,
+        steps: list[StepStats],
+        elapsed_s: float,
+        history: tuple[Stats, ...] = (),
+        consumer_wait_s: float = 0.0,
+        consumer_work_s: float = 0.0,
+    ) -> None:
         self._steps = {step.name: step for step in steps}
         self.elapsed_s = elapsed_s
         self.history = history
+        self.consumer_wait_s = consumer_wait_s
+        self.consumer_work_s = consumer_work_s
 
     @classmethod
     def from_rows(
         cls,
-        stages: list[tuple[str, int, bool, bool]],
+        stages: list[tuple[Any, ...]],
         rows: Any,
         elapsed_s: float,
         history: list[tuple[float, Any]] | None = None,
         started: float | None = None,
+        consumer: tuple[float, float] = (0.0, 0.0),
     ) -> Stats:
-        """Sum the shared array's rows, stage by stage (``(name, nworkers, is_stream, shown)``; an
-        internal stage that is not shown keeps its rows but gets no entry).
+        """Sum the shared array's rows, stage by stage (``(name, nworkers, is_stream, shown)``, and
+        optionally whether the step takes no ``nworkers``, if not ``is_stream``; an internal stage
+        that is not shown keeps its rows but gets no entry).
 
         ``history``: earlier ``(elapsed_s, rows)`` copies of the array, oldest first. ``started``:
         the ``perf_counter()`` the elapsed time counts from; given, a wait or a call still going on
         counts up to now (a worker adds it to its row only when it ends): a step stuck in its
-        function is busy, and the bottleneck.
+        function is busy, and the bottleneck; and a worker's start-up lasts until its loop was ready
+        (or until now). ``consumer``: the consumer's ``(wait, work)`` seconds.
         """
         steps, row = [], 0
         now = None if started is None else started + elapsed_s
-        for name, nworkers, is_stream, shown in stages:
+        for name, nworkers, is_stream, shown, *fixed in stages:
             total = [0.0] * NFIELDS
+            startup = 0.0
             for worker in range(nworkers):
                 base = (row + worker) * NFIELDS
-                for field in Field:
-                    total[field] += rows[base + field] if rows is not None else 0.0
-                if rows is not None and now is not None:
+                if rows is None:
+                    continue
+                for column in Field:
+                    total[column] += rows[base + column]
+                if now is not None:
                     for since, spent in _GOING_ON:
                         if rows[base + since] > 0:
                             total[spent] += max(0.0, now - rows[base + since])
+                    assert started is not None
+                    ready = rows[base + Field.READY_AT]
+                    startup += max(0.0, min(ready, now) - started) if ready > 0 else elapsed_s
             row += nworkers
             if not shown:
                 continue
+            running = nworkers * elapsed_s - startup
             busy = total[Field.BUSY]
             if is_stream and rows is not None:  # a stream worker is always receiving, sending or working
-                busy = max(0.0, nworkers * elapsed_s - total[Field.WAIT_IN] - total[Field.WAIT_OUT])
+                spent = total[Field.WAIT_IN] + total[Field.WAIT_OUT] + total[Field.ENCODE] + total[Field.DECODE]
+                busy = max(0.0, running - spent)
             steps.append(
                 StepStats(
                     name=name,
@@ -137,12 +187,16 @@ class Stats(Mapping[str, StepStats]):
                     wait_out_s=total[Field.WAIT_OUT],
                     queue_fill=total[Field.FILL_SUM] / total[Field.FILL_N] if total[Field.FILL_N] else 0.0,
                     skipped=int(total[Field.SKIPPED]),
-                    utilization=busy / (nworkers * elapsed_s) if elapsed_s > 0 else 0.0,
+                    utilization=min(1.0, busy / running) if running > 0 else 0.0,
                     messages_in=int(total[Field.MESSAGES]),
+                    startup_s=startup,
+                    encode_s=total[Field.ENCODE],
+                    decode_s=total[Field.DECODE],
+                    stream=bool(fixed[0]) if fixed else is_stream,
                 )
             )
         past = tuple(cls.from_rows(stages, copy, seconds, None, started) for seconds, copy in history or ())
-        return cls(steps, elapsed_s, past)
+        return cls(steps, elapsed_s, past, *consumer)
 
     def __getitem__(self, name: str) -> StepStats:
         return self._steps[name]
@@ -155,26 +209,20 @@ class Stats(Mapping[str, StepStats]):
 
     @property
     def bottleneck(self) -> str | None:
-        """The step whose workers are busiest: the one that limits throughput."""
-        if not self._steps:
-            return None
-        return max(self._steps.values(), key=lambda s: s.utilization).name
+        """The busiest step (in its function or on its messages, once started): the one that limits
+        throughput if any does; ``hint()`` says whether it does and what to do."""
+        return verdict(self).busiest
 
     def hint(self) -> str:
-        """One line of advice: which step to give more workers."""
-        name = self.bottleneck
-        if name is None:
-            return "no steps ran yet"
-        step = self._steps[name]
-        if step.utilization < 0.5:
-            return (
-                f"no step is busy more than half the time ({name}: {step.utilization:.0%}): "
-                "the input or the consumer limits"
-            )
-        return f"bottleneck: {name} ({step.utilization:.0%} busy): give it more workers (now {step.nworkers})"
+        """One line: what limits the pipeline, and what to do about it (see ``_verdict``)."""
+        decided = verdict(self)
+        return f"{decided.title}: {decided.advice}" if decided.advice else decided.title
 
     def __str__(self) -> str:
-        header = ("step", "workers", "in", "out", "msgs", "busy_s", "wait_in_s", "wait_out_s", "queue_fill", "util")
+        header = (
+            "step", "workers", "in", "out", "msgs", "startup_s", "busy_s", "encode_s", "decode_s",
+            "wait_in_s", "wait_out_s", "queue_fill", "util",
+        )  # fmt: skip
         rows = [header] + [
             (
                 s.name,
@@ -182,7 +230,10 @@ class Stats(Mapping[str, StepStats]):
                 str(s.elements_in),
                 str(s.elements_out),
                 str(s.messages_in),
+                f"{s.startup_s:.2f}",
                 f"{s.busy_s:.2f}",
+                f"{s.encode_s:.2f}",
+                f"{s.decode_s:.2f}",
                 f"{s.wait_in_s:.2f}",
                 f"{s.wait_out_s:.2f}",
                 f"{s.queue_fill:.2f}",
@@ -195,7 +246,10 @@ class Stats(Mapping[str, StepStats]):
             "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
             for row in rows
         ]
-        lines.append(f"elapsed {self.elapsed_s:.2f} s; {self.hint()}")
+        lines.append(
+            f"elapsed {self.elapsed_s:.2f} s; your loop waited {self.consumer_wait_s:.2f} s for outputs "
+            f"and worked {self.consumer_work_s:.2f} s; {self.hint()}"
+        )
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -204,10 +258,10 @@ class Stats(Mapping[str, StepStats]):
     def plot(self, ax: Any = None) -> Any:
         """Draw the figures with matplotlib (the ``plot`` extra) and return the figure.
 
-        Left, per step: the fractions of worker time spent busy, waiting for input and
-        waiting for room downstream, and the input queue's fill; the busiest step is the
-        bottleneck. Right, when ``history`` has snapshots: each step's throughput
-        (outputs per second) and busy fraction over time. Given ``ax``, only the bars are
+        Left, per step: the fractions of worker time spent starting, busy, encoding and decoding
+        messages, waiting for input and waiting for room downstream, and the input queue's fill;
+        the title is the hint's verdict. Right, when ``history`` has snapshots: each step's
+        throughput (outputs per second) and busy fraction over time. Given ``ax``, only the bars are
         drawn, on it.
         """
         from torchqueue import _plot

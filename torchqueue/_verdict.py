@@ -1,0 +1,142 @@
+"""What limits a pipeline, decided once from its ``Stats``: ``print(stats)``'s hint and ``stats.plot()``'s
+title both say this verdict, so they cannot disagree.
+
+The decision, in order:
+
+1. A start-up that took most of the run leaves too little after it to tell: that is said first.
+2. The busiest step is the one whose workers, once started, spent the largest share of their time in
+   the step or on its messages (``occupied``). Start-up is left out: under spawn or forkserver a
+   worker spends its first second or two importing, which is no step's work.
+3. Below half of its workers' time, no step limits: your loop does where it worked longer than it
+   waited for outputs; else the hops do, where the steps together spent more time encoding and
+   decoding messages than working; else the input does. A start-up that takes a large share of a run is said too.
+4. A step that spends more time encoding and decoding messages than in its work is limited by the
+   hops: more workers would not help; fewer, larger messages or fewer stages would.
+5. A Pack/Unpack/RepackStep has no ``nworkers``: the advice is about what it is given.
+6. More workers only help while cores are free: the workers' busy time, over the elapsed time, is the
+   cores they keep busy; at about all of the machine's, the advice is to make the step cheaper.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torchqueue.stats import Stats, StepStats
+
+LIMITS = 0.5
+"""The share of its workers' time a step must be occupied to be said to limit the pipeline."""
+
+STARTUP_SHARE = 0.25
+"""A start-up longer than this share of the run is worth saying."""
+
+
+HOPS_SHARE = 0.1
+"""Below half busy, the hops are said to limit only where they took more than the steps' work and this
+share of the run (a pipeline of cheap steps over small elements waits on anything else first)."""
+
+_HOPS = (
+    "{who} spent {hops:.2f} s encoding and decoding messages and {work:.2f} s in the steps' work: send fewer, "
+    "larger messages (larger elements, a PackStep before a pool), or do two steps' work in one ProcessStep"
+)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as DataLoader's check counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``busiest``: the step with the largest occupied share (``None``: no steps); ``title``: what
+    limits, in a few words (the plot's title); ``advice``: what to do about it."""
+
+    busiest: str | None
+    title: str
+    advice: str
+
+
+def occupied(step: StepStats, elapsed_s: float) -> float:
+    """The share of ``step``'s workers' time once started spent in the step or on its messages."""
+    running = step.nworkers * elapsed_s - step.startup_s
+    return (step.busy_s + step.encode_s + step.decode_s) / running if running > 0 else 0.0
+
+
+def verdict(stats: Stats) -> Verdict:
+    """What limits the pipeline ``stats`` describes, and what to do (see the module docstring)."""
+    steps = list(stats.values())
+    if not steps or stats.elapsed_s <= 0 or not any(s.elements_in or s.startup_s for s in steps):
+        return Verdict(steps[0].name if steps else None, "no steps ran yet", "")
+    shares = {s.name: occupied(s, stats.elapsed_s) for s in steps}
+    top = max(steps, key=lambda s: shares[s.name])
+    share = shares[top.name]
+    startup = _startup(stats)
+    if startup > 2 * STARTUP_SHARE * stats.elapsed_s:
+        return Verdict(
+            top.name,
+            "start-up took most of the run",
+            f"the workers took {startup:.2f} s of the {stats.elapsed_s:.2f} s to start, too much for the figures "
+            "after it to tell what limits: run longer (persistent workers start once for many epochs)",
+        )
+    hops, work = sum(s.encode_s + s.decode_s for s in steps), sum(s.busy_s for s in steps)
+    if share < LIMITS:
+        title = f"no step is busy more than half the time ({top.name}: {share:.0%})"
+        consumer_limits = stats.consumer_work_s > stats.consumer_wait_s
+        if hops > work and hops > HOPS_SHARE * stats.elapsed_s and not consumer_limits:
+            return Verdict(top.name, f"the hops limit; {title}", _HOPS.format(who="the steps", hops=hops, work=work))
+        return Verdict(top.name, title, _outside(stats))
+    title = f"bottleneck: {top.name} ({share:.0%} busy)"
+    if top.encode_s + top.decode_s > top.busy_s:
+        return Verdict(
+            top.name,
+            f"the hops limit: {top.name} ({share:.0%} busy)",
+            _HOPS.format(who="it", hops=top.encode_s + top.decode_s, work=top.busy_s),
+        )
+    if top.stream:
+        return Verdict(
+            top.name,
+            title,
+            "it runs in one process and takes no nworkers: give it fewer, larger elements (larger chunks "
+            "from the step before it), or do per-element work in the steps around it",
+        )
+    cpus = available_cpus()
+    used = sum(s.busy_s + s.encode_s + s.decode_s for s in steps) / stats.elapsed_s
+    if used > cpus - LIMITS:
+        return Verdict(
+            top.name,
+            title,
+            f"the workers' busy time adds up to {used:.1f} cores and this process may use {cpus}, so more "
+            f"workers would only share them: make {top.name} do less per element, or run on more cores",
+        )
+    return Verdict(top.name, title, f"give it more workers (now {top.nworkers}; {used:.1f} of {cpus} cores in use)")
+
+
+def _outside(stats: Stats) -> str:
+    """Why no step limits: the consumer, the input, or a start-up that took much of a short run."""
+    wait, work = stats.consumer_wait_s, stats.consumer_work_s
+    if work > wait:
+        advice = f"your loop limits: it worked {work:.2f} s and waited {wait:.2f} s for outputs"
+    elif wait > 0:
+        advice = (
+            f"the input limits: your loop waited {wait:.2f} s for outputs and worked {work:.2f} s; speed up "
+            "the iterable you pass, or give the steps larger elements"
+        )
+    else:
+        advice = "the input or the consumer limits"
+    startup = _startup(stats)
+    if startup > STARTUP_SHARE * stats.elapsed_s:
+        advice += (
+            f"; the workers took {startup:.2f} s of the {stats.elapsed_s:.2f} s to start "
+            "(a longer run, or persistent workers, spreads it)"
+        )
+    return advice
+
+
+def _startup(stats: Stats) -> float:
+    """The longest a step's workers took to start, on average per worker."""
+    return max((s.startup_s / s.nworkers for s in stats.values() if s.nworkers), default=0.0)
