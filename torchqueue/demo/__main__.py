@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 from torch.utils.data import DataLoader
@@ -44,6 +45,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    # The seed pipeline has a reader, the pool and a collate: more processes than a 2-core machine has
+    # cores, on purpose (they take turns, as DataLoader's workers and its main process do).
+    warnings.simplefilter("ignore", tq.TooManyWorkersWarning)
 
     start = time.perf_counter()
     paths = calo.generate_dataset(args.data, args.files, args.events)
