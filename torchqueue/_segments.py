@@ -236,12 +236,15 @@ def _open_unused(path: str) -> int | None:
     try:
         fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_WRLCK)
         fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
-        return fd
     except OSError as exc:
         os.close(fd)
         if exc.errno not in (errno.EAGAIN, errno.EBUSY):
             _leases = False  # no leases here (a filesystem or sandbox without them): never reuse
         return None
+    if os.fstat(fd).st_nlink > 1:  # passed on (see ``link``): its next receiver has not mapped it yet
+        os.close(fd)
+        return None
+    return fd
 
 
 def write(directory: str, chunks: list[tuple[int, Any]], size: int, spare: int = 0) -> str:
@@ -335,6 +338,81 @@ def _pwritev_all(fd: int, iov: list[memoryview], offset: int) -> int:
 def map_segment(path: str, size: int) -> torch.UntypedStorage:
     """Map a segment as a torch shared storage (the call torch's own fd-sharing uses), and mark it
     received: renamed, for its sender to reuse once nobody uses it (a small one: its name removed)."""
+    storage = _map(path, size)
+    if size >= REUSE_MIN_BYTES:
+        os.rename(path, path + _RECEIVED)
+    else:
+        os.unlink(path)
+    return storage
+
+
+def link(address: int, directory: str) -> tuple[str, str] | None:
+    """A new name in ``directory`` for the segment this process has mapped at ``address`` (a received
+    one that it passes on), and the name it was made from; ``None`` where there is none: the memory
+    is not a whole segment of a pipeline, or the segment's name went (its sender forgot it, its
+    pipeline closed).
+
+    The link keeps the segment out of its sender's reuse (``_open_unused`` skips a file with two
+    names) from the moment this process, which still maps it, makes it, until the next receiver
+    maps the segment and removes the link (``map_passed``): so that receiver always finds the bytes
+    that were passed on, with no copy and no file descriptor passed. A link nobody received goes
+    with the directory, as unread segments do."""
+    found = _mapped_at(address)
+    if found is None:
+        return None
+    path, inode = found
+    if path.endswith(_DELETED):  # mapped by the name of a link, removed since: the name it was made from
+        path = _origins.get(inode, _DELETED)
+    fresh = _new_path(directory)
+    try:
+        os.link(path, fresh)
+        if os.stat(fresh).st_ino == inode:
+            return fresh, path
+    except OSError:  # gone meanwhile, or the pipeline is closing
+        return None
+    _remove(fresh)  # the name went, and another file took it: not ours to pass on
+    return None
+
+
+def map_passed(path: str, size: int, origin: str) -> torch.UntypedStorage:
+    """Map a segment passed on by ``link`` and remove that link (``origin``, the name it was made from,
+    stays: it is remembered, so that this process can pass the segment on again)."""
+    storage = _map(path, size)
+    _origins[os.stat(path).st_ino] = origin
+    if len(_origins) > _ORIGINS:
+        del _origins[next(iter(_origins))]
+    os.unlink(path)
+    return storage
+
+
+_DELETED = " (deleted)"
+_ORIGINS = 64
+_origins: dict[int, str] = {}  # inode -> the name a link this process mapped was made from (the latest ones)
+
+
+def _mapped_at(address: int) -> tuple[str, int] | None:
+    """``(path, inode)`` of the pipeline segment (a file in a ``torchqueue-`` directory) mapped whole
+    at ``address`` in this process, from ``/proc/self/maps`` (``None``: anything else)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            text = "\n" + maps.read()
+    except OSError:
+        return None
+    start = text.find(f"\n{address:08x}-") + 1  # a line "start-end perms offset device inode path"
+    if not start:
+        return None
+    end = text.find("\n", start)
+    fields = text[start : end if end > 0 else None].split(maxsplit=5)
+    if len(fields) < 6 or int(fields[2], 16) != 0:
+        return None
+    path = fields[5]
+    if not os.path.basename(os.path.dirname(path)).startswith("torchqueue-"):
+        return None
+    return path, int(fields[4])
+
+
+def _map(path: str, size: int) -> torch.UntypedStorage:
+    """The segment at ``path`` mapped as a torch shared storage (out of descriptors: a clear ``OSError``)."""
     try:
         fd = os.open(path, os.O_RDWR)
         try:
@@ -350,8 +428,4 @@ def map_segment(path: str, size: int) -> torch.UntypedStorage:
             "Each received message of 1 MiB or more holds one while any of its tensors lives (as DataLoader's "
             "tensors do): .clone() the outputs you keep, or raise the limit (ulimit -n)",
         ) from exc
-    if size >= REUSE_MIN_BYTES:
-        os.rename(path, path + _RECEIVED)
-    else:
-        os.unlink(path)
     return storage
