@@ -338,7 +338,7 @@ class _Pickler(MainClassPickler):
         address = storage.data_ptr()
         passed = self._passed.get(address)
         if passed is None:
-            names = _segments.link(address, self._segment_dir)
+            names = _segments.link(address, storage.nbytes(), self._segment_dir)
             if names is None:
                 return None
             passed = self._passed[address] = _Passed(names[0], storage.nbytes(), names[1])
