@@ -25,6 +25,14 @@ most ``TRACKED`` segments and ``TRACKED_BYTES`` bytes besides those in flight (w
 bound): the oldest received one beyond them is forgotten and its name removed (its memory goes
 when its last user unmaps it). A segment in flight is never touched. Where leases are not
 available, segments are never reused, and the bounds only say when their names are removed.
+
+Passing on. A receiver that sends a large tensor or array of a segment on to the next step does
+not copy it: it gives the segment a second name in the pipeline's directory (``link``) while it
+still maps it, and the next receiver maps it by that name and removes it (``map_passed``). A
+sender never reuses a segment with two names, so the bytes stay as they were passed on even
+while nobody maps them (between the two steps), and no file descriptor crosses processes.
+
+    A: write <name> ──► B: map, <name>.r ... link <name>.r as <link>, send ──► C: map <link>, remove <link>
 """
 
 from __future__ import annotations
@@ -376,15 +384,17 @@ def map_passed(path: str, size: int, origin: str) -> torch.UntypedStorage:
     stays: it is remembered, so that this process can pass the segment on again)."""
     storage = _map(path, size)
     os.unlink(path)
-    _origins[path] = origin
-    if len(_origins) > _ORIGINS:
-        del _origins[next(iter(_origins))]
+    with _origins_lock:  # the consumer's threads may each read messages
+        _origins[path] = origin
+        if len(_origins) > _ORIGINS:
+            del _origins[next(iter(_origins))]
     return storage
 
 
 _DELETED = " (deleted)"
 _ORIGINS = 64
 _origins: dict[str, str] = {}  # a link this process mapped (removed since) -> the name it was made from
+_origins_lock = threading.Lock()
 
 
 def _mapped_name(address: int, size: int) -> str | None:
