@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import multiprocessing
 import os
 import pickle
 import resource
@@ -132,6 +133,41 @@ def test_a_received_large_array_is_passed_on_without_a_copy(segment_dir):
     again, passed = roundtrip({"whole": received, "rows": received[100:400]}, segment_dir)
     assert again[:1] == b"P" and _serialize.message_nbytes(again) < 4096  # by reference: no bytes copied
     assert np.array_equal(passed["whole"], array) and np.array_equal(passed["rows"], array[100:400])
+
+
+def _pass_on(data: bytes, segment_dir: str, conn) -> None:
+    conn.send_bytes(_serialize.dumps(_serialize.loads(data), segment_dir))  # received, then sent on as it is
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_what_a_step_passes_on_can_be_read_after_that_step_stopped(context, segment_dir):
+    """A received array or tensor passed on refers to its segment, not to its sender: the next
+    receiver reads it even after the sender's process is gone (a pipeline closing). torch's own
+    sharing, used before, served a file descriptor from the sender's process and failed then."""
+    value = {"array": np.arange(MIB // 4, dtype=np.float32), "tensor": torch.arange(MIB // 8, dtype=torch.float64).t()}
+    ctx = multiprocessing.get_context(context)
+    receiver, sender = ctx.Pipe(duplex=False)
+    step = ctx.Process(target=_pass_on, args=(_serialize.dumps(value, segment_dir), segment_dir, sender))
+    step.start()
+    sender.close()
+    assert receiver.poll(60), "the step sent nothing"
+    passed = receiver.recv_bytes()
+    step.join(60)
+    assert step.exitcode == 0
+    got = _serialize.loads(passed)
+    assert np.array_equal(got["array"], value["array"]) and torch.equal(got["tensor"], value["tensor"])
+    assert b"resource_sharer" not in passed and _serialize.message_nbytes(passed) < 4096  # by reference
+
+
+def test_a_segment_passed_on_is_not_reused_before_its_next_receiver_maps_it(segment_dir):
+    """Between the step that passes a segment on and the next receiver, nobody maps it: its sender's
+    lease would be granted. Its second name keeps the sender from writing a new message into it."""
+    array = np.arange(MIB // 4, dtype=np.float32)
+    _, received = roundtrip(array, segment_dir)
+    passed = _serialize.dumps(received, segment_dir)
+    del received  # the passing step lets go of it; the next receiver has not mapped it yet
+    _serialize.dumps(np.ones(MIB // 4, dtype=np.float32), segment_dir)  # the first sender's next message
+    assert np.array_equal(_serialize.loads(passed), array)
 
 
 def test_arrays_that_do_not_view_shared_memory_are_copied(segment_dir):

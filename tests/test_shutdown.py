@@ -364,3 +364,56 @@ def test_ctrl_c_while_close_waits_for_a_busy_worker_still_stops_it_and_frees_the
     assert report["interrupted"] and not report["left"]
     assert wait_gone(report["pids"]) == []
     assert process.wait(60) == 0
+
+
+BREAK_AND_CLOSE = """
+import json, sys, random
+import numpy as np
+import torch
+import torchqueue as tq
+from multiprocessing import resource_sharer
+
+def make(i):  # 1 MiB of each: arrays and tensors that the next steps pass on as they came
+    return {{"array": np.full(1 << 18, i, dtype=np.float32), "tensor": torch.full((1 << 18,), float(i)), "sharers": []}}
+
+def pass_on(element):  # says whether this process ever served a file descriptor (torch's own sharing)
+    element["sharers"].append(resource_sharer._resource_sharer._listener is not None)
+    return element
+
+if __name__ == "__main__":
+    rng = random.Random(0)
+    sharers = []
+    for cycle in range({cycles}):
+        seq = tq.Sequence(tq.ProcessStep(make, 2), tq.ProcessStep(pass_on, 2), tq.ProcessStep(pass_on, 2),
+                          context="{method}")
+        stop = rng.randrange(2, 8)
+        for j, element in enumerate(seq(range(1000))):
+            assert float(element["array"][0]) == j and float(element["tensor"][-1]) == j
+            sharers += element["sharers"]
+            if j == stop:
+                break
+        del element
+        seq.close()
+    print(json.dumps({{"sharers": sum(sharers), "seen": len(sharers)}}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("method, cycles", [("fork", 30), ("spawn", 4)])
+def test_break_and_close_with_large_arrays_passed_on_prints_nothing(method, cycles, run_script):
+    """Issue 16 item 4: arrays and tensors of 1 MiB passed on from step to step, then ``break`` and
+    ``close()``, many times: no worker prints anything (the workers share the script's stderr).
+
+    Such values used to be passed on by torch's file-descriptor sharing: a server thread in the
+    sending worker (``multiprocessing.resource_sharer``) that the receiver connects to as it
+    unpickles, which failed with tracebacks when the sender had already stopped. No step serves
+    descriptors now."""
+    process = run_script(BREAK_AND_CLOSE.format(method=method, cycles=cycles), stderr=subprocess.PIPE)
+    try:
+        out, err = process.communicate(timeout=100)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+    assert process.returncode == 0, err[-3000:]
+    assert err == "", err[-3000:]
+    report = json.loads(out)
+    assert report["seen"] > cycles and report["sharers"] == 0, report

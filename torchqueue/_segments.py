@@ -25,6 +25,14 @@ most ``TRACKED`` segments and ``TRACKED_BYTES`` bytes besides those in flight (w
 bound): the oldest received one beyond them is forgotten and its name removed (its memory goes
 when its last user unmaps it). A segment in flight is never touched. Where leases are not
 available, segments are never reused, and the bounds only say when their names are removed.
+
+Passing on. A receiver that sends a large tensor or array of a segment on to the next step does
+not copy it: it gives the segment a second name in the pipeline's directory (``link``) while it
+still maps it, and the next receiver maps it by that name and removes it (``map_passed``). A
+sender never reuses a segment with two names, so the bytes stay as they were passed on even
+while nobody maps them (between the two steps), and no file descriptor crosses processes.
+
+    A: write <name> ──► B: map, <name>.r ... link <name>.r as <link>, send ──► C: map <link>, remove <link>
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import collections
 import errno
 import fcntl
 import itertools
+import mmap
 import os
 import shutil
 import tempfile
@@ -342,6 +351,68 @@ def map_segment(path: str, size: int, link: bool = False) -> torch.UntypedStorag
     """Map a segment as a torch shared storage (the call torch's own fd-sharing uses), and mark it
     received: renamed, for its sender to reuse once nobody uses it (a small one, or a ``link`` made for
     this message by a stream step that routed items: its name removed)."""
+    storage = _map(path, size)
+    if size >= REUSE_MIN_BYTES and not link:
+        os.rename(path, path + _RECEIVED)
+    else:
+        os.unlink(path)
+    return storage
+
+
+def link(address: int, size: int, directory: str) -> tuple[str, str] | None:
+    """A new name in ``directory`` for the segment of ``size`` bytes this process maps at ``address``
+    (a received one that it passes on), and the name it was made from; ``None`` where there is none:
+    the memory is not a whole segment of a pipeline, or the segment's name went (its sender forgot
+    it, its pipeline closed).
+
+    The link keeps the segment out of its sender's reuse (``_open_unused`` skips a file with two
+    names) from the moment this process, which still maps it, makes it, until the next receiver
+    maps the segment and removes the link (``map_passed``): so that receiver always finds the bytes
+    that were passed on, with no copy and no file descriptor passed. A link nobody received goes
+    with the directory, as unread segments do."""
+    name = _mapped_name(address, size)
+    if name is not None and name.endswith(_DELETED):  # mapped by a link's name, removed since
+        name = _origins.get(name[: -len(_DELETED)])
+    if name is None or not os.path.basename(os.path.dirname(name)).startswith("torchqueue-"):
+        return None
+    fresh = _new_path(directory)
+    try:
+        os.link(name, fresh)
+    except OSError:  # gone meanwhile, or the pipeline is closing
+        return None
+    return fresh, name
+
+
+def map_passed(path: str, size: int, origin: str) -> torch.UntypedStorage:
+    """Map a segment passed on by ``link`` and remove that link (``origin``, the name it was made from,
+    stays: it is remembered, so that this process can pass the segment on again)."""
+    storage = _map(path, size)
+    os.unlink(path)
+    with _origins_lock:  # the consumer's threads may each read messages
+        _origins[path] = origin
+        if len(_origins) > _ORIGINS:
+            del _origins[next(iter(_origins))]
+    return storage
+
+
+_DELETED = " (deleted)"
+_ORIGINS = 64
+_origins: dict[str, str] = {}  # a link this process mapped (removed since) -> the name it was made from
+_origins_lock = threading.Lock()
+
+
+def _mapped_name(address: int, size: int) -> str | None:
+    """The name of the file this process maps whole at ``address``; the kernel follows renames and
+    marks a removed name `` (deleted)``. One ``readlink`` (``/proc/self/maps`` costs 100 times more)."""
+    end = address + -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+    try:
+        return os.readlink(f"/proc/self/map_files/{address:x}-{end:x}")
+    except OSError:  # not one mapping of that size, or no /proc
+        return None
+
+
+def _map(path: str, size: int) -> torch.UntypedStorage:
+    """The segment at ``path`` mapped as a torch shared storage (out of descriptors: a clear ``OSError``)."""
     try:
         fd = os.open(path, os.O_RDWR)
         try:
@@ -357,8 +428,4 @@ def map_segment(path: str, size: int, link: bool = False) -> torch.UntypedStorag
             "Each received message of 1 MiB or more holds one while any of its tensors lives (as DataLoader's "
             "tensors do): .clone() the outputs you keep, or raise the limit (ulimit -n)",
         ) from exc
-    if size >= REUSE_MIN_BYTES and not link:
-        os.rename(path, path + _RECEIVED)
-    else:
-        os.unlink(path)
     return storage

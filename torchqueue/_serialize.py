@@ -23,13 +23,22 @@ gone. Segments are removed with their directory by ``Runtime.close`` or, if
 the consumer's process died, by the workers as they exit.
 
 Tensors are sent contiguous (a strided view arrives as a compact copy with
-the same values) and arrive as views of the segment. A tensor whose storage
-is in shared memory already and that is large (``SHARED_TENSOR_MIN_BYTES``:
-a big tensor passed on from step to step) keeps torch's own sharing, so it
-is never copied again; so does a large numpy array that views such memory
-(a received array passed on); so do tensor subclasses, sparse, quantized and
-non-CPU tensors. Writing a segment is one ``pwritev`` call, which releases
-the GIL: the feeder thread copies while the consumer's thread runs.
+the same values) and arrive as views of the segment. A large tensor
+(``SHARED_TENSOR_MIN_BYTES``) that views a segment it arrived in, and a large
+numpy array that does (a big tensor or array passed on from step to step),
+is never copied again: the segment gets a second name (``_segments.link``)
+and the pickle says where in it the values are (``_Passed``); the next
+receiver maps it by that name. Other shared memory (a tensor the user
+shared, a segment whose name went) is copied into the message's segment.
+Tensor subclasses, sparse, quantized and non-CPU tensors keep torch's own
+sharing. Writing a segment is one ``pwritev`` call, which releases the GIL:
+the feeder thread copies while the consumer's thread runs.
+
+Why not torch's sharing for what is passed on: it sends a file descriptor
+through ``multiprocessing.resource_sharer``, a server thread in the sending
+process that the receiver connects to when it unpickles. A receiver that
+unpickles after its sender stopped (a pipeline closing) failed there
+(``ConnectionResetError``, ``EOFError``, ``FileNotFoundError``).
 
 Runs of small tensors skip the per-tensor Python on both sides. Pickle never
 asks about exact lists and tuples, so before pickling ``dumps`` looks for runs
@@ -47,9 +56,11 @@ outside it, so that every object arrives once. Nothing deeper is walked.
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import io
 import operator
+import os
 import pickle
 import struct
 import threading
@@ -76,9 +87,9 @@ GATHER_BYTES = 16 * 1024
 each (written from where they are, without an extra copy)."""
 
 SHARED_TENSOR_MIN_BYTES = 1 << 20
-"""A tensor at least this large whose storage is in shared memory already (it came from another step,
-or the user shared it) keeps torch's own sharing: its storage's file descriptor is passed on and the
-data are never copied again. Smaller ones are cheaper to copy than a descriptor is to pass."""
+"""A tensor or array at least this large that views a segment it arrived in (it came from another step)
+is passed on by reference to that segment, never copied again (``_Passed``). Smaller ones are cheaper
+to copy than a link is to make."""
 
 COPY_OUT_BYTES = 1 << 20
 """A message of small tensors only, under this size, arrives copied out of its segment (see ``_flat``)."""
@@ -99,12 +110,16 @@ _NUMPY_DTYPES = {
 
 
 def _to_segment(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` (exactly a ``torch.Tensor``) goes into the message's segment.
+    """Whether ``tensor`` (exactly a ``torch.Tensor``) goes into shared memory (the message's segment,
+    or one it views, passed on).
 
     Cheap attributes only (``device.type`` costs five times ``is_cpu``): this runs per tensor."""
-    if not tensor.is_cpu or tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
-        return False
-    return tensor.nbytes < SHARED_TENSOR_MIN_BYTES or not tensor.is_shared()
+    return tensor.is_cpu and tensor.layout == torch.strided and not tensor.is_quantized and not tensor.is_nested
+
+
+def _passable(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` may be passed on as a view of the segment it views, if it views one."""
+    return tensor.nbytes >= SHARED_TENSOR_MIN_BYTES and not tensor.is_conj() and not tensor.is_neg()
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> Any:
@@ -137,8 +152,8 @@ def _shared_place(array: np.ndarray) -> tuple[torch.UntypedStorage, int] | None:
     """``(storage, byte offset)`` of a large C-contiguous array that views a tensor's shared storage
     (a segment received from another step, or a shared tensor's ``.numpy()``), else ``None``.
 
-    Such an array is passed on as torch passes shared tensors on (its storage's file descriptor),
-    never copied again: the rule ``SHARED_TENSOR_MIN_BYTES`` sets for tensors."""
+    Such an array is passed on by reference to its segment (``_Passed``), never copied again: the
+    rule ``SHARED_TENSOR_MIN_BYTES`` sets for tensors."""
     if array.nbytes < SHARED_TENSOR_MIN_BYTES or not array.flags.c_contiguous:
         return None
     root: Any = array.base
@@ -202,6 +217,20 @@ def _stack_run(values: list[Any] | tuple[Any, ...]) -> tuple[torch.Tensor, set[i
     return stacked, ids
 
 
+class _Passed:
+    """A segment a tensor or array of the message views, passed on under a name of its own (see
+    ``_segments.link``); pickled as ``_segments.map_passed``'s arguments. One per segment and message,
+    so that pickle's memo rebuilds one storage for all its views."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, path: str, size: int, origin: str) -> None:
+        self.args = path, size, origin
+
+    def __reduce__(self) -> tuple[Any, tuple[str, int, str]]:
+        return _segments.map_passed, self.args
+
+
 class _RunElsewhere(Exception):
     """A tensor of a run is in the message elsewhere too (or its list is, somewhere not looked at).
 
@@ -244,20 +273,24 @@ class _Pickler(MainClassPickler):
     ``with_runs`` adds a block per run before pickling starts.
     """
 
-    def __init__(self, file: io.BytesIO) -> None:
+    def __init__(self, file: io.BytesIO, segment_dir: str) -> None:
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
         self.dispatch_table = _dispatch_table()  # ForkingPickler's reducers
+        self._segment_dir = segment_dir
+        self._passed: dict[int, _Passed] = {}  # address of a segment this process maps -> its link
         self.blocks: list[list[Any]] = []  # [dtype (torch) or dtype string (numpy), tensors or a buffer, small]
         self._gathering: dict[torch.dtype, tuple[int, list[torch.Tensor], list[int]]] = {}
         self._scanned: dict[int, Any] = {}  # id of a list, tuple or dict looked at -> what stands for it
         self._in_runs: set[int] = set()  # ids of the tensors in runs
         self.refs: list[Source] = []  # the segments of the routed items in the message (``_routing``)
         self._ref_index: dict[int, int] = {}
+        self.passes_on = True  # received segments go on as links (items pickled one by one: copied, since
+        # a stream step may drop an item, and nobody would remove its link)
 
     def sharing(self, file: io.BytesIO) -> _Pickler:
         """A pickler into ``file`` whose tensors go into this one's blocks (items pickled one by one)."""
-        other = _Pickler(file)
-        other.blocks, other._gathering = self.blocks, self._gathering
+        other = _Pickler(file, self._segment_dir)
+        other.blocks, other._gathering, other.passes_on = self.blocks, self._gathering, self.passes_on
         return other
 
     def with_runs(self, obj: Any) -> Any:
@@ -298,6 +331,33 @@ class _Pickler(MainClassPickler):
         self._scanned[id(value)] = new
         return new
 
+    def dump(self, obj: Any) -> None:
+        try:
+            super().dump(obj)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Remove the links made for a message that will not be sent."""
+        for passed in self._passed.values():
+            with contextlib.suppress(OSError):  # the pipeline is closing
+                os.unlink(passed.args[0])
+        self._passed.clear()
+
+    def _pass_on(self, storage: torch.UntypedStorage) -> _Passed | None:
+        """The link to the segment ``storage`` maps (made once per message), or ``None``: not a segment."""
+        if not self.passes_on:
+            return None
+        address = storage.data_ptr()
+        passed = self._passed.get(address)
+        if passed is None:
+            names = _segments.link(address, storage.nbytes(), self._segment_dir)
+            if names is None:
+                return None
+            passed = self._passed[address] = _Passed(names[0], storage.nbytes(), names[1])
+        return passed
+
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
         if kind is EncodedItem:  # routed by a stream step: a reference to where it is (see ``_routing``)
@@ -312,6 +372,11 @@ class _Pickler(MainClassPickler):
         if kind is torch.Tensor and id(obj) in self._in_runs:
             raise _RunElsewhere
         if kind is torch.Tensor and _to_segment(obj):
+            if _passable(obj) and obj.is_shared():
+                passed = self._pass_on(obj.untyped_storage())
+                if passed is not None:
+                    view = (obj.dtype, obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.requires_grad)
+                    return _rebuild_passed_tensor, (passed, *view)
             layout = None if obj.is_contiguous() else _memory_order(obj)
             values = obj if layout is None else layout[0]
             if obj.nbytes < GATHER_BYTES:
@@ -333,8 +398,8 @@ class _Pickler(MainClassPickler):
             return super().reducer_override(obj)
         if kind is np.ndarray and _shareable_array(obj):
             shared = _shared_place(obj)
-            if shared is not None:  # a view of shared memory already (it came from another step): pass it on
-                return _rebuild_shared_array, (*shared, obj.dtype.str, obj.shape)
+            if shared is not None and (passed := self._pass_on(shared[0])) is not None:  # it came from another step
+                return _rebuild_passed_array, (passed, shared[1], obj.dtype.str, obj.shape)
             if obj.flags.f_contiguous and not obj.flags.c_contiguous:  # Fortran order: it arrives in it
                 self.blocks.append([obj.dtype.str, obj.T.reshape(-1).view(np.uint8).data, False])
                 return _rebuild_fortran_array, (len(self.blocks) - 1, obj.shape)
@@ -478,8 +543,21 @@ def _rebuild_fortran_array(index: int, shape: tuple[int, ...]) -> np.ndarray:
     return _flat(index).reshape(shape[::-1]).T
 
 
-def _rebuild_shared_array(storage: torch.UntypedStorage, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """An array passed on by ``_shared_place``: a view of the storage torch's sharing rebuilt."""
+def _rebuild_passed_tensor(
+    storage: torch.UntypedStorage,
+    dtype: torch.dtype,
+    offset: int,
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    requires_grad: bool,
+) -> torch.Tensor:
+    """A tensor passed on (``_Passed``): a view of the segment, with the layout it had."""
+    tensor = torch.empty(0, dtype=dtype).set_(storage, offset, shape, strides)
+    return tensor.requires_grad_() if requires_grad else tensor
+
+
+def _rebuild_passed_array(storage: torch.UntypedStorage, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """An array passed on (``_Passed``): a view of the segment at byte ``offset``."""
     count = int(np.prod(shape, dtype=np.int64))
     raw = torch.empty(0, dtype=torch.uint8).set_(storage, offset, (count * np.dtype(dtype).itemsize,), (1,))
     return raw.numpy().view(np.dtype(dtype)).reshape(shape)
@@ -496,12 +574,12 @@ def dumps(obj: Any, segment_dir: str | None, spare: int = 0, items: bool = False
         return b"P" + buffer.getvalue()
     if items and type(obj) is Envelope and type(obj.payload) in (list, tuple):
         return _dumps_items(obj, segment_dir, spare)
-    pickler = _Pickler(buffer)
+    pickler = _Pickler(buffer, segment_dir)
     try:
         pickler.dump(pickler.with_runs(obj))
     except _RunElsewhere:
         buffer = io.BytesIO()
-        pickler = _Pickler(buffer)
+        pickler = _Pickler(buffer, segment_dir)
         pickler.dump(obj)
     body = buffer.getvalue()
     if pickler.refs:
@@ -509,7 +587,11 @@ def dumps(obj: Any, segment_dir: str | None, spare: int = 0, items: bool = False
     if not pickler.blocks:
         return b"P" + body
     table, chunks, size = pickler.layout()
-    name = _segments.write(segment_dir, chunks, size, spare).encode()  # type: ignore[arg-type]
+    try:
+        name = _segments.write(segment_dir, chunks, size, spare).encode()  # type: ignore[arg-type]
+    except BaseException:
+        pickler.discard()
+        raise
     encoded_table = pickle.dumps(table, pickle.HIGHEST_PROTOCOL)
     return b"S" + _SEGMENT.pack(len(name), size, len(encoded_table)) + name + encoded_table + body
 
@@ -520,8 +602,11 @@ def _dumps_items(envelope: Envelope, segment_dir: str, spare: int) -> bytes:
     blobs = []
     for item in envelope.payload:
         buffer = io.BytesIO()
-        pickler = _Pickler(buffer) if first is None else first.sharing(buffer)
-        first = first or pickler
+        if first is None:
+            pickler = first = _Pickler(buffer, segment_dir)
+            first.passes_on = False
+        else:
+            pickler = first.sharing(buffer)
         pickler.dump(item)
         blobs.append(buffer.getvalue())
     body = pickle.dumps(envelope._replace(payload=_Items(blobs)), pickle.HIGHEST_PROTOCOL)
