@@ -367,11 +367,13 @@ def test_ctrl_c_while_close_waits_for_a_busy_worker_still_stops_it_and_frees_the
 
 
 BREAK_AND_CLOSE = """
-import json, sys, random
+import json, sys, random, warnings
 import numpy as np
 import torch
 import torchqueue as tq
 from multiprocessing import resource_sharer
+
+warnings.simplefilter("ignore", tq.TooManyWorkersWarning)  # 6 workers on a 2-core machine, on purpose
 
 def make(i):  # 1 MiB of each: arrays and tensors that the next steps pass on as they came
     return {{"array": np.full(1 << 18, i, dtype=np.float32), "tensor": torch.full((1 << 18,), float(i)), "sharers": []}}
