@@ -58,13 +58,13 @@ from contextlib import nullcontext
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from torchqueue import _segments, _semnames, _serialize
+from torchqueue import _forkserver, _segments, _semnames, _serialize
 from torchqueue._channel import Channel, Stopped, StopSignal
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._feeder import Feeder
 from torchqueue._forkserver import CONTEXT as FORK_SERVER
 from torchqueue._mainmodule import TravellingStep
-from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, StartupFailure
+from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, StartupFailure, WorkerStarted
 from torchqueue._meter import Meter
 from torchqueue._plan import STREAM, Plan
 from torchqueue._stuck import Holder, holders, timeout_message
@@ -149,7 +149,7 @@ class Runtime:
             else []
             for i, stage in enumerate([*plan.stages, None])
         ]
-        self._events = Channel(ctx, 4 + 2 * sum(s.nworkers for s in plan.stages))
+        self._events = Channel(ctx, 4 + 3 * sum(s.nworkers for s in plan.stages))
         # the segments' assigners: the feeder (-1; stage 0 when it runs a first PackStep) and the stream stages
         # (but a last UnpackStep the consumer runs: the consumer ends the segment before it)
         assigners = [-1] + [s.index for s in plan.stages if s.kind == STREAM]
@@ -180,6 +180,11 @@ class Runtime:
         self._sample_every = SAMPLE_S
         self.workers: list[tuple[str, int, Any]] = []  # (stage name, worker index, Process)
         self._row_owners: list[tuple[str, int, Any]] = []  # the same per stats row (a fused stage's: its host's)
+        # unlinked once every worker has started (``WorkerStarted``), or at close (see ``_semnames``)
+        self._semaphores = _semnames.semaphore_names(self._edges, self._events, self._stop, self._credits)
+        self._holds_server = ctx is FORK_SERVER
+        if self._holds_server:
+            _forkserver.hold()
         try:
             self._start_workers(steps, ordered, skip_errors, assigners)
         except BaseException:
@@ -237,7 +242,7 @@ class Runtime:
                 )
                 row += 1
                 process = self._ctx.Process(  # type: ignore[attr-defined]
-                    target=worker_main,
+                    target=_run_worker,
                     args=(context,),
                     name=f"torchqueue:{stage.name}#{worker}",
                     daemon=True,
@@ -246,7 +251,14 @@ class Runtime:
                     process.start()
                 self.workers.append((stage.name, worker, process))
                 self._row_owners.append((stage.name, worker, process))
+        self._unstarted = len(self.workers)
         logger.debug("started %d workers for %s", len(self.workers), self._name)
+
+    def _worker_started(self) -> None:
+        """A worker has started; once all have, nobody needs the semaphores' names (see ``_semnames``)."""
+        self._unstarted -= 1
+        if self._unstarted == 0:
+            _semnames.unlink_now(self._semaphores)
 
     # -- feeding -------------------------------------------------------------------------------
 
@@ -329,7 +341,7 @@ class Runtime:
             payloads = self._collector.take(epoch)
             now = time.perf_counter()
             if payloads is not NOTHING:
-                if now - self._last_health > HEALTH_S:
+                if now - self._last_health > HEALTH_S or self._unstarted:
                     self._last_health = now
                     self._check_health()
                     self._sample(now)
@@ -378,6 +390,8 @@ class Runtime:
                 )
             if isinstance(notice, SkipNotice):
                 self._warn_skipped(notice.step, notice.summary)
+            if isinstance(notice, WorkerStarted):
+                self._worker_started()
         if self._feeder_error is not None:
             raise PipelineError(f"torchqueue's feeder thread failed: {self._feeder_error!r}") from self._feeder_error
         for stage, worker, process in self.workers:
@@ -507,7 +521,10 @@ class Runtime:
             channel.close()
         self._stop.close()
         if workers_gone:  # nobody opens the semaphores' names any more
-            _semnames.unlink_now(_semnames.semaphore_names(self._edges, self._events, self._stop, self._credits))
+            _semnames.unlink_now(self._semaphores)
+        if self._holds_server:  # the last pipeline or loader to close stops the fork server
+            self._holds_server = False
+            _forkserver.release()
         if self._segment_dir is not None:  # segments kept for reuse, and of messages nobody will read
             _segments.remove_dir(self._segment_dir)
         # Drop every lock, semaphore and process (their names are gone already, see _semnames).
@@ -519,6 +536,18 @@ class Runtime:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def _run_worker(context: WorkerContext) -> None:
+    """A worker process: it says that it started (it has opened the pipeline's semaphores while its
+    ``Process`` unpickled), then runs its loop."""
+    try:
+        context.events.put(
+            _serialize.dumps(WorkerStarted(context.stage_name, context.worker), None), lambda: not context.stop.is_set()
+        )
+    except Stopped:
+        return
+    worker_main(context)
 
 
 def _user_stacklevel() -> int:

@@ -56,12 +56,16 @@ def resolve_context(context: str | BaseContext | None) -> BaseContext:
 
 
 def _start_context(context: BaseContext) -> BaseContext:
-    """The context a pipeline's workers start with, chosen as it starts: under ``"fork"``, a fork of this
-    process while no other Python thread runs (one that could hold a lock: logging's, a stream's, a
-    feeder's), else torchqueue's fork server (see ``_forkserver``), which forks from a clean process."""
-    if context.get_start_method() == "fork" and threading.active_count() > 1:
+    """The context a pipeline's workers start with: under ``"fork"``, torchqueue's fork server (see
+    ``_forkserver``), which forks them from a clean single-threaded process; this one is never forked."""
+    if context.get_start_method() == "fork":
         return FORK_SERVER
     return context
+
+
+def uses_fork_server(context: str | BaseContext | None) -> bool:
+    """Whether the workers of a pipeline made with ``context`` come from torchqueue's fork server."""
+    return _start_context(resolve_context(context)) is FORK_SERVER
 
 
 class Sequence:
