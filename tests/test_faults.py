@@ -55,7 +55,8 @@ def test_a_timeout_with_nothing_held_says_the_input_is_waited_for():
             next(iterator)
 
 
-def test_close_unlinks_the_named_semaphores_while_a_stuck_input_generator_still_holds_them():
+def test_the_named_semaphores_are_unlinked_once_every_worker_started_while_a_stuck_input_still_holds_them():
+    # before close(), and whatever still holds the objects (here the feeder thread, inside stuck_input)
     release = threading.Event()
 
     def stuck_input():
@@ -68,13 +69,15 @@ def test_close_unlinks_the_named_semaphores_while_a_stuck_input_generator_still_
     try:
         with tq.Sequence(tq.ProcessStep(identity), timeout=5, context="spawn") as seq:
             iterator = seq(stuck_input())
-            assert next(iterator) == 1
             runtime = seq._runtime
             ours = semaphore_names(runtime._edges, runtime._events, runtime._stop, runtime._credits)
-            assert present(ours)  # spawn's context names its semaphores
+            assert ours  # spawn's context names its semaphores
+            assert next(iterator) == 1
+            runtime._unlinker.join(30)  # it unlinks them once the worker runs
+            assert not present(ours)
             with pytest.raises(TimeoutError):
                 next(iterator)
-        assert not present(ours)  # the feeder thread is still inside stuck_input
+        assert not present(ours)
     finally:
         release.set()
 

@@ -102,13 +102,5 @@ class StartupFailure:
     traceback: str
 
 
-@dataclass(frozen=True)
-class WorkerStarted:
-    """A worker is running: it has opened the pipeline's semaphores (see ``_semnames``)."""
-
-    step: str
-    worker: int
-
-
 CONTROL = (EndOfEpoch, Failure, Skipped)
 """Payloads every stage passes on untouched (a ``Bundle`` is not one: its items are work)."""

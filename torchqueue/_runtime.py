@@ -59,12 +59,12 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from torchqueue import _forkserver, _segments, _semnames, _serialize
-from torchqueue._channel import Channel, Stopped, StopSignal
+from torchqueue._channel import Channel, Stopped, StopSignal, wait_acquire
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._feeder import Feeder
 from torchqueue._forkserver import CONTEXT as FORK_SERVER
 from torchqueue._mainmodule import TravellingStep
-from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, StartupFailure, WorkerStarted
+from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, StartupFailure
 from torchqueue._meter import Meter
 from torchqueue._plan import STREAM, Plan
 from torchqueue._stuck import Holder, holders, timeout_message
@@ -149,7 +149,7 @@ class Runtime:
             else []
             for i, stage in enumerate([*plan.stages, None])
         ]
-        self._events = Channel(ctx, 4 + 3 * sum(s.nworkers for s in plan.stages))
+        self._events = Channel(ctx, 4 + 2 * sum(s.nworkers for s in plan.stages))
         # the segments' assigners: the feeder (-1; stage 0 when it runs a first PackStep) and the stream stages
         # (but a last UnpackStep the consumer runs: the consumer ends the segment before it)
         assigners = [-1] + [s.index for s in plan.stages if s.kind == STREAM]
@@ -180,8 +180,11 @@ class Runtime:
         self._sample_every = SAMPLE_S
         self.workers: list[tuple[str, int, Any]] = []  # (stage name, worker index, Process)
         self._row_owners: list[tuple[str, int, Any]] = []  # the same per stats row (a fused stage's: its host's)
-        # unlinked once every worker has started (``WorkerStarted``), or at close (see ``_semnames``)
-        self._semaphores = _semnames.semaphore_names(self._edges, self._events, self._stop, self._credits)
+        self._workers_up = ctx.Semaphore(0)  # released by each worker once it runs
+        # unlinked once every worker runs, or at close (see ``_semnames``)
+        self._semaphores = _semnames.semaphore_names(
+            self._edges, self._events, self._stop, self._credits, self._workers_up
+        )
         self._holds_server = ctx is FORK_SERVER
         if self._holds_server:
             _forkserver.hold()
@@ -196,6 +199,13 @@ class Runtime:
             self._unpack = _ConsumerUnpack(last.step, meter, skip_errors, self._warn_skipped)
         self._feeder = threading.Thread(target=self._feed, name=f"torchqueue-feeder-{name}", daemon=True)
         self._feeder.start()
+        self._unlinker = threading.Thread(
+            target=self._unlink_once_up,
+            args=(len(self.workers), self._workers_up),
+            name=f"torchqueue-semaphores-{name}",
+            daemon=True,
+        )
+        self._unlinker.start()
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -243,7 +253,7 @@ class Runtime:
                 row += 1
                 process = self._ctx.Process(  # type: ignore[attr-defined]
                     target=_run_worker,
-                    args=(context,),
+                    args=(context, self._workers_up),
                     name=f"torchqueue:{stage.name}#{worker}",
                     daemon=True,
                 )
@@ -251,14 +261,17 @@ class Runtime:
                     process.start()
                 self.workers.append((stage.name, worker, process))
                 self._row_owners.append((stage.name, worker, process))
-        self._unstarted = len(self.workers)
         logger.debug("started %d workers for %s", len(self.workers), self._name)
 
-    def _worker_started(self) -> None:
-        """A worker has started; once all have, nobody needs the semaphores' names (see ``_semnames``)."""
-        self._unstarted -= 1
-        if self._unstarted == 0:
-            _semnames.unlink_now(self._semaphores)
+    def _unlink_once_up(self, workers: int, up: Any) -> None:
+        """Thread: once every worker runs (each opened the semaphores as its ``Process`` unpickled),
+        nobody needs their names: unlink them (see ``_semnames``)."""
+        try:
+            for _ in range(workers):
+                wait_acquire(up, self._alive)
+        except Stopped:  # closed first (it unlinks them), or a worker died before it ran
+            return
+        _semnames.unlink_now(self._semaphores)
 
     # -- feeding -------------------------------------------------------------------------------
 
@@ -341,7 +354,7 @@ class Runtime:
             payloads = self._collector.take(epoch)
             now = time.perf_counter()
             if payloads is not NOTHING:
-                if now - self._last_health > HEALTH_S or self._unstarted:
+                if now - self._last_health > HEALTH_S:
                     self._last_health = now
                     self._check_health()
                     self._sample(now)
@@ -390,8 +403,6 @@ class Runtime:
                 )
             if isinstance(notice, SkipNotice):
                 self._warn_skipped(notice.step, notice.summary)
-            if isinstance(notice, WorkerStarted):
-                self._worker_started()
         if self._feeder_error is not None:
             raise PipelineError(f"torchqueue's feeder thread failed: {self._feeder_error!r}") from self._feeder_error
         for stage, worker, process in self.workers:
@@ -479,9 +490,9 @@ class Runtime:
         """Tell the feeder and the workers to stop, and give them ``join_s`` to leave on their own."""
         self._stop.set()
         self._epochs.put(None)
-        feeder = getattr(self, "_feeder", None)
-        if feeder is not None and feeder is not threading.current_thread():
-            feeder.join(timeout=join_s)
+        for thread in (getattr(self, "_feeder", None), getattr(self, "_unlinker", None)):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=join_s)
         deadline = time.monotonic() + join_s
         for _, _, process in self.workers:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -538,15 +549,10 @@ class Runtime:
         return self._closed
 
 
-def _run_worker(context: WorkerContext) -> None:
-    """A worker process: it says that it started (it has opened the pipeline's semaphores while its
-    ``Process`` unpickled), then runs its loop."""
-    try:
-        context.events.put(
-            _serialize.dumps(WorkerStarted(context.stage_name, context.worker), None), lambda: not context.stop.is_set()
-        )
-    except Stopped:
-        return
+def _run_worker(context: WorkerContext, up: Any) -> None:
+    """A worker process: it says that it runs (it opened the pipeline's semaphores as its ``Process``
+    unpickled: ``Runtime._unlink_once_up``), then runs its loop."""
+    up.release()
     worker_main(context)
 
 
