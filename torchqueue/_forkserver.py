@@ -50,7 +50,7 @@ import weakref
 import multiprocessing
 from multiprocessing import connection, forkserver, popen_forkserver, process, spawn, util
 from multiprocessing.context import BaseContext, reduction, set_spawning_popen
-from typing import Any
+from typing import Any, NoReturn
 
 from torchqueue._semnames import untracked
 
@@ -174,13 +174,19 @@ hold = _client.hold
 release = _client.release
 
 
+def _release_in(pid: int) -> None:
+    """``release``, in the process that held the server (not in a fork of it, where the server is not its)."""
+    if os.getpid() == pid:
+        release()
+
+
 class Hold:
     """Keeps the server between the pipelines of ``owner`` (a loader's epochs, each with workers of
     its own), until ``close()`` or until ``owner`` is collected."""
 
     def __init__(self, owner: object) -> None:
         hold()
-        self._finalizer = weakref.finalize(owner, release)
+        self._finalizer = weakref.finalize(owner, _release_in, os.getpid())
 
     def close(self) -> None:
         self._finalizer()
@@ -300,7 +306,7 @@ _inherited_fds: list[int] = []  # in a worker: the fds its request carried
 
 
 def serve(fd: int) -> None:
-    """The server's main loop (``python -c``): fork a worker per request until the consumer is gone."""
+    """The server's main loop (``python -c``): fork a worker per request until the consumer closes its end."""
     for module in _PRELOAD:
         try:
             __import__(module)
@@ -324,8 +330,8 @@ def serve(fd: int) -> None:
                     _report_exits(status_of)
                     continue
                 message, fds, _, _ = socket.recv_fds(sock, 1, _FDS_PER_MESSAGE)
-                if not message:  # the consumer is gone
-                    return
+                if not message:  # the consumer closed its end (no pipeline uses the server) or is gone
+                    _exit()
                 received += fds
                 if message == _LAST:
                     pid = os.fork()
@@ -334,6 +340,14 @@ def serve(fd: int) -> None:
                         os._exit(_child(received, [fd, sig_r, sig_w, *status_of.values()]))
                     _started(pid, received, status_of)
                     received = []
+
+
+def _exit() -> NoReturn:
+    """Exit at once: the interpreter's teardown, about a second with torch imported, would delay the
+    consumer's ``close()``, and the server holds nothing to clean up."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _started(pid: int, fds: list[int], status_of: dict[int, int]) -> None:
