@@ -193,7 +193,7 @@ class Hold:
 
 
 def server_pid() -> int | None:
-    """The process id of this process's fork server (``None`` before the first worker)."""
+    """The process id of this process's fork server (``None`` while none runs)."""
     return _client.pid
 
 
