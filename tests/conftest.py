@@ -138,12 +138,21 @@ def shm_segments() -> set[str]:
     return {p.name for p in shm.iterdir()} if shm.exists() else set()
 
 
-def _mapped_segments(pid: int) -> set[str]:
+def _mapped_inodes(pid: int) -> set[int]:
+    """The inodes of the /dev/shm files ``pid`` maps. By inode, not by path: a named semaphore's creator
+    maps it under glibc's temporary name (``/dev/shm/sem.XXXXXX (deleted)``), never under its own."""
     try:
         with open(f"/proc/{pid}/maps") as maps:
-            return {line.split("/dev/shm/", 1)[1].split()[0] for line in maps if "/dev/shm/" in line}
+            return {int(line.split()[4]) for line in maps if "/dev/shm/" in line}
     except OSError:
         return set()
+
+
+def _inode(name: str) -> int | None:
+    try:
+        return os.stat(f"/dev/shm/{name}").st_ino
+    except OSError:  # gone meanwhile
+        return None
 
 
 def leaked_segments(new: set[str]) -> set[str]:
@@ -151,17 +160,20 @@ def leaked_segments(new: set[str]) -> set[str]:
 
     Segments that other, unrelated processes on the machine have open are theirs, not ours.
     """
-    mine = _mapped_segments(os.getpid())
-    others: set[str] = set()
+    mine = _mapped_inodes(os.getpid())
+    others: set[int] = set()
     for pid in psutil.pids():
         if pid != os.getpid():
-            others |= _mapped_segments(pid)
+            others |= _mapped_inodes(pid)
     ours = f"torchqueue-{os.getpid()}-"
-    return {
-        name
-        for name in new
-        if name.startswith(ours) or (not name.startswith("torchqueue-") and (name in mine or name not in others))
-    }
+    left = set()
+    for name in new:
+        inode = _inode(name)
+        if inode is None:
+            continue
+        if name.startswith(ours) or (not name.startswith("torchqueue-") and (inode in mine or inode not in others)):
+            left.add(name)
+    return left
 
 
 @pytest.fixture

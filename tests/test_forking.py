@@ -1,9 +1,9 @@
-"""How workers start: under "fork" from torchqueue's fork server, never from the consumer's threaded
-process; every worker gets its step pickled as it starts (shared tensors, semaphores, Values)."""
+"""How workers start: under "fork" from torchqueue's fork server, never by a fork of the consumer's
+process, and nothing left after the last pipeline closes; every worker gets its step pickled as it
+starts (shared tensors, semaphores, Values)."""
 
 from __future__ import annotations
 
-import threading
 import multiprocessing
 import os
 import signal
@@ -25,25 +25,21 @@ CONTEXTS = ["fork", "spawn", "forkserver"]
 
 
 USER_THREAD = "import threading; threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+"""A consumer with a thread of its own: forking its process could hang a worker."""
 
 
-@pytest.fixture
-def user_thread():
-    """A thread of the test's own while it runs: under "fork", workers then come from the fork server."""
-    stop = threading.Event()
-    thread = threading.Thread(target=stop.wait, daemon=True)
-    thread.start()
-    yield
-    stop.set()
-    thread.join(5)
-
-
-def run_program(program: str, tmp_path: Path, *args: str, flags: tuple[str, ...] = (), timeout: float = 60) -> str:
-    """Run ``program`` as a script; stderr goes to a file (a pipe nobody reads could block it), unbuffered off."""
+def run_program(
+    program: str,
+    tmp_path: Path,
+    *args: str,
+    flags: tuple[str, ...] = (),
+    timeout: float = 60,
+    prelude: str = USER_THREAD,
+) -> str:
+    """Run ``prelude`` and ``program`` as a script; stderr goes to a file (a pipe nobody reads could block it),
+    unbuffered off."""
     script = tmp_path / "program.py"
-    # a consumer with a thread of its own (a user's, a feeder's): where forking it could hang, so workers
-    # come from the fork server (without one, the consumer's own process is forked)
-    script.write_text(USER_THREAD + textwrap.dedent(program))
+    script.write_text(prelude + textwrap.dedent(program))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     env["PYTHONPATH"] = str(ROOT)
     with open(tmp_path / "stderr.txt", "w") as stderr:
@@ -115,33 +111,41 @@ def test_a_user_thread_logging_to_a_file_does_not_hang_the_workers(tmp_path):
 
 
 THREADS_AT_FORK = """
-    import os, sys, warnings, torch, torchqueue as tq
+    import os, sys, threading, warnings, psutil, torch, torchqueue as tq
+    from torchqueue import _forkserver
     forks = []
     os.register_at_fork(before=lambda: forks.append(threading.active_count()))
     def slow(x):
         return x
+    def left():  # every process of this one's, however deep, but zombies
+        return [p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
     if __name__ == "__main__":
         warnings.simplefilter("ignore", UserWarning)  # pin_memory without CUDA
         first = tq.Sequence(tq.ProcessStep(slow, 2), tq.Queue(8))
         it = first(range(1000))
         next(it)  # its feeder thread is alive while the next pipelines start
+        server = _forkserver.server_pid()
         with tq.Sequence(tq.ProcessStep(abs, 2)) as second:
             assert list(second(range(-5, 0))) == [5, 4, 3, 2, 1]
         dataset = torch.utils.data.TensorDataset(torch.arange(12.0))
         loader = tq.QueueFlowLoader(dataset, batch_size=4, num_workers=2, persistent_workers=True, pin_memory=True)
         for epoch in range(3):
             assert [b[0].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+        assert _forkserver.server_pid() == server  # one server while any pipeline is open
         loader.close()
         first.close()
-        print("forks", forks, "threads", threading.active_count())
+        after_close = left()
+        with tq.Sequence(tq.ProcessStep(abs, 2)) as third:  # a new server
+            assert list(third(range(-2, 0))) == [2, 1]
+        print("forks", forks, "left", after_close, left())
 """
 
 
-@pytest.mark.timeout(90)
-def test_no_fork_in_the_consumer_while_another_thread_is_alive(tmp_path):
-    line = run_program(THREADS_AT_FORK, tmp_path, timeout=75).strip().splitlines()[-1]
-    forks = eval(line.split("forks ")[1].split(" threads")[0])
-    assert all(threads == 1 for threads in forks), f"forked while {max(forks)} threads were alive: {line}"
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("prelude", ["", USER_THREAD], ids=["single-threaded", "with-a-user-thread"])
+def test_no_fork_in_the_consumer_and_no_process_left_after_the_last_pipeline_closes(tmp_path, prelude):
+    line = run_program(THREADS_AT_FORK, tmp_path, timeout=100, prelude=prelude).strip().splitlines()[-1]
+    assert line == "forks [] left [] []", line
 
 
 @pytest.mark.timeout(90)
@@ -157,17 +161,16 @@ def test_no_deprecation_warning_with_warnings_as_errors(tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.usefixtures("user_thread")
-def test_the_fork_server_is_one_thread_and_reused():
+def test_the_fork_server_is_one_thread_and_reused_while_a_pipeline_is_open():
     from torchqueue import _forkserver
 
     with tq.Sequence(tq.ProcessStep(identity, 2), context="fork") as seq:
         assert list(seq(range(4))) == [0, 1, 2, 3]
-    pid = _forkserver.server_pid()
-    assert pid is not None and psutil.Process(pid).num_threads() == 1
-    with tq.Sequence(tq.ProcessStep(identity, 1)) as seq:  # the default start method (fork here)
-        assert list(seq(range(2))) == [0, 1]
-    assert _forkserver.server_pid() == pid
+        pid = _forkserver.server_pid()
+        assert pid is not None and psutil.Process(pid).num_threads() == 1
+        with tq.Sequence(tq.ProcessStep(identity, 1)) as other:  # the default start method (fork here)
+            assert list(other(range(2))) == [0, 1]
+        assert _forkserver.server_pid() == pid
     assert_no_workers()
 
 
@@ -260,7 +263,6 @@ def test_a_dataset_holding_multiprocessing_values_and_semaphores_works(context):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.usefixtures("user_thread")
 def test_a_fork_context_value_under_fork_says_what_to_change():
     dataset = CountingDataset("fork")
     loader = tq.QueueFlowLoader(dataset, batch_size=3, num_workers=2, multiprocessing_context="fork")

@@ -218,6 +218,32 @@ def test_shared_memory_left_by_a_pipeline_killed_whole_is_removed_by_the_next_on
         assert glob.glob(f"/dev/shm/torchqueue-{os.getpid()}-*")  # its own, in use, is kept
 
 
+SEMAPHORES = """
+import json, time
+import torchqueue as tq
+
+if __name__ == "__main__":
+    seq = tq.Sequence(tq.ProcessStep(abs, 3), tq.ProcessStep(abs, 2), context="{method}")
+    it = seq(range(10**6))
+    next(it)
+    seq._runtime._unlinker.join(60)  # it unlinks the names once every worker runs
+    print(json.dumps({{"names": sorted(seq._runtime._semaphores)}}), flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_a_sigkill_of_the_whole_process_group_leaves_no_named_semaphore(run_script, method):
+    # the consumer, its workers and Python's resource tracker all die at once: nobody could unlink them then
+    process = run_script(SEMAPHORES.format(method=method), start_new_session=True)
+    names = read_json_line(process)["names"]
+    assert names  # spawn's and the fork server's semaphores are named
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)
+    left = [name for name in names if os.path.exists(f"/dev/shm/sem.{name.lstrip('/')}")]
+    assert not left, f"{len(left)} of the pipeline's {len(names)} named semaphores left in /dev/shm"
+
+
 def test_ctrl_c_to_the_process_group_stops_everything_cleanly(run_script):
     head, _ = PIPELINE.format(method="fork").split("    it = seq(")
     body = head + textwrap.indent(

@@ -26,8 +26,11 @@ status encoding and the ``popen_forkserver.Popen`` that reads it), on a private 
 than the process-wide forkserver: that one re-imports ``__main__`` in every child, is shared with
 the user's own processes, and imports its preloaded modules with all their threads.
 
-Lifetime. The server exits when the consumer's end of the socket closes (the consumer exited or
-died), and ignores SIGINT (Ctrl-C is the consumer's to handle). Workers watch the consumer, not
+Lifetime. The server runs while a pipeline or a loader of the consumer uses it (``hold`` and
+``release``): when the last one closes, the consumer closes its end of the socket and the server
+exits, so no process of torchqueue outlives ``close()``; the next pipeline starts a new one. It also
+exits when the consumer exits or dies, and ignores SIGINT (Ctrl-C is the consumer's to handle).
+Python's resource tracker is not started for it (see ``_semnames``). Workers watch the consumer, not
 the server (the data pipe's write end stays open in the consumer: ``parent_process().sentinel``),
 and also exit when orphaned (``_worker``'s parent watch): so when the server dies, its workers go
 too and the consumer sees them die.
@@ -36,6 +39,7 @@ too and the consumer sees them die.
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import selectors
 import signal
@@ -43,10 +47,12 @@ import socket
 import subprocess
 import sys
 import threading
-import multiprocessing
-from multiprocessing import connection, forkserver, popen_forkserver, process, resource_tracker, spawn, util
+import weakref
+from multiprocessing import connection, forkserver, popen_forkserver, process, spawn, util
 from multiprocessing.context import BaseContext, reduction, set_spawning_popen
-from typing import Any
+from typing import Any, NoReturn
+
+from torchqueue._semnames import untracked
 
 _THREAD_LIMITS = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 """The server's environment: thread pools that start at import (OpenBLAS) start none."""
@@ -61,17 +67,34 @@ _PRELOAD = ("torch", "numpy", "torchqueue", "torchqueue._worker")
 START_POLL_S = 1.0
 """How often a start waiting for the server checks that the server is still alive."""
 
+STOP_S = 5.0
+"""How long the last ``release`` waits for the server to exit on its own before killing it."""
+
 
 # -- in the consumer's process -------------------------------------------------------------------
 
 
 class _Client:
-    """This process's fork server: started at the first request, restarted if it died."""
+    """This process's fork server: started at the first request, restarted if it died, stopped when
+    its last user releases it."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # one request at a time on the socket
+        self._lock = threading.Lock()  # one request (or start, or stop) at a time on the socket
         self._server: subprocess.Popen[bytes] | None = None
         self._socket: socket.socket | None = None
+        self._users = 0
+
+    def hold(self) -> None:
+        """One more pipeline or loader may ask for workers (the server starts at the first request)."""
+        with self._lock:
+            self._users += 1
+
+    def release(self) -> None:
+        """One user fewer; after the last one the server exits (the next request starts a new one)."""
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self._stop()
 
     def request(self, fds: list[int]) -> tuple[int, int]:
         """Ask for a worker that inherits ``fds``; return its (status pipe, data pipe) ends."""
@@ -80,7 +103,7 @@ class _Client:
             status_r, child_w = os.pipe()
             child_r, data_w = os.pipe()
             try:
-                _send_fds(sock, [child_r, child_w, resource_tracker.getfd(), 1, 2, *fds])
+                _send_fds(sock, [child_r, child_w, 1, 2, *fds])
             except BaseException:
                 os.close(status_r)
                 os.close(data_w)
@@ -122,20 +145,55 @@ class _Client:
         self._socket = ours
         return ours
 
+    def _stop(self) -> None:
+        """Close the socket: the server leaves its loop and exits (its workers are gone already)."""
+        server, self._server = self._server, None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        if server is None:
+            return
+        try:
+            server.wait(timeout=STOP_S)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=STOP_S)
+
     def forget(self) -> None:
         """In a child forked from this process: the server is the parent's; the child starts its own."""
         self._lock = threading.Lock()
         if self._socket is not None:
             self._socket.close()
         self._server = self._socket = None
+        self._users = 0
 
 
 _client = _Client()
 os.register_at_fork(after_in_child=_client.forget)
+hold = _client.hold
+release = _client.release
+
+
+def _release_in(pid: int) -> None:
+    """``release``, in the process that held the server (not in a fork of it, where the server is not its)."""
+    if os.getpid() == pid:
+        release()
+
+
+class Hold:
+    """Keeps the server between the pipelines of ``owner`` (a loader's epochs, each with workers of
+    its own), until ``close()`` or until ``owner`` is collected."""
+
+    def __init__(self, owner: object) -> None:
+        hold()
+        self._finalizer = weakref.finalize(owner, _release_in, os.getpid())
+
+    def close(self) -> None:
+        self._finalizer()
 
 
 def server_pid() -> int | None:
-    """The process id of this process's fork server (``None`` before the first worker)."""
+    """The process id of this process's fork server (``None`` while none runs)."""
     return _client.pid
 
 
@@ -217,6 +275,24 @@ class ForkServerContext(BaseContext):
     _name = "forkserver"  # not "fork": its semaphores must be named, to reach a process that was not forked
     Process = ForkServerProcess  # type: ignore[assignment]
 
+    # Its semaphores are kept from the resource tracker: torchqueue unlinks their names (``_semnames``).
+
+    def Lock(self) -> Any:  # noqa: N802 (multiprocessing's names)
+        with untracked():
+            return super().Lock()
+
+    def Semaphore(self, value: int = 1) -> Any:  # noqa: N802
+        with untracked():
+            return super().Semaphore(value)
+
+    def BoundedSemaphore(self, value: int = 1) -> Any:  # noqa: N802
+        with untracked():
+            return super().BoundedSemaphore(value)
+
+    def Event(self) -> Any:  # noqa: N802
+        with untracked():
+            return super().Event()
+
     def __repr__(self) -> str:
         return "<torchqueue fork server context>"
 
@@ -230,7 +306,7 @@ _inherited_fds: list[int] = []  # in a worker: the fds its request carried
 
 
 def serve(fd: int) -> None:
-    """The server's main loop (``python -c``): fork a worker per request until the consumer is gone."""
+    """The server's main loop (``python -c``): fork a worker per request until the consumer closes its end."""
     for module in _PRELOAD:
         try:
             __import__(module)
@@ -254,8 +330,8 @@ def serve(fd: int) -> None:
                     _report_exits(status_of)
                     continue
                 message, fds, _, _ = socket.recv_fds(sock, 1, _FDS_PER_MESSAGE)
-                if not message:  # the consumer is gone
-                    return
+                if not message:  # the consumer closed its end (no pipeline uses the server) or is gone
+                    _exit()
                 received += fds
                 if message == _LAST:
                     pid = os.fork()
@@ -264,6 +340,14 @@ def serve(fd: int) -> None:
                         os._exit(_child(received, [fd, sig_r, sig_w, *status_of.values()]))
                     _started(pid, received, status_of)
                     received = []
+
+
+def _exit() -> NoReturn:
+    """Exit at once: the interpreter's teardown, about a second with torch imported, would delay the
+    consumer's ``close()``, and the server holds nothing to clean up."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _started(pid: int, fds: list[int], status_of: dict[int, int]) -> None:
@@ -303,14 +387,13 @@ def _child(fds: list[int], server_fds: list[int]) -> int:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        child_r, child_w, tracker_fd, stdout, stderr, *_inherited_fds = fds
+        child_r, child_w, stdout, stderr, *_inherited_fds = fds
         for fd in [child_w, *server_fds]:
             os.close(fd)
         os.dup2(stdout, 1)  # the consumer's output as it is now, as a forked child's would be
         os.dup2(stderr, 2)
         os.close(stdout)
         os.close(stderr)
-        resource_tracker._resource_tracker._fd = tracker_fd  # type: ignore[attr-defined]
         code = _bootstrap(child_r)
     except BaseException:
         sys.excepthook(*sys.exc_info())

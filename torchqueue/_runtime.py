@@ -58,8 +58,8 @@ from contextlib import nullcontext
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from torchqueue import _segments, _semnames, _serialize
-from torchqueue._channel import Channel, Stopped, StopSignal
+from torchqueue import _forkserver, _segments, _semnames, _serialize
+from torchqueue._channel import Channel, Stopped, StopSignal, wait_acquire
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._feeder import Feeder
 from torchqueue._forkserver import CONTEXT as FORK_SERVER
@@ -182,6 +182,14 @@ class Runtime:
         self._handed_at: float | None = None  # when next_outputs last returned
         self.workers: list[tuple[str, int, Any]] = []  # (stage name, worker index, Process)
         self._row_owners: list[tuple[str, int, Any]] = []  # the same per stats row (a fused stage's: its host's)
+        self._workers_up = ctx.Semaphore(0)  # released by each worker once it runs
+        # unlinked once every worker runs, or at close (see ``_semnames``)
+        self._semaphores = _semnames.semaphore_names(
+            self._edges, self._events, self._stop, self._credits, self._workers_up
+        )
+        self._holds_server = ctx is FORK_SERVER
+        if self._holds_server:
+            _forkserver.hold()
         try:
             self._start_workers(steps, ordered, skip_errors, assigners)
         except BaseException:
@@ -193,6 +201,13 @@ class Runtime:
             self._unpack = _ConsumerUnpack(last.step, meter, skip_errors, self._warn_skipped)
         self._feeder = threading.Thread(target=self._feed, name=f"torchqueue-feeder-{name}", daemon=True)
         self._feeder.start()
+        self._unlinker = threading.Thread(
+            target=self._unlink_once_up,
+            args=(len(self.workers), self._workers_up),
+            name=f"torchqueue-semaphores-{name}",
+            daemon=True,
+        )
+        self._unlinker.start()
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -243,8 +258,8 @@ class Runtime:
                 )
                 row += 1
                 process = self._ctx.Process(  # type: ignore[attr-defined]
-                    target=worker_main,
-                    args=(context,),
+                    target=_run_worker,
+                    args=(context, self._workers_up),
                     name=f"torchqueue:{stage.name}#{worker}",
                     daemon=True,
                 )
@@ -253,6 +268,16 @@ class Runtime:
                 self.workers.append((stage.name, worker, process))
                 self._row_owners.append((stage.name, worker, process))
         logger.debug("started %d workers for %s", len(self.workers), self._name)
+
+    def _unlink_once_up(self, workers: int, up: Any) -> None:
+        """Thread: once every worker runs (each opened the semaphores as its ``Process`` unpickled),
+        nobody needs their names: unlink them (see ``_semnames``)."""
+        try:
+            for _ in range(workers):
+                wait_acquire(up, self._alive)
+        except Stopped:  # closed first (it unlinks them), or a worker died before it ran
+            return
+        _semnames.unlink_now(self._semaphores)
 
     # -- feeding -------------------------------------------------------------------------------
 
@@ -480,9 +505,9 @@ class Runtime:
         """Tell the feeder and the workers to stop, and give them ``join_s`` to leave on their own."""
         self._stop.set()
         self._epochs.put(None)
-        feeder = getattr(self, "_feeder", None)
-        if feeder is not None and feeder is not threading.current_thread():
-            feeder.join(timeout=join_s)
+        for thread in (getattr(self, "_feeder", None), getattr(self, "_unlinker", None)):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=join_s)
         deadline = time.monotonic() + join_s
         for _, _, process in self.workers:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -522,7 +547,10 @@ class Runtime:
             channel.close()
         self._stop.close()
         if workers_gone:  # nobody opens the semaphores' names any more
-            _semnames.unlink_now(_semnames.semaphore_names(self._edges, self._events, self._stop, self._credits))
+            _semnames.unlink_now(self._semaphores)
+        if self._holds_server:  # the last pipeline or loader to close stops the fork server
+            self._holds_server = False
+            _forkserver.release()
         if self._segment_dir is not None:  # segments kept for reuse, and of messages nobody will read
             _segments.remove_dir(self._segment_dir)
         # Drop every lock, semaphore and process (their names are gone already, see _semnames).
@@ -534,6 +562,13 @@ class Runtime:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def _run_worker(context: WorkerContext, up: Any) -> None:
+    """A worker process: it says that it runs (it opened the pipeline's semaphores as its ``Process``
+    unpickled: ``Runtime._unlink_once_up``), then runs its loop."""
+    up.release()
+    worker_main(context)
 
 
 def _user_stacklevel() -> int:

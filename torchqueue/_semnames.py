@@ -1,19 +1,69 @@
-"""Named semaphores removed as soon as a pipeline's workers are gone, not when collected.
+"""A pipeline's named semaphores: unlinked as soon as every worker has opened them, and, under
+torchqueue's fork server, kept from Python's resource tracker.
 
-Under spawn, forkserver and torchqueue's fork server, each lock and semaphore of a pipeline
-(its channels, credits and stop event) is a POSIX named semaphore, a ``/dev/shm/sem.mp-*`` file
-that multiprocessing unlinks when the object is garbage collected. Something may keep the objects
-alive long after ``close()``: a feeder thread stuck in the user's input generator holds the first
-edge, an exception's traceback holds the runtime. Once every worker has exited nobody opens the
-names any more, so ``close()`` unlinks them at once; handles still held stay usable, as an unlinked
-file does. Each name is unlinked by running multiprocessing's own finalizer for it, which then does
-nothing when the object is collected.
+Under spawn, forkserver and torchqueue's fork server, each lock and semaphore of a pipeline (its
+channels, credits and stop event) is a POSIX named semaphore, a ``/dev/shm/sem.mp-*`` file. A
+process that was not forked from the creator opens it by name while it unpickles its ``Process``;
+after that, nobody needs the name. So the consumer unlinks every name once each worker has said
+that it started (``WorkerStarted``), and at ``close()`` at the latest: handles still held stay
+usable, as an unlinked file does. Otherwise a SIGKILL of the whole process group (the consumer,
+its workers and the resource tracker at once) leaves the files for good, and so would anything
+that keeps the objects alive after ``close()`` (a feeder thread stuck in the user's generator, an
+exception's traceback), as multiprocessing unlinks a name only when its object is collected.
+
+Python registers each name with its resource tracker, a helper process that unlinks what a dead
+process left. Under ``"fork"`` nothing else needs that process (the fork server passes no tracker
+to its workers), and it would outlive ``close()``: names made inside ``untracked()`` are not
+registered, and their unlinking does not start a tracker either. Only the seconds before every
+worker has started are then uncovered (a SIGKILL there leaves the names).
 """
 
 from __future__ import annotations
 
-from multiprocessing import synchronize, util
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing import resource_tracker, synchronize, util
 from typing import Any
+
+_local = threading.local()  # .untracked: this thread makes semaphores that are not to be tracked
+_untracked: set[str] = set()  # names made so, still linked
+
+
+@contextmanager
+def untracked() -> Iterator[None]:
+    """Semaphores made in this thread meanwhile are not registered with the resource tracker."""
+    _install()
+    _local.untracked = True
+    try:
+        yield
+    finally:
+        _local.untracked = False
+
+
+_tracked_register = resource_tracker.register
+_tracked_unregister = resource_tracker.unregister
+
+
+def _install() -> None:
+    """Route ``resource_tracker.register``/``unregister`` (which ``SemLock`` looks up at each call) through
+    ``_register``/``_unregister``; they pass every other name, from any thread, on unchanged."""
+    resource_tracker.register = _register  # type: ignore[assignment]
+    resource_tracker.unregister = _unregister  # type: ignore[assignment]
+
+
+def _register(name: str, rtype: str) -> None:
+    if rtype == "semaphore" and getattr(_local, "untracked", False):
+        _untracked.add(name)
+    else:
+        _tracked_register(name, rtype)
+
+
+def _unregister(name: str, rtype: str) -> None:
+    if rtype == "semaphore" and name in _untracked:
+        _untracked.discard(name)
+    else:
+        _tracked_unregister(name, rtype)
 
 
 def semaphore_names(*roots: Any) -> set[str]:

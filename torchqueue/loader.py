@@ -31,14 +31,14 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from torchqueue import _device, _epochs, _progress, _sharding
+from torchqueue import _device, _epochs, _forkserver, _progress, _sharding
 from torchqueue._epochs import Epoch
 from torchqueue._fetch import Batches, Fetch, Fetched, Job
 from torchqueue._lookahead import EpochStep, Guess, predictable
 from torchqueue._rngstate import merged
 from torchqueue._seeding import draw_base_seed
 from torchqueue.dataset import QueueFlowDataset
-from torchqueue.sequence import Sequence
+from torchqueue.sequence import Sequence, uses_fork_server
 from torchqueue.stats import Stats
 from torchqueue.steps import ProcessStep, Queue
 
@@ -162,6 +162,7 @@ class QueueFlowLoader(Generic[_T_co]):
         self._unbegun: torch.Tensor | None = None  # the generator before an iterator's draws, until it begins
         self._skip = 0  # an iterable dataset's batches to compute again and drop (``load_state_dict``)
         self._fresh = False  # the workers were shut down (``_iterator = None``): the next epoch follows none
+        self._server: _forkserver.Hold | None = None  # under "fork": the fork server, kept between epochs
         self._initialized = True
 
     def _configure(self) -> None:
@@ -191,7 +192,7 @@ class QueueFlowLoader(Generic[_T_co]):
     def __getstate__(self) -> dict[str, Any]:
         """Pickled or copied as DataLoader is: its arguments and where its epochs stand, no workers."""
         state = self.__dict__.copy()
-        state.update(_sequence=None, _ahead=None, _running=None, _latest=None)
+        state.update(_sequence=None, _ahead=None, _running=None, _latest=None, _server=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -496,6 +497,8 @@ class QueueFlowLoader(Generic[_T_co]):
         return epoch
 
     def _new_pipeline(self) -> Sequence:
+        if self._server is None and uses_fork_server(self._torch.multiprocessing_context):
+            self._server = _forkserver.Hold(self)  # not restarted for each epoch's workers, until close()
         return Sequence(
             # in order: batch k to worker k % num_workers, each worker in order, as DataLoader does
             ProcessStep(self._fetch, self.num_workers, name="fetch", round_robin=self._torch.in_order),
@@ -605,6 +608,9 @@ class QueueFlowLoader(Generic[_T_co]):
         self._drop_workers()
         for sequence in list(self._running):
             sequence.close()
+        if self._server is not None:  # the fork server exits once no pipeline or loader uses it
+            self._server.close()
+            self._server = None
 
 
 class _Stream:

@@ -27,9 +27,9 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from torchqueue._channel import Stopped
+from torchqueue._forkserver import CONTEXT as FORK_SERVER
 from torchqueue._messages import EndOfEpoch, Failure, Skipped
 from torchqueue._plan import STREAM, Plan, make_plan
-from torchqueue._forkserver import CONTEXT as FORK_SERVER
 from torchqueue._runtime import ERROR_JOIN_S, Runtime, _user_stacklevel, travelling_steps
 from torchqueue._seeding import draw_base_seed
 from torchqueue._verdict import available_cpus
@@ -58,10 +58,9 @@ def resolve_context(context: str | BaseContext | None) -> BaseContext:
 
 
 def _start_context(context: BaseContext) -> BaseContext:
-    """The context a pipeline's workers start with, chosen as it starts: under ``"fork"``, a fork of this
-    process while no other Python thread runs (one that could hold a lock: logging's, a stream's, a
-    feeder's), else torchqueue's fork server (see ``_forkserver``), which forks from a clean process."""
-    if context.get_start_method() == "fork" and threading.active_count() > 1:
+    """The context a pipeline's workers start with: under ``"fork"``, torchqueue's fork server (see
+    ``_forkserver``), which forks them from a clean single-threaded process; this one is never forked."""
+    if context.get_start_method() == "fork":
         return FORK_SERVER
     return context
 
@@ -85,6 +84,11 @@ def _check_cores(plan: Plan) -> None:
             TooManyWorkersWarning,
             stacklevel=_user_stacklevel(),
         )
+
+
+def uses_fork_server(context: str | BaseContext | None) -> bool:
+    """Whether the workers of a pipeline made with ``context`` come from torchqueue's fork server."""
+    return _start_context(resolve_context(context)) is FORK_SERVER
 
 
 class Sequence:
