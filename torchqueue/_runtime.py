@@ -54,7 +54,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -263,7 +263,11 @@ class Runtime:
                     name=f"torchqueue:{stage.name}#{worker}",
                     daemon=True,
                 )
-                with step.starting(), nullcontext() if fused is None else steps[fused.index].starting():
+                with (
+                    step.starting(),
+                    nullcontext() if fused is None else steps[fused.index].starting(),
+                    _native_threads_only(self._ctx),
+                ):
                     process.start()
                 self.workers.append((stage.name, worker, process))
                 self._row_owners.append((stage.name, worker, process))
@@ -569,6 +573,23 @@ def _run_worker(context: WorkerContext, up: Any) -> None:
     unpickled: ``Runtime._unlink_once_up``), then runs its loop."""
     up.release()
     worker_main(context)
+
+
+@contextmanager
+def _native_threads_only(ctx: BaseContext) -> Iterator[None]:
+    """Around a fork of this process (``ctx`` is the plain fork context: no other Python thread runs, see
+    ``sequence._start_context``). CPython 3.12+ warns (``DeprecationWarning``) at a fork while any OS
+    thread runs, and ``import numpy`` alone starts OpenBLAS's pool: native threads whose locks their
+    libraries' fork handlers take care of, as every DataLoader fork relies on. The warning is silenced
+    for that fork only (no other Python thread can see the filter change meanwhile)."""
+    if ctx is FORK_SERVER or ctx.get_start_method() != "fork":
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*multi-threaded, use of fork\(\) may lead", category=DeprecationWarning
+        )
+        yield
 
 
 def _user_stacklevel() -> int:
