@@ -219,10 +219,12 @@ def test_shared_memory_left_by_a_pipeline_killed_whole_is_removed_by_the_next_on
 
 
 SEMAPHORES = """
-import json, time
+import json, threading, time
 import torchqueue as tq
 
 if __name__ == "__main__":
+    # a thread of the consumer's: under fork, workers then come from the fork server (named semaphores)
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
     seq = tq.Sequence(tq.ProcessStep(abs, 3), tq.ProcessStep(abs, 2), context="{method}")
     it = seq(range(10**6))
     next(it)
