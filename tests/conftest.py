@@ -176,6 +176,17 @@ def leaked_segments(new: set[str]) -> set[str]:
     return left
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_tqdm_monitor():
+    """tqdm's monitor thread (started by the first bar, Lightning's included) outlives its bar: every later
+    test's pipeline under fork would start from the fork server (a thread runs), not by a fork. Tests that
+    need a thread start one (test_forking's ``user_thread``)."""
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0
+    yield
+
+
 @pytest.fixture
 def no_leaks():
     """Asserts that a test leaves no worker process and no shared-memory segment behind."""

@@ -94,7 +94,10 @@ def test_the_demo_command_runs_and_prints_rates_and_stats(tmp_path):
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_demo_installs_only_the_library_and_the_extras_it_uses_in_an_environment_of_its_own():
     root = Path(__file__).resolve().parent.parent
-    plan = subprocess.run(["make", "-n", "-B", "demo"], cwd=root, capture_output=True, text=True, timeout=30)
+    # --no-print-directory: under `make test` (CI) this make is a sub-make, which prints "Leaving directory"
+    plan = subprocess.run(
+        ["make", "--no-print-directory", "-n", "-B", "demo"], cwd=root, capture_output=True, text=True, timeout=30
+    )
     assert plan.returncode == 0, plan.stderr
     installs = [line for line in plan.stdout.splitlines() if "pip install" in line]
     assert len(installs) == 1 and installs[0].startswith(".venv-demo/bin/pip install"), plan.stdout

@@ -23,5 +23,10 @@ def bar(batches: Iterator[Any], total: int | None, epoch: int) -> Iterator[Any]:
     """``batches`` through a tqdm bar titled ``epoch N`` (closed when the epoch ends or is left)."""
     from tqdm.auto import tqdm
 
-    with tqdm(batches, total=total, unit="batch", desc=f"epoch {epoch}") as shown:
+    class Bar(tqdm):  # type: ignore[misc, valid-type]
+        # tqdm's monitor thread would outlive the epoch: a later pipeline of this process, seeing another
+        # Python thread, would then start its workers from the fork server (1.1-1.3 s), not by a fork
+        monitor_interval = 0
+
+    with Bar(batches, total=total, unit="batch", desc=f"epoch {epoch}") as shown:
         yield from shown
