@@ -45,7 +45,9 @@ def test_stats_count_elements_and_name_the_bottleneck():
 
 def test_printing_stats_shows_one_row_per_step_and_a_hint():
     with tq.Sequence(tq.ProcessStep(busy, 1, name="slowstep"), tq.ProcessStep(double, 1)) as seq:
-        list(seq(range(100)))
+        # 2 s of work: longer than a fork server's start (1.1-1.3 s, when a thread left by an earlier test
+        # makes the pipeline use one), which the hint would otherwise name as what took most of the run
+        list(seq(range(500)))
         text = str(seq.stats())
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["step", "workers", "in"]
