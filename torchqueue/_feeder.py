@@ -81,8 +81,10 @@ class Feeder:
             idle = False
 
     def _feed(self, epoch: int, iterator: Iterator[Any], in_memory: bool) -> None:
-        read = _Counted(iterator, None if self._packing is None else self._packing[1])
-        iterator = read if self._packing is None else self._packing[0].stream(read)
+        read = None  # packing: the input, counted (positions then number lists, not elements)
+        if self._packing is not None:
+            read = _Counted(iterator, self._packing[1])
+            iterator = self._packing[0].stream(read)
         seq = 0
         pending: list[Any] = []
         last = time.perf_counter()
@@ -94,7 +96,7 @@ class Feeder:
             except BaseException as exc:  # the user's input raised: deliver it in its place
                 seq = self._send(epoch, seq, pending)
                 pending = []
-                seq = self._send(epoch, seq, [capture_input(exc, epoch, read.count)])
+                seq = self._send(epoch, seq, [capture_input(exc, epoch, seq if read is None else read.count)])
                 break
             now = time.perf_counter()
             self._policy.observe_input(now - last)
@@ -128,10 +130,10 @@ class Feeder:
 
 
 class _Counted(Iterator[Any]):
-    """The input, counting the elements read (on ``meter``'s ``IN`` too, if given): the position of the
-    element an error of the input stands for."""
+    """The input of a first PackStep, counting the elements read (on ``meter``'s ``IN`` too): the position
+    of the element an error of the input stands for."""
 
-    def __init__(self, iterator: Iterator[Any], meter: Meter | None) -> None:
+    def __init__(self, iterator: Iterator[Any], meter: Meter) -> None:
         self._iterator = iterator
         self._meter = meter
         self.count = 0
@@ -139,6 +141,5 @@ class _Counted(Iterator[Any]):
     def __next__(self) -> Any:
         element = next(self._iterator)
         self.count += 1
-        if self._meter is not None:
-            self._meter.add(Field.IN, 1)
+        self._meter.add(Field.IN, 1)
         return element

@@ -101,11 +101,6 @@ class Plan:
     feeder_runs_first: bool = False  # a first PackStep runs in the feeder thread
     consumer_runs_last: bool = False  # a last UnpackStep runs in the consumer's thread
 
-    @property
-    def in_processes(self) -> list[StagePlan]:
-        """The stages that have worker processes of their own (not fused, not run by the feeder or the consumer)."""
-        return [stage for stage in self.stages if not self.runs_elsewhere(stage.index)]
-
     def runs_elsewhere(self, stage: int) -> bool:
         """Whether ``stage`` has no process of its own: fused, or run by the feeder or by the consumer."""
         return (
