@@ -38,6 +38,7 @@ are gone; a declared ``Queue`` between them keeps the two processes apart.
 
 from __future__ import annotations
 
+import enum
 import multiprocessing.queues
 from collections import Counter
 from collections.abc import Iterator
@@ -46,7 +47,17 @@ from typing import Any
 
 from torchqueue.steps import PackStep, PoolStep, ProcessStep, Queue, RepackStep, Step, StreamStep, UnpackStep
 
-MAP, POOL, STREAM = "map", "pool", "stream"
+
+class Kind(enum.Enum):
+    """What a stage does with its input, which decides the loop its workers run (``_runners``)."""
+
+    MAP = "map"  # ProcessStep: one output per element
+    POOL = "pool"  # PoolStep: one output per item of an element, items spread over the workers
+    STREAM = "stream"  # Pack/Unpack/RepackStep, joins: re-chunks the epoch, in order, in one worker
+
+
+MAP, POOL, STREAM = Kind.MAP, Kind.POOL, Kind.STREAM
+PROCESS, THREAD = "process", "thread"
 
 
 @dataclass(frozen=True)
@@ -67,8 +78,9 @@ class StagePlan:
     index: int
     name: str
     step: Step
-    kind: str
+    kind: Kind
     nworkers: int
+    backend: str = "process"  # its workers: "process" or "thread" (a stream stage: as the stage before it)
 
     @property
     def internal(self) -> bool:
@@ -109,6 +121,22 @@ class Plan:
             or (stage == len(self.stages) - 1 and self.consumer_runs_last)
         )
 
+    def in_this_process(self, stage: int) -> bool:
+        """Whether ``stage`` (-1: the feeder; ``len(stages)``: the consumer) runs in the consumer's process:
+        in threads, in the feeder or the consumer, or fused into a stage that does."""
+        if stage in (-1, len(self.stages)) or (stage not in self.fused and self.runs_elsewhere(stage)):
+            return True
+        if stage in self.fused:
+            stage -= 1
+        return self.stages[stage].backend == THREAD
+
+    def local_edge(self, edge: int) -> bool:
+        """Whether edge ``edge`` joins two parties of the consumer's process (a ``_threads.LocalChannel``,
+        messages passed as they are): its writer and its reader both run here."""
+        writer = edge - 1
+        reader = len(self.stages) if edge == self.consumer_edge else edge
+        return self.in_this_process(writer) and self.in_this_process(reader)
+
     def has_edge(self, edge: int) -> bool:
         """Whether edge ``edge`` (into stage ``edge``; the last: into the consumer) is a channel: not
         the input of a fused stage or of a feeder-run first stage, nor the output of a consumer-run last one."""
@@ -122,6 +150,8 @@ class Plan:
         in a process of its own that runs no fused function."""
         if not 0 <= stage < len(self.stages) or self.runs_elsewhere(stage) or self.fused_into(stage):
             return False
+        if self.in_this_process(stage) or self.local_edge(self.output_edge(stage)):
+            return False  # its input and output are objects, not pickles
         return type(self.stages[stage].step) in (RepackStep, UnpackStep, JoinStep)
 
     def sends_items(self, stage: int) -> bool:
@@ -185,7 +215,7 @@ class Plan:
         return stage == -1 or self.stages[stage].kind != POOL
 
 
-def _kind(step: Step) -> str:
+def _kind(step: Step) -> Kind:
     if isinstance(step, PoolStep):
         return POOL
     if isinstance(step, ProcessStep):
@@ -246,10 +276,11 @@ def make_plan(elements: tuple[Any, ...]) -> Plan:
         laid.append((step, capacity, given))
 
     names = _unique_names([step for step, _, _ in laid])
-    stages = tuple(
-        StagePlan(index, names[index], step, _kind(step), getattr(step, "nworkers", 1))
-        for index, (step, _, _) in enumerate(laid)
-    )
+    stages: list[StagePlan] = []
+    for index, (step, _, _) in enumerate(laid):
+        # a stream stage's worker is a thread where the stage before it runs in threads
+        backend = getattr(step, "backend", stages[-1].backend if stages else PROCESS)
+        stages.append(StagePlan(index, names[index], step, _kind(step), getattr(step, "nworkers", 1), backend))
     # exactly these steps (a subclass may stream otherwise: it keeps a process of its own)
     feeder_first = type(stages[0].step) is PackStep
     consumer_last = type(stages[-1].step) is UnpackStep and not (feeder_first and len(stages) == 1)
@@ -261,12 +292,14 @@ def make_plan(elements: tuple[Any, ...]) -> Plan:
         and not (stage.index == 1 and feeder_first)  # never a user's function in the feeder thread
         and _fusable(stages[stage.index - 1], stage)
     )
-    return Plan(stages, tuple(c for _, c, _ in laid) + (capacities[-1],), fused, feeder_first, consumer_last)
+    return Plan(tuple(stages), tuple(c for _, c, _ in laid) + (capacities[-1],), fused, feeder_first, consumer_last)
 
 
 def _fusable(previous: StagePlan, stage: StagePlan) -> bool:
-    """Whether ``stage`` can run inside ``previous``'s process: a one-worker map after a stream stage."""
-    return previous.kind == STREAM and stage.kind == MAP and stage.nworkers == 1
+    """Whether ``stage`` can run inside ``previous``'s process: a one-worker map after a stream stage, both
+    in processes (between threads there is no hop to save)."""
+    backends = previous.backend, stage.backend
+    return previous.kind == STREAM and stage.kind == MAP and stage.nworkers == 1 and backends == (PROCESS, PROCESS)
 
 
 def _unique_names(steps: list[Step]) -> list[str]:

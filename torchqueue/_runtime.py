@@ -47,7 +47,6 @@ import logging
 import multiprocessing.process
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -63,13 +62,16 @@ from torchqueue._channel import Channel, Stopped, StopSignal, wait_acquire
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._feeder import Feeder
 from torchqueue._forkserver import CONTEXT as FORK_SERVER
+from torchqueue._handles import ProcessHandle, WorkerHandle
+from torchqueue._loop import FusedStage, WorkerContext
 from torchqueue._mainmodule import TravellingStep
 from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, StartupFailure
 from torchqueue._meter import Meter
-from torchqueue._plan import STREAM, Plan
+from torchqueue._plan import STREAM, THREAD, Plan
 from torchqueue._stuck import Holder, holders, timeout_message
+from torchqueue._threads import LocalChannel, ThreadHandle
 from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
-from torchqueue._worker import FusedStage, WorkerContext, worker_main
+from torchqueue._worker import worker_main
 from torchqueue.errors import PipelineError, WorkerDiedError, capture
 from torchqueue.stats import NFIELDS, Field, Stats
 
@@ -84,8 +86,9 @@ def _disown_workers() -> None:
     as DataLoader's workers are, when the fork exits normally)."""
     children = multiprocessing.process._children  # type: ignore[attr-defined]
     for runtime in list(_runtimes):
-        for _, _, process in runtime.workers:
-            children.discard(process)
+        for _, _, handle in runtime.workers:
+            if isinstance(handle, ProcessHandle):
+                children.discard(handle.process)
 
 
 os.register_at_fork(after_in_child=_disown_workers)
@@ -144,7 +147,10 @@ class Runtime:
         self._cancelled = ctx.RawValue("q", -1)
         # edge i feeds stage i (the last one the consumer); a fused stage's input has none
         self._edges = [
-            [Channel(ctx, plan.channel_capacity(i)) for _ in range(stage.inboxes() if stage else 1)]
+            [
+                _channel(ctx, plan.channel_capacity(i), plan.local_edge(i))
+                for _ in range(stage.inboxes() if stage else 1)
+            ]
             if plan.has_edge(i)
             else []
             for i, stage in enumerate([*plan.stages, None])
@@ -203,7 +209,7 @@ class Runtime:
         self._feeder.start()
         self._unlinker = threading.Thread(
             target=self._unlink_once_up,
-            args=(len(self.workers), self._workers_up),
+            args=(sum(handle.in_own_process for _, _, handle in self.workers), self._workers_up),
             name=f"torchqueue-semaphores-{name}",
             daemon=True,
         )
@@ -215,6 +221,7 @@ class Runtime:
         self, steps: list[TravellingStep], ordered: bool, skip_errors: bool, assigners: list[int]
     ) -> None:
         row = 0
+        threads: list[WorkerHandle] = []
         for stage, step in zip(self.plan.stages, steps):
             self._rows[stage.index] = row
             if self.plan.runs_elsewhere(stage.index):  # in the previous stage's process, or in this one
@@ -255,23 +262,38 @@ class Runtime:
                     fused=None if fused is None else FusedStage(fused.name, fused.index, steps[fused.index], row + 1),
                     routes=self.plan.routes_items(stage.index),
                     sends_items=self.plan.sends_items(stage.index),
+                    local_out=self.plan.local_edge(self.plan.output_edge(stage.index)),
                 )
                 row += 1
-                process = self._ctx.Process(  # type: ignore[attr-defined]
-                    target=_run_worker,
-                    args=(context, self._workers_up),
-                    name=f"torchqueue:{stage.name}#{worker}",
-                    daemon=True,
-                )
-                with (
-                    step.starting(),
-                    nullcontext() if fused is None else steps[fused.index].starting(),
-                    _native_threads_only(self._ctx),
-                ):
-                    process.start()
-                self.workers.append((stage.name, worker, process))
-                self._row_owners.append((stage.name, worker, process))
+                handle = self._handle(context, stage.backend, f"torchqueue:{stage.name}#{worker}", fused, steps)
+                if handle.in_own_process:
+                    handle.start()
+                else:  # once every process is forked (see ``_threads``)
+                    threads.append(handle)
+                self.workers.append((stage.name, worker, handle))
+                self._row_owners.append((stage.name, worker, handle))
+        for handle in threads:
+            handle.start()
         logger.debug("started %d workers for %s", len(self.workers), self._name)
+
+    def _handle(
+        self, context: WorkerContext, backend: str, name: str, fused: Any, steps: list[TravellingStep]
+    ) -> WorkerHandle:
+        """The worker that runs ``context``: a thread of this process, or a process of its own."""
+        if backend == THREAD:
+            return ThreadHandle(context, name)
+        step = steps[context.stage_index]
+
+        @contextmanager
+        def starting() -> Iterator[None]:
+            with (
+                step.starting(),
+                nullcontext() if fused is None else steps[fused.index].starting(),
+                _native_threads_only(self._ctx),
+            ):
+                yield
+
+        return ProcessHandle(self._ctx, _run_worker, (context, self._workers_up), name, starting)
 
     def _unlink_once_up(self, workers: int, up: Any) -> None:
         """Thread: once every worker runs (each opened the semaphores as its ``Process`` unpickled),
@@ -295,7 +317,7 @@ class Runtime:
     def _writers_alive(self) -> bool:
         """The consumer's liveness check while it reads: a worker killed in the middle of writing a
         message never finishes it, so a reader waiting for the rest must see that death."""
-        return self._alive() and all(process.exitcode is None for _, _, process in self.workers)
+        return self._alive() and all(handle.exitcode is None for _, _, handle in self.workers)
 
     def _feed(self) -> None:
         """Feeder thread: a failure of its own (not of the user's input) is reported by ``check_health``."""
@@ -314,6 +336,7 @@ class Runtime:
                     packing.name if packing else "input",
                     self._segment_dir,
                     self.plan.sends_items(start),
+                    self.plan.local_edge(start + 1),
                 ),
                 self._credits[start],
                 self._alive,
@@ -423,10 +446,10 @@ class Runtime:
                 self._warn_skipped(notice.step, notice.summary)
         if self._feeder_error is not None:
             raise PipelineError(f"torchqueue's feeder thread failed: {self._feeder_error!r}") from self._feeder_error
-        for stage, worker, process in self.workers:
-            if process.exitcode is not None and self._alive():
+        for stage, worker, handle in self.workers:
+            if handle.exitcode is not None and self._alive():
                 raise WorkerDiedError(
-                    f"worker {worker} of step {stage!r} (pid {process.pid}) died: {_describe_exit(process.exitcode)}"
+                    f"worker {worker} of step {stage!r} (pid {handle.pid}) died: {handle.describe_exit()}"
                 )
 
     def _warn_skipped(self, step: str, summary: str) -> None:
@@ -513,20 +536,15 @@ class Runtime:
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=join_s)
         deadline = time.monotonic() + join_s
-        for _, _, process in self.workers:
-            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for _, _, handle in self.workers:
+            handle.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _make_stop(self) -> None:
         """Terminate, then kill, the workers still there; close the edges (once no thread reads them: a
         consumer in another thread leaves at its next wake-up); remove the segments."""
-        for stage, worker, process in self.workers:
-            if process.exitcode is None:
-                logger.debug("worker %d of step %r did not leave when asked: terminating it", worker, stage)
-                process.terminate()
-                process.join(timeout=1.0)
-            if process.exitcode is None:
-                process.kill()
-                process.join(timeout=1.0)
+        for _, _, handle in self.workers:
+            if handle.exitcode is None:
+                handle.force_stop()
         reading = False
         try:
             reading = self._reading.acquire(timeout=READER_LEAVES_S)
@@ -541,12 +559,9 @@ class Runtime:
 
     def _release(self) -> None:
         """Close the processes' handles and the edges, remove the segments (no thread reads any more)."""
-        workers_gone = all(process.exitcode is not None for _, _, process in self.workers)
-        for _, _, process in self.workers:
-            if process.exitcode is None:
-                logger.warning("worker pid %s did not exit after SIGKILL", process.pid)
-            else:
-                process.close()
+        workers_gone = all(handle.exitcode is not None for _, _, handle in self.workers if handle.in_own_process)
+        for _, _, handle in self.workers:
+            handle.close()
         for channel in [*(c for edge in self._edges for c in edge), self._events]:
             channel.close()
         self._stop.close()
@@ -566,6 +581,11 @@ class Runtime:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def _channel(ctx: BaseContext, capacity: int, local: bool) -> Channel | LocalChannel:
+    """An edge's channel: between two parties of this process, one that passes messages as they are."""
+    return LocalChannel(capacity) if local else Channel(ctx, capacity)
 
 
 def _run_worker(context: WorkerContext, up: Any) -> None:
@@ -646,12 +666,3 @@ class _ConsumerUnpack:
             outputs.extend(payload)
             self._meter.add(Field.OUT, len(outputs) - before)
         return outputs
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"

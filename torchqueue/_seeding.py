@@ -58,19 +58,27 @@ def stream_base(base_seed: int, stage: int, epoch: int) -> int:
 
 
 class EpochSeeds:
-    """Seeds one pipeline worker for each epoch it enters, and reports the seed in ``get_worker_info()``."""
+    """Seeds one pipeline worker for each epoch it enters, and reports the seed in ``get_worker_info()``.
 
-    def __init__(self, base_seed: int | None, stage: int, info: WorkerInfo) -> None:
-        """``base_seed``: ``None`` leaves the random state alone (a step that seeds itself)."""
+    A thread worker shares ``random``, numpy's and torch's global random state with the consumer and
+    with the other threads: it seeds nothing, and its stream's seed is only reported (its step makes
+    its own generator from ``get_worker_info().seed``)."""
+
+    def __init__(self, base_seed: int | None, stage: int, info: WorkerInfo, own_process: bool = True) -> None:
+        """``base_seed``: ``None`` leaves the random state alone (a step that seeds itself);
+        ``own_process``: the worker is a process of its own (else a thread of the consumer's process)."""
         self._base_seed = base_seed
         self._stage = stage
         self._info = info
+        self._own_process = own_process
         self._epoch = -1
+        set_worker_info(info, own_process)
 
     def enter(self, epoch: int) -> None:
         """Called with the epoch of every message received: reseed at the first one of a later epoch."""
         if epoch <= self._epoch or self._base_seed is None:
             return
         self._epoch = epoch
-        seed = seed_as_dataloader(stream_base(self._base_seed, self._stage, epoch), self._info.id)
-        set_worker_info(dataclasses.replace(self._info, seed=seed))
+        base = stream_base(self._base_seed, self._stage, epoch)
+        seed = seed_as_dataloader(base, self._info.id) if self._own_process else base + self._info.id
+        set_worker_info(dataclasses.replace(self._info, seed=seed), self._own_process)

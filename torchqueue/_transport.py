@@ -80,11 +80,14 @@ class Emitter:
         writer: str,
         segment_dir: str | None,
         items: bool = False,
+        local: bool = False,
     ):
         """``sizer``: the pool that reads this edge (``None``: no pool, elements go whole);
         ``split_step``: its name, for errors; ``writer``: the step whose outputs these are; ``items``: the
-        reader routes items (``_routing``): list elements go item by item."""
+        reader routes items (``_routing``): list elements go item by item; ``local``: the reader runs in
+        this process (a thread step, the consumer): envelopes go as they are, nothing is encoded."""
         self._items = items
+        self._local = local
         self._channels = channels
         self._segment_dir = segment_dir
         self._alive = alive
@@ -112,6 +115,10 @@ class Emitter:
     def send(self, envelope: Envelope, more: int = 0) -> int:
         """Send one envelope as it is; return the bytes sent (shared memory included). ``more``: messages
         sent right after this one (an element's other parts), for the segments' reuse."""
+        channel = self._channels[envelope.seq % len(self._channels)]
+        if self._local:
+            channel.put(envelope, self._alive)
+            return 0
         start = time.perf_counter()
         try:
             data = _serialize.dumps(envelope, self._segment_dir, more, self._items)
@@ -119,7 +126,7 @@ class Emitter:
             failure = capture(self._writer, _unsendable(self._writer, exc), envelope.epoch, envelope.seq)
             data = _serialize.dumps(envelope._replace(payload=failure), None)
         self.encode_s += time.perf_counter() - start
-        self._channels[envelope.seq % len(self._channels)].put(data, self._alive)
+        channel.put(data, self._alive)
         return _serialize.message_nbytes(data)
 
     def idle(self) -> None:
@@ -151,10 +158,15 @@ def split(items: list[Any], nparts: int) -> list[list[Any]]:
     return parts
 
 
-def read(data: bytearray, fail: Callable[[Exception], Failure | Skipped], where: str, lazy: bool = False) -> Envelope:
-    """The envelope of a received message; one whose value does not unpickle here carries ``fail(exc)``
-    in its place (see ``_unreadable``: the receiver goes on). ``where``: what the receiver was doing,
-    for the error; ``lazy``: the receiver routes items without decoding them (``_routing``)."""
+def read(
+    data: bytearray | Envelope, fail: Callable[[Exception], Failure | Skipped], where: str, lazy: bool = False
+) -> Envelope:
+    """The envelope of a received message (one from this process's sender is that already); one whose
+    value does not unpickle here carries ``fail(exc)`` in its place (see ``_unreadable``: the receiver
+    goes on). ``where``: what the receiver was doing, for the error; ``lazy``: the receiver routes items
+    without decoding them (``_routing``)."""
+    if isinstance(data, Envelope):
+        return data
     try:
         envelope: Envelope = _serialize.loads(data, lazy)
     except Exception as exc:
@@ -165,8 +177,11 @@ def read(data: bytearray, fail: Callable[[Exception], Failure | Skipped], where:
     return envelope
 
 
-def observe_bytes(meter: Any, data: bytes | bytearray, envelope: Envelope) -> None:
-    """Fold one message's bytes per element into ``meter`` (a RawValue: a running mean)."""
+def observe_bytes(meter: Any, data: bytes | bytearray | Envelope, envelope: Envelope) -> None:
+    """Fold one message's bytes per element into ``meter`` (a RawValue: a running mean); a message that
+    stayed in this process has none."""
+    if isinstance(data, Envelope):
+        return
     payload = envelope.payload
     count = len(payload.items) if isinstance(payload, Bundle) else 1
     meter.value += 0.1 * (_serialize.message_nbytes(data) / max(count, 1) - meter.value)

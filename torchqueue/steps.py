@@ -62,14 +62,24 @@ class Step(ABC):
         """The name shown in errors and stats when ``name=`` was not given."""
 
 
+BACKENDS = ("process", "thread")
+"""What a function step's workers are: processes of their own, or threads of the consumer's process."""
+
+
 @dataclass(frozen=True)
 class _FunctionStep(Step):
     fn: Callable[[Any], Any]
     nworkers: int = 1
     name: str | None = field(default=None, kw_only=True)
+    backend: str = field(default="process", kw_only=True)
 
     def __post_init__(self) -> None:
         kind = type(self).__name__
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"{kind} backend must be 'process' or 'thread', got {self.backend!r}: "
+                f"e.g. {kind}(my_function, 4, backend='thread') for work that releases the GIL"
+            )
         if not callable(self.fn):
             raise TypeError(
                 f"{kind} needs a callable as its function, got {type(self.fn).__name__} {self.fn!r}: "
@@ -88,8 +98,15 @@ class ProcessStep(_FunctionStep):
 
     Args:
         fn: Called as ``fn(element)``; any picklable return value.
-        nworkers: Number of worker processes.
+        nworkers: Number of worker processes (threads with ``backend="thread"``).
         name: Name in errors and stats; default ``fn.__name__``.
+        backend: ``"process"`` (default): each worker is a process of its own, and elements cross to
+            it pickled (tensors through shared memory). ``"thread"``: each worker is a thread of the
+            consumer's process; an element passes to and from another thread step, or the consumer,
+            as it is (no copy), and to a process step through the same transport. Threads pay off
+            where ``fn`` releases the GIL (numpy, torch, PIL decoding, file reads); Python-bound work
+            belongs in processes. A thread worker shares the process's random state: it seeds
+            nothing (draw from a generator made from ``get_worker_info().seed``).
         round_robin: Element ``k`` of an epoch goes to worker ``k % nworkers``, and each
             worker takes its elements in order, as DataLoader hands out batches. Random
             draws inside ``fn`` (seeded per worker) then give the same results on every
@@ -115,13 +132,15 @@ class PoolStep(_FunctionStep):
 
     Args:
         fn: Called as ``fn(item)`` for each item of an element; any picklable return value.
-        nworkers: Number of worker processes.
+        nworkers: Number of worker processes (threads with ``backend="thread"``).
         name: Name in errors and stats; default ``fn.__name__``.
+        backend: ``"process"`` (default) or ``"thread"``, as for ``ProcessStep``.
     """
 
 
 class StreamStep(Step):
-    """A step that re-chunks the stream; it runs in one process and sees its input in order."""
+    """A step that re-chunks the stream; it runs in one worker and sees its input in order. Its worker
+    is a thread where the step before it runs in threads (``backend="thread"``), else a process."""
 
     @abstractmethod
     def stream(self, elements: Iterator[Any]) -> Iterator[Any]:

@@ -1,11 +1,13 @@
 """``get_worker_info()``: which worker of which step this code runs in.
 
 Like ``torch.utils.data.get_worker_info``: ``None`` in the consumer's process,
-else a ``WorkerInfo`` set when the worker process starts (its ``seed`` anew each epoch, see ``_seeding``).
+else a ``WorkerInfo`` set when the worker starts (its ``seed`` anew each epoch, see ``_seeding``). A
+worker process sets it for the whole process; a thread worker (``backend="thread"``) for its thread.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 __all__ = ["WorkerInfo", "get_worker_info"]
@@ -31,14 +33,20 @@ class WorkerInfo:
 
 
 _current: WorkerInfo | None = None
+_thread = threading.local()  # a thread worker's
 
 
 def get_worker_info() -> WorkerInfo | None:
-    """The ``WorkerInfo`` of this worker process, or ``None`` outside torchqueue's workers."""
-    return _current
+    """The ``WorkerInfo`` of the worker this code runs in (a thread step's thread, or a worker
+    process), or ``None`` outside torchqueue's workers."""
+    return getattr(_thread, "info", None) or _current
 
 
-def set_worker_info(info: WorkerInfo) -> None:
-    """Called by a worker process when it starts, and when it seeds itself."""
+def set_worker_info(info: WorkerInfo, own_process: bool = True) -> None:
+    """Called by a worker when it starts, and when it seeds itself: for its whole process, or
+    (``own_process=False``, a thread worker) for the calling thread only."""
     global _current
-    _current = info
+    if own_process:
+        _current = info
+    else:
+        _thread.info = info

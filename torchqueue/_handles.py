@@ -1,0 +1,107 @@
+"""A started worker, whatever runs it: the one interface the runtime starts, watches and stops.
+
+    WorkerHandle           ProcessHandle (here)             ThreadHandle (``_threads``)
+      start()                Process.start()                  Thread.start()
+      exitcode               None while it runs, then its     None while it runs, 0 when it left,
+                             exit status (< 0: a signal)      1 when an exception escaped its loop
+      join(timeout)          Process.join                     Thread.join
+      force_stop()           SIGTERM, then SIGKILL            nothing can stop a thread: it leaves
+                                                              when its step's call returns
+      close()                Process.close                    -
+
+The runtime never asks which kind it holds: a new kind of worker is a new handle (and the function
+it runs, ``_runners.run_worker`` behind whatever set-up the kind needs).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from multiprocessing.context import BaseContext
+from typing import Any, Protocol
+
+logger = logging.getLogger("torchqueue")
+
+FORCE_JOIN_S = 1.0
+"""How long a forced stop waits for the worker after each signal."""
+
+
+class WorkerHandle(Protocol):
+    """A worker the runtime started (see the module docstring)."""
+
+    pid: int | None
+    in_own_process: bool  # a process of its own: it can be killed, and must be started before any thread
+
+    def start(self) -> None: ...
+
+    @property
+    def exitcode(self) -> int | None: ...
+
+    def join(self, timeout: float) -> None: ...
+
+    def force_stop(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def describe_exit(self) -> str: ...
+
+
+class ProcessHandle:
+    """A worker in a process of its own, started from ``ctx``."""
+
+    in_own_process = True
+
+    def __init__(
+        self,
+        ctx: BaseContext,
+        target: Callable[..., None],
+        args: tuple[Any, ...],
+        name: str,
+        starting: Callable[[], AbstractContextManager[None]],
+    ) -> None:
+        """``starting()``: what must surround the start (the step's pickling for this worker, see
+        ``_mainmodule.TravellingStep``, and a fork's warnings)."""
+        self.process = ctx.Process(target=target, args=args, name=name, daemon=True)  # type: ignore[attr-defined]
+        self._starting = starting
+        self.pid: int | None = None
+
+    def start(self) -> None:
+        with self._starting():
+            self.process.start()
+        self.pid = self.process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.exitcode
+
+    def join(self, timeout: float) -> None:
+        self.process.join(timeout=timeout)
+
+    def force_stop(self) -> None:
+        """Terminate (SIGTERM: inside a long user function, say), then kill what is still there."""
+        if self.process.exitcode is None:
+            logger.debug("%s did not leave when asked: terminating it", self.process.name)
+            self.process.terminate()
+            self.process.join(timeout=FORCE_JOIN_S)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join(timeout=FORCE_JOIN_S)
+        if self.process.exitcode is None:
+            logger.warning("worker pid %s did not exit after SIGKILL", self.process.pid)
+
+    def close(self) -> None:
+        if self.process.exitcode is not None:
+            self.process.close()
+
+    def describe_exit(self) -> str:
+        code = self.process.exitcode
+        if code is None:
+            return "running"
+        if code < 0:
+            try:
+                return f"killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with code {code}"

@@ -1,0 +1,274 @@
+"""One runner per kind of stage: the loop a worker runs, in a process of its own or in a thread.
+
+Every loop has the same shape (torch's ``_worker_loop`` and ``pin_memory``'s ``do_one_step``):
+receive with a timeout and a stop check, do the work, send with a timeout and a stop check, until
+the runtime sets the stop event (``Stopped`` is raised out of the blocking call and the worker ends).
+
+- ``MapRunner`` (ProcessStep): one element in, ``fn(element)`` out, position kept;
+- ``PoolRunner`` (PoolStep): one part (a list of items) in, ``[fn(item) ...]`` out;
+- ``StreamRunner`` (Pack/Unpack/RepackStep, joins): a ``Collector`` restores the epoch's order, the
+  step's generator re-chunks it, outputs get new positions (and go through a fused map stage's function).
+
+A step's exception becomes a ``Failure`` in the data stream at the element's position, so the
+consumer raises it exactly where the element would have come. ``run_worker`` is what a worker runs,
+whatever runs it: a process (``_worker``) or a thread (``_threads``).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torchqueue import _serialize
+from torchqueue._channel import Stopped
+from torchqueue._collect import NOTHING, Collector
+from torchqueue._loop import Loop, WorkerContext
+from torchqueue._messages import CONTROL, Bundle, EndOfEpoch, Envelope, Failure, Skipped, StartupFailure
+from torchqueue._plan import Kind
+from torchqueue._seeding import EpochSeeds
+from torchqueue.errors import capture
+from torchqueue.stats import Field
+from torchqueue.steps import StreamStep
+from torchqueue.worker_info import WorkerInfo
+
+_PASSED_ON = frozenset({Failure, Skipped})
+"""Items of a bundle that are not work: an element that failed or was skipped upstream."""
+
+
+def run_worker(ctx: WorkerContext, own_process: bool) -> None:
+    """A worker's life once started: its worker info and random streams, its step (a failure to load it
+    is the worker's start-up failure: a notice, then ``SystemExit(3)``), then its runner's loop until the
+    pipeline stops. ``own_process``: the worker is a process of its own (its random state is its own)."""
+    # A fused stage's function is the only user code in its host (stream steps draw no random numbers):
+    # it sees its own step in get_worker_info() and its own random streams, as in a process of its own.
+    name, index = (ctx.stage_name, ctx.stage_index) if ctx.fused is None else (ctx.fused.name, ctx.fused.index)
+    seeds = EpochSeeds(ctx.base_seed, index, WorkerInfo(name, ctx.worker, ctx.nworkers), own_process)
+    seeds.enter(0)  # before the step is unpickled: a fork's inherited random state never shows
+    loading = ctx.stage_name, ctx.worker
+    fused = None
+    try:
+        step = ctx.step.load()
+        if ctx.fused is not None:
+            loading = ctx.fused.name, 0
+            fused = getattr(ctx.fused.step.load(), "fn")  # noqa: B009
+    except BaseException:
+        notice = StartupFailure(*loading, traceback.format_exc())
+        ctx.events.put(_serialize.dumps(notice, None), lambda: not ctx.stop.is_set())
+        raise SystemExit(3) from None
+    runner = RUNNERS[ctx.kind](ctx, seeds)
+    runner.ready()
+    try:
+        runner.run(step, fused)
+    except Stopped:
+        pass
+
+
+class _UpstreamFailure(Exception):
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.step)
+        self.failure = failure
+
+
+class MapRunner(Loop):
+    """A ProcessStep's worker: ``fn(element)`` for each element (or each element of a bundle)."""
+
+    def run(self, step: Any, fused: Callable[[Any], Any] | None = None) -> None:
+        fn = step.fn
+        while True:
+            # nothing of one message stays referenced while the next is awaited: its segment is unmapped
+            # as soon as it is sent on, so that its sender can write the next message into it
+            self.handle(self.receive(), fn)
+
+    def handle(self, envelope: Envelope, fn: Callable[[Any], Any]) -> None:
+        """One message: its output sent on."""
+        payload = envelope.payload
+        if isinstance(payload, CONTROL):
+            self.timed(self.emitter.send, envelope)
+            return
+        if isinstance(payload, Bundle):  # only between map stages: no pool in a bundling segment
+            if self.cancelled(envelope.epoch):
+                items = [Skipped(self.ctx.stage_name)] * len(payload.items)
+            else:
+                items = self.call_bundle(fn, payload.items, envelope.epoch, envelope.seq)
+            self.timed(self.emitter.send, envelope._replace(payload=Bundle(items)))
+            return
+        if self.cancelled(envelope.epoch):
+            payload = Skipped(self.ctx.stage_name)
+        else:
+            payload = self.call(fn, payload, envelope.epoch, envelope.seq)
+        self.timed(self.emitter.emit, envelope.epoch, envelope.seq, payload)
+
+    def call_bundle(self, fn: Callable[[Any], Any], items: list[Any], epoch: int, seq: int) -> list[Any]:
+        """``[fn(item) ...]`` with a Failure / Skipped in the place of each item that raised;
+        an item that failed or was skipped upstream is passed on as it is. Metered once for the
+        whole bundle (its items are small and cheap); its items are at ``seq``, ``seq + 1``, ..."""
+        results = []
+        calls = failed = 0
+        start = time.perf_counter()
+        self.meter.set(Field.BUSY_SINCE, start)
+        for offset, item in enumerate(items):
+            if type(item) in _PASSED_ON:
+                results.append(item)
+                continue
+            calls += 1
+            try:
+                results.append(fn(item))
+            except Exception as exc:
+                results.append(self.failed(exc, epoch, seq + offset))
+                failed += 1
+        self.meter.set(Field.BUSY_SINCE, 0.0)
+        self.meter.add(Field.BUSY, time.perf_counter() - start)
+        self.meter.add(Field.IN, calls)
+        self.meter.add(Field.OUT, calls - failed)
+        return results
+
+
+class PoolRunner(Loop):
+    """A PoolStep's worker: ``[fn(item) ...]`` for each part of an element it receives."""
+
+    def run(self, step: Any, fused: Callable[[Any], Any] | None = None) -> None:
+        fn = step.fn
+        while True:
+            self.handle(self.receive(), fn)  # nothing of one message is held while the next is awaited
+
+    def handle(self, envelope: Envelope, fn: Callable[[Any], Any]) -> None:
+        """One part: its results sent on as a part."""
+        payload = envelope.payload
+        if self.ctx.skip_errors and isinstance(payload, Failure) and payload.step == self.ctx.stage_name:
+            # the element could not be split into this pool's parts (not iterable): this step's failure
+            skipped = self.skipped(f"{payload.exc_type}: {payload.message}")
+            self.timed(self.emitter.send, envelope._replace(payload=skipped))
+            return
+        if isinstance(payload, CONTROL):
+            self.timed(self.emitter.send, envelope)
+            return
+        if self.cancelled(envelope.epoch):
+            payload = []
+        else:
+            payload = self.call_items(fn, payload, envelope.epoch, envelope.seq)
+        self.timed(self.emitter.send, envelope._replace(payload=payload))
+
+    def failed_input(self, exc: Exception) -> Any:
+        """A part that did not unpickle: its Failure, or no items (skipped)."""
+        result = self.failed(exc)
+        return [] if isinstance(result, Skipped) else result
+
+    def call_items(self, fn: Callable[[Any], Any], items: list[Any], epoch: int, seq: int) -> list[Any] | Failure:
+        """A pool's part (items of the element at ``seq``): ``[fn(item) ...]`` without skipped items, or
+        the first Failure."""
+        results = []
+        for item in items:
+            result = self.call(fn, item, epoch, seq)
+            if isinstance(result, Failure):
+                return result
+            if not isinstance(result, Skipped):
+                results.append(result)
+        return results
+
+
+class StreamRunner(Loop):
+    """A Pack/Unpack/RepackStep's (or a join's) worker: the epoch in order through the step's generator."""
+
+    def run(self, step: Any, fused: Callable[[Any], Any] | None = None) -> None:
+        """The stream step's loop; ``fused``: the function of the map stage fused into this one, run on
+        each output before it is sent."""
+        assert isinstance(step, StreamStep)
+        collector = Collector(self.ctx.ordered, self.ctx.in_credits.release)
+        epoch = 0
+        self._fused_idle_since = time.perf_counter()
+        while True:
+            outputs = 0
+
+            def emit(payload: Any) -> None:
+                nonlocal outputs
+                if fused is not None:
+                    self.emit_fused(fused, epoch, outputs, payload)  # noqa: B023
+                else:
+                    self.timed(self.emitter.emit, epoch, outputs, payload, credits=self.ctx.out_credits)  # noqa: B023
+                outputs += 1
+
+            elements = self.epoch_elements(collector, epoch)
+            taken = [-1]  # the input position of the element the step took last
+            failure: Failure | None = None
+            try:
+                for output in step.stream(self.checked(step, elements, epoch, taken)):
+                    self.meter.add(Field.OUT, 1)
+                    emit(output)
+                    del output  # held no longer than sent: what it refers to is freed, its segments given back
+            except _UpstreamFailure as upstream:
+                failure = upstream.failure
+            except Stopped:  # the pipeline closes (raised by our reads under the step): not the step's failure
+                raise
+            except Exception as exc:
+                # the step failed while working on the last element it took (if any)
+                failure = capture(self.ctx.stage_name, exc, epoch, taken[0] if taken[0] >= 0 else None)
+            if failure is not None:
+                emit(failure)
+                for _ in self.epoch_elements(collector, epoch, drain=True):
+                    pass
+            emit(EndOfEpoch(outputs))
+            epoch += 1
+
+    def emit_fused(self, fn: Callable[[Any], Any], epoch: int, seq: int, payload: Any) -> None:
+        """Send ``fn(payload)`` for the output at ``seq``, counted as the fused stage would count it in a
+        process of its own: its call busy, the time it waited for this output as its wait for input. To
+        the stream step, the call and the send are both its wait for room downstream."""
+        meter = self.fused_meter
+        assert meter is not None
+        start = time.perf_counter()
+        if not isinstance(payload, CONTROL):
+            meter.add(Field.WAIT_IN, start - self._fused_idle_since)
+            meter.add(Field.MESSAGES, 1)
+            meter.set(Field.AT_EPOCH, epoch)
+            meter.set(Field.AT_SEQ, seq)
+            if self.cancelled(epoch):
+                payload = Skipped(meter.step)
+            else:
+                payload = self.call(fn, payload, epoch, seq, meter)
+        called = time.perf_counter()
+        self.meter.add(Field.WAIT_OUT, called - start)
+        self.timed(self.emitter.emit, epoch, seq, payload, credits=self.ctx.out_credits, meters=(meter,))
+        self._fused_idle_since = time.perf_counter()
+
+    def epoch_elements(self, collector: Collector, epoch: int, drain: bool = False) -> Iterator[tuple[int, Any]]:
+        """The elements of ``epoch`` in order, until its end, with their input positions (in arrival
+        order when unordered); an upstream Failure is raised."""
+        position = -1
+        while True:
+            elements = collector.take(epoch)
+            if elements is NOTHING:
+                collector.add(self.receive())
+                continue
+            for payload in elements:
+                position += 1
+                if isinstance(payload, EndOfEpoch):
+                    return
+                if isinstance(payload, Skipped):
+                    continue
+                if isinstance(payload, Failure):
+                    if drain:
+                        continue
+                    raise _UpstreamFailure(payload)
+                yield position, payload
+
+    def checked(
+        self, step: StreamStep, elements: Iterator[tuple[int, Any]], epoch: int, taken: list[int]
+    ) -> Iterator[Any]:
+        """The elements the step can take (``step.check``); ``taken[0]``: the position of the last one."""
+        for position, element in elements:
+            self.meter.add(Field.IN, 1)
+            taken[0] = position
+            try:
+                step.check(element)
+            except TypeError as exc:
+                if not self.ctx.skip_errors:
+                    raise
+                self.failed(exc, epoch, position)
+                continue
+            yield element
+
+
+RUNNERS: dict[Kind, type[Loop]] = {Kind.MAP: MapRunner, Kind.POOL: PoolRunner, Kind.STREAM: StreamRunner}
+"""The runner of each kind of stage."""
