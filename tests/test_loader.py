@@ -595,7 +595,7 @@ def test_persistent_workers_outlive_epochs_left_before_their_end_as_lightning_le
             out.append(torch.stack([next(it) for _ in range(len(loader))]))
             del it
         if cls is QueueFlowLoader:
-            workers = loader._sequence._runtime.workers
+            workers = loader._maps._sequence._runtime.workers
             loader.close()
             return out, workers
         return out, None
