@@ -138,7 +138,7 @@ class QueueFlowLoader(Generic[_T_co]):
         self.epoch = 0
         self._bar_epoch = 0  # the number the next epoch's progress bar shows (``set_epoch`` sets it)
         self._warned_pin = False
-        self._maps = MapStyleEpochs(self._torch, dataset, persistent_workers, num_workers)  # a map-style dataset's
+        self._map_style = MapStyleEpochs(self._torch, dataset, persistent_workers, num_workers)
         self._checkpoints = Checkpoints()
         self._initialized = True
 
@@ -150,14 +150,14 @@ class QueueFlowLoader(Generic[_T_co]):
             raise ValueError(f"{name} attribute should not be set after {type(self).__name__} is initialized")
         if name in _SETTABLE and "_torch" in self.__dict__:
             setattr(self._torch, name, value)  # DataLoader's own checks
-            self._maps.configure()
+            self._map_style.configure()
             return
         super().__setattr__(name, value)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled or copied as DataLoader is: its arguments and where its epochs stand, no workers."""
         state = self.__dict__.copy()
-        state["_maps"] = copy.copy(self._maps)  # without workers: each copy starts its own
+        state["_map_style"] = copy.copy(self._map_style)  # without workers: each copy starts its own
         return state
 
     # -- DataLoader's surface ------------------------------------------------------------------
@@ -226,7 +226,7 @@ class QueueFlowLoader(Generic[_T_co]):
             source = self._iter_pipeline() if isinstance(self.dataset, QueueFlowDataset) else iter(self._torch)
             batches = stream.counted(_device.deliver(source, self.pin_memory, self.device))
         else:
-            batches = self._maps.iterate(self)
+            batches = self._map_style.iterate(self)
         if self.progress:
             batches = _progress.bar(batches, self._length_or_none(), self._bar_epoch)
         self._bar_epoch += 1
@@ -280,7 +280,7 @@ class QueueFlowLoader(Generic[_T_co]):
         """What dropping DataLoader's iterator does: every worker stops (a ``QueueFlowDataset``'s too), and
         the next epoch begins as a new iterator's would: new workers, a new base seed, nothing carried
         over from the last epoch's workers. ``stats()`` keeps the stopped workers' figures until then."""
-        self._maps.shut_down(self)
+        self._map_style.shut_down(self)
         if isinstance(self.dataset, QueueFlowDataset):
             self.dataset._stop_workers()
 
@@ -288,13 +288,13 @@ class QueueFlowLoader(Generic[_T_co]):
 
     def state_dict(self) -> dict[str, Any]:
         """Where this epoch stands: resuming yields exactly the batches an uninterrupted run still yields."""
-        return self._checkpoints.state_dict(self.epoch, self.generator, self._maps, self.num_workers)
+        return self._checkpoints.state_dict(self.epoch, self.generator, self._map_style, self.num_workers)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state_dict()``: the next iteration continues that epoch without refetching its
         start, or begins the next epoch if that one was over."""
         self.set_epoch(state["epoch"])
-        self._checkpoints.load_state_dict(state, self.generator, self._maps, self.num_workers)
+        self._checkpoints.load_state_dict(state, self.generator, self._map_style, self.num_workers)
 
     def stats(self) -> Stats:
         """The ``tq.Stats`` of the pipeline the loader runs (``print`` it, or ``.plot()`` it).
@@ -309,7 +309,7 @@ class QueueFlowLoader(Generic[_T_co]):
             return self.dataset.stats()
         if isinstance(self.dataset, IterableDataset) or self.num_workers == 0:
             return Stats.from_rows([], None, 0.0)
-        return self._maps.stats(self.num_workers)
+        return self._map_style.stats(self.num_workers)
 
     def plot(self, ax: Any = None) -> Any:
         """``stats().plot(ax)``: where the loader's pipeline spends its time, drawn with matplotlib."""
@@ -317,4 +317,4 @@ class QueueFlowLoader(Generic[_T_co]):
 
     def close(self) -> None:
         """Stop the worker processes (they also stop when the loader is garbage collected)."""
-        self._maps.close()
+        self._map_style.close()
