@@ -254,7 +254,7 @@ def test_a_loader_pickles_and_copies_as_dataloader_does_also_with_workers_runnin
     loader = QueueFlowLoader(Squares(), batch_size=4, num_workers=2, persistent_workers=True)
     iterator = iter(loader)
     first = next(iterator)
-    for copied in (copy.deepcopy(loader), pickle.loads(pickle.dumps(loader))):
+    for copied in (copy.copy(loader), copy.deepcopy(loader), pickle.loads(pickle.dumps(loader))):
         assert same(list(copied), list(DataLoader(Squares(), batch_size=4)))
         copied.close()
     assert len([first, *iterator]) == 6  # the original goes on
@@ -595,7 +595,7 @@ def test_persistent_workers_outlive_epochs_left_before_their_end_as_lightning_le
             out.append(torch.stack([next(it) for _ in range(len(loader))]))
             del it
         if cls is QueueFlowLoader:
-            workers = loader._sequence._runtime.workers
+            workers = loader._map_style._sequence._runtime.workers
             loader.close()
             return out, workers
         return out, None

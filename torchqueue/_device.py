@@ -97,6 +97,23 @@ def _tensors(data: Any) -> Iterator[torch.Tensor]:
             pending.extend(vars(item).values())
 
 
+def deliver(batches: Iterator[Any], pin: bool, device: torch.device | None, fetched: bool = False) -> Iterator[Any]:
+    """``batches`` pinned (``pin``, where CUDA is available) and moved to ``device``: by a background
+    thread for pinning and CUDA, as they are taken otherwise. ``fetched``: they are a loader's
+    ``Fetched`` outputs, whose batch is moved and which the consumer makes ready (``ready``)."""
+    pin = pin and torch.cuda.is_available()
+    if pin or (device is not None and device.type == "cuda"):
+        work = prepare(pin, device)
+        if fetched:
+            return in_background(batches, lambda out: (work(out[0]), *out[1:]) if out[3] else out)
+        return in_background(batches, work)
+    if device is None:
+        return batches
+    if fetched:
+        return ((move(out[0], device), *out[1:]) for out in batches)
+    return (move(batch, device) for batch in batches)
+
+
 def prepare(pin: bool, device: torch.device | None) -> Callable[[Any], Any]:
     """What the background thread does to each batch (runs on the copy stream for CUDA).
 

@@ -20,31 +20,23 @@ Over a ``QueueFlowDataset`` it runs that pipeline, batching and collating only w
 
 from __future__ import annotations
 
-import logging
-import sys
-import types
+import copy
 import warnings
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
-from torchqueue import _device, _epochs, _forkserver, _progress, _sharding
-from torchqueue._epochs import Epoch
-from torchqueue._fetch import Batches, Fetch, Fetched, Job
-from torchqueue._lookahead import EpochStep, Guess, predictable
-from torchqueue._rngstate import merged
-from torchqueue._seeding import draw_base_seed
+from torchqueue import _device, _progress, _sharding
+from torchqueue._checkpoint import Checkpoints
+from torchqueue._fetch import Batches
+from torchqueue._mapstyle import MapStyleEpochs
+from torchqueue._torchloader import TorchLoader
 from torchqueue.dataset import QueueFlowDataset
-from torchqueue.sequence import Sequence, uses_fork_server
 from torchqueue.stats import Stats
-from torchqueue.steps import ProcessStep, Queue
 
 __all__ = ["QueueFlowLoader"]
-
-logger = logging.getLogger("torchqueue")
 
 _DEFAULT: Any = object()
 
@@ -117,7 +109,7 @@ class QueueFlowLoader(Generic[_T_co]):
             dataset, sampler, batch_sampler, shuffle, drop_last, generator, self._shard
         )
         # A real DataLoader checks the arguments and builds the samplers and collate_fn.
-        self._torch = DataLoader(
+        self._torch = TorchLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
@@ -146,36 +138,9 @@ class QueueFlowLoader(Generic[_T_co]):
         self.epoch = 0
         self._bar_epoch = 0  # the number the next epoch's progress bar shows (``set_epoch`` sets it)
         self._warned_pin = False
-        self._configure()
-        self._restorable = num_workers > 0 and in_order
-        self._base_seed: int | None = None
-        self._epoch: Epoch | None = None  # the last epoch begun (what state_dict describes)
-        self._resume: Epoch | None = None  # an epoch load_state_dict left to finish
-        self._sequence: Sequence | None = None  # the persistent workers
-        self._running: weakref.WeakSet[Sequence] = weakref.WeakSet()  # each iterator's own workers (not persistent)
-        self._latest: weakref.ref[Sequence] | None = None  # the last of them (``stats``)
-        self._latest_stats: Stats | None = None  # its figures when it closed
-        self._epochs_sent = 0  # epochs handed to the workers, guesses included (``Job.epoch``)
-        self._epoch_step = EpochStep(self._torch._index_sampler)
-        self._ahead: Guess | None = None  # the guessed next epoch, queued behind the current one
-        self._stream: _Stream | None = None  # an iterable dataset's epoch: batches yielded so far
-        self._unbegun: torch.Tensor | None = None  # the generator before an iterator's draws, until it begins
-        self._skip = 0  # an iterable dataset's batches to compute again and drop (``load_state_dict``)
-        self._fresh = False  # the workers were shut down (``_iterator = None``): the next epoch follows none
-        self._server: _forkserver.Hold | None = None  # under "fork": the fork server, kept between epochs
+        self._map_style = MapStyleEpochs(self._torch, dataset, persistent_workers, num_workers)
+        self._checkpoints = Checkpoints()
         self._initialized = True
-
-    def _configure(self) -> None:
-        """What the workers run, from the wrapped DataLoader's settings (again when one is set)."""
-        self._fetch = Fetch(
-            self.dataset,
-            self._torch._auto_collation,
-            self._torch.collate_fn,
-            self._torch.drop_last,
-            self._torch.worker_init_fn,
-            report=self._torch.in_order,  # worker states are restored only where batch k goes to worker k % n
-        )
-        self._prefetch = self._torch.prefetch_factor or 0
 
     def __setattr__(self, name: str, value: Any) -> None:
         """As DataLoader: what defines the batches cannot change after construction (``ValueError``);
@@ -185,19 +150,15 @@ class QueueFlowLoader(Generic[_T_co]):
             raise ValueError(f"{name} attribute should not be set after {type(self).__name__} is initialized")
         if name in _SETTABLE and "_torch" in self.__dict__:
             setattr(self._torch, name, value)  # DataLoader's own checks
-            self._configure()
+            self._map_style.configure()
             return
         super().__setattr__(name, value)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled or copied as DataLoader is: its arguments and where its epochs stand, no workers."""
         state = self.__dict__.copy()
-        state.update(_sequence=None, _ahead=None, _running=None, _latest=None, _server=None)
+        state["_map_style"] = copy.copy(self._map_style)  # without workers: each copy starts its own
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._running = weakref.WeakSet()
 
     # -- DataLoader's surface ------------------------------------------------------------------
 
@@ -260,52 +221,18 @@ class QueueFlowLoader(Generic[_T_co]):
                 stacklevel=2,
             )
         if isinstance(self.dataset, IterableDataset):
-            stream = self._stream = _Stream(self._generator_state())  # before DataLoader's iterator draws
-            skip, self._skip = self._skip, 0
+            generator_before = self.generator.get_state() if self.generator is not None else None
+            stream = self._checkpoints.stream(generator_before)  # before DataLoader's iterator draws
             source = self._iter_pipeline() if isinstance(self.dataset, QueueFlowDataset) else iter(self._torch)
-            batches = self._counted(self._on_device(source), stream, skip)
+            batches = stream.counted(_device.deliver(source, self.pin_memory, self.device))
         else:
-            if self.num_workers > 0 and self._prefetch <= 0:  # DataLoader's iterator raises this when it starts
-                raise AssertionError("prefetch_factor must be greater than 0 for MultiProcessingDataLoaderIter")
-            if self.num_workers == 0 and self._torch.timeout != 0:  # as DataLoader's single-process iterator
-                raise AssertionError(f"timeout={self._torch.timeout} needs workers: it bounds the wait for one")
-            batches = self._iter_map_style()
+            batches = self._map_style.iterate(self)
         if self.progress:
             batches = _progress.bar(batches, self._length_or_none(), self._bar_epoch)
         self._bar_epoch += 1
         if not isinstance(self.dataset, IterableDataset):  # a batch that raised does not end the epoch
             batches = Batches(batches)
         return batches
-
-    def _on_device(self, batches: Iterator[Any], fetched: bool = False) -> Iterator[Any]:
-        """``batches`` pinned and moved to ``device`` (``_device``); ``fetched``: they are ``Fetched``
-        outputs, whose batch is moved and which the consumer makes ready (``_device.ready``)."""
-        pin = self.pin_memory and torch.cuda.is_available()
-        if pin or (self.device is not None and self.device.type == "cuda"):
-            work = _device.prepare(pin, self.device)
-            if fetched:
-                return _device.in_background(batches, lambda out: (work(out[0]), *out[1:]) if out[3] else out)
-            return _device.in_background(batches, work)
-        if self.device is None:
-            return batches
-        device = self.device
-        if fetched:
-            return ((_device.move(out[0], device), *out[1:]) for out in batches)
-        return (_device.move(batch, device) for batch in batches)
-
-    def _generator_state(self) -> torch.Tensor | None:
-        return self.generator.get_state() if self.generator is not None else None
-
-    def _counted(self, batches: Iterator[Any], stream: _Stream, skip: int) -> Iterator[Any]:
-        """An iterable dataset's batches, counted in ``stream`` for ``state_dict``. Such a dataset has no
-        index to resume from, so after ``load_state_dict`` the epoch is run again from the generator's
-        state before it began (its workers get the same seeds) and the ``skip`` batches the checkpoint had
-        yielded are dropped (as torchdata's ``StatefulDataLoader`` does for datasets without a state)."""
-        for batch in batches:
-            stream.yielded += 1
-            if stream.yielded > skip:
-                yield batch
-        stream.over = True
 
     def _length_or_none(self) -> int | None:
         try:
@@ -334,181 +261,7 @@ class QueueFlowLoader(Generic[_T_co]):
         except TimeoutError as exc:
             if not self._torch.timeout:  # the dataset's own timeout
                 raise
-            raise self._timed_out() from exc
-
-    # -- map-style epochs ----------------------------------------------------------------------
-
-    def _iter_map_style(self) -> Iterator[Any]:
-        """Begin an epoch now, as ``iter(DataLoader)`` does (its draws, its workers), and iterate it."""
-        if self._epoch is not None:
-            self._leave(self._epoch)  # a new iterator ends the last one's epoch (DataLoader's _reset)
-        if self.num_workers == 0 and self._resume is None:
-            # DataLoader's single-process iterator draws its base seed now, the order at its first batch;
-            # a checkpoint taken in between saves the generator as it was before (``state_dict``)
-            self._unbegun = self._generator_state()
-            return self._begin_lazily(self._next_base_seed())
-        epoch, outputs, own = self._begin()
-        return self._deliver(epoch, outputs, own)
-
-    def _begin_lazily(self, base_seed: int) -> Iterator[Any]:
-        self._unbegun = None
-        epoch, outputs, own = self._begin(base_seed)
-        yield from self._deliver(epoch, outputs, own)
-
-    def _deliver(self, epoch: Epoch, outputs: Iterator[Fetched], own: Sequence | None) -> Iterator[Any]:
-        """The epoch's batches; ``own``: this iterator's own workers (without persistent workers)."""
-        try:
-            while True:
-                if self.persistent_workers and epoch is not self._epoch:
-                    return  # a later iter() reset the workers: DataLoader's (one) persistent iterator moved on
-                try:
-                    batch, worker, state, kept, position = next(outputs)
-                except StopIteration:
-                    break
-                if state is not None:
-                    epoch.states[worker] = merged(epoch.states.get(worker), state)
-                if kept:
-                    batch = _device.ready(batch)
-                    epoch.yielded += 1
-                    if epoch.positions is not None:
-                        epoch.positions.add(position)
-                    yield batch
-            epoch.left = True
-        except GeneratorExit:  # left before its end (break; Lightning stops at len(loader) batches)
-            if not sys.is_finalizing():  # at exit nothing draws again (and copying a sampler may fail)
-                self._leave(epoch)
-            raise
-        except BaseException as exc:
-            if own is None:
-                self._drop_workers()  # a failed pipeline is closed: the next epoch starts a new one
-            if isinstance(exc, TimeoutError):
-                raise self._timed_out() from exc
-            raise
-        finally:
-            if isinstance(outputs, types.GeneratorType):  # a device thread's (or the fetches in this process)
-                outputs.close()
-            if own is not None:  # DataLoader stops an iterator's workers with it
-                own.close()
-                self._latest_stats = own.stats()
-
-    def _timed_out(self) -> RuntimeError:
-        """DataLoader's error for its ``timeout`` (the pipeline's ``TimeoutError``, which names the stuck
-        step, is its cause)."""
-        return RuntimeError(f"DataLoader timed out after {self._torch.timeout} seconds")
-
-    def _leave(self, epoch: Epoch) -> None:
-        """``epoch`` is left where it stands; only the last epoch begun moves the generator."""
-        if epoch is self._epoch and not epoch.left:
-            _epochs.leave(epoch, self._torch._index_sampler, self.num_workers, self._prefetch)
-            if self._ahead is not None and epoch.left_early:
-                self._ahead.drop()
-
-    def _begin(self, base_seed: int | None = None) -> tuple[Epoch, Iterator[Fetched], Sequence | None]:
-        """Begin an epoch (a new one, or the one ``load_state_dict`` left to finish) and start fetching;
-        ``base_seed``: drawn already (``_next_base_seed``).
-
-        Returns the epoch, its outputs, and the workers of this iterator alone (``None`` with
-        persistent workers or none)."""
-        previous, ahead, self._ahead = (None if self._fresh else self._epoch), self._ahead, None
-        self._fresh = False
-        self._epoch_step.started()
-        if self._resume is not None:
-            epoch, guessed, self._resume = self._resume, False, None
-            parts = [(epoch.yielded, epoch.batches[epoch.yielded :], True)]
-            restore = self._restorable and epoch.positions is None
-        else:
-            epoch, guessed = self._draw(previous, ahead, base_seed)
-            # persistent workers are where DataLoader's are only if they went on into a right guess
-            restore = self._restorable and self.persistent_workers and not guessed
-            parts = [_epochs.catch_up(previous, self.num_workers, self._prefetch)] if restore else []
-            parts.append((0, epoch.batches, True))
-        self._epoch = epoch
-        seed = epoch.base_seed
-        if self.num_workers == 0:
-            fetched = (self._fetch(Job(seed, 0, indices, position=k)) for k, indices in epoch.remaining())
-            return epoch, self._on_device(fetched, fetched=True), None
-        self._epochs_sent += 1
-        if restore:
-            jobs = _epochs.restoring_jobs(seed, self._epochs_sent, self.num_workers, epoch.states, parts)
-        else:
-            jobs = [Job(seed, self._epochs_sent, indices, position=k) for k, indices in epoch.remaining()]
-        if not self.persistent_workers:
-            own = self._new_pipeline()
-            self._latest = weakref.ref(own)
-            self._running.add(own)  # weakly: an iterator dropped unstarted takes its workers with it
-            return epoch, self._on_device(own(jobs), fetched=True), own
-        return epoch, self._on_device(self._persistent_outputs(ahead, guessed, jobs), fetched=True), None
-
-    def _next_base_seed(self) -> int:
-        """The base seed of the epoch beginning: a new draw, as DataLoader's iterator makes, unless workers persist."""
-        if self._base_seed is None or not self.persistent_workers:
-            self._base_seed = draw_base_seed(self.generator)
-        return self._base_seed
-
-    def _draw(self, previous: Epoch | None, ahead: Guess | None, base_seed: int | None) -> tuple[Epoch, bool]:
-        """A new epoch, drawn from the generator as DataLoader's iterator draws it; and whether it is
-        ``ahead``, the guess queued when the last one began. ``base_seed``: drawn already."""
-        if base_seed is None:
-            base_seed = self._next_base_seed()
-        generator = _epochs.sampler_generator(self._torch._index_sampler)
-        drawn_from = generator.get_state() if generator is not None else None
-        follows = previous is None or not previous.left_early  # else DataLoader's workers fetched other batches
-        guessed = ahead is not None and follows and ahead.take()
-        if ahead is not None and guessed:
-            assert ahead.batches is not None  # take() drew it
-            batches = ahead.batches
-        else:
-            batches = _epochs.draw(self._torch._index_sampler, self.dataset)
-        epoch = Epoch(base_seed, batches, drawn_from, generator.get_state() if generator is not None else None)
-        if self.num_workers > 0 and not self._torch.in_order:
-            epoch.positions = set()  # batches come as they are ready: a checkpoint lists which were yielded
-        if self.persistent_workers and previous is not None and previous.base_seed == self._base_seed:
-            epoch.states = dict(previous.states)  # the same workers go on
-        return epoch, guessed
-
-    def _persistent_outputs(self, ahead: Guess | None, guessed: bool, jobs: list[Job]) -> Iterator[Any]:
-        """This epoch's outputs from the persistent workers: the guessed epoch if it was right, else ``jobs``.
-
-        The following epoch is guessed and queued behind this one (see ``_lookahead``), so the
-        workers run from this epoch's last batch into the next one's first.
-        """
-        if self._sequence is None:
-            self._sequence = self._new_pipeline()
-        sequence = self._sequence
-        sequence.timeout = self._torch.timeout or None  # as set now (DataLoader's timeout may be set any time)
-        if ahead is not None:
-            epoch = iter(sequence)  # the guessed epoch's outputs, queued behind the previous epoch
-        if not guessed:  # iterating the new epoch cancels a wrong guess
-            if ahead is not None:
-                logger.debug("the epoch guessed ahead is not the one drawn now: it is cancelled")
-            sequence.queue_iterable(jobs)
-            epoch = iter(sequence)
-        if predictable(self._torch._index_sampler):
-            self._epochs_sent += 1
-            base_seed, number = self._base_seed, self._epochs_sent
-            assert base_seed is not None
-            self._ahead = Guess(
-                number,
-                self._torch._index_sampler,
-                self._epoch_step.step,
-                lambda position, indices: Job(base_seed, number, indices, position=position),
-            )
-            sequence.queue_iterable(self._ahead.jobs())
-        return epoch
-
-    def _new_pipeline(self) -> Sequence:
-        if self._server is None and uses_fork_server(self._torch.multiprocessing_context):
-            self._server = _forkserver.Hold(self)  # not restarted for each epoch's workers, until close()
-        return Sequence(
-            # in order: batch k to worker k % num_workers, each worker in order, as DataLoader does
-            ProcessStep(self._fetch, self.num_workers, name="fetch", round_robin=self._torch.in_order),
-            Queue(self._prefetch * self.num_workers),
-            ordered=self._torch.in_order,
-            context=self._torch.multiprocessing_context,
-            name="QueueFlowLoader",
-            timeout=self._torch.timeout or None,
-            _seed_workers=False,  # seeded by ``Fetch``, as DataLoader seeds (no draw of the pipeline's own)
-        )
+            raise self._torch.timed_out() from exc
 
     # -- Lightning's teardown -------------------------------------------------------------------
 
@@ -527,56 +280,21 @@ class QueueFlowLoader(Generic[_T_co]):
         """What dropping DataLoader's iterator does: every worker stops (a ``QueueFlowDataset``'s too), and
         the next epoch begins as a new iterator's would: new workers, a new base seed, nothing carried
         over from the last epoch's workers. ``stats()`` keeps the stopped workers' figures until then."""
-        if self._epoch is not None:
-            self._leave(self._epoch)
-        if self._sequence is not None:
-            self._latest_stats = self._sequence.stats()
-        self.close()
+        self._map_style.shut_down(self)
         if isinstance(self.dataset, QueueFlowDataset):
             self.dataset._stop_workers()
-        self._base_seed, self._fresh = None, True
-
-    def _drop_workers(self) -> None:
-        """Stop the persistent workers (the next epoch starts new ones)."""
-        if self._sequence is not None:
-            self._sequence.close()
-        self._sequence, self._ahead = None, None
 
     # -- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Where this epoch stands: resuming yields exactly the batches an uninterrupted run still yields."""
-        state: dict[str, Any] = {"epoch": self.epoch, "base_seed": None, "batches": [], "yielded": 0}
-        epoch = self._resume or self._epoch
-        if epoch is not None:
-            state.update(_epochs.checkpoint(epoch, self.num_workers))
-        state["generator"] = self._generator_state()
-        if self._stream is not None:  # an iterable dataset: how far its epoch went (0 once it ran out)
-            state["stream_yielded"] = 0 if self._stream.over else self._stream.yielded
-            if not self._stream.over:  # resumed, the epoch runs again from its start
-                state["generator"] = self._stream.generator_before
-        if self._unbegun is not None:  # iter() drew a base seed, the epoch has not begun: as if not called
-            state["generator"] = self._unbegun
-        sampler_generator = _epochs.sampler_generator(self._torch._index_sampler)
-        if sampler_generator is not None and sampler_generator is not self.generator:
-            state["sampler_generator"] = sampler_generator.get_state()
-        return state
+        return self._checkpoints.state_dict(self.epoch, self.generator, self._map_style, self.num_workers)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state_dict()``: the next iteration continues that epoch without refetching its
         start, or begins the next epoch if that one was over."""
         self.set_epoch(state["epoch"])
-        self._drop_workers()  # the workers' random states are the checkpoint's
-        if state.get("generator") is not None and self.generator is not None:
-            self.generator.set_state(state["generator"])
-        sampler_generator = _epochs.sampler_generator(self._torch._index_sampler)
-        if state.get("sampler_generator") is not None and sampler_generator is not None:
-            sampler_generator.set_state(state["sampler_generator"])
-        self._skip, self._stream, self._unbegun = state.get("stream_yielded", 0), None, None
-        epoch = _epochs.restored(state, self.num_workers)
-        self._base_seed = epoch.base_seed if epoch is not None else None
-        resume = epoch is not None and not epoch.left and epoch.yielded < len(epoch.batches)
-        self._resume, self._epoch = (epoch, None) if resume else (None, epoch)
+        self._checkpoints.load_state_dict(state, self.generator, self._map_style, self.num_workers)
 
     def stats(self) -> Stats:
         """The ``tq.Stats`` of the pipeline the loader runs (``print`` it, or ``.plot()`` it).
@@ -591,13 +309,7 @@ class QueueFlowLoader(Generic[_T_co]):
             return self.dataset.stats()
         if isinstance(self.dataset, IterableDataset) or self.num_workers == 0:
             return Stats.from_rows([], None, 0.0)
-        latest = self._latest() if self._latest is not None else None
-        pipeline = self._sequence if self.persistent_workers else latest
-        if pipeline is not None:
-            return pipeline.stats()
-        if self._latest_stats is not None:
-            return self._latest_stats
-        return Stats.from_rows([("fetch", self.num_workers, False, True)], None, 0.0)
+        return self._map_style.stats(self.num_workers)
 
     def plot(self, ax: Any = None) -> Any:
         """``stats().plot(ax)``: where the loader's pipeline spends its time, drawn with matplotlib."""
@@ -605,18 +317,4 @@ class QueueFlowLoader(Generic[_T_co]):
 
     def close(self) -> None:
         """Stop the worker processes (they also stop when the loader is garbage collected)."""
-        self._drop_workers()
-        for sequence in list(self._running):
-            sequence.close()
-        if self._server is not None:  # the fork server exits once no pipeline or loader uses it
-            self._server.close()
-            self._server = None
-
-
-class _Stream:
-    """An iterable dataset's epoch, as far as it went."""
-
-    def __init__(self, generator_before: torch.Tensor | None) -> None:
-        self.generator_before = generator_before  # the loader's generator before the epoch's draws
-        self.yielded = 0
-        self.over = False  # it ran out
+        self._map_style.close()
