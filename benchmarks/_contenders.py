@@ -38,9 +38,12 @@ def serial(items: list[Any], fn: Callable[[Any], Any]) -> Iterator[Any]:
     return (fn(x) for x in items)
 
 
-def torchqueue(items: list[Any], fn: Callable[[Any], Any], capacity: int = 4) -> Iterator[Any]:
-    """``capacity``: elements the last queue holds (4: what DataLoader's default prefetch holds here)."""
-    with tq.Sequence(tq.ProcessStep(fn, WORKERS), tq.Queue(capacity)) as seq:
+def torchqueue(
+    items: list[Any], fn: Callable[[Any], Any], capacity: int = 4, backend: str = "process"
+) -> Iterator[Any]:
+    """``capacity``: elements the last queue holds (4: what DataLoader's default prefetch holds here);
+    ``backend``: the step's workers, processes or threads."""
+    with tq.Sequence(tq.ProcessStep(fn, WORKERS, backend=backend), tq.Queue(capacity)) as seq:
         yield from seq(items)
 
 
@@ -102,4 +105,5 @@ def all_map_contenders(items: list[Any], fn: Callable[[Any], Any]) -> dict[str, 
         "torchdata.nodes thread": lambda: torchdata(items, fn, "thread"),
         "SPDL process pool": lambda: spdl(items, fn),
         "torchqueue": lambda: torchqueue(items, fn),
+        "torchqueue thread": lambda: torchqueue(items, fn, backend="thread"),
     }
