@@ -265,3 +265,20 @@ def test_a_stream_stage_runs_where_the_step_before_it_runs_and_edges_between_thr
     assert [s.backend for s in plan.stages] == ["thread", "thread", "process", "process", "process", "thread"]
     assert plan.fused == frozenset()  # the map after the thread repack is a process: not fused into a thread
     assert [plan.local_edge(e) for e in range(len(plan.stages) + 1)] == [True, True, False, False, False, False, True]
+
+
+def test_a_queueflow_dataset_mixes_thread_and_process_steps_under_the_loader():
+    dataset = tq.QueueFlowDataset(
+        chunks(40, 8),
+        [tq.ProcessStep(same_array, 1, backend="thread"), tq.PoolStep(square, 2), tq.RepackStep(5)],
+    )
+    loader = tq.QueueFlowLoader(dataset, batch_size=None)
+    try:
+        for _ in range(2):  # two epochs, the same workers
+            batches = list(loader)
+            assert [x for batch in batches for x in batch] == [x * x for x in range(40)]
+            assert all(len(batch) == 5 for batch in batches)
+    finally:
+        loader.close()
+        dataset.close()  # the dataset owns its pipeline (it stays up across epochs)
+    assert torchqueue_threads() == []
