@@ -185,19 +185,10 @@ def seed(quick: bool) -> list[Line]:
         if pending:
             yield calo.collate(pending)
 
-    def torchqueue() -> Iterator[Any]:
+    def torchqueue(reader: str = "process") -> Iterator[Any]:
+        """The seed shape; ``reader``: the HDF5 read's backend (a thread of this process, or a process)."""
         with tq.Sequence(
-            tq.ProcessStep(calo.read_chunk, 1),
-            tq.PoolStep(calo.event_to_graph, nworkers=WORKERS),
-            tq.RepackStep(batch),
-            tq.ProcessStep(calo.collate, 1),
-            tq.Queue(4),
-        ) as seq:
-            yield from seq(chunks)
-
-    def thread_reader() -> Iterator[Any]:  # the same, the HDF5 read in a thread of this process
-        with tq.Sequence(
-            tq.ProcessStep(calo.read_chunk, 1, backend="thread"),
+            tq.ProcessStep(calo.read_chunk, 1, backend=reader),
             tq.PoolStep(calo.event_to_graph, nworkers=WORKERS),
             tq.RepackStep(batch),
             tq.ProcessStep(calo.collate, 1),
@@ -240,7 +231,7 @@ def seed(quick: bool) -> list[Line]:
     work.run("DataLoader, chunks per worker", chunked)
     work.run("DataLoader, one batch per chunk", batch_per_chunk)
     work.run("torchqueue", torchqueue)
-    work.run("torchqueue, read in a thread", thread_reader)
+    work.run("torchqueue, read in a thread", lambda: torchqueue(reader="thread"))
     work.run("torchqueue, read+transform fused", fused)
     work.run("torchqueue, one map per chunk", one_map)
     work.run("torchqueue QueueFlowLoader, chunks per worker", chunked_drop_in)
