@@ -1,4 +1,4 @@
-"""``python -m benchmarks [workload ...] [--quick] [--save]``."""
+"""``python -m benchmarks [workload ...] [--quick] [--save] [--repeat N] [--workers N] [--only a,b]``."""
 
 from __future__ import annotations
 
@@ -38,8 +38,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="about 10x smaller, for a smoke test")
     parser.add_argument("--save", action="store_true", help="also write benchmarks/results/latest.json")
     parser.add_argument("--repeat", type=int, default=_harness.REPEAT, help="rounds per workload; lines show medians")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated parts of contender names: run only those (e.g. 'serial,DataLoader,thread')",
+    )
     args = parser.parse_args()
     _harness.REPEAT = args.repeat
+    _harness.ONLY = tuple(part for part in args.only.split(",") if part)
     print(header(), flush=True)
     lines = []
     for name in args.workloads or list(ALL):

@@ -36,6 +36,9 @@ and its line shows the median. A contender that took more than ``REPEAT_UNDER_S`
 
 REPEAT_UNDER_S = 30.0
 
+ONLY: tuple[str, ...] = ()
+"""``--only``: run only the contenders whose name contains one of these (all when empty)."""
+
 
 class Workload:
     """Runs contenders on one workload, in interleaved rounds, and prints their lines."""
@@ -59,7 +62,9 @@ class Workload:
 
     def run(self, contender: str, fn: Callable[[], Any], amount: float | None = None, check: bool = True) -> None:
         """Add a contender: ``checksum(fn())`` is timed in every round (``check=False``: ``fn()`` only,
-        for a reference that produces no items)."""
+        for a reference that produces no items). Skipped unless it is one of ``ONLY``."""
+        if ONLY and not any(part in contender for part in ONLY):
+            return
         self._contenders.append((contender, fn, amount, check))
 
     def finish(self, repeat: int | None = None) -> list[Line]:

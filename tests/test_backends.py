@@ -105,6 +105,25 @@ def test_break_close_and_garbage_collection_leave_no_worker(backend):
     assert_no_workers()
 
 
+def test_close_wakes_idle_threads_at_once_rather_than_at_their_next_poll(monkeypatch, caplog):
+    """Threads waiting on a local edge (for input, or for room) leave when close() wakes them. With a
+    poll longer than close's wait for them, a thread woken by its poll alone would be left behind as
+    stuck (the warning) until the edges close."""
+    for module in ("_threads", "_loop"):
+        monkeypatch.setattr(f"torchqueue.{module}.POLL_S", 600.0)
+    with caplog.at_level(logging.WARNING, logger="torchqueue"):
+        with tq.Sequence(
+            tq.ProcessStep(square, 2, backend="thread"), tq.ProcessStep(square, 1, backend="thread")
+        ) as seq:
+            assert list(seq(range(5))) == [0, 1, 16, 81, 256]  # the threads now wait for input
+        with tq.Sequence(
+            tq.ProcessStep(square, 2, backend="thread"), tq.ProcessStep(square, 1, backend="thread")
+        ) as seq:
+            assert next(iter(seq(range(100)))) == 0  # the first step's threads wait for room
+    assert "still in its step's call" not in caplog.text
+    assert torchqueue_threads() == []
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stats_count_every_worker_busy_and_waiting(backend):
     with tq.Sequence(tq.ProcessStep(random_sleep, 2, name="sleep", backend=backend)) as seq:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import signal
 import subprocess
 import sys
@@ -46,7 +47,12 @@ def run_program(
         try:
             result = subprocess.run(
                 [sys.executable, *flags, str(script), *args],
-                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=tmp_path, env=env, timeout=timeout,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                cwd=tmp_path,
+                env=env,
+                timeout=timeout,
             )
         except subprocess.TimeoutExpired:
             pytest.fail(f"hung; stderr ends with:\n{(tmp_path / 'stderr.txt').read_text()[-2000:]}")
@@ -184,6 +190,10 @@ def user_thread():
 def test_a_single_threaded_consumer_is_forked_as_dataloader_forks_it():
     from torchqueue import _forkserver
 
+    from multiprocessing import resource_sharer
+
+    resource_sharer.stop()  # the server thread of torch's descriptor sharing, if an earlier test used it
+    assert threading.active_count() == 1, threading.enumerate()
     with tq.Sequence(tq.ProcessStep(what_a_worker_sees), context="fork") as seq:
         assert list(seq(range(1)))[0][2] == os.getpid()  # the worker's parent: this process
         assert _forkserver.server_pid() is None

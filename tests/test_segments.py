@@ -168,3 +168,61 @@ def test_removing_the_directory_forgets_what_was_sent(segment_dir):
     assert segment_dir in _segments._sent
     _segments.remove_dir(segment_dir)
     assert segment_dir not in _segments._sent and not os.path.exists(segment_dir)
+
+
+LEASE_BREAK = """
+import fcntl, os, signal, subprocess, sys, time
+from torchqueue import _segments
+
+signal.signal(signal.SIGIO, signal.SIG_DFL)  # as a fresh process has it (an ignored signal is inherited)
+if sys.argv[1] == "survive":
+    _segments.survive_lease_breaks()
+fd = os.open(sys.argv[2], os.O_RDWR)
+fcntl.fcntl(fd, _segments._F_SETLEASE, fcntl.F_WRLCK)
+# another process opens the file: the kernel breaks the lease and sends SIGIO to this one
+opener = subprocess.Popen([sys.executable, "-c", f"open({sys.argv[2]!r}).close()"])
+deadline = time.monotonic() + 30
+while fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_WRLCK and time.monotonic() < deadline:
+    time.sleep(0.001)  # polling the lease, which the kernel changes as it breaks it
+fcntl.fcntl(fd, _segments._F_SETLEASE, fcntl.F_UNLCK)
+assert opener.wait(timeout=30) == 0
+print("alive", flush=True)
+"""
+
+
+@pytest.mark.parametrize("survive", [False, True])
+def test_a_lease_broken_by_another_process_kills_only_a_process_that_did_not_ignore_sigio(tmp_path, survive):
+    """A sender leases a segment to learn that nobody uses it; a receiver opening the segment's second
+    name (passed on) in that instant breaks the lease, and the kernel's SIGIO killed the worker
+    ('killed by signal SIGIO'). The first case shows the test can tell."""
+    import signal
+    import subprocess
+    import sys
+
+    if not hasattr(signal, "SIGIO"):
+        pytest.skip("no SIGIO here")
+    target = tmp_path / "segment"
+    target.write_bytes(b"x")
+    script = tmp_path / "lease.py"
+    script.write_text(LEASE_BREAK)
+    mode = "survive" if survive else "default"
+    done = subprocess.run([sys.executable, str(script), mode, str(target)], capture_output=True, text=True, timeout=60)
+    if survive:
+        assert (done.returncode, done.stdout) == (0, "alive\n"), done.stderr
+    else:
+        assert done.returncode == -signal.SIGIO, (done.returncode, done.stderr)
+
+
+def _sigio_handler(_: object) -> str:
+    import signal
+
+    return str(signal.getsignal(signal.SIGIO))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_workers_and_the_consumer_ignore_the_sigio_of_a_lease_break(method):
+    import signal
+
+    with tq.Sequence(tq.ProcessStep(_sigio_handler, 2), context=method) as seq:
+        assert set(seq(range(4))) == {str(signal.SIG_IGN)}
+    assert signal.getsignal(signal.SIGIO) == signal.SIG_IGN

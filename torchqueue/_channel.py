@@ -131,6 +131,9 @@ class Channel:
         self._slots.release()
         return data
 
+    def wake(self) -> None:
+        """Nothing to do: a wait here ends by itself as the pipeline stops (its ``StopSignal``'s pipe)."""
+
     def close(self) -> None:
         """Close this process's ends of the pipe."""
         self._reader.close()

@@ -12,8 +12,9 @@ so no thread or worker can stay blocked once it is set. ``Runtime.close``:
 1. sets the stop event; the feeder thread and the workers leave their loops
    by ``Stopped`` at their next wake-up (nothing is flushed: a stopped
    pipeline's data is dropped). Idle ones wake at once: workers waiting for
-   input also watch the stop signal's pipe, and the feeder's queue of
-   epochs gets ``None``;
+   input also watch the stop signal's pipe, threads waiting on a local edge
+   are woken (``LocalChannel.wake``), and the feeder's queue of epochs gets
+   ``None``;
 2. joins the feeder thread (it is upstream and sends nothing after stop);
 3. joins every worker for up to ``JOIN_S`` in all (``ERROR_JOIN_S`` when
    an error closes it), then ``terminate()``s
@@ -170,6 +171,7 @@ class Runtime:
         self._unpack: _ConsumerUnpack | None = None  # a last UnpackStep (made once the rows are laid out)
         self._stats = ctx.RawArray("d", NFIELDS * sum(s.nworkers for s in plan.stages))
         self._segment_dir = _serialize.make_segment_dir()
+        _segments.survive_lease_breaks()  # the feeder leases the segments it reuses
         self._bytes_out = {a: ctx.RawValue("d", 0.0) for a in assigners}  # per segment, at its end
         self._rows: dict[int, int] = {}  # stage index -> its first row in the stats array
         self._epochs: queue.Queue[tuple[int, Iterator[Any], bool] | None] = queue.Queue()  # None: stop
@@ -531,6 +533,8 @@ class Runtime:
     def _ask_to_stop(self, join_s: float) -> None:
         """Tell the feeder and the workers to stop, and give them ``join_s`` to leave on their own."""
         self._stop.set()
+        for channel in (c for edge in self._edges for c in edge):  # threads waiting on a local edge
+            channel.wake()
         self._epochs.put(None)
         for thread in (getattr(self, "_feeder", None), getattr(self, "_unlinker", None)):
             if thread is not None and thread is not threading.current_thread():

@@ -27,6 +27,7 @@ import dataclasses
 import random
 
 import numpy as np
+import numpy.random  # noqa: F401  (numpy imports it lazily: at a worker's first epoch, 10 ms under the import lock)
 import torch
 import torch.utils.data._utils.worker as torch_worker
 

@@ -10,8 +10,12 @@ reuses the segments it sent once nobody uses them any more: the receiver renamed
 it), and the kernel grants a write lease on it, which it does only when no process has the
 file open or mapped (``fcntl(F_SETLEASE)``). That covers every way a segment stays in use:
 the receiver's tensors, a tensor passed on by torch's file-descriptor sharing, a forked child.
-The lease is released at once; nobody opens a received segment again, so it never has to be
-broken.
+The lease is released at once; nobody opens a received segment again, so it is hardly ever broken.
+Hardly: a segment passed on (below) is opened again by the next receiver, which the sender skips, but
+a receiver may make that second name just before the sender leases. Then the next receiver's open
+waits until the lease is released (microseconds), and the kernel tells the sender by ``SIGIO``, whose
+default action kills a process: so every process that leases ignores ``SIGIO`` where nothing handles
+it (``survive_lease_breaks``).
 
     sender: write <name> ──► receiver: open, map, rename to <name>.r ... frees its tensors
     sender, for a later message: <name>.r unused (lease granted)? rename it to a new name, write
@@ -44,6 +48,7 @@ import itertools
 import mmap
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -231,6 +236,17 @@ def _sent_into(directory: str) -> _Sent:
         return sent
 
 
+def survive_lease_breaks() -> None:
+    """Ignore ``SIGIO`` in this process, unless something handles it (see "Recycling" above).
+
+    Only the main thread may set a signal's handler: from another thread this does nothing."""
+    sigio = getattr(signal, "SIGIO", None)
+    if sigio is None or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(sigio) == signal.SIG_DFL:
+        signal.signal(sigio, signal.SIG_IGN)
+
+
 def _new_path(directory: str) -> str:
     return os.path.join(directory, f"{os.getpid()}-{next(_counter)}")
 
@@ -244,10 +260,14 @@ def _open_unused(path: str) -> int | None:
     except OSError:
         return None  # not received yet (or the pipeline is closing)
     try:
-        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_WRLCK)
-        # under the lease nobody can open it, so nobody can map it and make a link to it: the count holds
+        # a segment passed on has two names until its next receiver opens the second: never lease it
+        # then (that open would break the lease), and check again under the lease, where nobody can
+        # open it, so nobody can map it and make a link to it: the count holds
         linked = os.fstat(fd).st_nlink > 1
-        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
+        if not linked:
+            fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_WRLCK)
+            linked = os.fstat(fd).st_nlink > 1
+            fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
         if linked:
             os.close(fd)
             return None

@@ -14,8 +14,9 @@ Threads start after every worker process of the pipeline has been forked (``Runt
 pipeline started while a thread runs forks from the fork server (``sequence._start_context``): no
 fork ever happens while a thread step holds a lock.
 
-A thread cannot be killed. It leaves at its next stop check (within ``POLL_S``) when the pipeline
-closes; one inside a step's call leaves when the call returns, and sends nothing after that.
+A thread cannot be killed. It leaves when the pipeline closes: the stop wakes every wait on a
+``LocalChannel`` (``wake``), and a wait elsewhere checks within ``POLL_S``; one inside a step's call
+leaves when the call returns, and sends nothing after that.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ class LocalChannel:
             message = self._messages.popleft()
             self._changed.notify_all()
             return message
+
+    def wake(self) -> None:
+        """Wake every party waiting here now, to check whether it should go on (the pipeline stops)."""
+        with self._changed:
+            self._changed.notify_all()
 
     def close(self) -> None:
         """Drop the messages still held (their segments go with them)."""

@@ -13,6 +13,7 @@ import signal
 
 import torch
 
+from torchqueue import _segments
 from torchqueue._loop import WorkerContext
 from torchqueue._parentwatch import ParentWatch, clean_up_on_signal
 from torchqueue._runners import run_worker
@@ -27,6 +28,7 @@ def worker_main(ctx: WorkerContext) -> None:
     # objects the worker creates are collected as usual.
     gc.freeze()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
+    _segments.survive_lease_breaks()
     ParentWatch(ctx.segment_dir).start()
     clean_up_on_signal(ctx.stop, ctx.segment_dir)
     torch.set_num_threads(1)
