@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import threading
 import signal
 import subprocess
 import sys
 import textwrap
-import time
+import threading
 from pathlib import Path
 
 import psutil
@@ -188,9 +187,9 @@ def user_thread():
 
 
 def test_a_single_threaded_consumer_is_forked_as_dataloader_forks_it():
-    from torchqueue import _forkserver
-
     from multiprocessing import resource_sharer
+
+    from torchqueue import _forkserver
 
     resource_sharer.stop()  # the server thread of torch's descriptor sharing, if an earlier test used it
     assert threading.active_count() == 1, threading.enumerate()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_no_workers
 from torch.utils.data import Dataset
 
 import torchqueue as tq
-from conftest import assert_no_workers
 from torchqueue import QueueFlowLoader
 
 lightning = pytest.importorskip("lightning")
