@@ -36,6 +36,14 @@ def numpy_work(seed: int) -> float:
     return float(a.trace())
 
 
+def python_work(seed: int) -> int:
+    """About 2 ms of pure Python: it holds the GIL all along (threads take turns)."""
+    total = 0
+    for i in range(25_000):
+        total += (i * seed) % 7
+    return total
+
+
 def touch(x: object) -> object:
     return x
 
@@ -123,6 +131,15 @@ def cpu(quick: bool) -> list[Line]:
     return work.finish()
 
 
+def python(quick: bool) -> list[Line]:
+    """Python-bound work, where threads cannot run in parallel (the cpu workload's numpy releases the GIL)."""
+    n = 200 if quick else 2000
+    work = Workload("python", "items/s", n, sum)
+    for name, fn in all_map_contenders(list(range(n)), python_work).items():
+        work.run(name, fn)
+    return work.finish()
+
+
 def bigarrays(quick: bool) -> list[Line]:
     lines = []
     count = 4 if quick else 16
@@ -153,7 +170,7 @@ def smalltensors(quick: bool) -> list[Line]:
     return work.finish()
 
 
-ALL = {"tiny": tiny, "cpu": cpu, "bigarrays": bigarrays, "smalltensors": smalltensors}
+ALL = {"tiny": tiny, "cpu": cpu, "python": python, "bigarrays": bigarrays, "smalltensors": smalltensors}
 
 
 def seed(quick: bool) -> list[Line]:

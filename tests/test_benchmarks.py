@@ -9,13 +9,16 @@ import pytest
 @pytest.mark.timeout(600)
 def test_the_quick_benchmarks_run_and_every_contender_reports():
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "tiny", "cpu", "--quick", "--repeat", "1"],
+        [sys.executable, "-m", "benchmarks", "tiny", "cpu", "python", "--quick", "--repeat", "1"],
         capture_output=True,
         text=True,
         timeout=580,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    for contender in ("serial", "DataLoader", "torchdata.nodes process", "SPDL process pool", "torchqueue"):
+    assert {line.split()[0] for line in result.stdout.splitlines()[2:]} >= {"tiny", "cpu", "python"}, result.stdout
+    contenders = ("serial", "DataLoader", "torchdata.nodes process", "SPDL process pool", "torchqueue")
+    contenders += ("torchqueue thread",)
+    for contender in contenders:
         lines = [line for line in result.stdout.splitlines() if f" {contender} " in line]
         assert lines and all("failed" not in line for line in lines), (contender, result.stdout)
 
@@ -47,3 +50,16 @@ def test_workers_below_one_are_refused():
         [sys.executable, "-m", "benchmarks", "seed", "--workers", "0"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode != 0 and "--workers must be at least 1" in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_only_runs_the_contenders_named():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "python", "--quick", "--repeat", "1", "--only", "serial,thread"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = {line[14:62].strip() for line in result.stdout.splitlines()[2:]}
+    assert names == {"serial", "torchdata.nodes thread", "torchqueue thread"}, result.stdout
