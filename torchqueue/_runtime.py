@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing.process
+import multiprocessing.sharedctypes  # noqa: F401  (else imported by the first pipeline's start: ms of its first batch)
+import multiprocessing.synchronize  # noqa: F401  (the same)
 import os
 import queue
 import sys
