@@ -6,14 +6,14 @@ import sys
 import pytest
 
 
+def benchmarks(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """``python -m benchmarks *args``, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.timeout(600)
 def test_the_quick_benchmarks_run_and_every_contender_reports():
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "tiny", "cpu", "python", "--quick", "--repeat", "1"],
-        capture_output=True,
-        text=True,
-        timeout=580,
-    )
+    result = benchmarks("tiny", "cpu", "python", "--quick", "--repeat", "1", timeout=580)
     assert result.returncode == 0, result.stderr[-2000:]
     assert {line.split()[0] for line in result.stdout.splitlines()[2:]} >= {"tiny", "cpu", "python"}, result.stdout
     contenders = ("serial", "DataLoader", "torchdata.nodes process", "SPDL process pool", "torchqueue")
@@ -25,12 +25,7 @@ def test_the_quick_benchmarks_run_and_every_contender_reports():
 
 @pytest.mark.timeout(300)
 def test_the_seed_shapes_run_with_the_workers_asked_for():
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "seed", "--quick", "--repeat", "1", "--workers", "1"],
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
+    result = benchmarks("seed", "--quick", "--repeat", "1", "--workers", "1", timeout=280)
     assert result.returncode == 0, result.stderr[-2000:]
     assert " 1 workers " in result.stdout.splitlines()[0]
     shapes = [line for line in result.stdout.splitlines() if line.startswith("seed ")]
@@ -46,20 +41,13 @@ def test_the_seed_shapes_run_with_the_workers_asked_for():
 
 
 def test_workers_below_one_are_refused():
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "seed", "--workers", "0"], capture_output=True, text=True, timeout=60
-    )
+    result = benchmarks("seed", "--workers", "0", timeout=60)
     assert result.returncode != 0 and "--workers must be at least 1" in result.stderr
 
 
 @pytest.mark.timeout(300)
 def test_only_runs_the_contenders_named():
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "python", "--quick", "--repeat", "1", "--only", "serial,thread"],
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
+    result = benchmarks("python", "--quick", "--repeat", "1", "--only", "serial,thread", timeout=280)
     assert result.returncode == 0, result.stderr[-2000:]
     names = {line[14:62].strip() for line in result.stdout.splitlines()[2:]}
     assert names == {"serial", "torchdata.nodes thread", "torchqueue thread"}, result.stdout
