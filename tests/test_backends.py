@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing
 import os
 import random
 import threading
@@ -13,7 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import assert_no_workers, fail_on_seven, random_sleep, square
+from conftest import assert_no_workers, fail_on_seven, random_sleep, shm_segments, square
 
 import torchqueue as tq
 from torchqueue._plan import make_plan
@@ -261,6 +262,29 @@ def test_queue_capacities_bound_what_a_thread_step_makes_ahead():
                 break
 
 
+def test_a_pipeline_of_threads_starts_no_process_and_makes_no_shared_memory_name():
+    """Every party in this process: threading's objects, not multiprocessing's named semaphores and arena
+    (``_local``), no segment directory, and no thread left to unlink names. The contract still holds:
+    skip notices travel, a failure stops the pipeline with its step's error."""
+    before = shm_segments()
+    seq = tq.Sequence(
+        tq.ProcessStep(fail_on_seven, 2, backend="thread"), tq.RepackStep(3), on_error="skip", context="spawn"
+    )
+    try:
+        outputs = seq(range(10))
+        first = next(outputs)
+        assert shm_segments() == before  # no sem.* name, no torchqueue-* segment directory
+        assert multiprocessing.active_children() == []
+        assert not any(t.name.startswith("torchqueue-semaphores") for t in threading.enumerate())
+        with pytest.warns(RuntimeWarning, match="fail_on_seven"):
+            rest = list(outputs)
+    finally:
+        seq.close()
+    assert [x for batch in [first, *rest] for x in batch] == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+    assert seq.stats()["fail_on_seven"].skipped == 1
+    assert torchqueue_threads() == []
+
+
 # -- declaration and plan -------------------------------------------------------------------------
 
 
@@ -284,6 +308,8 @@ def test_a_stream_stage_runs_where_the_step_before_it_runs_and_edges_between_thr
     assert [s.backend for s in plan.stages] == ["thread", "thread", "process", "process", "process", "thread"]
     assert plan.fused == frozenset()  # the map after the thread repack is a process: not fused into a thread
     assert [plan.local_edge(e) for e in range(len(plan.stages) + 1)] == [True, True, False, False, False, False, True]
+    assert not plan.in_one_process
+    assert make_plan((tq.ProcessStep(square, 2, backend="thread"), tq.RepackStep(4))).in_one_process
 
 
 def test_a_queueflow_dataset_mixes_thread_and_process_steps_under_the_loader():

@@ -130,6 +130,12 @@ class Plan:
             stage -= 1
         return self.stages[stage].backend == THREAD
 
+    @property
+    def in_one_process(self) -> bool:
+        """Whether every stage runs in the consumer's process (thread steps, and what follows them): the
+        pipeline starts no process (``_local``)."""
+        return all(self.in_this_process(stage.index) for stage in self.stages)
+
     def local_edge(self, edge: int) -> bool:
         """Whether edge ``edge`` joins two parties of the consumer's process (a ``_threads.LocalChannel``,
         messages passed as they are): its writer and its reader both run here."""

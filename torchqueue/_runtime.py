@@ -66,6 +66,7 @@ from torchqueue._collect import NOTHING, Collector
 from torchqueue._feeder import Feeder
 from torchqueue._forkserver import CONTEXT as FORK_SERVER
 from torchqueue._handles import ProcessHandle, WorkerHandle
+from torchqueue._local import LOCAL, LocalContext
 from torchqueue._loop import FusedStage, WorkerContext
 from torchqueue._mainmodule import TravellingStep
 from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, StartupFailure
@@ -121,7 +122,7 @@ MAX_SAMPLES = 400
 """History bound: when full, every other snapshot is dropped and snapshots are taken half as often."""
 
 
-def travelling_steps(plan: Plan, ctx: BaseContext) -> list[TravellingStep]:
+def travelling_steps(plan: Plan, ctx: BaseContext | LocalContext) -> list[TravellingStep]:
     """The step of each stage, to be pickled for each of its workers as the worker starts (``TravellingStep``)."""
     forked = ctx is FORK_SERVER
     method = "fork" if forked else ctx.get_start_method()
@@ -134,7 +135,7 @@ class Runtime:
     def __init__(
         self,
         plan: Plan,
-        ctx: BaseContext,
+        ctx: BaseContext | LocalContext,
         steps: list[TravellingStep],
         ordered: bool,
         skip_errors: bool,
@@ -158,7 +159,7 @@ class Runtime:
             else []
             for i, stage in enumerate([*plan.stages, None])
         ]
-        self._events = Channel(ctx, 4 + 2 * sum(s.nworkers for s in plan.stages))
+        self._events = _channel(ctx, 4 + 2 * sum(s.nworkers for s in plan.stages), ctx is LOCAL)
         # the segments' assigners: the feeder (-1; stage 0 when it runs a first PackStep) and the stream stages
         # (but a last UnpackStep the consumer runs: the consumer ends the segment before it)
         assigners = [-1] + [s.index for s in plan.stages if s.kind == STREAM]
@@ -172,8 +173,10 @@ class Runtime:
         self._collector = Collector(ordered, self._credits[assigners[-1]].release)
         self._unpack: _ConsumerUnpack | None = None  # a last UnpackStep (made once the rows are laid out)
         self._stats = ctx.RawArray("d", NFIELDS * sum(s.nworkers for s in plan.stages))
-        self._segment_dir = _serialize.make_segment_dir()
-        _segments.survive_lease_breaks()  # the feeder leases the segments it reuses
+        self._segment_dir: str | None = None  # a pipeline of threads passes objects as they are
+        if ctx is not LOCAL:
+            self._segment_dir = _serialize.make_segment_dir()
+            _segments.survive_lease_breaks()  # the feeder leases the segments it reuses
         self._bytes_out = {a: ctx.RawValue("d", 0.0) for a in assigners}  # per segment, at its end
         self._rows: dict[int, int] = {}  # stage index -> its first row in the stats array
         self._epochs: queue.Queue[tuple[int, Iterator[Any], bool] | None] = queue.Queue()  # None: stop
@@ -211,13 +214,18 @@ class Runtime:
             self._unpack = _ConsumerUnpack(last.step, meter, skip_errors, self._warn_skipped)
         self._feeder = threading.Thread(target=self._feed, name=f"torchqueue-feeder-{name}", daemon=True)
         self._feeder.start()
-        self._unlinker = threading.Thread(
-            target=self._unlink_once_up,
-            args=(sum(handle.in_own_process for _, _, handle in self.workers), self._workers_up),
-            name=f"torchqueue-semaphores-{name}",
-            daemon=True,
-        )
-        self._unlinker.start()
+        processes = sum(handle.in_own_process for _, _, handle in self.workers)
+        self._unlinker: threading.Thread | None = None
+        if processes:
+            self._unlinker = threading.Thread(
+                target=self._unlink_once_up,
+                args=(processes, self._workers_up),
+                name=f"torchqueue-semaphores-{name}",
+                daemon=True,
+            )
+            self._unlinker.start()
+        else:  # nobody else opens them
+            _semnames.unlink_now(self._semaphores)
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -589,7 +597,7 @@ class Runtime:
         return self._closed
 
 
-def _channel(ctx: BaseContext, capacity: int, local: bool) -> Channel | LocalChannel:
+def _channel(ctx: BaseContext | LocalContext, capacity: int, local: bool) -> Channel | LocalChannel:
     """An edge's channel: between two parties of this process, one that passes messages as they are."""
     return LocalChannel(capacity) if local else Channel(ctx, capacity)
 

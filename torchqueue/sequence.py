@@ -28,6 +28,7 @@ from typing import Any
 
 from torchqueue._channel import Stopped
 from torchqueue._forkserver import CONTEXT as FORK_SERVER
+from torchqueue._local import LOCAL
 from torchqueue._messages import EndOfEpoch, Failure, Skipped
 from torchqueue._plan import STREAM, Plan, make_plan
 from torchqueue._runtime import ERROR_JOIN_S, Runtime, _user_stacklevel, travelling_steps
@@ -285,7 +286,7 @@ class Sequence:
     def _start(self) -> Runtime:
         if self._runtime is None:
             base_seed = draw_base_seed() if self._seed_workers else None
-            ctx = _start_context(self._ctx)
+            ctx = LOCAL if self._plan.in_one_process else _start_context(self._ctx)
             steps = travelling_steps(self._plan, ctx)
             self._runtime = Runtime(self._plan, ctx, steps, self._ordered, self._skip, self.name, base_seed)
             self._finalizer = weakref.finalize(self, self._runtime.close)
