@@ -187,6 +187,18 @@ def no_tqdm_monitor():
     yield
 
 
+@pytest.fixture(autouse=True)
+def no_resource_sharer_thread():
+    """Stops, after a test, the server thread of torch's descriptor sharing (``multiprocessing.
+    resource_sharer``), which a test that shares a tensor torch's way starts and nothing ends: like
+    tqdm's monitor above, it would send every later test's pipeline under fork through the fork server
+    (test_stats once saw a 1.3 s start-up instead of a fork's 30 ms, and the verdict said so)."""
+    yield
+    from multiprocessing import resource_sharer
+
+    resource_sharer.stop(timeout=5)
+
+
 @pytest.fixture
 def no_leaks():
     """Asserts that a test leaves no worker process and no shared-memory segment behind."""

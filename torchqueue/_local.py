@@ -23,7 +23,6 @@ class LocalContext:
     """Makes, for threads of this process, what a multiprocessing context makes for processes."""
 
     Event = staticmethod(threading.Event)
-    Lock = staticmethod(threading.Lock)
     Semaphore = staticmethod(threading.Semaphore)
     BoundedSemaphore = staticmethod(threading.BoundedSemaphore)
     Pipe = staticmethod(multiprocessing.connection.Pipe)
