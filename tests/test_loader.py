@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from conftest import Stuck
+from conftest import Stuck, assert_no_workers
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -389,6 +389,20 @@ def test_over_a_queueflow_dataset_it_runs_the_pipeline_and_batches_only_when_ask
     batched = QueueFlowLoader(ds, batch_size=5)
     assert [b.tolist() for b in batched] == [list(range(100, 105)), list(range(105, 110)), [110, 111]]
     ds.close()
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_closing_the_loader_stops_its_queueflow_datasets_workers_and_both_stay_usable(backend):
+    # before: loader.close() left the dataset's workers running until the dataset was closed or collected
+    ds = tq.QueueFlowDataset(chunk_source, [tq.PoolStep(torch.tensor, 2, backend=backend), tq.UnpackStep()])
+    loader = QueueFlowLoader(ds, batch_size=4)
+    first = [b.tolist() for b in loader]
+    loader.close()
+    assert_no_workers()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("torchqueue")]
+    assert [b.tolist() for b in loader] == first  # the next epoch starts new workers
+    loader.close()
+    assert_no_workers()
 
 
 def test_a_queueflow_dataset_over_a_generator_warns_when_a_second_epoch_finds_it_used_up():

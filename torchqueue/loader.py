@@ -316,5 +316,8 @@ class QueueFlowLoader(Generic[_T_co]):
         return self.stats().plot(ax)
 
     def close(self) -> None:
-        """Stop the worker processes (they also stop when the loader is garbage collected)."""
+        """Stop the worker processes (they also stop when the loader is garbage collected), a
+        ``QueueFlowDataset``'s workers too: the dataset stays usable, and its next epoch starts new ones."""
         self._map_style.close()
+        if isinstance(self.dataset, QueueFlowDataset):
+            self.dataset._stop_workers()
