@@ -118,6 +118,19 @@ def test_abandoning_an_epoch_cancels_it_and_the_next_iteration_gets_the_next_epo
             next(first)
 
 
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_abandoning_an_epoch_cancels_it_also_when_the_consumer_unpacks_its_elements(backend):
+    # before: the cancelled epoch's pool parts arrived empty, the last UnpackStep (run where the consumer
+    # takes outputs) made nothing of them, and cancelling failed with an IndexError that closed the Sequence
+    with tq.Sequence(tq.PoolStep(double, 1, backend=backend), tq.UnpackStep()) as seq:
+        for _ in range(3):
+            first = seq([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+            assert next(first) == 2
+            assert list(seq([[1, 2], [], [3]])) == [2, 4, 6]  # an empty element unpacks to nothing
+            with pytest.raises(RuntimeError, match="superseded"):
+                next(first)
+
+
 def test_pool_workers_start_the_next_element_before_the_slowest_item_of_this_one_ends():
     # element 0 has one slow item; the fast items of elements 1.. must run meanwhile.
     start = time.monotonic()

@@ -383,7 +383,7 @@ class Runtime:
 
     def next_outputs(self, epoch: int, timeout: float | None = None) -> list[Any]:
         """The next payloads of ``epoch`` for the consumer (values or control messages), in order:
-        those of one message (a bundle's elements, or one).
+        those of one message (a bundle's elements, or one; a last UnpackStep's items), never none.
 
         Raises ``WorkerDiedError`` / ``PipelineError`` when a worker died or could not start,
         ``TimeoutError`` when nothing came for ``timeout`` seconds, and ``Stopped`` when the
@@ -411,7 +411,12 @@ class Runtime:
                     self._last_health = now
                     self._check_health()
                     self._sample(now)
-                return payloads if self._unpack is None else self._unpack(payloads, epoch)
+                if self._unpack is None:
+                    return payloads
+                outputs = self._unpack(payloads, epoch)
+                if outputs:  # an empty list unpacked to nothing (a cancelled epoch's pool parts are empty)
+                    return outputs
+                continue
             if deadline is not None and now >= deadline:
                 self._check_health()  # a dead worker explains the wait better
                 assert timeout is not None
