@@ -216,7 +216,7 @@ class Runtime:
         self._feeder.start()
         processes = sum(handle.in_own_process for _, _, handle in self.workers)
         self._unlinker: threading.Thread | None = None
-        if processes:
+        if processes:  # else a pipeline of threads (``LOCAL``): it has no named semaphores
             self._unlinker = threading.Thread(
                 target=self._unlink_once_up,
                 args=(processes, self._workers_up),
@@ -224,8 +224,6 @@ class Runtime:
                 daemon=True,
             )
             self._unlinker.start()
-        else:  # nobody else opens them
-            _semnames.unlink_now(self._semaphores)
 
     # -- start ---------------------------------------------------------------------------------
 
