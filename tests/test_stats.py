@@ -175,7 +175,7 @@ def test_the_hint_does_not_ask_for_more_workers_when_the_cores_are_busy(monkeypa
 
 def test_more_workers_than_cpus_warn_at_construction_where_the_user_wrote_it(monkeypatch):
     monkeypatch.setattr(tq.sequence, "available_cpus", lambda: 2)
-    with pytest.warns(tq.TooManyWorkersWarning, match="starts 3 workers") as caught:
+    with pytest.warns(tq.TooManyWorkersWarning, match="starts 3 worker processes") as caught:
         tq.Sequence(tq.ProcessStep(double, 1), tq.PoolStep(double, nworkers=2), tq.RepackStep(4)).close()
     assert issubclass(tq.TooManyWorkersWarning, UserWarning) and caught[0].filename == __file__
     with pytest.warns(tq.TooManyWorkersWarning):
@@ -183,6 +183,10 @@ def test_more_workers_than_cpus_warn_at_construction_where_the_user_wrote_it(mon
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tq.Sequence(tq.ProcessStep(double, 1), tq.RepackStep(4), tq.ProcessStep(double, 1)).close()  # 2 workers
+        # threads are no processes: they share this one's CPUs (and its GIL), as torchdata's threads do
+        tq.Sequence(tq.ProcessStep(double, 4, backend="thread"), tq.PoolStep(double, 2, backend="thread")).close()
+    with pytest.warns(tq.TooManyWorkersWarning, match=r"starts 3 worker processes \(double#2: 3\)"):
+        tq.Sequence(tq.ProcessStep(double, 4, backend="thread"), tq.PoolStep(double, 3)).close()
 
 
 def test_the_table_and_the_plot_say_the_same_verdict():
@@ -254,3 +258,52 @@ def test_the_hint_says_when_the_hops_limit_though_no_step_is_busy_half_the_time(
     # issue 17's seed shape: every step under half busy, the time gone to moving small graphs
     stats = _stats(_step("pool", 1.0, encode_s=2.0, decode_s=2.0), _step("RepackStep(64)", 2.0, stream=True), wait=9.0)
     assert "hops limit" in stats.hint() and "input or the consumer" not in stats.hint()
+
+
+def nap(x):
+    time.sleep(0.01)  # off the CPU, as a read from a slow disk
+    return x
+
+
+def count_in_python(x):
+    total = 0
+    for i in range(400_000):  # holds the GIL throughout, longer than its switch interval (5 ms)
+        total += i % 7
+    return x + total % 1
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_cpu_time_counts_a_core_busy_and_not_a_sleep(monkeypatch, backend):
+    monkeypatch.setattr(_verdict, "available_cpus", lambda: 2)
+    with tq.Sequence(tq.ProcessStep(nap, 2, name="nap", backend=backend)) as seq:
+        assert list(seq(range(100))) == list(range(100))
+        stats = seq.stats()
+    step = stats["nap"]
+    assert step.backend == backend and step.busy_s >= 100 * 0.01 * 0.9
+    assert step.cpu_s < 0.25 * step.busy_s, (step.cpu_s, step.busy_s)
+    # before: "the workers' busy time adds up to 2.0 cores and this process may use 2": but they slept
+    assert stats.bottleneck == "nap" and "give it more workers (now 2; 0." in stats.hint(), stats.hint()
+    with tq.Sequence(tq.ProcessStep(busy, 1, name="spin", backend=backend)) as seq:
+        list(seq(range(100)))
+        step = seq.stats()["spin"]
+    assert step.busy_s >= 100 * 0.004 * 0.9 and 0.5 * step.busy_s < step.cpu_s < 1.5 * step.busy_s
+
+
+def test_threads_that_take_turns_holding_the_gil_are_told_to_use_processes(monkeypatch):
+    monkeypatch.setattr(_verdict, "available_cpus", lambda: 16)
+    with tq.Sequence(tq.ProcessStep(count_in_python, 3, name="python", backend="thread")) as seq:
+        assert list(seq(range(30))) == list(range(30))
+        stats = seq.stats()
+    step = stats["python"]
+    # three threads, each busy nearly all the time, share one core's worth of the GIL
+    assert step.busy_s > 2 * step.cpu_s and step.cpu_s < 1.2 * stats.elapsed_s, (step.busy_s, step.cpu_s)
+    # before: "give it more workers (now 3; 2.9 of 16 cores in use)"
+    assert stats.hint().startswith("the GIL limits: python") and 'backend="process"' in stats.hint(), stats.hint()
+    assert "more workers" not in stats.hint()
+
+
+def test_the_gil_verdict_is_only_for_thread_steps_on_about_one_core():
+    held = _step("python", 29.0, nworkers=3, cpu_s=10.0, backend="thread")
+    assert _stats(held).hint().startswith("the GIL limits")
+    assert not _stats(_step("python", 29.0, nworkers=3, cpu_s=10.0)).hint().startswith("the GIL limits")  # processes
+    assert "more workers" in _stats(_step("read", 29.0, nworkers=3, cpu_s=0.5, backend="thread")).hint()  # asleep

@@ -77,6 +77,7 @@ class Loop:
         self.meter = Meter(ctx.stats, ctx.stats_row, ctx.stage_name)
         fused = ctx.fused
         self.fused_meter = None if fused is None else Meter(ctx.stats, fused.stats_row, fused.name)
+        self._cpu_clock, self._cpu_since = time.process_time, 0.0  # until ``ready``
         writer = ctx.stage_name if fused is None else fused.name
         self.emitter = Emitter(
             ctx.outbox, self.alive, ctx.split, ctx.split_step, writer, ctx.segment_dir, ctx.sends_items, ctx.local_out
@@ -89,8 +90,11 @@ class Loop:
     def alive(self) -> bool:
         return not self.ctx.stop.is_set()
 
-    def ready(self) -> None:
-        """The loop begins: this worker's start-up (and a fused stage's) ends now (see ``stats``)."""
+    def ready(self, own_process: bool = True) -> None:
+        """The loop begins: this worker's start-up (and a fused stage's) ends now (see ``stats``); its CPU
+        time counts from now: its process's (``own_process``), else its thread's."""
+        self._cpu_clock = time.process_time if own_process else time.thread_time
+        self._cpu_since = self._cpu_clock()
         now = time.perf_counter()
         for meter in (self.meter, self.fused_meter):
             if meter is not None:
@@ -99,6 +103,7 @@ class Loop:
     def receive(self) -> Envelope:
         if self.ctx.stop.is_set():
             raise Stopped
+        self.meter.set(Field.CPU, self._cpu_clock() - self._cpu_since)  # a syscall per message, not per call
         self.meter.add(Field.FILL_SUM, self.ctx.inbox.fill())
         self.meter.add(Field.FILL_N, 1)
         start = time.perf_counter()

@@ -45,6 +45,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from torchqueue.stats import StageEntry
 from torchqueue.steps import PackStep, PoolStep, ProcessStep, Queue, RepackStep, Step, StreamStep, UnpackStep
 
 
@@ -87,9 +88,9 @@ class StagePlan:
         """A stage the runtime added (a join): it has no row in ``stats()``."""
         return isinstance(self.step, JoinStep)
 
-    def stats_entry(self) -> tuple[str, int, bool, bool]:
-        """``(name, nworkers, is_stream, shown)`` for ``Stats.from_rows``."""
-        return self.name, self.nworkers, self.kind == STREAM, not self.internal
+    def stats_entry(self) -> StageEntry:
+        """What ``Stats.from_rows`` needs of this stage."""
+        return StageEntry(self.name, self.nworkers, self.kind == STREAM, not self.internal, backend=self.backend)
 
     @property
     def round_robin(self) -> bool:

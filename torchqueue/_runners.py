@@ -58,7 +58,7 @@ def run_worker(ctx: WorkerContext, own_process: bool) -> None:
         ctx.events.put(_serialize.dumps(notice, None), lambda: not ctx.stop.is_set())
         raise SystemExit(3) from None
     runner = RUNNERS[ctx.kind](ctx, seeds)
-    runner.ready()
+    runner.ready(own_process)
     try:
         runner.run(step, fused)
     except Stopped:

@@ -513,8 +513,7 @@ class Runtime:
         stages = [stage.stats_entry() for stage in self.plan.stages]
         for index in (0, len(stages) - 1):  # a stream step the feeder or the consumer runs: only its calls are busy
             if self.plan.runs_elsewhere(index) and index not in self.plan.fused:
-                name, nworkers, _, shown = stages[index]
-                stages[index] = (name, nworkers, False, shown, True)
+                stages[index] = stages[index]._replace(is_stream=False, stream=True)
         elapsed = (self._closed_at or time.perf_counter()) - self._started
         consumer = self._consumer_wait, self._consumer_work
         return Stats.from_rows(stages, self._stats, elapsed, self._samples, self._started, consumer)

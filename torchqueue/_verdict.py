@@ -13,8 +13,12 @@ The decision, in order:
 4. A step that spends more time encoding and decoding messages than in its work is limited by the
    hops: more workers would not help; fewer, larger messages or fewer stages would.
 5. A Pack/Unpack/RepackStep has no ``nworkers``: the advice is about what it is given.
-6. More workers only help while cores are free: the workers' busy time, over the elapsed time, is the
-   cores they keep busy; at about all of the machine's, the advice is to make the step cheaper.
+6. More workers only help while cores are free: the workers' CPU time, over the elapsed time, is the
+   cores they keep busy (busy time would count a worker sleeping, reading a file, waiting for the GIL
+   or for a core); at about all of the machine's, the advice is to make the step cheaper.
+7. Thread workers of one process take turns holding the GIL: a thread step that keeps about one core
+   busy while its threads spend most of their busy time off a CPU is held by the GIL, and more threads
+   would not help; the advice is processes, or work that releases the GIL.
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ LIMITS = 0.5
 STARTUP_SHARE = 0.25
 """A start-up longer than this share of the run is worth saying."""
 
+
+GIL_CPU_SHARE = 0.75
+"""A thread step whose threads were on a CPU for less than this share of their busy time is waiting:
+for the GIL, where together they keep about one core busy (``GIL_CORES``), else for sleep or I/O."""
+
+GIL_CORES = (0.6, 1.4)
+"""The cores a thread step's threads keep busy when they take turns holding the GIL: about one."""
 
 HOPS_SHARE = 0.1
 """Below half busy, the hops are said to limit only where they took more than the steps' work and this
@@ -104,16 +115,33 @@ def verdict(stats: Stats) -> Verdict:
             "it runs in one process and takes no nworkers: give it fewer, larger elements (larger chunks "
             "from the step before it), or do per-element work in the steps around it",
         )
-    cpus = available_cpus()
-    used = sum(s.busy_s + s.encode_s + s.decode_s for s in steps) / stats.elapsed_s
+    cpus, used = available_cpus(), _cores(stats)
     if used > cpus - LIMITS:
         return Verdict(
             top.name,
             title,
-            f"the workers' busy time adds up to {used:.1f} cores and this process may use {cpus}, so more "
-            f"workers would only share them: make {top.name} do less per element, or run on more cores",
+            f"the workers keep {used:.1f} cores busy and this process may use {cpus}, so more workers "
+            f"would only share them: make {top.name} do less per element, or run on more cores",
+        )
+    own = top.cpu_s / stats.elapsed_s
+    if top.backend == "thread" and top.cpu_s < GIL_CPU_SHARE * top.busy_s and GIL_CORES[0] <= own <= GIL_CORES[1]:
+        return Verdict(
+            top.name,
+            f"the GIL limits: {top.name} ({share:.0%} busy)",
+            f"its threads were busy {top.busy_s:.2f} s but on a CPU {top.cpu_s:.2f} s, about one core: they take "
+            'turns holding the GIL, so more threads would not help: run it in processes (backend="process"), '
+            "or make its work release the GIL (numpy, torch, I/O)",
         )
     return Verdict(top.name, title, f"give it more workers (now {top.nworkers}; {used:.1f} of {cpus} cores in use)")
+
+
+def _cores(stats: Stats) -> float:
+    """The cores the workers keep busy: their CPU time over the elapsed time (figures made without CPU
+    times: their busy time, encoding and decoding)."""
+    steps = list(stats.values())
+    if any(s.cpu_s for s in steps):
+        return sum(s.cpu_s for s in steps) / stats.elapsed_s
+    return sum(s.busy_s + s.encode_s + s.decode_s for s in steps) / stats.elapsed_s
 
 
 def _outside(stats: Stats) -> str:

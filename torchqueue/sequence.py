@@ -72,17 +72,18 @@ def _start_context(context: BaseContext) -> BaseContext:
 def _check_cores(plan: Plan) -> None:
     """Warn (``TooManyWorkersWarning``) when the steps that take ``nworkers`` ask for more worker
     processes than this process has CPUs, as DataLoader warns for ``num_workers``. The one process of a
-    Pack/Unpack/RepackStep is not counted (it mostly waits), nor a step that runs in another's process."""
+    Pack/Unpack/RepackStep is not counted (it mostly waits), nor a step that runs in another's process,
+    nor a thread step's threads (they are no processes, and share this process's CPUs and GIL)."""
     steps = [
         (stage.name, stage.nworkers)
         for stage in plan.stages
-        if stage.kind != STREAM and not plan.runs_elsewhere(stage.index)
+        if stage.kind != STREAM and not plan.in_this_process(stage.index) and not plan.runs_elsewhere(stage.index)
     ]
     workers, cpus = sum(n for _, n in steps), available_cpus()
     if workers > cpus:
         listed = ", ".join(f"{name}: {n}" for name, n in steps)
         warnings.warn(
-            f"this Sequence starts {workers} workers ({listed}) and this process may use {cpus} CPUs: "
+            f"this Sequence starts {workers} worker processes ({listed}) and this process may use {cpus} CPUs: "
             "workers beyond the cores only share them, and slow each other down; lower the steps' "
             "nworkers (print(seq.stats()) shows which steps need them)",
             TooManyWorkersWarning,

@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from torchqueue._verdict import verdict
 
-__all__ = ["Stats", "StepStats"]
+__all__ = ["StageEntry", "Stats", "StepStats"]
 
 
 class Field(IntEnum):
@@ -45,6 +45,7 @@ class Field(IntEnum):
     READY_AT = 14  # perf_counter() when the worker's loop began (0.0: still starting)
     ENCODE = 15  # seconds spent encoding messages sent (pickling, writing segments)
     DECODE = 16  # seconds spent decoding messages received (unpickling, mapping segments)
+    CPU = 17  # CPU seconds the worker used since its loop began, as of its last input (see ``Loop.receive``)
 
 
 NFIELDS = len(Field)
@@ -83,6 +84,13 @@ class StepStats:
             tensors into shared memory), summed over workers: not in ``busy_s``.
         decode_s: The same for decoding the messages they received.
         stream: A Pack/Unpack/RepackStep (or a join): one process, no ``nworkers`` to raise.
+        cpu_s: CPU seconds its workers used once started, summed over workers, as of each worker's
+            last input: for a worker process, every thread of its process (torch's and numpy's
+            threads too); for a thread worker, its own thread's. Unlike ``busy_s`` it does not count
+            sleeping, waiting on files or for the GIL, or waiting for a core: ``cpu_s`` over
+            ``elapsed_s`` is the cores a step keeps busy. A step run inside another's process (a
+            one-worker ProcessStep after a Pack/Unpack/RepackStep) is counted in that step's.
+        backend: ``"process"`` or ``"thread"``: what its workers are.
     """
 
     name: str
@@ -100,6 +108,21 @@ class StepStats:
     encode_s: float = 0.0
     decode_s: float = 0.0
     stream: bool = False
+    cpu_s: float = 0.0
+    backend: str = "process"
+
+
+class StageEntry(NamedTuple):
+    """What ``Stats.from_rows`` needs of a stage: its name and its number of rows (workers); whether it
+    is a stream stage (always receiving, sending or working); whether it is shown (a join is not);
+    whether the step takes no ``nworkers`` (``None``: as ``is_stream``); what its workers are."""
+
+    name: str
+    nworkers: int
+    is_stream: bool
+    shown: bool = True
+    stream: bool | None = None
+    backend: str = "process"
 
 
 class Stats(Mapping[str, StepStats]):
@@ -140,9 +163,8 @@ class Stats(Mapping[str, StepStats]):
         started: float | None = None,
         consumer: tuple[float, float] = (0.0, 0.0),
     ) -> Stats:
-        """Sum the shared array's rows, stage by stage (``(name, nworkers, is_stream, shown)``, and
-        optionally whether the step takes no ``nworkers``, if not ``is_stream``; an internal stage
-        that is not shown keeps its rows but gets no entry).
+        """Sum the shared array's rows, stage by stage (each a ``StageEntry`` or a tuple of its fields:
+        a stage that is not shown keeps its rows but gets no entry).
 
         ``history``: earlier ``(elapsed_s, rows)`` copies of the array, oldest first. ``started``:
         the ``perf_counter()`` the elapsed time counts from; given, a wait or a call still going on
@@ -152,7 +174,8 @@ class Stats(Mapping[str, StepStats]):
         """
         steps, row = [], 0
         now = None if started is None else started + elapsed_s
-        for name, nworkers, is_stream, shown, *fixed in stages:
+        for entry in stages:
+            name, nworkers, is_stream, shown, fixed, backend = StageEntry(*entry)
             total = [0.0] * NFIELDS
             startup = 0.0
             for worker in range(nworkers):
@@ -192,7 +215,9 @@ class Stats(Mapping[str, StepStats]):
                     startup_s=startup,
                     encode_s=total[Field.ENCODE],
                     decode_s=total[Field.DECODE],
-                    stream=bool(fixed[0]) if fixed else is_stream,
+                    stream=is_stream if fixed is None else fixed,
+                    cpu_s=total[Field.CPU],
+                    backend=backend,
                 )
             )
         past = tuple(cls.from_rows(stages, copy, seconds, None, started) for seconds, copy in history or ())
@@ -220,7 +245,7 @@ class Stats(Mapping[str, StepStats]):
 
     def __str__(self) -> str:
         header = (
-            "step", "workers", "in", "out", "msgs", "startup_s", "busy_s", "encode_s", "decode_s",
+            "step", "workers", "in", "out", "msgs", "startup_s", "busy_s", "cpu_s", "encode_s", "decode_s",
             "wait_in_s", "wait_out_s", "queue_fill", "util",
         )  # fmt: skip
         rows = [header] + [
@@ -232,6 +257,7 @@ class Stats(Mapping[str, StepStats]):
                 str(s.messages_in),
                 f"{s.startup_s:.2f}",
                 f"{s.busy_s:.2f}",
+                f"{s.cpu_s:.2f}",
                 f"{s.encode_s:.2f}",
                 f"{s.decode_s:.2f}",
                 f"{s.wait_in_s:.2f}",
