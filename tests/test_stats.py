@@ -98,6 +98,7 @@ def test_plot_returns_a_matplotlib_figure(tmp_path):
     figure.savefig(tmp_path / "stats.png")
     assert (tmp_path / "stats.png").stat().st_size > 1000
     assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["busy", "double"]
+    assert "on a CPU" in [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
 
 
 def test_history_records_the_figures_while_running_and_plot_draws_them_over_time(tmp_path):

@@ -1,8 +1,9 @@
 """``Stats.plot``: where each step's workers spend their time, now and over the run (matplotlib).
 
     ┌ bars: starting / busy / encoding+decoding /         ┐ ┌ outputs per second per step, over time ┐
-    │ waiting for input / waiting for room, and the input │ ├ busy fraction per step, over time      ┤
-    │ queue's fill, one group per step; title: verdict    │ │                                        │
+    │ waiting for input / waiting for room, the input     │ ├ busy fraction per step, over time      ┤
+    │ queue's fill and the share of the time on a CPU,    │ │                                        │
+    │ one group per step; title: verdict                  │ │                                        │
     └─────────────────────────────────────────────────────┘ └────────────────────────────────────────┘
 
 A step that stays busy near 1 while the others wait is the bottleneck. The title is the verdict the
@@ -58,6 +59,8 @@ def _bars(stats: Stats, ax: Any) -> None:
         ax.bar(x, heights, bottom=bottom, label=label, color=color)
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax.plot(x, [s.queue_fill for s in steps], "ko--", label="input queue fill")
+    if any(s.cpu_s for s in steps):  # below "busy": sleeping, waiting on files, the GIL or a core
+        ax.plot(x, [s.cpu_s / t for s, t in zip(steps, span)], "k_", markersize=18, mew=2, label="on a CPU")
     ax.set_xticks(x, [s.name for s in steps], rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("fraction of worker time")
