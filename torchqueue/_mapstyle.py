@@ -325,4 +325,5 @@ class MapStyleEpochs:
             name="QueueFlowLoader",
             timeout=self._torch.timeout or None,
             _seed_workers=False,  # seeded by ``Fetch``, as DataLoader seeds (no draw of the pipeline's own)
+            _warn_workers=False,  # check_worker_number_rationality warned, as DataLoader's own warning
         )

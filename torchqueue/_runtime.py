@@ -188,6 +188,8 @@ class Runtime:
         self._reading = threading.RLock()  # one thread at a time reads the outputs; close() waits for it
         _runtimes.add(self)
         self._started = time.perf_counter()
+        self._cpu_started = time.process_time()  # this process's: your loop, the feeder, thread steps
+        self._cpu_at_close: float | None = None
         self._last_health = self._started
         self._samples: list[tuple[float, list[float]]] = []
         self._sample_every = SAMPLE_S
@@ -515,7 +517,8 @@ class Runtime:
             if self.plan.runs_elsewhere(index) and index not in self.plan.fused:
                 stages[index] = stages[index]._replace(is_stream=False, stream=True)
         elapsed = (self._closed_at or time.perf_counter()) - self._started
-        consumer = self._consumer_wait, self._consumer_work
+        cpu = (time.process_time() if self._cpu_at_close is None else self._cpu_at_close) - self._cpu_started
+        consumer = self._consumer_wait, self._consumer_work, cpu
         return Stats.from_rows(stages, self._stats, elapsed, self._samples, self._started, consumer)
 
     # -- shutdown (see the NOTE at the top) ------------------------------------------------------
@@ -535,6 +538,7 @@ class Runtime:
             return
         self._closed = True
         self._closed_at = time.perf_counter()
+        self._cpu_at_close = time.process_time()
         if self.forked_copy:
             return
         try:

@@ -13,12 +13,17 @@ The decision, in order:
 4. A step that spends more time encoding and decoding messages than in its work is limited by the
    hops: more workers would not help; fewer, larger messages or fewer stages would.
 5. A Pack/Unpack/RepackStep has no ``nworkers``: the advice is about what it is given.
-6. More workers only help while cores are free: the workers' CPU time, over the elapsed time, is the
-   cores they keep busy (busy time would count a worker sleeping, reading a file, waiting for the GIL
-   or for a core); at about all of the machine's, the advice is to make the step cheaper.
-7. Thread workers of one process take turns holding the GIL: a thread step that keeps about one core
-   busy while its threads spend most of their busy time off a CPU is held by the GIL, and more threads
-   would not help; the advice is processes, or work that releases the GIL.
+6. More workers only help while cores are free: the CPU time of the worker processes (each over its
+   time once started) and of your process (your loop and the thread steps, over the run) is the cores
+   in use. Busy time would count a worker sleeping, reading a file, waiting for the GIL or for a
+   core. At about all of the machine's cores, the advice is to make the step cheaper.
+7. Python runs one thread of a process at a time (the GIL). Where thread steps of at least two threads
+   use most of your process's CPU and it stays at about one core, though more are free, the GIL
+   limits them (ahead of 3 and 6 where the busiest step is a thread step or no step is busy half the
+   time: a thread waiting for the GIL between calls counts as waiting for input). More threads would
+   not help; the advice is processes, or work that releases the GIL. One thread alone cannot be told
+   from one that releases the GIL and keeps a core busy: it is told to take more workers, and then
+   this rule holds.
 """
 
 from __future__ import annotations
@@ -37,12 +42,11 @@ STARTUP_SHARE = 0.25
 """A start-up longer than this share of the run is worth saying."""
 
 
-GIL_CPU_SHARE = 0.75
-"""A thread step whose threads were on a CPU for less than this share of their busy time is waiting:
-for the GIL, where together they keep about one core busy (``GIL_CORES``), else for sleep or I/O."""
-
 GIL_CORES = (0.6, 1.4)
-"""The cores a thread step's threads keep busy when they take turns holding the GIL: about one."""
+"""The cores your process keeps busy when its threads take turns holding the GIL: about one."""
+
+GIL_SHARE = 0.5
+"""The share of your process's CPU time the thread steps must take for the GIL to be said to hold them."""
 
 HOPS_SHARE = 0.1
 """Below half busy, the hops are said to limit only where they took more than the steps' work and this
@@ -95,6 +99,9 @@ def verdict(stats: Stats) -> Verdict:
             "after it to tell what limits: run longer (persistent workers start once for many epochs)",
         )
     hops, work = sum(s.encode_s + s.decode_s for s in steps), sum(s.busy_s for s in steps)
+    held = _held_by_the_gil(stats)
+    if held is not None and (share < LIMITS or top.backend == "thread"):
+        return _gil(stats, held, share if held is top else shares[held.name])
     if share < LIMITS:
         title = f"no step is busy more than half the time ({top.name}: {share:.0%})"
         consumer_limits = stats.consumer_work_s > stats.consumer_wait_s
@@ -123,25 +130,42 @@ def verdict(stats: Stats) -> Verdict:
             f"the workers keep {used:.1f} cores busy and this process may use {cpus}, so more workers "
             f"would only share them: make {top.name} do less per element, or run on more cores",
         )
-    own = top.cpu_s / stats.elapsed_s
-    if top.backend == "thread" and top.cpu_s < GIL_CPU_SHARE * top.busy_s and GIL_CORES[0] <= own <= GIL_CORES[1]:
-        return Verdict(
-            top.name,
-            f"the GIL limits: {top.name} ({share:.0%} busy)",
-            f"its threads were busy {top.busy_s:.2f} s but on a CPU {top.cpu_s:.2f} s, about one core: they take "
-            'turns holding the GIL, so more threads would not help: run it in processes (backend="process"), '
-            "or make its work release the GIL (numpy, torch, I/O)",
-        )
     return Verdict(top.name, title, f"give it more workers (now {top.nworkers}; {used:.1f} of {cpus} cores in use)")
 
 
+def _held_by_the_gil(stats: Stats) -> StepStats | None:
+    """The thread step (the one with the most CPU time) the GIL holds back, if it does (rule 7)."""
+    threads = [s for s in stats.values() if s.backend == "thread"]
+    own = stats.consumer_cpu_s / stats.elapsed_s
+    if sum(s.nworkers for s in threads) < 2 or available_cpus() < 2 or not GIL_CORES[0] <= own <= GIL_CORES[1]:
+        return None
+    if sum(s.cpu_s for s in threads) < GIL_SHARE * stats.consumer_cpu_s:
+        return None  # your loop, or the input, takes most of it
+    return max(threads, key=lambda s: s.cpu_s)
+
+
+def _gil(stats: Stats, held: StepStats, share: float) -> Verdict:
+    threads = ", ".join(s.name for s in stats.values() if s.backend == "thread")
+    return Verdict(
+        held.name,
+        f"the GIL limits: {held.name} ({share:.0%} busy)",
+        f"your process kept {stats.consumer_cpu_s / stats.elapsed_s:.1f} cores busy, and its thread steps "
+        f"({threads}) most of that: Python runs one of its threads at a time, so more threads would not help: "
+        'run them in processes (backend="process"), or make their work release the GIL (numpy, torch, I/O)',
+    )
+
+
 def _cores(stats: Stats) -> float:
-    """The cores the workers keep busy: their CPU time over the elapsed time (figures made without CPU
-    times: their busy time, encoding and decoding)."""
+    """The cores in use (rule 6); for figures made without CPU times, the workers' busy time, encoding
+    and decoding over the elapsed time."""
     steps = list(stats.values())
-    if any(s.cpu_s for s in steps):
-        return sum(s.cpu_s for s in steps) / stats.elapsed_s
-    return sum(s.busy_s + s.encode_s + s.decode_s for s in steps) / stats.elapsed_s
+    if not stats.consumer_cpu_s and not any(s.cpu_s for s in steps):
+        return sum(s.busy_s + s.encode_s + s.decode_s for s in steps) / stats.elapsed_s
+    running = [
+        (s.cpu_s, s.nworkers * stats.elapsed_s - s.startup_s, s.nworkers) for s in steps if s.backend != "thread"
+    ]
+    workers = sum(cpu * nworkers / span for cpu, span, nworkers in running if span > 0)
+    return workers + stats.consumer_cpu_s / stats.elapsed_s
 
 
 def _outside(stats: Stats) -> str:

@@ -134,6 +134,7 @@ class Sequence:
         name: str | None = None,
         timeout: float | None = None,
         _seed_workers: bool = True,
+        _warn_workers: bool = True,
     ) -> None:
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered must be True or False, got {ordered!r}")
@@ -142,7 +143,8 @@ class Sequence:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {type(name).__name__}")
         self._plan = make_plan(elements)
-        _check_cores(self._plan)
+        if _warn_workers:  # internal: False for a loader's fetch workers (it warns as DataLoader does)
+            _check_cores(self._plan)
         self._ctx = resolve_context(context)
         self._ordered = ordered
         self._skip = on_error == "skip"

@@ -85,11 +85,12 @@ class StepStats:
         decode_s: The same for decoding the messages they received.
         stream: A Pack/Unpack/RepackStep (or a join): one process, no ``nworkers`` to raise.
         cpu_s: CPU seconds its workers used once started, summed over workers, as of each worker's
-            last input: for a worker process, every thread of its process (torch's and numpy's
-            threads too); for a thread worker, its own thread's. Unlike ``busy_s`` it does not count
-            sleeping, waiting on files or for the GIL, or waiting for a core: ``cpu_s`` over
-            ``elapsed_s`` is the cores a step keeps busy. A step run inside another's process (a
-            one-worker ProcessStep after a Pack/Unpack/RepackStep) is counted in that step's.
+            last input (a call still going on is not in it yet): for a worker process, every thread
+            of its process (torch's, numpy's and BLAS's threads too); for a thread worker, its own
+            thread only (``Stats.consumer_cpu_s`` counts the threads its calls use). Unlike
+            ``busy_s`` it does not count sleeping, waiting on files or for the GIL, or waiting for a
+            core. A step run inside another's process (a one-worker ProcessStep after a
+            Pack/Unpack/RepackStep) is counted in that step's.
         backend: ``"process"`` or ``"thread"``: what its workers are.
     """
 
@@ -137,6 +138,10 @@ class Stats(Mapping[str, StepStats]):
         consumer_wait_s: Seconds your loop waited for the pipeline's next output.
         consumer_work_s: Seconds your loop spent between taking an output and asking for the next
             (its own work: a training step). More work than wait: your loop limits, not the pipeline.
+        consumer_cpu_s: CPU seconds your process used since the workers started, every thread of it:
+            your loop, torchqueue's threads, thread steps and the threads of torch, numpy or BLAS
+            that they use. Over ``elapsed_s``, about one core while thread steps use most of it: the
+            GIL limits them (Python runs one thread at a time).
     """
 
     def __init__(
@@ -146,12 +151,14 @@ class Stats(Mapping[str, StepStats]):
         history: tuple[Stats, ...] = (),
         consumer_wait_s: float = 0.0,
         consumer_work_s: float = 0.0,
+        consumer_cpu_s: float = 0.0,
     ) -> None:
         self._steps = {step.name: step for step in steps}
         self.elapsed_s = elapsed_s
         self.history = history
         self.consumer_wait_s = consumer_wait_s
         self.consumer_work_s = consumer_work_s
+        self.consumer_cpu_s = consumer_cpu_s
 
     @classmethod
     def from_rows(
@@ -161,7 +168,7 @@ class Stats(Mapping[str, StepStats]):
         elapsed_s: float,
         history: list[tuple[float, Any]] | None = None,
         started: float | None = None,
-        consumer: tuple[float, float] = (0.0, 0.0),
+        consumer: tuple[float, ...] = (),
     ) -> Stats:
         """Sum the shared array's rows, stage by stage (each a ``StageEntry`` or a tuple of its fields:
         a stage that is not shown keeps its rows but gets no entry).
@@ -170,7 +177,7 @@ class Stats(Mapping[str, StepStats]):
         the ``perf_counter()`` the elapsed time counts from; given, a wait or a call still going on
         counts up to now (a worker adds it to its row only when it ends): a step stuck in its
         function is busy, and the bottleneck; and a worker's start-up lasts until its loop was ready
-        (or until now). ``consumer``: the consumer's ``(wait, work)`` seconds.
+        (or until now). ``consumer``: the consumer's ``(wait, work, cpu)`` seconds.
         """
         steps, row = [], 0
         now = None if started is None else started + elapsed_s
