@@ -66,6 +66,7 @@ from torchqueue._collect import NOTHING, Collector
 from torchqueue._feeder import Feeder
 from torchqueue._forkserver import CONTEXT as FORK_SERVER
 from torchqueue._handles import ProcessHandle, WorkerHandle
+from torchqueue._idle import idle_seconds
 from torchqueue._local import LOCAL, LocalContext
 from torchqueue._loop import FusedStage, WorkerContext
 from torchqueue._mainmodule import TravellingStep
@@ -190,6 +191,7 @@ class Runtime:
         self._started = time.perf_counter()
         self._cpu_started = time.process_time()  # this process's: your loop, the feeder, thread steps
         self._cpu_at_close: float | None = None
+        self._idle_started, self._idle_at_close = idle_seconds(), None  # the machine's (see _idle)
         self._last_health = self._started
         self._samples: list[tuple[float, list[float]]] = []
         self._sample_every = SAMPLE_S
@@ -518,7 +520,9 @@ class Runtime:
                 stages[index] = stages[index]._replace(is_stream=False, stream=True)
         elapsed = (self._closed_at or time.perf_counter()) - self._started
         cpu = (time.process_time() if self._cpu_at_close is None else self._cpu_at_close) - self._cpu_started
-        consumer = self._consumer_wait, self._consumer_work, cpu
+        idle_now = idle_seconds() if self._closed_at is None else self._idle_at_close
+        idle = None if idle_now is None or self._idle_started is None else (idle_now - self._idle_started) / elapsed
+        consumer = self._consumer_wait, self._consumer_work, cpu, idle
         return Stats.from_rows(stages, self._stats, elapsed, self._samples, self._started, consumer)
 
     # -- shutdown (see the NOTE at the top) ------------------------------------------------------
@@ -538,7 +542,7 @@ class Runtime:
             return
         self._closed = True
         self._closed_at = time.perf_counter()
-        self._cpu_at_close = time.process_time()
+        self._cpu_at_close, self._idle_at_close = time.process_time(), idle_seconds()
         if self.forked_copy:
             return
         try:

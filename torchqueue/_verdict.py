@@ -16,9 +16,12 @@ The decision, in order:
 6. More workers only help while cores are free: the CPU time of the worker processes (each over its
    time once started) and of your process (your loop and the thread steps, over the run) is the cores
    in use. Busy time would count a worker sleeping, reading a file, waiting for the GIL or for a
-   core. At about all of the machine's cores, the advice is to make the step cheaper.
+   core. At about all of the machine's cores, or where the machine left under half a core idle
+   (other programs count: ``Stats.idle_cores``), the advice is to make the step cheaper; but a step
+   whose workers were mostly off a CPU while busy (sleeping, reading) is told to take more workers
+   whatever the cores do.
 7. Python runs one thread of a process at a time (the GIL). Where thread steps of at least two threads
-   use most of your process's CPU and it stays at about one core, though more are free, the GIL
+   use most of your process's CPU and it stays at about one core while a core stays idle, the GIL
    limits them (ahead of 3 and 6 where the busiest step is a thread step or no step is busy half the
    time: a thread waiting for the GIL between calls counts as waiting for input). More threads would
    not help; the advice is processes, or work that releases the GIL. One thread alone cannot be told
@@ -41,6 +44,11 @@ LIMITS = 0.5
 STARTUP_SHARE = 0.25
 """A start-up longer than this share of the run is worth saying."""
 
+
+OFF_CPU_SHARE = 0.25
+"""A step whose workers were on a CPU for less than this share of their busy time mostly waits (files,
+the network, sleep): a step short of cores still gets more than this share of one (four times more
+workers than cores)."""
 
 GIL_CORES = (0.6, 1.4)
 """The cores your process keeps busy when its threads take turns holding the GIL: about one."""
@@ -123,6 +131,14 @@ def verdict(stats: Stats) -> Verdict:
             "from the step before it), or do per-element work in the steps around it",
         )
     cpus, used = available_cpus(), _cores(stats)
+    if _mostly_off_cpu(stats, top):
+        return Verdict(
+            top.name,
+            title,
+            f"give it more workers (now {top.nworkers}): they spent {top.busy_s:.2f} s in it but {top.cpu_s:.2f} s "
+            f"on a CPU (waiting on files, the network or a sleep), so more fit on the cores ({used:.1f} of {cpus} "
+            "in use)",
+        )
     if used > cpus - LIMITS:
         return Verdict(
             top.name,
@@ -130,7 +146,22 @@ def verdict(stats: Stats) -> Verdict:
             f"the workers keep {used:.1f} cores busy and this process may use {cpus}, so more workers "
             f"would only share them: make {top.name} do less per element, or run on more cores",
         )
+    if stats.idle_cores is not None and stats.idle_cores < LIMITS:
+        return Verdict(
+            top.name,
+            title,
+            f"the pipeline keeps {used:.1f} of the {cpus} cores busy and other programs the rest (no core was "
+            f"free), so more workers would only share them: make {top.name} do less per element, or free "
+            "the cores",
+        )
     return Verdict(top.name, title, f"give it more workers (now {top.nworkers}; {used:.1f} of {cpus} cores in use)")
+
+
+def _mostly_off_cpu(stats: Stats, step: StepStats) -> bool:
+    """Whether ``step``'s workers spent most of their busy time off a CPU (``OFF_CPU_SHARE``): more of
+    them help even where the cores are busy. Unknown (figures without CPU times): no."""
+    has_figures = stats.consumer_cpu_s or any(s.cpu_s for s in stats.values())
+    return bool(has_figures) and step.cpu_s < OFF_CPU_SHARE * step.busy_s
 
 
 def _held_by_the_gil(stats: Stats) -> StepStats | None:
@@ -139,6 +170,8 @@ def _held_by_the_gil(stats: Stats) -> StepStats | None:
     own = stats.consumer_cpu_s / stats.elapsed_s
     if sum(s.nworkers for s in threads) < 2 or available_cpus() < 2 or not GIL_CORES[0] <= own <= GIL_CORES[1]:
         return None
+    if stats.idle_cores is not None and stats.idle_cores < LIMITS:
+        return None  # no core was free: the threads may be waiting for one, not for the GIL
     if sum(s.cpu_s for s in threads) < GIL_SHARE * stats.consumer_cpu_s:
         return None  # your loop, or the input, takes most of it
     return max(threads, key=lambda s: s.cpu_s)
@@ -169,10 +202,16 @@ def _cores(stats: Stats) -> float:
 
 
 def _outside(stats: Stats) -> str:
-    """Why no step limits: the consumer, the input, or a start-up that took much of a short run."""
+    """Why no step limits: the consumer, the cores (other programs took them), the input, or a start-up
+    that took much of a short run."""
     wait, work = stats.consumer_wait_s, stats.consumer_work_s
     if work > wait:
         advice = f"your loop limits: it worked {work:.2f} s and waited {wait:.2f} s for outputs"
+    elif stats.idle_cores is not None and stats.idle_cores < LIMITS:
+        advice = (
+            f"no core was free: the pipeline kept {_cores(stats):.1f} of the {available_cpus()} cores busy, and "
+            "other programs the rest: its workers waited for a core"
+        )
     elif wait > 0:
         advice = (
             f"the input limits: your loop waited {wait:.2f} s for outputs and worked {work:.2f} s; speed up "

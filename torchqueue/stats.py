@@ -142,6 +142,9 @@ class Stats(Mapping[str, StepStats]):
             your loop, torchqueue's threads, thread steps and the threads of torch, numpy or BLAS
             that they use. Over ``elapsed_s``, about one core while thread steps use most of it: the
             GIL limits them (Python runs one thread at a time).
+        idle_cores: The cores this process may use that the machine left idle, on average over the run,
+            whatever ran on them (Linux; ``None`` elsewhere): under half a core, no core was free for
+            more workers, though other programs may be what keeps them busy.
     """
 
     def __init__(
@@ -152,6 +155,7 @@ class Stats(Mapping[str, StepStats]):
         consumer_wait_s: float = 0.0,
         consumer_work_s: float = 0.0,
         consumer_cpu_s: float = 0.0,
+        idle_cores: float | None = None,
     ) -> None:
         self._steps = {step.name: step for step in steps}
         self.elapsed_s = elapsed_s
@@ -159,6 +163,7 @@ class Stats(Mapping[str, StepStats]):
         self.consumer_wait_s = consumer_wait_s
         self.consumer_work_s = consumer_work_s
         self.consumer_cpu_s = consumer_cpu_s
+        self.idle_cores = idle_cores
 
     @classmethod
     def from_rows(
@@ -177,7 +182,8 @@ class Stats(Mapping[str, StepStats]):
         the ``perf_counter()`` the elapsed time counts from; given, a wait or a call still going on
         counts up to now (a worker adds it to its row only when it ends): a step stuck in its
         function is busy, and the bottleneck; and a worker's start-up lasts until its loop was ready
-        (or until now). ``consumer``: the consumer's ``(wait, work, cpu)`` seconds.
+        (or until now). ``consumer``: the consumer's ``(wait, work, cpu)`` seconds,
+        and the idle cores.
         """
         steps, row = [], 0
         now = None if started is None else started + elapsed_s
