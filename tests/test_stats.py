@@ -305,6 +305,13 @@ def test_cpu_time_counts_a_core_busy_and_not_a_sleep(monkeypatch, backend):
     assert step.busy_s >= 100 * 0.004 * 0.9 and 0.5 * step.busy_s < step.cpu_s < 1.5 * step.busy_s
 
 
+def _run_in_threads(fn, nworkers: int, name: str, count: int) -> tq.Stats:
+    """The stats of ``fn`` over ``range(count)`` in a thread step of ``nworkers`` threads (in order)."""
+    with tq.Sequence(tq.ProcessStep(fn, nworkers, name=name, backend="thread")) as seq:
+        assert list(seq(range(count))) == list(range(count))
+        return seq.stats()
+
+
 def _no_core_was_free(stats: tq.Stats) -> bool:
     """Whether other programs kept the machine's other cores busy during the run: the hint then says
     so, and cannot tell the GIL from a wait for a core (checked apart, with figures made by hand)."""
@@ -316,9 +323,7 @@ def _no_core_was_free(stats: tq.Stats) -> bool:
 
 def test_threads_that_take_turns_holding_the_gil_are_told_to_use_processes(monkeypatch):
     monkeypatch.setattr(_verdict, "available_cpus", lambda: 16)
-    with tq.Sequence(tq.ProcessStep(count_in_python, 3, name="python", backend="thread")) as seq:
-        assert list(seq(range(30))) == list(range(30))
-        stats = seq.stats()
+    stats = _run_in_threads(count_in_python, 3, "python", 30)
     step = stats["python"]
     # three threads, each busy nearly all the time, share one core's worth of the GIL
     assert step.busy_s > 1.5 * step.cpu_s and step.cpu_s < 1.2 * stats.elapsed_s, (step.busy_s, step.cpu_s)
@@ -394,9 +399,7 @@ def quick_python(x):
 
 def test_threads_that_wait_for_the_gil_between_short_calls_are_not_said_to_wait_for_input(monkeypatch):
     monkeypatch.setattr(_verdict, "available_cpus", lambda: 2)
-    with tq.Sequence(tq.ProcessStep(quick_python, 3, name="python", backend="thread")) as seq:
-        assert list(seq(range(400))) == list(range(400))
-        stats = seq.stats()
+    stats = _run_in_threads(quick_python, 3, "python", 400)
     # before: "no step is busy more than half the time (python: 43%): ... the input limits"
     if _no_core_was_free(stats):
         return
@@ -411,7 +414,5 @@ def sort_array(x):
 
 def test_threads_whose_work_releases_the_gil_are_not_said_to_be_held_by_it(monkeypatch):
     monkeypatch.setattr(_verdict, "available_cpus", lambda: 2)
-    with tq.Sequence(tq.ProcessStep(sort_array, 2, name="sort", backend="thread")) as seq:
-        assert list(seq(range(16))) == list(range(16))
-        stats = seq.stats()
+    stats = _run_in_threads(sort_array, 2, "sort", 16)
     assert "GIL" not in stats.hint() and "cores busy" in stats.hint(), str(stats)

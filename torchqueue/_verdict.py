@@ -109,7 +109,7 @@ def verdict(stats: Stats) -> Verdict:
     hops, work = sum(s.encode_s + s.decode_s for s in steps), sum(s.busy_s for s in steps)
     held = _held_by_the_gil(stats)
     if held is not None and (share < LIMITS or top.backend == "thread"):
-        return _gil(stats, held, share if held is top else shares[held.name])
+        return _gil(stats, held, shares[held.name])
     if share < LIMITS:
         title = f"no step is busy more than half the time ({top.name}: {share:.0%})"
         consumer_limits = stats.consumer_work_s > stats.consumer_wait_s
@@ -146,7 +146,7 @@ def verdict(stats: Stats) -> Verdict:
             f"the workers keep {used:.1f} cores busy and this process may use {cpus}, so more workers "
             f"would only share them: make {top.name} do less per element, or run on more cores",
         )
-    if stats.idle_cores is not None and stats.idle_cores < LIMITS:
+    if _no_core_free(stats):
         return Verdict(
             top.name,
             title,
@@ -157,11 +157,20 @@ def verdict(stats: Stats) -> Verdict:
     return Verdict(top.name, title, f"give it more workers (now {top.nworkers}; {used:.1f} of {cpus} cores in use)")
 
 
+def _has_cpu_times(stats: Stats) -> bool:
+    """Whether the figures carry CPU times (figures made by hand, or before a worker took an input, may not)."""
+    return bool(stats.consumer_cpu_s or any(s.cpu_s for s in stats.values()))
+
+
+def _no_core_free(stats: Stats) -> bool:
+    """Whether the machine left under half a core idle over the run (unknown off Linux: no)."""
+    return stats.idle_cores is not None and stats.idle_cores < LIMITS
+
+
 def _mostly_off_cpu(stats: Stats, step: StepStats) -> bool:
     """Whether ``step``'s workers spent most of their busy time off a CPU (``OFF_CPU_SHARE``): more of
     them help even where the cores are busy. Unknown (figures without CPU times): no."""
-    has_figures = stats.consumer_cpu_s or any(s.cpu_s for s in stats.values())
-    return bool(has_figures) and step.cpu_s < OFF_CPU_SHARE * step.busy_s
+    return _has_cpu_times(stats) and step.cpu_s < OFF_CPU_SHARE * step.busy_s
 
 
 def _held_by_the_gil(stats: Stats) -> StepStats | None:
@@ -170,7 +179,7 @@ def _held_by_the_gil(stats: Stats) -> StepStats | None:
     own = stats.consumer_cpu_s / stats.elapsed_s
     if sum(s.nworkers for s in threads) < 2 or available_cpus() < 2 or not GIL_CORES[0] <= own <= GIL_CORES[1]:
         return None
-    if stats.idle_cores is not None and stats.idle_cores < LIMITS:
+    if _no_core_free(stats):
         return None  # no core was free: the threads may be waiting for one, not for the GIL
     if sum(s.cpu_s for s in threads) < GIL_SHARE * stats.consumer_cpu_s:
         return None  # your loop, or the input, takes most of it
@@ -192,12 +201,13 @@ def _cores(stats: Stats) -> float:
     """The cores in use (rule 6); for figures made without CPU times, the workers' busy time, encoding
     and decoding over the elapsed time."""
     steps = list(stats.values())
-    if not stats.consumer_cpu_s and not any(s.cpu_s for s in steps):
+    if not _has_cpu_times(stats):
         return sum(s.busy_s + s.encode_s + s.decode_s for s in steps) / stats.elapsed_s
-    running = [
-        (s.cpu_s, s.nworkers * stats.elapsed_s - s.startup_s, s.nworkers) for s in steps if s.backend != "thread"
-    ]
-    workers = sum(cpu * nworkers / span for cpu, span, nworkers in running if span > 0)
+    workers = 0.0  # a thread step's CPU time is in your process's
+    for s in steps:
+        per_worker = stats.elapsed_s - s.startup_s / s.nworkers if s.nworkers else 0.0
+        if s.backend != "thread" and per_worker > 0:
+            workers += s.cpu_s / per_worker
     return workers + stats.consumer_cpu_s / stats.elapsed_s
 
 
@@ -207,7 +217,7 @@ def _outside(stats: Stats) -> str:
     wait, work = stats.consumer_wait_s, stats.consumer_work_s
     if work > wait:
         advice = f"your loop limits: it worked {work:.2f} s and waited {wait:.2f} s for outputs"
-    elif stats.idle_cores is not None and stats.idle_cores < LIMITS:
+    elif _no_core_free(stats):
         advice = (
             f"no core was free: the pipeline kept {_cores(stats):.1f} of the {available_cpus()} cores busy, and "
             "other programs the rest: its workers waited for a core"

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from torchqueue._verdict import verdict
 
-__all__ = ["StageEntry", "Stats", "StepStats"]
+__all__ = ["Stats", "StepStats"]
 
 
 class Field(IntEnum):
