@@ -70,7 +70,7 @@ class Workload:
     def finish(self, repeat: int | None = None) -> list[Line]:
         rounds = REPEAT if repeat is None else repeat
         seconds: dict[str, list[float]] = {name: [] for name, *_ in self._contenders}
-        cpu: dict[str, list[float]] = {name: [] for name, *_ in self._contenders}
+        cpu: dict[str, dict[int, float]] = {name: {} for name, *_ in self._contenders}  # round -> seconds
         failures: dict[str, str] = {}
         expected: Any = None
         for round_ in range(rounds):
@@ -88,7 +88,7 @@ class Workload:
                     failures[name] = str(outcome[1])[:90]
                     continue
                 seconds[name].append(outcome[1][0])
-                cpu[name].append(outcome[1][2])
+                cpu[name][round_] = outcome[1][2]
         for name, _, amount, _ in self._contenders:
             if name in failures:
                 self.lines.append(Line(self.name, name, None, self.unit, failures[name]))
@@ -112,18 +112,30 @@ class Workload:
             self.lines += self._cpu_lines(cpu)
         return self.lines
 
-    def _cpu_lines(self, cpu: dict[str, list[float]]) -> list[Line]:
-        """CPU milliseconds per unit, each run's processes summed (median of the rounds), against the first
-        contender's: what the stage boundaries, the queues and the processes cost over the work alone."""
+    def _cpu_lines(self, cpu: dict[str, dict[int, float]]) -> list[Line]:
+        """CPU milliseconds per unit, each run's processes summed (median of the rounds), and how much
+        that is over the first contender's: what the stage boundaries, the queues and the processes cost
+        over the work alone. The "over" figure is the median of each round's ratio to the first
+        contender's run in the same round: this machine's speed drifts by 10-20% over minutes (other
+        tenants), and runs side by side in time drift together."""
+        amounts = {name: amount if amount is not None else self.amount for name, _, amount, _ in self._contenders}
+        first = self._contenders[0][0]
+        work = {r: seconds / amounts[first] for r, seconds in cpu[first].items()}  # round -> the work alone's
         lines = []
-        work = None
-        for name, _, amount, _ in self._contenders:
+        for name, *_ in self._contenders:
             if not cpu[name]:
                 continue
-            per = 1000 * statistics.median(cpu[name]) / (amount if amount is not None else self.amount)
-            work = per if work is None else work
-            over = f"{100 * (per / work - 1):+.0f}% over {self._contenders[0][0]}"
-            lines.append(Line(f"{self.name}-cpu", name, per, f"ms/{self.cpu_per}", over))
+            per = {r: seconds / amounts[name] for r, seconds in cpu[name].items()}
+            paired = [per[r] / work[r] for r in per if work.get(r)]
+            if not paired:
+                over = f"(no run of {first} to compare)"
+            else:
+                over = f"{100 * (statistics.median(paired) - 1):+.0f}% over {first}"
+                if name != first and len(paired) > 1:
+                    low, high = (100 * (ratio - 1) for ratio in (min(paired), max(paired)))
+                    over += f" ({low:+.0f}% to {high:+.0f}% in {len(paired)} rounds)"
+            value = 1000 * statistics.median(per.values())
+            lines.append(Line(f"{self.name}-cpu", name, value, f"ms/{self.cpu_per}", over))
         for line in lines:
             print(format_line(line), flush=True)
         return lines

@@ -173,6 +173,13 @@ def smalltensors(quick: bool) -> list[Line]:
 ALL = {"tiny": tiny, "cpu": cpu, "python": python, "bigarrays": bigarrays, "smalltensors": smalltensors}
 
 
+SEED_READERS = max(1, WORKERS // 3)
+"""The seed shape's reading processes: one, and a third of the pool's workers on more cores. The read
+is about a third of this work (0.42 of 1.23 ms per event on the 2-core machine), so one reader bounds
+the whole shape at about 2,400 events/s, whatever the pool: 16 cores showed it (issue 17's table,
+2,754 events/s with a pool 14% busy). The thread reader stays one thread: h5py runs one call at a time."""
+
+
 def seed(quick: bool) -> list[Line]:
     """The calorimeter pipeline of the demo: HDF5 -> graphs -> Batch, events/s."""
     import tempfile
@@ -205,7 +212,7 @@ def seed(quick: bool) -> list[Line]:
     def torchqueue(reader: str = "process") -> Iterator[Any]:
         """The seed shape; ``reader``: the HDF5 read's backend (a thread of this process, or a process)."""
         with tq.Sequence(
-            tq.ProcessStep(calo.read_chunk, 1, backend=reader),
+            tq.ProcessStep(calo.read_chunk, SEED_READERS if reader == "process" else 1, backend=reader),
             tq.PoolStep(calo.event_to_graph, nworkers=WORKERS),
             tq.RepackStep(batch),
             tq.ProcessStep(calo.collate, 1),
@@ -247,7 +254,7 @@ def seed(quick: bool) -> list[Line]:
     work.run("DataLoader", per_event)
     work.run("DataLoader, chunks per worker", chunked)
     work.run("DataLoader, one batch per chunk", batch_per_chunk)
-    work.run("torchqueue", torchqueue)
+    work.run("torchqueue" if SEED_READERS == 1 else f"torchqueue, {SEED_READERS} readers", torchqueue)
     work.run("torchqueue, read in a thread", lambda: torchqueue(reader="thread"))
     work.run("torchqueue, read+transform fused", fused)
     work.run("torchqueue, one map per chunk", one_map)
