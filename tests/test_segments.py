@@ -163,6 +163,79 @@ def _big_tensor(i: int) -> torch.Tensor:
     return torch.full((n,), float(n % 7))
 
 
+def descriptors_into(directory: str) -> list[str]:
+    """The files under ``directory`` this process has a descriptor open on."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the descriptor listdir itself used, closed meanwhile
+            continue
+        if target.startswith(directory + "/"):
+            found.append(target)
+    return found
+
+
+def mapped_by_this_process(path_inode: int) -> bool:
+    with open("/proc/self/maps") as maps:
+        return any(line.split()[4] == str(path_inode) for line in maps if len(line.split()) > 4)
+
+
+def test_a_reused_segment_is_written_through_a_mapping_the_sender_keeps(segment_dir):
+    """Reused, a segment is copied into through the sender's own mapping of it (pages already mapped),
+    which the lease does not count: it is reused again and again, and every message arrives intact,
+    a smaller one in the larger segment as well as a larger one that grows it."""
+    where = inode(send_and_receive(1.0, segment_dir))
+    for value, nbytes in [(2.0, BIG), (3.0, BIG * 3 // 4), (4.0, BIG), (5.0, 3 * BIG), (6.0, 3 * BIG)]:
+        received = send_and_receive(value, segment_dir, nbytes)
+        assert inode(received) == where, nbytes  # the same file each time
+        assert torch.equal(received, message(value, nbytes))
+        del received
+    assert mapped_by_this_process(where)  # the sender's mapping, kept since the first reuse
+    assert len(set(descriptors_into(segment_dir))) == 1  # and its descriptor (and the mapping's own), kept
+
+
+def test_a_received_message_reads_only_its_bytes_of_a_larger_segment(segment_dir):
+    """A message written into a segment twice its size arrives with its own bytes, not the older ones."""
+    send_and_receive(1.0, segment_dir, 2 * BIG)
+    data = _serialize.dumps(np.arange(BIG // 8, dtype=np.int64), segment_dir)  # half the segment
+    assert _serialize.message_nbytes(data) < 2 * BIG
+    received = _serialize.loads(data)
+    assert received.nbytes == BIG and np.array_equal(received, np.arange(BIG // 8, dtype=np.int64))
+
+
+def _descriptors_in_child(directory: str, conn) -> None:
+    conn.send(descriptors_into(directory))
+
+
+def test_a_forked_child_keeps_none_of_the_senders_descriptors(segment_dir):
+    """The sender's kept descriptors and mappings are its own: a forked child (a worker, a DataLoader's)
+    closes its copies at once, so that it holds no segment's memory while it lives."""
+    received = send_and_receive(1.0, segment_dir)
+    del received
+    send_and_receive(2.0, segment_dir)  # reused: now kept open and mapped
+    assert descriptors_into(segment_dir)
+    ctx = multiprocessing.get_context("fork")
+    mine, theirs = ctx.Pipe()
+    child = ctx.Process(target=_descriptors_in_child, args=(segment_dir, theirs))
+    child.start()
+    try:
+        assert mine.poll(30)
+        assert mine.recv() == []
+    finally:
+        child.join(30)
+    assert child.exitcode == 0
+
+
+def test_removing_the_directory_closes_the_senders_descriptors(segment_dir):
+    first = send_and_receive(1.0, segment_dir)
+    del first
+    send_and_receive(2.0, segment_dir)
+    assert descriptors_into(segment_dir)
+    _segments.remove_dir(segment_dir)
+    assert descriptors_into(segment_dir) == []
+
+
 def test_removing_the_directory_forgets_what_was_sent(segment_dir):
     send_and_receive(1.0, segment_dir)
     assert segment_dir in _segments._sent

@@ -7,18 +7,23 @@ bytes into a segment file (``write``); the receiver maps it (``map_segment``) an
 Recycling. A fresh tmpfs file costs a page allocation per 4 KiB written: writing into one runs at
 about 1.5 GB/s here, while writing into pages a file has already runs at 6-10 GB/s. So a sender
 reuses the segments it sent once nobody uses them any more: the receiver renamed it (it got
-it), and the kernel grants a write lease on it, which it does only when no process has the
+it), and the kernel grants a write lease on it, which it does only when no other process has the
 file open or mapped (``fcntl(F_SETLEASE)``). That covers every way a segment stays in use:
-the receiver's tensors, a tensor passed on by torch's file-descriptor sharing, a forked child.
+the receiver's tensors, a tensor passed on by torch's file-descriptor sharing, a receiver's forked child.
 The lease is released at once; nobody opens a received segment again, so it is hardly ever broken.
+A lease counts the opens of others only: the sender keeps the descriptor it wrote a segment through
+(``_Segment``) and, once it reuses the segment, a mapping of it, so that each later message is one
+copy into pages already mapped. That runs 1.3-1.9x faster here than ``pwritev`` into the same pages
+(which walks them in the kernel), and releases the GIL as well (numpy's copy). A forked child closes
+its copies of them (``_forget_after_fork``): they are not its to reuse, and would hold the memory.
 Hardly: a segment passed on (below) is opened again by the next receiver, which the sender skips, but
 a receiver may make that second name just before the sender leases. Then the next receiver's open
 waits until the lease is released (microseconds), and the kernel tells the sender by ``SIGIO``, whose
 default action kills a process: so every process that leases ignores ``SIGIO`` where nothing handles
 it (``survive_lease_breaks``).
 
-    sender: write <name> ──► receiver: open, map, rename to <name>.r ... frees its tensors
-    sender, for a later message: <name>.r unused (lease granted)? rename it to a new name, write
+    sender: write <name> (keeps it open) ──► receiver: open, map, rename to <name>.r ... frees its tensors
+    sender, for a later message: <name>.r unused (lease granted)? rename it to a new name, copy into it
 
 Bounds: only segments of ``REUSE_MIN_BYTES`` or more are reused. As it writes, a sender reuses
 the oldest of its segments that nobody uses, keeps ``SPARE`` more unused ones, and removes the
@@ -54,6 +59,7 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 REUSE_MIN_BYTES = 256 << 10
@@ -74,6 +80,7 @@ SPARE = 0
 sender raised the peak memory of a stream of 16 MiB batches by about 10% and sped up nothing measured."""
 
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+_MAP_SHARED_POPULATE = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 _ALIGN = 64
 _ZEROS = memoryview(bytes(_ALIGN))
 _IOV_MAX = 1024
@@ -131,63 +138,97 @@ def remove_abandoned(root: str) -> None:
             os.close(fd)
 
 
+class _Segment:
+    """A segment this process sent: the name it was sent under, its size, and the descriptor it was
+    written through, kept open while it is tracked (``None`` where there are no leases). Reused once,
+    it is also kept mapped: each later message is one copy into pages already mapped, without a write
+    system call walking them (1.3-1.9x faster here, see "Recycling")."""
+
+    __slots__ = ("path", "size", "fd", "view")
+
+    def __init__(self, path: str, size: int, fd: int | None) -> None:
+        self.path, self.size, self.fd = path, size, fd
+        self.view: np.ndarray | None = None
+
+    def mapped(self) -> np.ndarray:
+        """The whole file as bytes, mapped once with its page table filled (``MAP_POPULATE``)."""
+        if self.view is None:
+            assert self.fd is not None
+            self.view = np.frombuffer(mmap.mmap(self.fd, self.size, flags=_MAP_SHARED_POPULATE), dtype=np.uint8)
+        return self.view
+
+    def release(self) -> None:
+        """Close the descriptor and drop the mapping (the memory goes with the last name and mapping)."""
+        self.view = None  # the mmap goes with its only view: unmapped
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class _Sent:
     """The segments this process sent into one directory, oldest first (see the module docstring)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.names: collections.deque[tuple[str, int]] = collections.deque()  # (path, size)
+        self.names: collections.deque[_Segment] = collections.deque()
         self.nbytes = 0
 
-    def claim(self, take: bool = True, spare: int = 0) -> tuple[int, str] | None:
-        """An open descriptor and a new path for the oldest segment nobody uses any more (else
-        ``None``); of the other unused ones, ``SPARE`` (or ``spare``, if more) are kept and the rest
-        removed. ``take=False``: claim none, only keep ``SPARE`` unused ones (the sender is going idle)."""
+    def claim(self, take: bool = True, spare: int = 0) -> _Segment | None:
+        """The oldest segment nobody uses any more, under a new name (else ``None``); of the other unused
+        ones, ``SPARE`` (or ``spare``, if more) are kept and the rest removed. ``take=False``: claim none,
+        only keep ``SPARE`` unused ones (the sender is going idle)."""
         claimed = None
         spares = 0
-        kept: collections.deque[tuple[str, int]] = collections.deque()
-        for path, size in self.names:  # at most TRACKED: a look costs a few system calls
-            fd = _open_unused(path + _RECEIVED)
-            if fd is None:  # not received yet, or still in use
-                kept.append((path, size))
+        kept: collections.deque[_Segment] = collections.deque()
+        for segment in self.names:  # at most TRACKED: a look costs a few system calls
+            if not _unused(segment):  # not received yet, or still in use
+                kept.append(segment)
                 continue
             if claimed is None and take:
-                fresh = _new_path(os.path.dirname(path))
+                fresh = _new_path(os.path.dirname(segment.path))
+                self.nbytes -= segment.size
                 try:
-                    os.rename(path + _RECEIVED, fresh)
-                    claimed = fd, fresh
+                    os.rename(segment.path + _RECEIVED, fresh)
                 except OSError:  # the pipeline is closing
-                    os.close(fd)
-                self.nbytes -= size
+                    segment.release()
+                    continue
+                segment.path = fresh
+                claimed = segment
                 continue
-            os.close(fd)
             if spares < max(SPARE, spare):
                 spares += 1
-                kept.append((path, size))
+                kept.append(segment)
             else:
-                _remove(path + _RECEIVED)
-                self.nbytes -= size
+                _remove(segment.path + _RECEIVED)
+                segment.release()
+                self.nbytes -= segment.size
         self.names = kept
         return claimed
 
-    def track(self, path: str, size: int) -> None:
-        self.names.append((path, size))
-        self.nbytes += size
+    def track(self, segment: _Segment) -> None:
+        self.names.append(segment)
+        self.nbytes += segment.size
         if len(self.names) <= TRACKED and self.nbytes <= TRACKED_BYTES:
             return
         # Over the bounds: forget the oldest received segments (their name goes; their memory when
         # the last user unmaps them). One still in flight keeps its name and stays tracked: its
         # receiver opens it by that name (the credits bound how many are in flight).
-        kept: collections.deque[tuple[str, int]] = collections.deque()
+        kept: collections.deque[_Segment] = collections.deque()
         while self.names and (len(self.names) + len(kept) > TRACKED or self.nbytes > TRACKED_BYTES):
-            old, old_size = self.names.popleft()
-            if _received(old):
-                _remove(old + _RECEIVED)
-                self.nbytes -= old_size
+            old = self.names.popleft()
+            if _received(old.path):
+                _remove(old.path + _RECEIVED)
+                old.release()
+                self.nbytes -= old.size
             else:
-                kept.append((old, old_size))
+                kept.append(old)
         kept.extend(self.names)
         self.names = kept
+
+    def release(self) -> None:
+        for segment in self.names:
+            segment.release()
+        self.names.clear()
 
 
 def trim(directory: str) -> None:
@@ -225,7 +266,23 @@ def remove_dir(directory: str) -> None:
     if owner is not None:
         os.close(owner)
     with _sent_lock:
-        _sent.pop(directory, None)
+        sent = _sent.pop(directory, None)
+    if sent is not None:
+        with sent.lock:
+            sent.release()
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: the parent's sent segments are not the child's to reuse. Close its copies of
+    their descriptors and mappings (the parent's stay), so that they hold no memory while the child lives."""
+    global _sent_lock
+    for sent in _sent.values():
+        sent.release()
+    _sent.clear()
+    _sent_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _sent_into(directory: str) -> _Sent:
@@ -251,85 +308,116 @@ def _new_path(directory: str) -> str:
     return os.path.join(directory, f"{os.getpid()}-{next(_counter)}")
 
 
-def _open_unused(path: str) -> int | None:
-    """``path`` opened for writing if no process has it open or mapped and it has no other name (a
-    routed item's link, see ``_routing``), else ``None``."""
+def _unused(segment: _Segment) -> bool:
+    """Whether nobody uses a segment this process sent: its receiver took it (renamed it), it has no other
+    name (a routed item's link, see ``_routing``), and no other process has it open or mapped. The last
+    is the kernel's write lease on the descriptor this process kept: a lease counts the opens of others
+    only, so this process's own mapping of it does not stand in the way."""
     global _leases
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return None  # not received yet (or the pipeline is closing)
+    fd = segment.fd
+    if fd is None or not os.path.exists(segment.path + _RECEIVED):
+        return False  # not received yet (or the pipeline is closing)
     try:
         # a segment passed on has two names until its next receiver opens the second: never lease it
         # then (that open would break the lease), and check again under the lease, where nobody can
         # open it, so nobody can map it and make a link to it: the count holds
+        if os.fstat(fd).st_nlink > 1:
+            return False
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_WRLCK)
         linked = os.fstat(fd).st_nlink > 1
-        if not linked:
-            fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_WRLCK)
-            linked = os.fstat(fd).st_nlink > 1
-            fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
-        if linked:
-            os.close(fd)
-            return None
-        return fd
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
+        return not linked
     except OSError as exc:
-        os.close(fd)
         if exc.errno not in (errno.EAGAIN, errno.EBUSY):
             _leases = False  # no leases here (a filesystem or sandbox without them): never reuse
-        return None
+        return False
 
 
 def write(directory: str, chunks: list[tuple[int, Any]], size: int, spare: int = 0) -> str:
     """Write the chunks at their offsets into a segment of ``size`` bytes (a reused one when one is
-    free) and return its path. ``write`` (not a mapping), so the kernel fills pages without a page
-    fault per page, and a full /dev/shm is an ``OSError``. ``spare``: messages the sender writes
-    right after this one (the other parts of an element for a pool): that many unused segments are
-    kept for them, rather than removed now and allocated again a moment later."""
-    reused = size >= REUSE_MIN_BYTES
-    sent = _sent_into(directory) if reused else None
-    claimed = None
+    free) and return its path. A fresh segment is written with ``pwritev`` (not a mapping), so the
+    kernel fills its pages without a page fault per page, and a full /dev/shm is an ``OSError``; a
+    reused one of about the size (up to twice) is copied into through the mapping kept of it (the
+    receiver maps the first ``size`` bytes). ``spare``: messages the sender writes right after this
+    one (the other parts of an element for a pool): that many unused segments are kept for them,
+    rather than removed now and allocated again a moment later."""
+    sent = _sent_into(directory) if size >= REUSE_MIN_BYTES else None
+    segment = None
     if sent is not None and _leases:
         with sent.lock:
-            claimed = sent.claim(spare=spare)
-    if claimed is not None:
-        fd, path = claimed
+            segment = sent.claim(spare=spare)
+    if segment is not None:
+        try:
+            _write_reused(segment, chunks, size)
+        except BaseException:
+            _remove(segment.path)
+            segment.release()
+            raise
     else:
         path = _new_path(directory)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        _write_file(fd, path, chunks, size)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:  # the file is gone: the free space reported is what others left
-            raise no_room(directory, size) from exc
-        raise
+        try:
+            _write_fd(fd, chunks, size)
+        except BaseException as exc:
+            os.close(fd)
+            os.unlink(path)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # what is free is what others left
+                raise no_room(directory, size) from exc
+            raise
+        kept = sent is not None and _leases  # kept open for its reuse (see ``_unused``)
+        if not kept:
+            os.close(fd)
+        segment = _Segment(path, size, fd if kept else None)
     if sent is not None:
         with sent.lock:
-            sent.track(path, size)
-    return path
+            sent.track(segment)
+    return segment.path
 
 
-def _write_file(fd: int, path: str, chunks: list[tuple[int, Any]], size: int) -> None:
-    """Write the chunks into the file ``fd`` (at ``path``) and close it; remove it if that failed."""
-    try:
-        os.ftruncate(fd, size)  # a reused segment drops what it had beyond ``size``
-        iov: list[memoryview] = []
-        position = start = 0
+def _write_reused(segment: _Segment, chunks: list[tuple[int, Any]], size: int) -> None:
+    """Write a message into a segment claimed for reuse: a copy into its mapping when the message fits
+    and fills at least half of it (every page of it was written once: no page is allocated now), else
+    the file cut or grown to ``size`` and written as a fresh one is."""
+    if size <= segment.size <= 2 * size:
+        view = segment.mapped()
         for offset, data in chunks:
-            if offset > position:
-                iov.append(_ZEROS[: offset - position])
-            view = memoryview(data).cast("B")
-            iov.append(view)
-            position = offset + view.nbytes
-            if len(iov) >= _IOV_MAX - 1:
-                start += _pwritev_all(fd, iov, start)
-                iov = []
-        if iov:
-            _pwritev_all(fd, iov, start)
-    except BaseException:
-        os.unlink(path)
+            source = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+            np.copyto(view[offset : offset + source.size], source)  # numpy's copy releases the GIL
+        return
+    segment.view = None  # its mapping has the old size
+    assert segment.fd is not None
+    try:
+        _write_fd(segment.fd, chunks, size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise no_room(os.path.dirname(segment.path), size) from exc
         raise
-    finally:
-        os.close(fd)
+    segment.size = size
+
+
+def _write_fd(fd: int, chunks: list[tuple[int, Any]], size: int) -> None:
+    """Write the chunks into the file ``fd``, cut or grown to ``size``: every byte up to ``size`` (the gaps
+    and the tail as zeros), so that all its pages exist and a copy into its mapping later allocates none."""
+    os.ftruncate(fd, size)  # a reused segment drops what it had beyond ``size``
+    iov: list[memoryview] = []
+    position = start = 0
+    for offset, data in chunks:
+        if offset > position:
+            iov.append(_zeros(offset - position))
+        view = memoryview(data).cast("B")
+        iov.append(view)
+        position = offset + view.nbytes
+        if len(iov) >= _IOV_MAX - 2:
+            start += _pwritev_all(fd, iov, start)
+            iov = []
+    if size > position:
+        iov.append(_zeros(size - position))
+    if iov:
+        _pwritev_all(fd, iov, start)
+
+
+def _zeros(nbytes: int) -> memoryview:
+    return _ZEROS[:nbytes] if nbytes <= _ALIGN else memoryview(bytes(nbytes))
 
 
 def no_room(directory: str, size: int) -> OSError:
@@ -385,7 +473,7 @@ def link(address: int, size: int, directory: str) -> tuple[str, str] | None:
     the memory is not a whole segment of a pipeline, or the segment's name went (its sender forgot
     it, its pipeline closed).
 
-    The link keeps the segment out of its sender's reuse (``_open_unused`` skips a file with two
+    The link keeps the segment out of its sender's reuse (``_unused`` skips a file with two
     names) from the moment this process, which still maps it, makes it, until the next receiver
     maps the segment and removes the link (``map_passed``): so that receiver always finds the bytes
     that were passed on, with no copy and no file descriptor passed. A link nobody received goes
