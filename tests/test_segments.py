@@ -236,6 +236,45 @@ def test_removing_the_directory_closes_the_senders_descriptors(segment_dir):
     assert descriptors_into(segment_dir) == []
 
 
+def test_a_segment_written_while_its_directory_is_removed_is_let_go(segment_dir, monkeypatch):
+    """A pipeline closing (``remove_dir``) while a thread of this process writes a segment: the writer
+    does not keep that segment's descriptor, which would hold its memory for the life of the process."""
+    write_fd = _segments._write_fd
+
+    def closing_meanwhile(fd, chunks, size):
+        _segments.remove_dir(segment_dir)  # as close() in another thread would, mid-write
+        write_fd(fd, chunks, size)
+
+    monkeypatch.setattr(_segments, "_write_fd", closing_meanwhile)
+    _segments.write(segment_dir, [(0, np.ones(BIG, np.uint8).data)], BIG)
+    assert descriptors_into(segment_dir) == []
+
+
+def test_a_child_forked_during_a_write_keeps_none_of_the_senders_descriptors(segment_dir, monkeypatch):
+    """A fork from another thread (a DataLoader's workers in your process) while the feeder writes: the
+    child lets go of the segment being written too."""
+    ctx = multiprocessing.get_context("fork")
+    mine, theirs = ctx.Pipe()
+    write_fd = _segments._write_fd
+    children = []
+
+    def forking_meanwhile(fd, chunks, size):
+        child = ctx.Process(target=_descriptors_in_child, args=(segment_dir, theirs))
+        child.start()
+        children.append(child)
+        write_fd(fd, chunks, size)
+
+    monkeypatch.setattr(_segments, "_write_fd", forking_meanwhile)
+    _segments.write(segment_dir, [(0, np.ones(BIG, np.uint8).data)], BIG)
+    try:
+        assert mine.poll(30)
+        assert mine.recv() == []
+        assert descriptors_into(segment_dir)  # the sender's own stays, for reuse
+    finally:
+        children[0].join(30)
+    assert children[0].exitcode == 0
+
+
 def test_removing_the_directory_forgets_what_was_sent(segment_dir):
     send_and_receive(1.0, segment_dir)
     assert segment_dir in _segments._sent

@@ -11,11 +11,15 @@ it), and the kernel grants a write lease on it, which it does only when no other
 file open or mapped (``fcntl(F_SETLEASE)``). That covers every way a segment stays in use:
 the receiver's tensors, a tensor passed on by torch's file-descriptor sharing, a receiver's forked child.
 The lease is released at once; nobody opens a received segment again, so it is hardly ever broken.
-A lease counts the opens of others only: the sender keeps the descriptor it wrote a segment through
+The kernel grants the lease when the file has no open besides the one it is asked on (that open's own
+mappings and duplicates included; any other open counts, this process's own receivers too): so the
+sender keeps the descriptor it wrote a segment through
 (``_Segment``) and, once it reuses the segment, a mapping of it, so that each later message is one
 copy into pages already mapped. That runs 1.3-1.9x faster here than ``pwritev`` into the same pages
 (which walks them in the kernel), and releases the GIL as well (numpy's copy). A forked child closes
-its copies of them (``_forget_after_fork``): they are not its to reuse, and would hold the memory.
+its copies of them (``_forget_after_fork``): they are not its to reuse, and would hold the memory. A
+reused file can be up to twice its message: /dev/shm holds up to that much more than the messages'
+sizes say.
 Hardly: a segment passed on (below) is opened again by the next receiver, which the sender skips, but
 a receiver may make that second name just before the sender leases. Then the next receiver's open
 waits until the lease is released (microseconds), and the kernel tells the sender by ``SIGIO``, whose
@@ -166,18 +170,24 @@ class _Segment:
 
 
 class _Sent:
-    """The segments this process sent into one directory, oldest first (see the module docstring)."""
+    """The segments this process sent into one directory, oldest first (see the module docstring), and
+    those it is writing (claimed or new, not yet sent). ``closed``: the directory was removed (a
+    pipeline closing while a thread of this process still writes): a segment written now is let go."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.names: collections.deque[_Segment] = collections.deque()
+        self.writing: set[_Segment] = set()
         self.nbytes = 0
+        self.closed = False
 
     def claim(self, take: bool = True, spare: int = 0) -> _Segment | None:
         """The oldest segment nobody uses any more, under a new name (else ``None``); of the other unused
         ones, ``SPARE`` (or ``spare``, if more) are kept and the rest removed. ``take=False``: claim none,
         only keep ``SPARE`` unused ones (the sender is going idle)."""
         claimed = None
+        if self.closed:
+            return None
         spares = 0
         kept: collections.deque[_Segment] = collections.deque()
         for segment in self.names:  # at most TRACKED: a look costs a few system calls
@@ -206,6 +216,11 @@ class _Sent:
         return claimed
 
     def track(self, segment: _Segment) -> None:
+        """Keep track of a segment just written (no longer ``writing``), for its reuse."""
+        self.writing.discard(segment)
+        if self.closed:  # nobody will reuse it: its descriptor and mapping go now (its name went with the directory)
+            segment.release()
+            return
         self.names.append(segment)
         self.nbytes += segment.size
         if len(self.names) <= TRACKED and self.nbytes <= TRACKED_BYTES:
@@ -225,8 +240,9 @@ class _Sent:
         kept.extend(self.names)
         self.names = kept
 
-    def release(self) -> None:
-        for segment in self.names:
+    def release(self, writing: bool = False) -> None:
+        """Let go of the tracked segments (``writing``: and those being written, in a forked child)."""
+        for segment in [*self.names, *(self.writing if writing else ())]:
             segment.release()
         self.names.clear()
 
@@ -269,6 +285,7 @@ def remove_dir(directory: str) -> None:
         sent = _sent.pop(directory, None)
     if sent is not None:
         with sent.lock:
+            sent.closed = True
             sent.release()
 
 
@@ -277,7 +294,7 @@ def _forget_after_fork() -> None:
     their descriptors and mappings (the parent's stay), so that they hold no memory while the child lives."""
     global _sent_lock
     for sent in _sent.values():
-        sent.release()
+        sent.release(writing=True)
     _sent.clear()
     _sent_lock = threading.Lock()
 
@@ -311,8 +328,8 @@ def _new_path(directory: str) -> str:
 def _unused(segment: _Segment) -> bool:
     """Whether nobody uses a segment this process sent: its receiver took it (renamed it), it has no other
     name (a routed item's link, see ``_routing``), and no other process has it open or mapped. The last
-    is the kernel's write lease on the descriptor this process kept: a lease counts the opens of others
-    only, so this process's own mapping of it does not stand in the way."""
+    is the kernel's write lease on the descriptor this process kept: it counts every open of the file
+    but that one (whose mapping made from it does not stand in the way), a receiver's in this process too."""
     global _leases
     fd = segment.fd
     if fd is None or not os.path.exists(segment.path + _RECEIVED):
@@ -342,36 +359,50 @@ def write(directory: str, chunks: list[tuple[int, Any]], size: int, spare: int =
     one (the other parts of an element for a pool): that many unused segments are kept for them,
     rather than removed now and allocated again a moment later."""
     sent = _sent_into(directory) if size >= REUSE_MIN_BYTES else None
-    segment = None
-    if sent is not None and _leases:
-        with sent.lock:
-            segment = sent.claim(spare=spare)
-    if segment is not None:
-        try:
-            _write_reused(segment, chunks, size)
-        except BaseException:
-            _remove(segment.path)
-            segment.release()
-            raise
-    else:
+    if sent is None or not _leases:  # a segment nobody will reuse: written, closed, its name tracked
         path = _new_path(directory)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            _write_fd(fd, chunks, size)
-        except BaseException as exc:
+            _write_fresh(fd, path, chunks, size)
+        finally:
             os.close(fd)
-            os.unlink(path)
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # what is free is what others left
-                raise no_room(directory, size) from exc
-            raise
-        kept = sent is not None and _leases  # kept open for its reuse (see ``_unused``)
-        if not kept:
-            os.close(fd)
-        segment = _Segment(path, size, fd if kept else None)
-    if sent is not None:
+        if sent is not None:
+            with sent.lock:
+                sent.track(_Segment(path, size, None))
+        return path
+    with sent.lock:  # the segment is in ``writing`` until tracked: a fork meanwhile lets go of it too
+        segment = sent.claim(spare=spare)
+        fresh = segment is None
+        if fresh:
+            path = _new_path(directory)
+            segment = _Segment(path, size, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        sent.writing.add(segment)
+    try:
+        if fresh:
+            assert segment.fd is not None
+            _write_fresh(segment.fd, segment.path, chunks, size)
+        else:
+            _write_reused(segment, chunks, size)
+    except BaseException:
         with sent.lock:
-            sent.track(segment)
+            sent.writing.discard(segment)
+        _remove(segment.path)
+        segment.release()
+        raise
+    with sent.lock:
+        sent.track(segment)
     return segment.path
+
+
+def _write_fresh(fd: int, path: str, chunks: list[tuple[int, Any]], size: int) -> None:
+    """Write a new segment (``_write_fd``); if that fails, remove it, and say so plainly for a full /dev/shm."""
+    try:
+        _write_fd(fd, chunks, size)
+    except BaseException as exc:
+        _remove(path)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # what is free is what others left
+            raise no_room(os.path.dirname(path), size) from exc
+        raise
 
 
 def _write_reused(segment: _Segment, chunks: list[tuple[int, Any]], size: int) -> None:

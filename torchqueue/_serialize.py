@@ -31,7 +31,8 @@ and the pickle says where in it the values are (``_Passed``); the next
 receiver maps it by that name. Other shared memory (a tensor the user
 shared, a segment whose name went) is copied into the message's segment.
 Tensor subclasses, sparse, quantized and non-CPU tensors keep torch's own
-sharing. Writing a segment is one ``pwritev`` call, which releases the GIL:
+sharing. Writing a segment is one ``pwritev`` call, or one numpy copy into a segment the sender
+reuses (``_segments``, "Recycling"); both release the GIL:
 the feeder thread copies while the consumer's thread runs.
 
 Why not torch's sharing for what is passed on: it sends a file descriptor
