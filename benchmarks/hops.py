@@ -18,6 +18,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -153,8 +154,10 @@ def main() -> None:
         ) as seq:
             for _ in seq(chunks):
                 pass
-            rows = [(f"{stage[:16]}#{worker}", handle.pid) for stage, worker, handle in seq._runtime.workers]
-            rows = [(name, _process_cpu(pid), clocks.of(pid)) for name, pid in rows]
+            rows = [
+                (f"{stage[:16]}#{worker}", _process_cpu(handle.pid), clocks.of(handle.pid))
+                for stage, worker, handle in seq._runtime.workers
+            ]
         consumer = time.process_time() - consumer
         work = sum(alone.values())
         print(
@@ -177,8 +180,6 @@ def main() -> None:
             f"{100 * summed['write'] / work:.1f}%), decode {100 * summed['decode'] / work:.1f}%",
             flush=True,
         )
-    import shutil
-
     shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -7,7 +7,7 @@ bytes into a segment file (``write``); the receiver maps it (``map_segment``) an
 Recycling. A fresh tmpfs file costs a page allocation per 4 KiB written: writing into one runs at
 about 1.5 GB/s here, while writing into pages a file has already runs at 6-10 GB/s. So a sender
 reuses the segments it sent once nobody uses them any more: the receiver renamed it (it got
-it), and the kernel grants a write lease on it, which it does only when no other process has the
+it), and the kernel grants a write lease on it, which it does only when nobody else has the
 file open or mapped (``fcntl(F_SETLEASE)``). That covers every way a segment stays in use:
 the receiver's tensors, a tensor passed on by torch's file-descriptor sharing, a receiver's forked child.
 The lease is released at once; nobody opens a received segment again, so it is hardly ever broken.
@@ -51,6 +51,7 @@ while nobody maps them (between the two steps), and no file descriptor crosses p
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -185,9 +186,9 @@ class _Sent:
         """The oldest segment nobody uses any more, under a new name (else ``None``); of the other unused
         ones, ``SPARE`` (or ``spare``, if more) are kept and the rest removed. ``take=False``: claim none,
         only keep ``SPARE`` unused ones (the sender is going idle)."""
-        claimed = None
         if self.closed:
             return None
+        claimed = None
         spares = 0
         kept: collections.deque[_Segment] = collections.deque()
         for segment in self.names:  # at most TRACKED: a look costs a few system calls
@@ -359,50 +360,35 @@ def write(directory: str, chunks: list[tuple[int, Any]], size: int, spare: int =
     one (the other parts of an element for a pool): that many unused segments are kept for them,
     rather than removed now and allocated again a moment later."""
     sent = _sent_into(directory) if size >= REUSE_MIN_BYTES else None
-    if sent is None or not _leases:  # a segment nobody will reuse: written, closed, its name tracked
-        path = _new_path(directory)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            _write_fresh(fd, path, chunks, size)
-        finally:
-            os.close(fd)
-        if sent is not None:
-            with sent.lock:
-                sent.track(_Segment(path, size, None))
-        return path
-    with sent.lock:  # the segment is in ``writing`` until tracked: a fork meanwhile lets go of it too
-        segment = sent.claim(spare=spare)
+    kept = sent is not None and _leases  # its descriptor kept open, for its reuse (see ``_unused``)
+    with sent.lock if kept else contextlib.nullcontext():  # in ``writing`` until tracked: a fork lets go of it
+        segment = sent.claim(spare=spare) if kept else None
         fresh = segment is None
-        if fresh:
+        if segment is None:
             path = _new_path(directory)
             segment = _Segment(path, size, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-        sent.writing.add(segment)
+        if kept:
+            sent.writing.add(segment)
     try:
         if fresh:
-            assert segment.fd is not None
-            _write_fresh(segment.fd, segment.path, chunks, size)
+            _write_fd(segment.fd, chunks, size)  # type: ignore[arg-type]
         else:
             _write_reused(segment, chunks, size)
-    except BaseException:
-        with sent.lock:
-            sent.writing.discard(segment)
+    except BaseException as exc:
+        if kept:
+            with sent.lock:
+                sent.writing.discard(segment)
         _remove(segment.path)
         segment.release()
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # the file is gone: what is free is what others left
+            raise no_room(directory, size) from exc
         raise
-    with sent.lock:
-        sent.track(segment)
+    if not kept:
+        segment.release()
+    if sent is not None:
+        with sent.lock:
+            sent.track(segment)
     return segment.path
-
-
-def _write_fresh(fd: int, path: str, chunks: list[tuple[int, Any]], size: int) -> None:
-    """Write a new segment (``_write_fd``); if that fails, remove it, and say so plainly for a full /dev/shm."""
-    try:
-        _write_fd(fd, chunks, size)
-    except BaseException as exc:
-        _remove(path)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # what is free is what others left
-            raise no_room(os.path.dirname(path), size) from exc
-        raise
 
 
 def _write_reused(segment: _Segment, chunks: list[tuple[int, Any]], size: int) -> None:
@@ -416,13 +402,7 @@ def _write_reused(segment: _Segment, chunks: list[tuple[int, Any]], size: int) -
             np.copyto(view[offset : offset + source.size], source)  # numpy's copy releases the GIL
         return
     segment.view = None  # its mapping has the old size
-    assert segment.fd is not None
-    try:
-        _write_fd(segment.fd, chunks, size)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise no_room(os.path.dirname(segment.path), size) from exc
-        raise
+    _write_fd(segment.fd, chunks, size)  # type: ignore[arg-type]
     segment.size = size
 
 
