@@ -116,6 +116,35 @@ def test_unused_segments_beyond_a_spare_are_removed_as_data_flows(segment_dir):
     assert torch.equal(kept, message(9.0))
 
 
+def test_a_message_goes_into_the_unused_segment_it_fits(segment_dir):
+    """Not the oldest unused segment: the one the message fits (no file cut or grown); the other is
+    kept as a spare (a pool's worker keeps some), and a message it fits goes into it next."""
+    small = send_and_receive(1.0, segment_dir, BIG)
+    large = send_and_receive(2.0, segment_dir, 4 * BIG)
+    where_small, where_large = inode(small), inode(large)
+    del small, large
+    again = _serialize.loads(_serialize.dumps(message(3.0, 3 * BIG), segment_dir, spare=1))
+    assert inode(again) == where_large and torch.equal(again, message(3.0, 3 * BIG))
+    other = send_and_receive(4.0, segment_dir, BIG)
+    assert inode(other) == where_small and torch.equal(other, message(4.0, BIG))
+
+
+def test_a_segment_grown_for_a_message_has_room_for_a_slightly_larger_one(segment_dir, monkeypatch):
+    """Messages whose size varies a little (batches of graphs): a segment grown for one is grown with
+    some room, so that the next, a little larger still, is one copy into its kept mapping, with no
+    file written afresh."""
+    where = inode(send_and_receive(1.0, segment_dir, BIG))
+    grown = send_and_receive(2.0, segment_dir, BIG + BIG // 16)  # grown, with room
+    assert inode(grown) == where and torch.equal(grown, message(2.0, BIG + BIG // 16))
+    del grown
+    written = []
+    write_fd = _segments._write_fd
+    monkeypatch.setattr(_segments, "_write_fd", lambda *args: written.append(args) or write_fd(*args))
+    larger = send_and_receive(3.0, segment_dir, BIG + BIG // 10)
+    assert inode(larger) == where and torch.equal(larger, message(3.0, BIG + BIG // 10))
+    assert written == []  # copied into the sender's kept mapping
+
+
 def test_the_parts_of_one_element_reuse_as_many_freed_segments(segment_dir):
     """A sender writing a pool's parts, one after the other, keeps freed segments for the next parts
     rather than removing them and writing the next parts into fresh pages."""

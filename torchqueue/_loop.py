@@ -24,6 +24,11 @@ from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
 from torchqueue.errors import capture
 from torchqueue.stats import Field
 
+IDLE_S = 1.0
+"""A worker whose input stopped this long frees the unused segments it kept for its next outputs
+(``_segments.trim``). A shorter wait (a slower step before it, an epoch's end) keeps them: its next
+outputs reuse them rather than allocate and fill fresh shared memory."""
+
 
 @dataclass(frozen=True)
 class FusedStage:
@@ -110,7 +115,7 @@ class Loop:
         self.meter.set(Field.IN_SINCE, start)  # stats() counts a wait still going on
         idle = False
         while (data := self.ctx.inbox.get(self.alive, timeout=POLL_S, stop=self.ctx.stop)) is None:
-            if not idle:  # nothing came for a poll (``get`` waited that long): free what earlier outputs left
+            if not idle and time.perf_counter() - start >= IDLE_S:  # free what earlier outputs left
                 idle = True
                 self.emitter.idle()
         self.meter.set(Field.IN_SINCE, 0.0)

@@ -30,10 +30,13 @@ it (``survive_lease_breaks``).
     sender, for a later message: <name>.r unused (lease granted)? rename it to a new name, copy into it
 
 Bounds: only segments of ``REUSE_MIN_BYTES`` or more are reused. As it writes, a sender reuses
-the oldest of its segments that nobody uses, keeps ``SPARE`` more unused ones, and removes the
-others it finds unused: a segment its receiver freed waits only until its sender's next message.
-A sender going idle (a worker waiting for input, the feeder waiting for an epoch) calls ``trim``,
-which removes them the same way, so nothing waits after the data stopped flowing. It tracks at
+the oldest of its unused segments that the message fits (half of it to all of it), else one it cuts
+or grows to the message, with ``1 / HEADROOM`` more room for the next, slightly larger one
+(``_fitting``). It keeps ``SPARE`` more unused ones (or as many as it is told: the other parts of
+an element for a pool, a pool worker's next parts), and removes the others it finds unused: a
+segment its receiver freed waits only until its sender's next message. A sender going idle (a
+worker that got no input for a second, the feeder waiting for an epoch) calls ``trim``, which
+removes them the same way, so nothing waits long after the data stopped flowing. It tracks at
 most ``TRACKED`` segments and ``TRACKED_BYTES`` bytes besides those in flight (which the credits
 bound): the oldest received one beyond them is forgotten and its name removed (its memory goes
 when its last user unmaps it). A segment in flight is never touched. Where leases are not
@@ -79,6 +82,10 @@ TRACKED_BYTES = 1 << 30
 a segment costs no memory (it is in use, or one of the ``SPARE`` unused ones): the bound only says
 when to give up on one that stays in use. It must cover what is in use at once, or large messages
 never find a free segment (64 MiB tensors through ``Queue(4)`` ran 2.4x slower with 64 MiB here)."""
+
+HEADROOM = 8
+"""A reused segment cut or grown to a message's size gets ``1 / HEADROOM`` of it more: of messages whose
+size varies (batches of graphs, parts of a chunk), the next one a little larger fits it too."""
 
 SPARE = 0
 """Unused segments a sender keeps beside the one it reuses; it removes further ones it finds. One per
@@ -170,6 +177,19 @@ class _Segment:
             self.fd = None
 
 
+def _fitting(unused: list[_Segment], size: int) -> _Segment | None:
+    """The unused segment to reuse for a message of ``size`` bytes: the oldest it fits (it fills from half
+    the segment to all of it: one copy into the kept mapping), else the largest one smaller than it, else
+    the smallest one larger (either cut or grown to the message, see ``_write_reused``)."""
+    for segment in unused:
+        if size <= segment.size <= 2 * size:
+            return segment
+    smaller = [segment for segment in unused if segment.size < size]
+    if smaller:
+        return max(smaller, key=lambda segment: segment.size)
+    return min(unused, key=lambda segment: segment.size, default=None)
+
+
 class _Sent:
     """The segments this process sent into one directory, oldest first (see the module docstring), and
     those it is writing (claimed or new, not yet sent). ``closed``: the directory was removed (a
@@ -182,37 +202,31 @@ class _Sent:
         self.nbytes = 0
         self.closed = False
 
-    def claim(self, take: bool = True, spare: int = 0) -> _Segment | None:
-        """The oldest segment nobody uses any more, under a new name (else ``None``); of the other unused
-        ones, ``SPARE`` (or ``spare``, if more) are kept and the rest removed. ``take=False``: claim none,
-        only keep ``SPARE`` unused ones (the sender is going idle)."""
+    def claim(self, size: int = 0, take: bool = True, spare: int = 0) -> _Segment | None:
+        """An unused segment for a message of ``size`` bytes (``_fitting``), under a new name, else ``None``;
+        of the other unused ones, ``SPARE`` (or ``spare``, if more) are kept and the rest removed.
+        ``take=False``: claim none, only keep ``SPARE`` unused ones (the sender is going idle)."""
         if self.closed:
             return None
-        claimed = None
-        spares = 0
-        kept: collections.deque[_Segment] = collections.deque()
-        for segment in self.names:  # at most TRACKED: a look costs a few system calls
-            if not _unused(segment):  # not received yet, or still in use
-                kept.append(segment)
-                continue
-            if claimed is None and take:
-                fresh = _new_path(os.path.dirname(segment.path))
-                self.nbytes -= segment.size
-                try:
-                    os.rename(segment.path + _RECEIVED, fresh)
-                except OSError:  # the pipeline is closing
-                    segment.release()
-                    continue
-                segment.path = fresh
-                claimed = segment
-                continue
-            if spares < max(SPARE, spare):
-                spares += 1
-                kept.append(segment)
-            else:
-                _remove(segment.path + _RECEIVED)
-                segment.release()
-                self.nbytes -= segment.size
+        unused = [segment for segment in self.names if _unused(segment)]  # at most TRACKED: a few system calls each
+        taken = claimed = _fitting(unused, size) if take else None
+        if taken is not None:
+            unused.remove(taken)
+            self.nbytes -= taken.size
+            fresh = _new_path(os.path.dirname(taken.path))
+            try:
+                os.rename(taken.path + _RECEIVED, fresh)
+                taken.path = fresh
+            except OSError:  # the pipeline is closing
+                taken.release()
+                claimed = None
+        removed = unused[max(SPARE, spare) if take else SPARE :]  # the oldest unused ones stay, as spares
+        for segment in removed:
+            _remove(segment.path + _RECEIVED)
+            segment.release()
+            self.nbytes -= segment.size
+        gone = {id(segment) for segment in [taken, *removed]}
+        kept = collections.deque(segment for segment in self.names if id(segment) not in gone)
         self.names = kept
         return claimed
 
@@ -362,7 +376,7 @@ def write(directory: str, chunks: list[tuple[int, Any]], size: int, spare: int =
     sent = _sent_into(directory) if size >= REUSE_MIN_BYTES else None
     kept = sent is not None and _leases  # its descriptor kept open, for its reuse (see ``_unused``)
     with sent.lock if kept else contextlib.nullcontext():  # in ``writing`` until tracked: a fork lets go of it
-        segment = sent.claim(spare=spare) if kept else None
+        segment = sent.claim(size, spare=spare) if kept else None
         fresh = segment is None
         if segment is None:
             path = _new_path(directory)
@@ -401,9 +415,10 @@ def _write_reused(segment: _Segment, chunks: list[tuple[int, Any]], size: int) -
             source = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
             np.copyto(view[offset : offset + source.size], source)  # numpy's copy releases the GIL
         return
+    resized = size + size // HEADROOM  # the next messages, a little larger again, fit it
     segment.view = None  # its mapping has the old size
-    _write_fd(segment.fd, chunks, size)  # type: ignore[arg-type]
-    segment.size = size
+    _write_fd(segment.fd, chunks, resized)  # type: ignore[arg-type]
+    segment.size = resized
 
 
 def _write_fd(fd: int, chunks: list[tuple[int, Any]], size: int) -> None:
