@@ -1,11 +1,14 @@
-"""Where the seed shape's CPU goes: ``python -m benchmarks.hops [--rounds N] [--events-per-file N]``.
+"""Where the seed shape's CPU goes: ``python -m benchmarks.hops [--rounds N] [--events-per-file N] [--epochs N]``.
 
 The seed shape (read -> pool -> repack -> collate) costs more CPU per event than the work alone; this
 splits each worker process's CPU time into its step's calls, encoding the messages it sends (and of that,
 writing their shared-memory segments), decoding those it receives, and the rest (queues, bookkeeping).
 Beside it, the same calls timed in a serial loop, in a forked process of the same round: a call slower
 in the pipeline than alone shows what sharing the cores costs (caches, switches), an encode or a decode
-what a stage boundary costs.
+what a stage boundary costs. A pipeline's start and close cost CPU too, whatever it carries: the probe
+measures them first, with no data (forking the workers, their first steps, joining them), and
+``--epochs N`` runs N epochs through each round's pipeline, so that its figures are those of a pipeline
+that keeps running (a training's) rather than of one short run (the benchmark's).
 
 A probe, not a contender: it wraps torchqueue's private ``_serialize.dumps``, ``_serialize.loads``,
 ``_segments.write`` and ``Loop.call`` in this process before the pipeline forks its workers (Linux's
@@ -18,6 +21,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -82,6 +86,31 @@ def _process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _seed_shape(tq: Any, calo: Any, workers: int) -> Any:
+    return tq.Sequence(
+        tq.ProcessStep(calo.read_chunk, 1),
+        tq.PoolStep(calo.event_to_graph, nworkers=workers),
+        tq.RepackStep(64),
+        tq.ProcessStep(calo.collate, 1),
+        tq.Queue(4),
+    )
+
+
+def _start_and_close(tq: Any, calo: Any, workers: int) -> float:
+    """CPU seconds (this process's and its workers') of the seed shape started, run for an empty epoch
+    and closed: what a pipeline costs whatever it carries."""
+
+    def spent() -> float:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # workers joined by close() are counted
+        return time.process_time() + children.ru_utime + children.ru_stime
+
+    before = spent()
+    with _seed_shape(tq, calo, workers) as seq:
+        for _ in seq([]):
+            pass
+    return spent() - before
+
+
 def _serial(chunks: list[Any], calo: Any) -> dict[str, float]:
     """The seed's calls in a serial loop, in a forked process (as the harness runs the work alone):
     thread CPU seconds per function."""
@@ -119,6 +148,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--events-per-file", type=int, default=500, help="4 files of these (default 500)")
     parser.add_argument("--workers", type=int, default=2, help="the pool's workers (default 2)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs through each round's pipeline (default 1)")
     args = parser.parse_args()
 
     import torchqueue as tq
@@ -137,32 +167,33 @@ def main() -> None:
     paths = calo.generate_dataset(directory, n_files=4, events_per_file=args.events_per_file)
     chunks = H5Chunks(paths, length_key=calo.ENERGY_KEY, chunk_size=100, shuffle=False)()
     events = 4 * args.events_per_file
-    ms = 1000 / events
+    ms = 1000 / (events * args.epochs)
     print(
-        f"seed shape, {events} events, pool of {args.workers}; CPU ms per event (thread clocks; total: the process's)"
+        f"seed shape, {events} events x {args.epochs} epoch(s), pool of {args.workers}; CPU ms per event "
+        "(thread clocks; total: the process's)"
+    )
+    start = min(_start_and_close(tq, calo, args.workers) for _ in range(3))
+    print(
+        f"a pipeline's start and close, no data: {start:.3f} s of CPU (the least of 3), {start * 1000 / events:.3f} ms "
+        f"per event of one epoch"
     )
     for round_ in range(args.rounds):
         alone = _serial(chunks, calo)
         clocks.reset()
         consumer = time.process_time()
-        with tq.Sequence(
-            tq.ProcessStep(calo.read_chunk, 1),
-            tq.PoolStep(calo.event_to_graph, nworkers=args.workers),
-            tq.RepackStep(64),
-            tq.ProcessStep(calo.collate, 1),
-            tq.Queue(4),
-        ) as seq:
-            for _ in seq(chunks):
-                pass
+        with _seed_shape(tq, calo, args.workers) as seq:
+            for _ in range(args.epochs):
+                for _ in seq(chunks):
+                    pass
             rows = [
                 (f"{stage[:16]}#{worker}", _process_cpu(handle.pid), clocks.of(handle.pid))
                 for stage, worker, handle in seq._runtime.workers
             ]
         consumer = time.process_time() - consumer
-        work = sum(alone.values())
+        work = sum(alone.values()) * args.epochs
         print(
             f"round {round_ + 1}: the work alone {work * ms:.3f} ("
-            + ", ".join(f"{k} {v * ms:.3f}" for k, v in alone.items())
+            + ", ".join(f"{k} {v * args.epochs * ms:.3f}" for k, v in alone.items())
             + ")"
         )
         for name, total, part in rows:

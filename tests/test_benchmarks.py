@@ -76,7 +76,7 @@ def test_cpu_over_the_work_alone_is_the_median_of_each_rounds_ratio():
 @pytest.mark.timeout(300)
 def test_the_hops_probe_splits_each_workers_cpu():
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.hops", "--rounds", "1", "--events-per-file", "100"],
+        [sys.executable, "-m", "benchmarks.hops", "--rounds", "1", "--events-per-file", "100", "--epochs", "2"],
         capture_output=True,
         text=True,
         timeout=280,
@@ -89,3 +89,6 @@ def test_the_hops_probe_splits_each_workers_cpu():
         assert float(figures[figures.index("call") + 1]) > 0 and float(figures[figures.index("encode") + 1]) > 0
     assert float(rows["RepackStep(64)#0"].split("decode")[1].split()[0]) > 0  # it decoded the pool's graphs
     assert "over the work alone" in result.stdout
+    assert "400 events x 2 epoch(s)" in result.stdout  # 4 files of 100 events, twice through one pipeline
+    start = next(line for line in result.stdout.splitlines() if line.startswith("a pipeline's start and close"))
+    assert float(start.split("no data: ")[1].split()[0]) > 0  # forking, starting and joining workers cost CPU
