@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import torchqueue as tq
-from torchqueue import _segments, _serialize
+from torchqueue import _loop, _segments, _serialize
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
 
@@ -129,6 +129,20 @@ def test_a_message_goes_into_the_unused_segment_it_fits(segment_dir):
     assert inode(other) == where_small and torch.equal(other, message(4.0, BIG))
 
 
+def test_a_message_takes_the_smallest_segment_it_fits_else_cuts_a_larger_one(segment_dir):
+    """Of two unused segments the message fits, the smaller (less held in /dev/shm); of one smaller and one
+    larger that it fits neither, the larger, cut (no page allocated), not the smaller grown."""
+    held = [send_and_receive(1.0, segment_dir, 4 * BIG), send_and_receive(2.0, segment_dir, 2 * BIG)]
+    where = inode(held[1])
+    del held
+    assert inode(send_and_receive(3.0, segment_dir, 2 * BIG)) == where
+    held = [send_and_receive(4.0, segment_dir, BIG // 2), send_and_receive(5.0, segment_dir, 8 * BIG)]
+    where = inode(held[1])
+    del held
+    received = send_and_receive(6.0, segment_dir, 3 * BIG)
+    assert inode(received) == where and torch.equal(received, message(6.0, 3 * BIG))
+
+
 def test_a_segment_grown_for_a_message_has_room_for_a_slightly_larger_one(segment_dir, monkeypatch):
     """Messages whose size varies a little (batches of graphs): a segment grown for one is grown with
     some room, so that the next, a little larger still, is one copy into its kept mapping, with no
@@ -143,6 +157,44 @@ def test_a_segment_grown_for_a_message_has_room_for_a_slightly_larger_one(segmen
     larger = send_and_receive(3.0, segment_dir, BIG + BIG // 10)
     assert inode(larger) == where and torch.equal(larger, message(3.0, BIG + BIG // 10))
     assert written == []  # copied into the sender's kept mapping
+
+
+def test_a_segment_cut_or_grown_has_every_page_and_is_copied_into_at_its_new_size(segment_dir):
+    """Grown, then cut, the one segment keeps every page written (a later copy into it allocates none)
+    and its kept mapping follows its size: each message arrives with its own bytes."""
+
+    def only_file() -> os.stat_result:
+        (name,) = os.listdir(segment_dir)
+        return os.stat(os.path.join(segment_dir, name))
+
+    where = inode(send_and_receive(1.0, segment_dir))
+    assert inode(send_and_receive(2.0, segment_dir)) == where  # copied in: the sender maps it now
+    for value, nbytes, file_size in [
+        (3.0, 3 * BIG, 3 * BIG + 3 * BIG // 8),  # grown, with an eighth more room
+        (4.0, 3 * BIG + 3 * BIG // 16, 3 * BIG + 3 * BIG // 8),  # fits: copied into the new mapping
+        (5.0, BIG // 2, BIG // 2 + BIG // 16),  # a smaller one: cut
+    ]:
+        received = send_and_receive(value, segment_dir, nbytes)
+        assert inode(received) == where and torch.equal(received, message(value, nbytes))
+        stat = only_file()
+        assert stat.st_size == file_size and stat.st_blocks * 512 >= stat.st_size
+        del received
+
+
+def test_a_worker_without_input_frees_what_its_receivers_freed_later(no_leaks, monkeypatch):
+    """A worker waiting for input frees its unused segments each ``IDLE_S``, not only once: outputs
+    the consumer kept past the first time and dropped later are freed too, before any new input."""
+    monkeypatch.setattr(_loop, "IDLE_S", 0.05)  # the forked worker inherits it
+    with tq.Sequence(tq.ProcessStep(_big_tensor, 1), tq.Queue(4), context="fork") as seq:
+        kept = list(seq(range(6)))
+        directory = seq._runtime._segment_dir
+        time.sleep(0.5)  # not a synchronisation: the worker's first trims pass while the outputs are kept
+        assert len(os.listdir(directory)) >= len(kept) - 1  # in use: none freed
+        del kept
+        deadline = time.monotonic() + 20
+        while len(os.listdir(directory)) > _segments.SPARE and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling the directory, which the idle worker trims on its own
+        assert len(os.listdir(directory)) <= _segments.SPARE
 
 
 def test_the_parts_of_one_element_reuse_as_many_freed_segments(segment_dir):

@@ -26,8 +26,9 @@ from torchqueue.stats import Field
 
 IDLE_S = 1.0
 """A worker whose input stopped this long frees the unused segments it kept for its next outputs
-(``_segments.trim``). A shorter wait (a slower step before it, an epoch's end) keeps them: its next
-outputs reuse them rather than allocate and fill fresh shared memory."""
+(``_segments.trim``), and again each time as long again, for those its receivers freed since (the
+consumer dropping the last outputs). A shorter wait (a slower step before it, an epoch's end) keeps
+them: its next outputs reuse them rather than allocate and fill fresh shared memory."""
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,10 @@ class Loop:
         self.meter.add(Field.FILL_N, 1)
         start = time.perf_counter()
         self.meter.set(Field.IN_SINCE, start)  # stats() counts a wait still going on
-        idle = False
+        trimmed = start
         while (data := self.ctx.inbox.get(self.alive, timeout=POLL_S, stop=self.ctx.stop)) is None:
-            if not idle and time.perf_counter() - start >= IDLE_S:  # free what earlier outputs left
-                idle = True
+            if time.perf_counter() - trimmed >= IDLE_S:  # free what earlier outputs left, freed since
+                trimmed = time.perf_counter()
                 self.emitter.idle()
         self.meter.set(Field.IN_SINCE, 0.0)
         received = time.perf_counter()

@@ -30,8 +30,8 @@ it (``survive_lease_breaks``).
     sender, for a later message: <name>.r unused (lease granted)? rename it to a new name, copy into it
 
 Bounds: only segments of ``REUSE_MIN_BYTES`` or more are reused. As it writes, a sender reuses
-the oldest of its unused segments that the message fits (half of it to all of it), else one it cuts
-or grows to the message, with ``1 / HEADROOM`` more room for the next, slightly larger one
+the smallest of its unused segments that the message fits (half of it to all of it), else one it
+cuts or grows to the message, with ``1 / HEADROOM`` more room for the next, slightly larger one
 (``_fitting``). It keeps ``SPARE`` more unused ones (or as many as it is told: the other parts of
 an element for a pool, a pool worker's next parts), and removes the others it finds unused: a
 segment its receiver freed waits only until its sender's next message. A sender going idle (a
@@ -178,16 +178,17 @@ class _Segment:
 
 
 def _fitting(unused: list[_Segment], size: int) -> _Segment | None:
-    """The unused segment to reuse for a message of ``size`` bytes: the oldest it fits (it fills from half
-    the segment to all of it: one copy into the kept mapping), else the largest one smaller than it, else
-    the smallest one larger (either cut or grown to the message, see ``_write_reused``)."""
-    for segment in unused:
-        if size <= segment.size <= 2 * size:
-            return segment
-    smaller = [segment for segment in unused if segment.size < size]
-    if smaller:
-        return max(smaller, key=lambda segment: segment.size)
-    return min(unused, key=lambda segment: segment.size, default=None)
+    """The unused segment to reuse for a message of ``size`` bytes: the smallest it fits (it fills from half
+    the segment to all of it: one copy into the kept mapping), else the smallest larger one, else the
+    largest smaller one (either cut or grown to the message, see ``_write_reused``: a cut allocates no
+    page, a growth only the pages it adds)."""
+    fits = [segment for segment in unused if size <= segment.size <= 2 * size]
+    if fits:
+        return min(fits, key=lambda segment: segment.size)
+    larger = [segment for segment in unused if segment.size > size]
+    if larger:
+        return min(larger, key=lambda segment: segment.size)
+    return max(unused, key=lambda segment: segment.size, default=None)
 
 
 class _Sent:
@@ -218,6 +219,7 @@ class _Sent:
                 os.rename(taken.path + _RECEIVED, fresh)
                 taken.path = fresh
             except OSError:  # the pipeline is closing
+                _remove(taken.path + _RECEIVED)
                 taken.release()
                 claimed = None
         removed = unused[max(SPARE, spare) if take else SPARE :]  # the oldest unused ones stay, as spares
