@@ -188,7 +188,11 @@ def test_a_worker_without_input_frees_what_its_receivers_freed_later(no_leaks, m
     with tq.Sequence(tq.ProcessStep(_big_tensor, 1), tq.Queue(4), context="fork") as seq:
         kept = list(seq(range(6)))
         directory = seq._runtime._segment_dir
-        time.sleep(0.5)  # not a synchronisation: the worker's first trims pass while the outputs are kept
+        waited = seq.stats()["_big_tensor"].wait_in_s
+        deadline = time.monotonic() + 20
+        while seq.stats()["_big_tensor"].wait_in_s < waited + 10 * _loop.IDLE_S and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling the worker's wait for input (stats count one going on): trims pass meanwhile
+        assert seq.stats()["_big_tensor"].wait_in_s >= waited + 10 * _loop.IDLE_S
         assert len(os.listdir(directory)) >= len(kept) - 1  # in use: none freed
         del kept
         deadline = time.monotonic() + 20

@@ -116,8 +116,9 @@ class Loop:
         self.meter.set(Field.IN_SINCE, start)  # stats() counts a wait still going on
         trimmed = start
         while (data := self.ctx.inbox.get(self.alive, timeout=POLL_S, stop=self.ctx.stop)) is None:
-            if time.perf_counter() - trimmed >= IDLE_S:  # free what earlier outputs left, freed since
-                trimmed = time.perf_counter()
+            now = time.perf_counter()
+            if now - trimmed >= IDLE_S:  # free what earlier outputs left, freed since
+                trimmed = now
                 self.emitter.idle()
         self.meter.set(Field.IN_SINCE, 0.0)
         received = time.perf_counter()

@@ -177,12 +177,17 @@ class _Segment:
             self.fd = None
 
 
+def _fits(size: int, segment: _Segment) -> bool:
+    """Whether a message of ``size`` bytes is copied into ``segment`` as it is: it fills half of it to all."""
+    return size <= segment.size <= 2 * size
+
+
 def _fitting(unused: list[_Segment], size: int) -> _Segment | None:
     """The unused segment to reuse for a message of ``size`` bytes: the smallest it fits (it fills from half
     the segment to all of it: one copy into the kept mapping), else the smallest larger one, else the
     largest smaller one (either cut or grown to the message, see ``_write_reused``: a cut allocates no
     page, a growth only the pages it adds)."""
-    fits = [segment for segment in unused if size <= segment.size <= 2 * size]
+    fits = [segment for segment in unused if _fits(size, segment)]
     if fits:
         return min(fits, key=lambda segment: segment.size)
     larger = [segment for segment in unused if segment.size > size]
@@ -227,9 +232,8 @@ class _Sent:
             _remove(segment.path + _RECEIVED)
             segment.release()
             self.nbytes -= segment.size
-        gone = {id(segment) for segment in [taken, *removed]}
-        kept = collections.deque(segment for segment in self.names if id(segment) not in gone)
-        self.names = kept
+        gone = {taken, *removed}
+        self.names = collections.deque(segment for segment in self.names if segment not in gone)
         return claimed
 
     def track(self, segment: _Segment) -> None:
@@ -411,7 +415,7 @@ def _write_reused(segment: _Segment, chunks: list[tuple[int, Any]], size: int) -
     """Write a message into a segment claimed for reuse: a copy into its mapping when the message fits
     and fills at least half of it (every page of it was written once: no page is allocated now), else
     the file cut or grown to ``size`` and written as a fresh one is."""
-    if size <= segment.size <= 2 * size:
+    if _fits(size, segment):
         view = segment.mapped()
         for offset, data in chunks:
             source = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
