@@ -5,6 +5,7 @@ random streams and worker info are those of the pipeline as declared."""
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import pytest
@@ -27,6 +28,14 @@ def where(batch):
 
 def draw(batch):
     return torch.rand(1).item()
+
+
+def spin_sum(batch):
+    """``sum(batch)`` after 20 ms on a CPU (this thread's clock: preemption does not shorten it)."""
+    end = time.thread_time() + 0.02
+    while time.thread_time() < end:
+        pass
+    return sum(batch)
 
 
 def fails_on_third(batch):
@@ -113,6 +122,18 @@ def test_the_fused_step_keeps_its_stats_row():
     assert list(stats) == ["abs", "RepackStep(4)", "sum"]
     assert (stats["sum"].elements_in, stats["sum"].elements_out, stats["sum"].nworkers) == (3, 3, 1)
     assert (stats["RepackStep(4)"].elements_in, stats["RepackStep(4)"].elements_out) == (10, 3)
+
+
+def test_the_fused_steps_cpu_time_is_its_own_and_not_its_hosts():
+    # before: the fused step's cpu_s was 0 (its host's row counted it), and the hint said of a fused
+    # collate busy on a CPU that it was "waiting on files, the network or a sleep"
+    with tq.Sequence(tq.RepackStep(4), tq.ProcessStep(spin_sum, 1)) as seq:
+        assert list(seq(range(100))) == [sum(range(i, i + 4)) for i in range(0, 100, 4)]
+        stats = seq.stats()
+    fused, host = stats["spin_sum"], stats["RepackStep(4)"]
+    assert 25 * 0.02 * 0.9 < fused.cpu_s < 1.5 * fused.busy_s + 0.1, (fused.cpu_s, fused.busy_s)
+    assert host.cpu_s < 0.5 * fused.cpu_s, (host.cpu_s, fused.cpu_s)
+    assert "waiting on files" not in stats.hint(), stats.hint()
 
 
 def test_the_fused_step_draws_the_random_numbers_it_would_draw_in_a_process_of_its_own(start_method):

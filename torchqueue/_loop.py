@@ -83,7 +83,8 @@ class Loop:
         self.meter = Meter(ctx.stats, ctx.stats_row, ctx.stage_name)
         fused = ctx.fused
         self.fused_meter = None if fused is None else Meter(ctx.stats, fused.stats_row, fused.name)
-        self._cpu_clock, self._cpu_since = time.process_time, 0.0  # until ``ready``
+        self.cpu_clock, self._cpu_since = time.process_time, 0.0  # until ``ready``
+        self.fused_cpu = 0.0  # of it, the fused stage's: its calls and its sends (``StreamRunner.emit_fused``)
         writer = ctx.stage_name if fused is None else fused.name
         self.emitter = Emitter(
             ctx.outbox, self.alive, ctx.split, ctx.split_step, writer, ctx.segment_dir, ctx.sends_items, ctx.local_out
@@ -99,8 +100,8 @@ class Loop:
     def ready(self, own_process: bool = True) -> None:
         """The loop begins: this worker's start-up (and a fused stage's) ends now (see ``stats``); its CPU
         time counts from now: its process's (``own_process``), else its thread's."""
-        self._cpu_clock = time.process_time if own_process else time.thread_time
-        self._cpu_since = self._cpu_clock()
+        self.cpu_clock = time.process_time if own_process else time.thread_time
+        self._cpu_since = self.cpu_clock()
         now = time.perf_counter()
         for meter in (self.meter, self.fused_meter):
             if meter is not None:
@@ -109,7 +110,8 @@ class Loop:
     def receive(self) -> Envelope:
         if self.ctx.stop.is_set():
             raise Stopped
-        self.meter.set(Field.CPU, self._cpu_clock() - self._cpu_since)  # a syscall per message, not per call
+        cpu = self.cpu_clock() - self._cpu_since - self.fused_cpu  # a syscall per message, not per call
+        self.meter.set(Field.CPU, cpu)
         self.meter.add(Field.FILL_SUM, self.ctx.inbox.fill())
         self.meter.add(Field.FILL_N, 1)
         start = time.perf_counter()

@@ -224,6 +224,7 @@ class StreamRunner(Loop):
         the stream step, the call and the send are both its wait for room downstream."""
         meter = self.fused_meter
         assert meter is not None
+        cpu = self.cpu_clock()
         start = time.perf_counter()
         if not isinstance(payload, CONTROL):
             meter.add(Field.WAIT_IN, start - self._fused_idle_since)
@@ -238,6 +239,8 @@ class StreamRunner(Loop):
         self.meter.add(Field.WAIT_OUT, called - start)
         self.timed(self.emitter.emit, epoch, seq, payload, credits=self.ctx.out_credits, meters=(meter,))
         self._fused_idle_since = time.perf_counter()
+        self.fused_cpu += self.cpu_clock() - cpu  # the fused stage's CPU, the call's and the send's, not the host's
+        meter.set(Field.CPU, self.fused_cpu)
 
     def epoch_elements(self, collector: Collector, epoch: int, drain: bool = False) -> Iterator[tuple[int, Any]]:
         """The elements of ``epoch`` in order, until its end, with their input positions (in arrival

@@ -90,7 +90,8 @@ class StepStats:
             thread only (``Stats.consumer_cpu_s`` counts the threads its calls use). Unlike
             ``busy_s`` it does not count sleeping, waiting on files or for the GIL, or waiting for a
             core. A step run inside another's process (a one-worker ProcessStep after a
-            Pack/Unpack/RepackStep) is counted in that step's.
+            Pack/Unpack/RepackStep) counts its own CPU (its calls, and sending their outputs),
+            and that step's row does not.
         backend: ``"process"`` or ``"thread"``: what its workers are.
     """
 
