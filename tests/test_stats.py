@@ -369,6 +369,17 @@ def test_the_cores_in_use_leave_out_the_workers_start_up(monkeypatch):
     assert "keep 2.0 cores busy" in _stats(started_late, consumer_cpu_s=0.1).hint()
 
 
+def test_full_cores_say_how_many_your_process_keeps_busy_and_name_a_slow_loop(monkeypatch):
+    # before: "the workers keep 1.7 cores busy": one worker kept 0.85 busy, and the loop the rest
+    monkeypatch.setattr(_verdict, "available_cpus", lambda: 2)
+    batch = _step("batch", 8.5, cpu_s=8.5)
+    slow_loop = _stats(batch, consumer_cpu_s=8.6, work=8.6, wait=1.0).hint()
+    assert "the workers keep 0.8 cores busy and your process 0.9; this process may use 2" in slow_loop, slow_loop
+    assert "make batch do less per element, or your loop, or run on more cores" in slow_loop
+    threads = _stats(batch, consumer_cpu_s=8.6, work=0.1, wait=9.0).hint()  # a thread step's CPU, not the loop
+    assert "your process 0.9" in threads and "your loop" not in threads
+
+
 def test_cores_other_programs_keep_busy_are_not_free_for_more_workers(monkeypatch):
     # before: "give it more workers (now 2; 1.0 of 2 cores in use)" while another program used the other core
     monkeypatch.setattr(_verdict, "available_cpus", lambda: 2)

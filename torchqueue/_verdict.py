@@ -19,7 +19,8 @@ The decision, in order:
    core. At about all of the machine's cores, or where the machine left under half a core idle
    (other programs count: ``Stats.idle_cores``), the advice is to make the step cheaper; but a step
    whose workers were mostly off a CPU while busy (sleeping, reading) is told to take more workers
-   whatever the cores do.
+   whatever the cores do. Where your process keeps a quarter of a core or more busy, the advice
+   gives its share apart from the workers' (and names your loop where it worked longer than it waited).
 7. Python runs one thread of a process at a time (the GIL). Where thread steps of at least two threads
    use most of your process's CPU and it stays at about one core while a core stays idle, the GIL
    limits them (ahead of 3 and 6 where the busiest step is a thread step or no step is busy half the
@@ -55,6 +56,10 @@ GIL_CORES = (0.6, 1.4)
 
 GIL_SHARE = 0.5
 """The share of your process's CPU time the thread steps must take for the GIL to be said to hold them."""
+
+OWN_SHARE = 0.25
+"""Where your process keeps at least this many cores busy (your loop, thread steps), the advice on full
+cores says so apart from the workers' share: a slow loop takes cores as a step does."""
 
 HOPS_SHARE = 0.1
 """Below half busy, the hops are said to limit only where they took more than the steps' work and this
@@ -140,12 +145,7 @@ def verdict(stats: Stats) -> Verdict:
             "in use)",
         )
     if used > cpus - LIMITS:
-        return Verdict(
-            top.name,
-            title,
-            f"the workers keep {used:.1f} cores busy and this process may use {cpus}, so more workers "
-            f"would only share them: make {top.name} do less per element, or run on more cores",
-        )
+        return Verdict(top.name, title, _cores_full(stats, top, used, cpus))
     if _no_core_free(stats):
         return Verdict(
             top.name,
@@ -155,6 +155,21 @@ def verdict(stats: Stats) -> Verdict:
             "the cores",
         )
     return Verdict(top.name, title, f"give it more workers (now {top.nworkers}; {used:.1f} of {cpus} cores in use)")
+
+
+def _cores_full(stats: Stats, top: StepStats, used: float, cpus: int) -> str:
+    """The advice when the cores this process may use are all busy: whose they are (the workers', and
+    your process's where it keeps a quarter of a core or more busy: your loop, or thread steps)."""
+    own = stats.consumer_cpu_s / stats.elapsed_s if _has_cpu_times(stats) else 0.0
+    if own < OWN_SHARE:
+        busy = f"the workers keep {used:.1f} cores busy"
+    else:
+        busy = f"the workers keep {used - own:.1f} cores busy and your process {own:.1f}"
+    loop = ", or your loop" if own >= OWN_SHARE and stats.consumer_work_s > stats.consumer_wait_s else ""
+    return (
+        f"{busy}; this process may use {cpus}, so more workers would only share them: make {top.name} "
+        f"do less per element{loop}, or run on more cores"
+    )
 
 
 def _has_cpu_times(stats: Stats) -> bool:
