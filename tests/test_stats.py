@@ -369,6 +369,17 @@ def test_the_cores_in_use_leave_out_the_workers_start_up(monkeypatch):
     assert "keep 2.0 cores busy" in _stats(started_late, consumer_cpu_s=0.1).hint()
 
 
+def test_workers_that_compute_on_too_few_cores_are_not_said_to_wait_on_files(monkeypatch):
+    # before: ten workers computing on 2 cores, each on a CPU a fifth of its busy time, read "they spent
+    # 14.85 s in it but 3.05 s on a CPU (waiting on files, the network or a sleep)": more workers
+    monkeypatch.setattr(_verdict, "available_cpus", lambda: 2)
+    work = _step("work", 14.85, nworkers=10, cpu_s=3.05)
+    hint = _stats(work, _step("tf", 0.1, cpu_s=0.1), elapsed_s=1.6, consumer_cpu_s=0.1).hint()
+    assert "waiting on files" not in hint and "make work do less per element" in hint, hint
+    asleep = _step("work", 14.85, nworkers=10, cpu_s=0.2)  # the same busy time, asleep: more workers do help
+    assert "waiting on files" in _stats(asleep, elapsed_s=1.6, consumer_cpu_s=0.1).hint()
+
+
 def test_full_cores_say_how_many_your_process_keeps_busy_and_name_a_slow_loop(monkeypatch):
     # before: "the workers keep 1.7 cores busy": one worker kept 0.85 busy, and the loop the rest
     monkeypatch.setattr(_verdict, "available_cpus", lambda: 2)

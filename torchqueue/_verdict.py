@@ -47,9 +47,10 @@ STARTUP_SHARE = 0.25
 
 
 OFF_CPU_SHARE = 0.25
-"""A step whose workers were on a CPU for less than this share of their busy time mostly waits (files,
-the network, sleep): a step short of cores still gets more than this share of one (four times more
-workers than cores)."""
+"""A step whose workers were on a CPU for less than this share of the core each could get (the cores over
+the pipeline's processes, at most one) mostly waits (files, the network, sleep). Ten workers that compute
+on two cores each get a fifth of one: against a whole core they looked asleep, and were told to take
+more workers."""
 
 GIL_CORES = (0.6, 1.4)
 """The cores your process keeps busy when its threads take turns holding the GIL: about one."""
@@ -185,7 +186,9 @@ def _no_core_free(stats: Stats) -> bool:
 def _mostly_off_cpu(stats: Stats, step: StepStats) -> bool:
     """Whether ``step``'s workers spent most of their busy time off a CPU (``OFF_CPU_SHARE``): more of
     them help even where the cores are busy. Unknown (figures without CPU times): no."""
-    return _has_cpu_times(stats) and step.cpu_s < OFF_CPU_SHARE * step.busy_s
+    processes = 1 + sum(s.nworkers for s in stats.values() if s.backend != "thread")  # and your process
+    share = min(1.0, available_cpus() / processes)  # of a core, for each worker busy at once with all others
+    return _has_cpu_times(stats) and step.cpu_s < OFF_CPU_SHARE * share * step.busy_s
 
 
 def _held_by_the_gil(stats: Stats) -> StepStats | None:
