@@ -76,13 +76,15 @@ def test_an_idle_pipeline_does_not_look_busy():
     with tq.Sequence(tq.ProcessStep(slow, 1, name="slow"), tq.RepackStep(4, name="repack")) as seq:
         list(seq(range(20)))
         before = seq.stats()
-        # nothing is queued: every worker waits for input, and the figures must say so while it lasts
+        # nothing is queued: every worker waits for input, and the figures must not call it work, nor a
+        # wait for a slow input (the pause is counted apart, see the pause test below)
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
             after = seq.stats()
             assert after["repack"].busy_s <= before["repack"].busy_s + 0.05
             assert after.bottleneck == "slow"
-    assert after["repack"].wait_in_s >= before["repack"].wait_in_s + 0.9
+    assert after.paused_s >= before.paused_s + 0.9
+    assert after["repack"].wait_in_s <= before["repack"].wait_in_s + 0.05
 
 
 def test_stats_before_start_are_zero():
@@ -438,3 +440,35 @@ def test_threads_whose_work_releases_the_gil_are_not_said_to_be_held_by_it(monke
     monkeypatch.setattr(_verdict, "available_cpus", lambda: 2)
     stats = _run_in_threads(sort_array, 2, "sort", 16)
     assert "GIL" not in stats.hint() and "cores busy" in stats.hint(), str(stats)
+
+
+def test_a_pause_with_nothing_queued_is_not_the_pipelines_time(monkeypatch):
+    # before: stats() a while after the last epoch (or after an evaluation between two epochs) counted
+    # the pause as the workers' wait for input and the run's time: "the input limits: ... speed up the
+    # iterable you pass" for a step busy all through its epochs, or "your loop limits: it worked 1.0 s"
+    monkeypatch.setattr(_verdict, "available_cpus", lambda: 2)
+    with tq.Sequence(tq.ProcessStep(nap, 1, name="read"), tq.ProcessStep(identity, 1, name="tf")) as seq:
+        assert list(seq(range(30))) == list(range(30))
+        time.sleep(1.0)  # your loop evaluates, not with this pipeline (the workload, not a synchronisation)
+        assert list(seq(range(30))) == list(range(30))
+        time.sleep(0.5)  # then saves a checkpoint
+        live = seq.stats()
+    closed = seq.stats()
+    for stats in (live, closed):
+        read = stats["read"]
+        assert 1.4 < stats.paused_s < 2.5 and stats.elapsed_s < 1.5, (stats.paused_s, stats.elapsed_s)
+        assert stats.consumer_work_s < 0.3 and read.wait_in_s < 0.5 and stats["tf"].wait_in_s < 1.5, str(stats)
+        assert stats.bottleneck == "read" and "give it more workers (now 1)" in stats.hint(), stats.hint()
+        assert "s paused, nothing queued" in str(stats)
+    assert closed.paused_s >= live.paused_s
+
+
+def test_an_epoch_queued_ahead_leaves_no_pause():
+    with tq.Sequence(tq.ProcessStep(nap, 1, name="read")) as seq:
+        seq.queue_iterable(range(10))
+        seq.queue_iterable(range(10))
+        assert list(seq) == list(range(10))
+        assert seq.stats().paused_s == 0.0  # the next epoch was queued: the pipeline had work
+        assert list(seq) == list(range(10))
+        stats = seq.stats()
+    assert stats.paused_s > 0.0  # both delivered: the pause began with the last one's end

@@ -72,6 +72,7 @@ from torchqueue._loop import FusedStage, WorkerContext
 from torchqueue._mainmodule import TravellingStep
 from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, StartupFailure
 from torchqueue._meter import Meter
+from torchqueue._pauses import Paused, Pauses
 from torchqueue._plan import STREAM, THREAD, Plan
 from torchqueue._stuck import Holder, holders, timeout_message
 from torchqueue._threads import LocalChannel, ThreadHandle
@@ -192,6 +193,7 @@ class Runtime:
         self._cpu_started = time.process_time()  # this process's: your loop, the feeder, thread steps
         self._cpu_at_close: float | None = None
         self._idle_started, self._idle_at_close = idle_seconds(), None  # the machine's (see _idle)
+        self._pauses, self._paused_at_close = Pauses(idle_seconds), Paused()  # nothing queued (see _pauses)
         self._last_health = self._started
         self._samples: list[tuple[float, list[float]]] = []
         self._sample_every = SAMPLE_S
@@ -323,6 +325,7 @@ class Runtime:
 
     def queue(self, epoch: int, iterator: Iterator[Any], in_memory: bool) -> None:
         """Queue one epoch's input; ``in_memory``: reading it never blocks (it may be bundled)."""
+        self._pauses.queued()
         self._epochs.put((epoch, iterator, in_memory))
 
     def _alive(self) -> bool:
@@ -398,10 +401,14 @@ class Runtime:
             if self._handed_at is not None:  # since the last outputs: the consumer's own work
                 self._consumer_work += asked - self._handed_at
             try:
-                return self._next_outputs(epoch, timeout)
+                outputs = self._next_outputs(epoch, timeout)
+                if isinstance(outputs[-1], EndOfEpoch):
+                    self._pauses.ended()
+                return outputs
             finally:
-                self._handed_at = time.perf_counter()
-                self._consumer_wait += self._handed_at - asked
+                handed = time.perf_counter()
+                self._consumer_wait += handed - asked
+                self._handed_at = None if self._pauses.paused else handed  # a pause is not your loop's work
 
     def _next_outputs(self, epoch: int, timeout: float | None) -> list[Any]:
         deadline = None if timeout is None else time.perf_counter() + timeout
@@ -518,12 +525,20 @@ class Runtime:
         for index in (0, len(stages) - 1):  # a stream step the feeder or the consumer runs: only its calls are busy
             if self.plan.runs_elsewhere(index) and index not in self.plan.fused:
                 stages[index] = stages[index]._replace(is_stream=False, stream=True)
-        elapsed = (self._closed_at or time.perf_counter()) - self._started
-        cpu = (time.process_time() if self._cpu_at_close is None else self._cpu_at_close) - self._cpu_started
-        idle_now = idle_seconds() if self._closed_at is None else self._idle_at_close
-        idle = None if idle_now is None or self._idle_started is None else (idle_now - self._idle_started) / elapsed
+        if self._closed_at is None:
+            now, cpu_now, idle_now = time.perf_counter(), time.process_time(), idle_seconds()
+            paused = self._pauses.taken((now, cpu_now, idle_now))
+        else:
+            now, cpu_now, idle_now = self._closed_at, self._cpu_at_close, self._idle_at_close
+            paused = self._paused_at_close
+        elapsed = now - self._started
+        running = max(elapsed - paused.seconds, 1e-9)  # the pauses are not the pipeline's (see _pauses)
+        cpu = cpu_now - self._cpu_started - paused.cpu_s
+        idle = None
+        if idle_now is not None and self._idle_started is not None and paused.idle_s is not None:
+            idle = (idle_now - self._idle_started - paused.idle_s) / running
         consumer = self._consumer_wait, self._consumer_work, cpu, idle
-        return Stats.from_rows(stages, self._stats, elapsed, self._samples, self._started, consumer)
+        return Stats.from_rows(stages, self._stats, elapsed, self._samples, self._started, consumer, paused.seconds)
 
     # -- shutdown (see the NOTE at the top) ------------------------------------------------------
 
@@ -543,6 +558,7 @@ class Runtime:
         self._closed = True
         self._closed_at = time.perf_counter()
         self._cpu_at_close, self._idle_at_close = time.process_time(), idle_seconds()
+        self._paused_at_close = self._pauses.taken((self._closed_at, self._cpu_at_close, self._idle_at_close))
         if self.forked_copy:
             return
         try:

@@ -131,7 +131,13 @@ class Stats(Mapping[str, StepStats]):
     """``stats[step_name]`` is a ``StepStats``; ``print(stats)`` shows a table.
 
     Attributes:
-        elapsed_s: Seconds since the workers started.
+        elapsed_s: Seconds since the workers started, but the pauses (``paused_s``).
+        paused_s: Seconds the pipeline had nothing to do since its workers started: every epoch queued
+            was delivered and no next one was queued yet (your loop evaluating between epochs, or
+            ``stats()`` called after the last one). Its workers wait for input all along: that wait is
+            left out of ``wait_in_s``, and the pause out of ``elapsed_s``, ``consumer_work_s``,
+            ``consumer_cpu_s`` and ``idle_cores``, so that they say what limits the pipeline while it
+            runs.
         history: Earlier snapshots of the same figures, oldest first, taken about every
             quarter second while outputs were consumed (fewer, further apart, in a long run:
             at most a few hundred are kept). Each is a ``Stats`` with totals since the start;
@@ -157,6 +163,7 @@ class Stats(Mapping[str, StepStats]):
         consumer_work_s: float = 0.0,
         consumer_cpu_s: float = 0.0,
         idle_cores: float | None = None,
+        paused_s: float = 0.0,
     ) -> None:
         self._steps = {step.name: step for step in steps}
         self.elapsed_s = elapsed_s
@@ -165,6 +172,7 @@ class Stats(Mapping[str, StepStats]):
         self.consumer_work_s = consumer_work_s
         self.consumer_cpu_s = consumer_cpu_s
         self.idle_cores = idle_cores
+        self.paused_s = paused_s
 
     @classmethod
     def from_rows(
@@ -175,6 +183,7 @@ class Stats(Mapping[str, StepStats]):
         history: list[tuple[float, Any]] | None = None,
         started: float | None = None,
         consumer: tuple[float, ...] = (),
+        paused_s: float = 0.0,
     ) -> Stats:
         """Sum the shared array's rows, stage by stage (each a ``StageEntry`` or a tuple of its fields:
         a stage that is not shown keeps its rows but gets no entry).
@@ -184,7 +193,8 @@ class Stats(Mapping[str, StepStats]):
         counts up to now (a worker adds it to its row only when it ends): a step stuck in its
         function is busy, and the bottleneck; and a worker's start-up lasts until its loop was ready
         (or until now). ``consumer``: the consumer's ``(wait, work, cpu)`` seconds,
-        and the idle cores.
+        and the idle cores. ``paused_s``: of ``elapsed_s``, the seconds the pipeline had nothing queued
+        (``_pauses``): its workers waited for input all along, and neither that wait nor the time counts.
         """
         steps, row = [], 0
         now = None if started is None else started + elapsed_s
@@ -208,7 +218,8 @@ class Stats(Mapping[str, StepStats]):
             row += nworkers
             if not shown:
                 continue
-            running = nworkers * elapsed_s - startup
+            running = nworkers * (elapsed_s - paused_s) - startup
+            total[Field.WAIT_IN] = max(0.0, total[Field.WAIT_IN] - nworkers * paused_s)
             busy = total[Field.BUSY]
             if is_stream and rows is not None:  # a stream worker is always receiving, sending or working
                 spent = total[Field.WAIT_IN] + total[Field.WAIT_OUT] + total[Field.ENCODE] + total[Field.DECODE]
@@ -235,7 +246,7 @@ class Stats(Mapping[str, StepStats]):
                 )
             )
         past = tuple(cls.from_rows(stages, copy, seconds, None, started) for seconds, copy in history or ())
-        return cls(steps, elapsed_s, past, *consumer)
+        return cls(steps, elapsed_s - paused_s, past, *consumer, paused_s=paused_s)
 
     def __getitem__(self, name: str) -> StepStats:
         return self._steps[name]
@@ -286,8 +297,9 @@ class Stats(Mapping[str, StepStats]):
             "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
             for row in rows
         ]
+        paused = f" (and {self.paused_s:.2f} s paused, nothing queued)" if self.paused_s >= 0.01 else ""
         lines.append(
-            f"elapsed {self.elapsed_s:.2f} s; your loop waited {self.consumer_wait_s:.2f} s for outputs "
+            f"elapsed {self.elapsed_s:.2f} s{paused}; your loop waited {self.consumer_wait_s:.2f} s for outputs "
             f"and worked {self.consumer_work_s:.2f} s; {self.hint()}"
         )
         return "\n".join(lines)
