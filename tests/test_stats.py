@@ -393,6 +393,19 @@ def test_full_cores_say_how_many_your_process_keeps_busy_and_name_a_slow_loop(mo
     assert "your process 0.9" in threads and "your loop" not in threads
 
 
+def test_an_input_that_computes_in_your_process_is_said_to_limit_when_no_core_is_free(monkeypatch):
+    # before: a generator burning a core (in the feeder thread), another program on the other core, two
+    # steps 2% busy and waiting for input, read "no core was free ... its workers waited for a core"
+    monkeypatch.setattr(_verdict, "available_cpus", lambda: 2)
+    steps = (_step("a", 0.08, cpu_s=0.12, wait_in_s=3.1), _step("b", 0.08, cpu_s=0.11, wait_in_s=3.06))
+    figures = {"elapsed_s": 3.26, "wait": 3.23, "work": 0.01, "idle_cores": 0.0}
+    hint = _stats(*steps, consumer_cpu_s=3.08, **figures).hint()
+    assert "the input limits: your process kept 0.9 cores busy" in hint and "waited for a core" not in hint, hint
+    assert "move its work into a first step" in hint
+    idle_input = _stats(*steps, consumer_cpu_s=0.1, **figures).hint()  # the same waits, your process idle
+    assert "no core was free" in idle_input, idle_input
+
+
 def test_cores_other_programs_keep_busy_are_not_free_for_more_workers(monkeypatch):
     # before: "give it more workers (now 2; 1.0 of 2 cores in use)" while another program used the other core
     monkeypatch.setattr(_verdict, "available_cpus", lambda: 2)

@@ -9,7 +9,9 @@ The decision, in order:
    worker spends its first second or two importing, which is no step's work.
 3. Below half of its workers' time, no step limits: your loop does where it worked longer than it
    waited for outputs; else the hops do, where the steps together spent more time encoding and
-   decoding messages than working; else the input does. A start-up that takes a large share of a run is said too.
+   decoding messages than working; else the input does (said so with its cores where your process
+   kept half a core or more busy besides your loop and thread steps: your iterable, read by the
+   feeder thread, is what waits for a core if one does). A start-up that takes a large share of a run is said too.
 4. A step that spends more time encoding and decoding messages than in its work is limited by the
    hops: more workers would not help; fewer, larger messages or fewer stages would.
 5. A Pack/Unpack/RepackStep has no ``nworkers``: the advice is about what it is given.
@@ -233,8 +235,15 @@ def _outside(stats: Stats) -> str:
     """Why no step limits: the consumer, the cores (other programs took them), the input, or a start-up
     that took much of a short run."""
     wait, work = stats.consumer_wait_s, stats.consumer_work_s
+    feeding = _feeding(stats)
     if work > wait:
         advice = f"your loop limits: it worked {work:.2f} s and waited {wait:.2f} s for outputs"
+    elif feeding >= LIMITS:
+        advice = (
+            f"the input limits: your process kept {feeding:.1f} cores busy besides your loop and thread steps "
+            f"while your loop waited {wait:.2f} s for outputs: the iterable you pass (read by a thread of your "
+            "process) is slow: speed it up, or move its work into a first step"
+        )
     elif _no_core_free(stats):
         advice = (
             f"no core was free: the pipeline kept {_cores(stats):.1f} of the {available_cpus()} cores busy, and "
@@ -254,6 +263,14 @@ def _outside(stats: Stats) -> str:
             "(a longer run, or persistent workers, spreads it)"
         )
     return advice
+
+
+def _feeding(stats: Stats) -> float:
+    """The cores your process kept busy besides your loop and its thread steps: reading the input
+    (the feeder thread runs your iterable) and sending it, and receiving the outputs."""
+    threads = sum(s.cpu_s for s in stats.values() if s.backend == "thread")
+    rest = stats.consumer_cpu_s - threads - stats.consumer_work_s
+    return rest / stats.elapsed_s if stats.elapsed_s > 0 else 0.0
 
 
 def _startup(stats: Stats) -> float:
