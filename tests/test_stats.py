@@ -485,3 +485,35 @@ def test_an_epoch_queued_ahead_leaves_no_pause():
         assert list(seq) == list(range(10))
         stats = seq.stats()
     assert stats.paused_s > 0.0  # both delivered: the pause began with the last one's end
+
+
+def straggle(x):
+    time.sleep(0.1 if x % 10 == 0 else 0.001)  # a slow fetch now and then (the workload, not a synchronisation)
+    return x
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_elements_held_back_behind_a_slow_one_are_said_to_be_the_queues_limit(ordered):
+    # before: four workers, each 10th element 100x slower, outputs in order through queues of one:
+    # "give it more workers (now 4)" (eight ran no faster), or with eight "the input limits ... speed up
+    # the iterable you pass" (a range); larger queues around the step ran it in half the time
+    steps = (tq.Queue(1), tq.ProcessStep(straggle, 4, name="fetch"), tq.Queue(1), tq.ProcessStep(identity, 1))
+    with tq.Sequence(*steps, ordered=ordered) as seq:
+        out = list(seq(range(100)))
+        stats = seq.stats()
+    assert sorted(out) == list(range(100))
+    if ordered:
+        assert stats.input_held_s > 0.5 * stats.elapsed_s, (stats.input_held_s, stats.elapsed_s)
+        assert stats.hint().startswith("the queues limit (fetch:"), stats.hint()
+        assert "a tq.Queue(n) before and after it" in stats.hint() and "more workers" not in stats.hint()
+    else:  # as ready: nothing is held back
+        assert not stats.hint().startswith("the queues limit"), stats.hint()
+
+
+def test_the_queues_limit_only_while_the_busiest_steps_workers_starve():
+    held = {"elapsed_s": 10.0, "wait": 9.5, "work": 0.1, "consumer_cpu_s": 0.2, "input_held_s": 9.0}
+    starved = _step("fetch", 20.0, nworkers=4, cpu_s=0.4, wait_in_s=19.0)
+    assert _stats(starved, **held).hint().startswith("the queues limit (fetch: 50% busy)")
+    fed = _step("fetch", 38.0, nworkers=4, cpu_s=0.4, wait_in_s=1.0)  # the input is held by the busy step itself
+    assert not _stats(fed, **held).hint().startswith("the queues limit")
+    assert not _stats(starved, **{**held, "input_held_s": 1.0}).hint().startswith("the queues limit")

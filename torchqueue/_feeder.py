@@ -64,6 +64,8 @@ class Feeder:
         self._policy = BundlePolicy()
         self._sent = 0
         self._packing = packing
+        self.input_s = 0.0  # seconds in the input's ``next`` (the packing's included)
+        self.held_s = 0.0  # seconds waiting for a credit: as many elements in flight as the queues allow
 
     def run(self) -> None:
         idle = True
@@ -100,6 +102,7 @@ class Feeder:
                 break
             now = time.perf_counter()
             self._policy.observe_input(now - last)
+            self.input_s += now - last
             if self._packing is not None:
                 self._packing[1].add(Field.OUT, 1)
             pending.append(element)
@@ -109,15 +112,20 @@ class Feeder:
                 now = time.perf_counter()  # sending is not the input's time
             last = now
         seq = self._send(epoch, seq, pending)
-        wait_acquire(self._credits, self._alive)
+        self._take_credit()
         self._emitter.emit(epoch, seq, EndOfEpoch(seq))
+
+    def _take_credit(self) -> None:
+        start = time.perf_counter()
+        wait_acquire(self._credits, self._alive)
+        self.held_s += time.perf_counter() - start
 
     def _send(self, epoch: int, seq: int, elements: list[Any]) -> int:
         """Send ``elements`` from position ``seq`` as one message; return the next position."""
         if not elements:
             return seq
         for _ in elements:
-            wait_acquire(self._credits, self._alive)
+            self._take_credit()
         if len(elements) == 1:
             nbytes = self._emitter.emit(epoch, seq, elements[0])
         else:

@@ -194,6 +194,7 @@ class Runtime:
         self._cpu_at_close: float | None = None
         self._idle_started, self._idle_at_close = idle_seconds(), None  # the machine's (see _idle)
         self._pauses, self._paused_at_close = Pauses(idle_seconds), Paused()  # nothing queued (see _pauses)
+        self._feeder_body: Feeder | None = None  # its figures: the input's time, and its waits for room
         self._last_health = self._started
         self._samples: list[tuple[float, list[float]]] = []
         self._sample_every = SAMPLE_S
@@ -343,7 +344,7 @@ class Runtime:
             reader = self.plan.stages[start + 1] if start + 1 < len(self.plan.stages) else None
             split = self._sizer(start + 1) if self.plan.splits_into(start) else None
             packing = self.plan.stages[0] if start == 0 else None
-            Feeder(
+            self._feeder_body = Feeder(
                 self._epochs,
                 Emitter(
                     self._edges[start + 1],
@@ -361,7 +362,8 @@ class Runtime:
                 self._first_segment_figures if self.plan.can_bundle(start) else None,
                 self.plan.credits(start) // BUNDLE_SHARE,
                 packing=None if packing is None else (packing.step, Meter(self._stats, self._rows[0], packing.name)),
-            ).run()
+            )
+            self._feeder_body.run()
         except Stopped:
             pass
         except BaseException as exc:
@@ -538,7 +540,11 @@ class Runtime:
         if idle_now is not None and self._idle_started is not None and paused.idle_s is not None:
             idle = (idle_now - self._idle_started - paused.idle_s) / running
         consumer = self._consumer_wait, self._consumer_work, cpu, idle
-        return Stats.from_rows(stages, self._stats, elapsed, self._samples, self._started, consumer, paused.seconds)
+        feeder = self._feeder_body
+        inputs = {"input_s": feeder.input_s, "input_held_s": feeder.held_s} if feeder is not None else {}
+        return Stats.from_rows(
+            stages, self._stats, elapsed, self._samples, self._started, consumer, paused.seconds, **inputs
+        )
 
     # -- shutdown (see the NOTE at the top) ------------------------------------------------------
 

@@ -30,6 +30,10 @@ The decision, in order:
    not help; the advice is processes, or work that releases the GIL. One thread alone cannot be told
    from one that releases the GIL and keeps a core busy: it is told to take more workers, and then
    this rule holds.
+8. The queues bound what is in flight. Where the input waited for room half the run while the busiest
+   step's workers waited for input a quarter of their time and your loop waited for outputs, elements
+   are held back behind a slower one (outputs come in order): more workers would wait too; larger
+   queues around the step, or ``ordered=False``, let them run ahead. Said after rule 1, before the rest.
 """
 
 from __future__ import annotations
@@ -63,6 +67,10 @@ GIL_SHARE = 0.5
 OWN_SHARE = 0.25
 """Where your process keeps at least this many cores busy (your loop, thread steps), the advice on full
 cores says so apart from the workers' share: a slow loop takes cores as a step does."""
+
+HELD_STARVED = 0.25
+"""The share of its workers' time the busiest step must wait for input, the input being held back by the
+queues, for the queues to be said to limit (rule 8)."""
 
 HOPS_SHARE = 0.1
 """Below half busy, the hops are said to limit only where they took more than the steps' work and this
@@ -113,6 +121,16 @@ def verdict(stats: Stats) -> Verdict:
             "start-up took most of the run",
             f"the workers took {startup:.2f} s of the {stats.elapsed_s:.2f} s to start, too much for the figures "
             "after it to tell what limits: run longer (persistent workers start once for many epochs)",
+        )
+    if _held_back(stats, top):
+        return Verdict(
+            top.name,
+            f"the queues limit ({top.name}: {share:.0%} busy)",
+            f"your input waited {stats.input_held_s:.2f} s for room, as many elements in flight as the queues "
+            f"allow, while {top.name}'s workers waited {top.wait_in_s:.2f} s for input: the elements after a "
+            f"slow one wait for it, to come out in order. Larger queues around {top.name} (a tq.Queue(n) before "
+            "and after it; a larger prefetch_factor in a QueueFlowLoader) let its workers run ahead of a slow "
+            "element; ordered=False (in_order=False) yields outputs as they are ready",
         )
     hops, work = sum(s.encode_s + s.decode_s for s in steps), sum(s.busy_s for s in steps)
     held = _held_by_the_gil(stats)
@@ -263,6 +281,15 @@ def _outside(stats: Stats) -> str:
             "(a longer run, or persistent workers, spreads it)"
         )
     return advice
+
+
+def _held_back(stats: Stats, top: StepStats) -> bool:
+    """Whether the queues' bound on what is in flight starved the busiest step (rule 8): the input waited
+    for room half the run while the step's workers waited for input a quarter of their time, and your
+    loop waited for outputs."""
+    starved = top.wait_in_s >= HELD_STARVED * top.nworkers * stats.elapsed_s
+    waiting = stats.consumer_wait_s > stats.consumer_work_s
+    return stats.input_held_s >= LIMITS * stats.elapsed_s and starved and waiting
 
 
 def _feeding(stats: Stats) -> float:

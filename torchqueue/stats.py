@@ -138,6 +138,10 @@ class Stats(Mapping[str, StepStats]):
             left out of ``wait_in_s``, and the pause out of ``elapsed_s``, ``consumer_work_s``,
             ``consumer_cpu_s`` and ``idle_cores``, so that they say what limits the pipeline while it
             runs.
+        input_s: Seconds the feeder thread (in your process) spent reading the iterable you pass.
+        input_held_s: Seconds it waited to send the next element: as many were in flight as the queues
+            allow, held by a step, by your loop, or behind a slower element (``ordered=True`` delivers
+            them in order). Long while the steps wait for input: larger queues let them run ahead.
         history: Earlier snapshots of the same figures, oldest first, taken about every
             quarter second while outputs were consumed (fewer, further apart, in a long run:
             at most a few hundred are kept). Each is a ``Stats`` with totals since the start;
@@ -164,6 +168,8 @@ class Stats(Mapping[str, StepStats]):
         consumer_cpu_s: float = 0.0,
         idle_cores: float | None = None,
         paused_s: float = 0.0,
+        input_s: float = 0.0,
+        input_held_s: float = 0.0,
     ) -> None:
         self._steps = {step.name: step for step in steps}
         self.elapsed_s = elapsed_s
@@ -173,6 +179,8 @@ class Stats(Mapping[str, StepStats]):
         self.consumer_cpu_s = consumer_cpu_s
         self.idle_cores = idle_cores
         self.paused_s = paused_s
+        self.input_s = input_s
+        self.input_held_s = input_held_s
 
     @classmethod
     def from_rows(
@@ -184,6 +192,7 @@ class Stats(Mapping[str, StepStats]):
         started: float | None = None,
         consumer: tuple[float, ...] = (),
         paused_s: float = 0.0,
+        **inputs: float,
     ) -> Stats:
         """Sum the shared array's rows, stage by stage (each a ``StageEntry`` or a tuple of its fields:
         a stage that is not shown keeps its rows but gets no entry).
@@ -195,6 +204,7 @@ class Stats(Mapping[str, StepStats]):
         (or until now). ``consumer``: the consumer's ``(wait, work, cpu)`` seconds,
         and the idle cores. ``paused_s``: of ``elapsed_s``, the seconds the pipeline had nothing queued
         (``_pauses``): its workers waited for input all along, and neither that wait nor the time counts.
+        ``inputs``: the feeder's ``input_s`` and ``input_held_s``.
         """
         steps, row = [], 0
         now = None if started is None else started + elapsed_s
@@ -246,7 +256,7 @@ class Stats(Mapping[str, StepStats]):
                 )
             )
         past = tuple(cls.from_rows(stages, copy, seconds, None, started) for seconds, copy in history or ())
-        return cls(steps, elapsed_s - paused_s, past, *consumer, paused_s=paused_s)
+        return cls(steps, elapsed_s - paused_s, past, *consumer, paused_s=paused_s, **inputs)
 
     def __getitem__(self, name: str) -> StepStats:
         return self._steps[name]
