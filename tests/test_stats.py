@@ -517,3 +517,17 @@ def test_the_queues_limit_only_while_the_busiest_steps_workers_starve():
     fed = _step("fetch", 38.0, nworkers=4, cpu_s=0.4, wait_in_s=1.0)  # the input is held by the busy step itself
     assert not _stats(fed, **held).hint().startswith("the queues limit")
     assert not _stats(starved, **{**held, "input_held_s": 1.0}).hint().startswith("the queues limit")
+
+
+def test_on_full_cores_the_steps_hops_limit_when_they_outweigh_the_work(monkeypatch):
+    # before: a step making lists of 100,000 floats (59% busy) and two steps passing them on, 0.66 and
+    # 0.46 s of pickling each against no work: "make make do less per element"; one step instead of the
+    # two ran 15-25% faster
+    monkeypatch.setattr(_verdict, "available_cpus", lambda: 2)
+    make = _step("make", 0.55, cpu_s=0.67, encode_s=0.21)
+    a = _step("a", 0.0, cpu_s=0.61, encode_s=0.35, decode_s=0.31)
+    b = _step("b", 0.0, cpu_s=0.61, encode_s=0.22, decode_s=0.24)
+    hint = _stats(make, a, b, elapsed_s=1.3, consumer_cpu_s=0.29, wait=1.2, work=0.08).hint()
+    assert hint.startswith("the hops limit; bottleneck: make") and "do two steps' work in one ProcessStep" in hint
+    worked = _step("make", 0.95, cpu_s=1.0, encode_s=0.05)  # the same cores, spent on the work
+    assert _stats(worked, a, elapsed_s=1.3, consumer_cpu_s=0.29, wait=1.2).hint().startswith("bottleneck: make")

@@ -13,7 +13,8 @@ The decision, in order:
    kept half a core or more busy besides your loop and thread steps: your iterable, read by the
    feeder thread, is what waits for a core if one does). A start-up that takes a large share of a run is said too.
 4. A step that spends more time encoding and decoding messages than in its work is limited by the
-   hops: more workers would not help; fewer, larger messages or fewer stages would.
+   hops: more workers would not help; fewer, larger messages or fewer stages would. So are the steps
+   together where the cores are full (6) and all of them spent more time on messages than working.
 5. A Pack/Unpack/RepackStep has no ``nworkers``: the advice is about what it is given.
 6. More workers only help while cores are free: the CPU time of the worker processes (each over its
    time once started) and of your process (your loop and the thread steps, over the run) is the cores
@@ -165,6 +166,9 @@ def verdict(stats: Stats) -> Verdict:
             f"on a CPU (waiting on files, the network or a sleep), so more fit on the cores ({used:.1f} of {cpus} "
             "in use)",
         )
+    if (used > cpus - LIMITS or _no_core_free(stats)) and hops > work and hops > HOPS_SHARE * stats.elapsed_s:
+        # on full cores the hops' CPU is the work's: the steps' hops, not the busiest step's own, limit
+        return Verdict(top.name, f"the hops limit; {title}", _HOPS.format(who="the steps", hops=hops, work=work))
     if used > cpus - LIMITS:
         return Verdict(top.name, title, _cores_full(stats, top, used, cpus))
     if _no_core_free(stats):
