@@ -148,7 +148,11 @@ def test_on_error_skip_drops_failing_elements_warns_once_and_counts_them():
             out = list(seq(list(range(20)) + [7, 7]))
         assert out == [x for x in range(20) if x != 7]
         assert len([w for w in warned if "checker" in str(w.message)]) == 1
-        assert seq.stats()["checker"].skipped == 3
+        stats = seq.stats()
+        assert stats["checker"].skipped == 3
+    # the table says where the 3 of 22 went (before: in 22, out 19, and no column to tell)
+    header, row = (line.split() for line in str(stats).splitlines()[:2])
+    assert header[:5] == ["step", "workers", "in", "out", "skipped"] and row[:5] == ["checker", "2", "22", "19", "3"]
 
 
 def test_on_error_skip_in_a_pool_drops_only_the_failing_items():

@@ -283,12 +283,16 @@ class Stats(Mapping[str, StepStats]):
             "step", "workers", "in", "out", "msgs", "startup_s", "busy_s", "cpu_s", "encode_s", "decode_s",
             "wait_in_s", "wait_out_s", "queue_fill", "util",
         )  # fmt: skip
+        skipping = any(s.skipped for s in self._steps.values())  # on_error="skip" dropped some: say where
+        if skipping:
+            header = header[:4] + ("skipped",) + header[4:]
         rows = [header] + [
             (
                 s.name,
                 str(s.nworkers),
                 str(s.elements_in),
                 str(s.elements_out),
+                *((str(s.skipped),) if skipping else ()),
                 str(s.messages_in),
                 f"{s.startup_s:.2f}",
                 f"{s.busy_s:.2f}",
