@@ -122,6 +122,20 @@ def test_history_records_the_figures_while_running_and_plot_draws_them_over_time
     figure.savefig(tmp_path / "stats.png")
 
 
+def test_plot_over_time_keeps_the_history_clock_across_a_pause():
+    # before: the figures after a pause had their elapsed time without it, the history with it: the last
+    # interval came out negative and the plot dropped it
+    matplotlib.use("Agg")
+    with tq.Sequence(tq.ProcessStep(busy, 1, name="slow")) as seq:
+        list(seq(range(300)))  # about 1.2 s of work
+        time.sleep(0.6)  # your loop evaluates (the workload, not a synchronisation)
+        list(seq(range(10)))
+        stats = seq.stats()
+    assert stats.paused_s > 0.5 and stats.history[-1].elapsed_s > stats.elapsed_s - 0.1  # the two clocks differ
+    times = list(stats.plot().axes[1].get_lines()[0].get_xdata())
+    assert times == sorted(times) and times[-1] == pytest.approx(stats.elapsed_s + stats.paused_s)
+
+
 def test_history_stays_bounded_in_a_long_run():
     from torchqueue import _runtime
 
