@@ -68,20 +68,15 @@ def _bars(stats: Stats, ax: Any) -> None:
     ax.legend(fontsize="small", loc="upper right")
 
 
-def _since_start(snapshot: Stats) -> float:
-    """A snapshot's time since the workers started, its pauses included (the history's clock)."""
-    return snapshot.elapsed_s + snapshot.paused_s
-
-
 def _over_time(stats: Stats, snapshots: list[Stats], rate_ax: Any, busy_ax: Any) -> None:
     for name in stats:
         times, rates, busy = [], [], []
         for before, after in zip(snapshots, snapshots[1:]):
-            seconds = _since_start(after) - _since_start(before)
+            seconds = after.elapsed_s - before.elapsed_s
             if seconds <= 0:
                 continue
             step_before, step_after = before[name], after[name]
-            times.append(_since_start(after))
+            times.append(after.elapsed_s)
             rates.append((step_after.elements_out - step_before.elements_out) / seconds)
             busy.append(min(1.0, (step_after.busy_s - step_before.busy_s) / (seconds * step_after.nworkers)))
         rate_ax.plot(times, rates, label=name)

@@ -196,7 +196,7 @@ class Runtime:
         self._pauses, self._paused_at_close = Pauses(idle_seconds), Paused()  # nothing queued (see _pauses)
         self._feeder_body: Feeder | None = None  # its figures: the input's time, and its waits for room
         self._last_health = self._started
-        self._samples: list[tuple[float, list[float]]] = []
+        self._samples: list[tuple[float, float, list[float]]] = []  # (seconds since start, of them paused, rows)
         self._sample_every = SAMPLE_S
         self._consumer_wait = self._consumer_work = 0.0  # seconds in and between next_outputs calls
         self._handed_at: float | None = None  # when next_outputs last returned
@@ -515,7 +515,7 @@ class Runtime:
         last = self._samples[-1][0] if self._samples else 0.0
         if now - self._started - last < self._sample_every:
             return
-        self._samples.append((now - self._started, self._stats[:]))
+        self._samples.append((now - self._started, self._pauses.taken().seconds, self._stats[:]))
         if len(self._samples) > MAX_SAMPLES:
             self._samples = self._samples[1::2]
             self._sample_every *= 2

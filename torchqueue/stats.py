@@ -137,7 +137,7 @@ class Stats(Mapping[str, StepStats]):
             ``stats()`` called after the last one). Its workers wait for input all along: that wait is
             left out of ``wait_in_s``, and the pause out of ``elapsed_s``, ``consumer_work_s``,
             ``consumer_cpu_s`` and ``idle_cores``, so that they say what limits the pipeline while it
-            runs.
+            runs (in ``history`` too: each snapshot leaves out the pauses before it).
         input_s: Seconds the feeder thread (in your process) spent reading the iterable you pass.
         input_held_s: Seconds it waited to send the next element: as many were in flight as the queues
             allow, held by a step, by your loop, or behind a slower element (``ordered=True`` delivers
@@ -188,7 +188,7 @@ class Stats(Mapping[str, StepStats]):
         stages: list[tuple[Any, ...]],
         rows: Any,
         elapsed_s: float,
-        history: list[tuple[float, Any]] | None = None,
+        history: list[tuple[float, float, Any]] | None = None,
         started: float | None = None,
         consumer: tuple[float, ...] = (),
         paused_s: float = 0.0,
@@ -197,7 +197,7 @@ class Stats(Mapping[str, StepStats]):
         """Sum the shared array's rows, stage by stage (each a ``StageEntry`` or a tuple of its fields:
         a stage that is not shown keeps its rows but gets no entry).
 
-        ``history``: earlier ``(elapsed_s, rows)`` copies of the array, oldest first. ``started``:
+        ``history``: earlier ``(elapsed_s, paused_s, rows)`` copies of the array, oldest first. ``started``:
         the ``perf_counter()`` the elapsed time counts from; given, a wait or a call still going on
         counts up to now (a worker adds it to its row only when it ends): a step stuck in its
         function is busy, and the bottleneck; and a worker's start-up lasts until its loop was ready
@@ -255,7 +255,7 @@ class Stats(Mapping[str, StepStats]):
                     backend=backend,
                 )
             )
-        past = tuple(cls.from_rows(stages, copy, seconds, None, started) for seconds, copy in history or ())
+        past = tuple(cls.from_rows(stages, copy, at, None, started, (), paused) for at, paused, copy in history or ())
         return cls(steps, elapsed_s - paused_s, past, *consumer, paused_s=paused_s, **inputs)
 
     def __getitem__(self, name: str) -> StepStats:
