@@ -98,6 +98,57 @@ def test_an_exception_whose_type_wants_more_than_a_message_keeps_its_type(fn, ki
         assert error.b == "b"  # the worker's own object, attributes and all
 
 
+def stop_at_three(x):
+    if x == 3:
+        raise StopIteration  # a step's bug: next() on an exhausted iterator
+    return x
+
+
+def test_a_stop_iteration_in_a_step_is_an_error_not_the_end_of_the_epoch():
+    # before: raised in the consumer's next(), it ended the epoch there: [0, 1, 2] of 6, silently
+    with tq.Sequence(tq.ProcessStep(stop_at_three, 2, name="s")) as seq:
+        it = seq(range(6))
+        assert [next(it), next(it), next(it)] == [0, 1, 2]
+        with pytest.raises(tq.PipelineError, match="StopIteration in step 's'.* at element 3 of epoch 0") as info:
+            next(it)
+    assert isinstance(info.value.__cause__, StopIteration)
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no text")
+
+
+class WithCode(Exception):
+    def __init__(self, message, code=0):
+        super().__init__(message)
+        self.code = code
+
+
+def raise_unprintable(x):
+    raise Unprintable(x)
+
+
+def raise_with_code(x):
+    raise WithCode(f"bad {x}", code=42)
+
+
+def test_an_exception_whose_str_raises_keeps_its_type_and_place():
+    # before: the worker died formatting it: WorkerDiedError, "exited with code 1", type and place lost
+    with tq.Sequence(tq.ProcessStep(raise_unprintable, 1, name="s")) as seq:
+        with pytest.raises(Unprintable) as info:
+            list(seq(range(3)))
+    assert "its str() raised" in "".join(getattr(info.value, "__notes__", [])) + repr(info.value.args)
+
+
+def test_an_exception_keeps_its_own_attributes():
+    # before: WithCode("bad 0", code=42) arrived with code 0 (rebuilt from its message alone)
+    with tq.Sequence(tq.ProcessStep(raise_with_code, 1, name="s")) as seq:
+        with pytest.raises(WithCode, match="WithCode in step 's'.*bad 0") as info:
+            list(seq(range(3)))
+    assert info.value.code == 42
+
+
 def test_an_exception_of_the_input_iterable_is_raised_in_order():
     got = []
     with tq.Sequence(tq.ProcessStep(double, 2)) as seq:

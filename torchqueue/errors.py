@@ -13,6 +13,7 @@ as a note where its ``__str__`` ignores it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -75,7 +76,7 @@ def capture_at(step: str, exc: BaseException, where: str, in_consumer: bool = Fa
     return Failure(
         step=step,
         exc_type=type(exc).__qualname__,
-        message=str(exc),
+        message=_text(exc) or f"<{type(exc).__qualname__}: its str() raised>",
         traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         pid=os.getpid(),
         pickled=pickled,
@@ -109,6 +110,11 @@ def rebuild(failure: Failure) -> BaseException:
             original = None
     if not isinstance(original, BaseException):
         return PipelineError(message)
+    if isinstance(original, (StopIteration, StopAsyncIteration)):
+        # raised in your loop's ``next``, it would end the epoch there, silently (PEP 479's reason)
+        stopped = PipelineError(message)
+        stopped.__cause__ = original
+        return stopped
     exc_type = type(original)
     try:
         if isinstance(original, OSError) and original.errno is not None:  # ``except`` tests on errno keep working
@@ -119,6 +125,8 @@ def rebuild(failure: Failure) -> BaseException:
         rebuilt = None
     if rebuilt is not None and failure.message in _text(rebuilt):
         rebuilt.__cause__ = original
+        with contextlib.suppress(Exception):  # its own attributes (``exc.code``), as the worker's had them
+            rebuilt.__dict__.update(original.__dict__)
         return rebuilt
     return _told(original, message)
 
