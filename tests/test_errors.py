@@ -236,6 +236,7 @@ def test_regression_6_a_dead_worker_raises_worker_died_error_naming_step_and_cau
         with pytest.raises(tq.WorkerDiedError, match=words) as info:
             list(seq(range(50)))
     assert "fragile" in str(info.value)
+    assert "while working on element " in str(info.value)  # before: no position (the contract asks for it)
     assert time.monotonic() - start < 15
 
 

@@ -74,7 +74,7 @@ from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, Star
 from torchqueue._meter import Meter
 from torchqueue._pauses import Paused, Pauses
 from torchqueue._plan import STREAM, THREAD, Plan
-from torchqueue._stuck import Holder, holders, timeout_message
+from torchqueue._stuck import Holder, died_with, holders, timeout_message
 from torchqueue._threads import LocalChannel, ThreadHandle
 from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
 from torchqueue._worker import worker_main
@@ -476,8 +476,10 @@ class Runtime:
             raise PipelineError(f"torchqueue's feeder thread failed: {self._feeder_error!r}") from self._feeder_error
         for stage, worker, handle in self.workers:
             if handle.exitcode is not None and self._alive():
+                held = [h for h in self._holders(time.perf_counter()) if h.pid == handle.pid]
                 raise WorkerDiedError(
                     f"worker {worker} of step {stage!r} (pid {handle.pid}) died: {handle.describe_exit()}"
+                    + (died_with(held[0], stage) if held else "")
                 )
 
     def _warn_skipped(self, step: str, summary: str) -> None:

@@ -4,7 +4,8 @@ Every worker's row of the stats array (see ``stats.Field``) says what the worker
 when: a call of the step's function going on (``BUSY_SINCE``), a wait for room downstream with
 an element in hand (``OUT_SINCE``), and the position of the element it took last
 (``AT_EPOCH``, ``AT_SEQ``). A worker writes these few numbers per element; the consumer reads
-them only when it gave up waiting, so a stuck step is named without any message to or from it.
+them only when it gave up waiting, so a stuck step is named without any message to or from it; and
+when a worker died, so that its ``WorkerDiedError`` names the element it held.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from torchqueue.stats import NFIELDS, Field
+
+IN_FUNCTION = "in its function"
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,18 @@ def holders(workers: list[tuple[str, int, int | None]], rows: Any, now: float) -
         busy, out = rows[base + Field.BUSY_SINCE], rows[base + Field.OUT_SINCE]
         if busy <= 0 and out <= 0:
             continue
-        doing, since = ("in its function", busy) if busy > 0 else ("waiting for room downstream", out)
+        doing, since = (IN_FUNCTION, busy) if busy > 0 else ("waiting for room downstream", out)
         epoch, seq = int(rows[base + Field.AT_EPOCH]), int(rows[base + Field.AT_SEQ])
         found.append(Holder(step, worker, pid, doing, max(0.0, now - since), epoch, seq))
     return sorted(found, key=lambda holder: -holder.seconds)
+
+
+def died_with(holder: Holder, stage: str) -> str:
+    """What a worker that died held, for its ``WorkerDiedError``: the element it worked on or was sending
+    (a step fused into its ``stage`` named)."""
+    step = "" if holder.step == stage else f" in step {holder.step!r}"
+    doing = "working on" if holder.doing == IN_FUNCTION else "sending"
+    return f", while {doing} element {holder.seq} of epoch {holder.epoch}{step}"
 
 
 def timeout_message(timeout: float, held: list[Holder]) -> str:
