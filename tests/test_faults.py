@@ -55,6 +55,21 @@ def test_a_timeout_with_nothing_held_says_the_input_is_waited_for():
             next(iterator)
 
 
+def test_a_timeout_while_the_workers_start_says_so():
+    # before: "no step holds an element: the pipeline waits for its input (the iterable's next() has not
+    # returned)", for a range, while the spawned worker was still importing torch (a second and more)
+    with tq.Sequence(tq.ProcessStep(identity, 2), timeout=0.05, context="spawn") as seq:
+        with pytest.raises(TimeoutError, match=r"the workers are still starting \(\d of 2 ready"):
+            list(seq(range(3)))
+
+
+def test_the_timeout_message_with_nothing_held_tells_start_up_from_input():
+    from torchqueue._stuck import timeout_message
+
+    assert "still starting (1 of 3 ready" in timeout_message(2.0, [], (1, 3))
+    assert "waits for its input" in timeout_message(2.0, [], (3, 3))
+
+
 def test_the_named_semaphores_are_unlinked_once_every_worker_started_while_a_stuck_input_still_holds_them():
     # before close(), and whatever still holds the objects (here the feeder thread, inside stuck_input)
     release = threading.Event()

@@ -431,7 +431,7 @@ class Runtime:
             if deadline is not None and now >= deadline:
                 self._check_health()  # a dead worker explains the wait better
                 assert timeout is not None
-                raise TimeoutError(timeout_message(timeout, self._holders(now)))
+                raise TimeoutError(timeout_message(timeout, self._holders(now), self._ready()))
             wait = HEALTH_S if deadline is None else min(HEALTH_S, deadline - now)
             try:
                 data = self._edges[self.plan.consumer_edge][0].get(self._writers_alive, timeout=wait)
@@ -455,6 +455,11 @@ class Runtime:
     def _holders(self, now: float) -> list[Holder]:
         """The workers that hold elements now (from their stats rows), longest first."""
         return holders([(stage, worker, process.pid) for stage, worker, process in self._row_owners], self._stats, now)
+
+    def _ready(self) -> tuple[int, int]:
+        """How many of the workers' stats rows say their loop began, of how many."""
+        rows = range(len(self._row_owners))
+        return sum(self._stats[row * NFIELDS + Field.READY_AT] > 0 for row in rows), len(rows)
 
     def check_health(self) -> None:
         """Warn for skip notices; raise if a worker could not start or died."""

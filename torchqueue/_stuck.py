@@ -59,8 +59,14 @@ def died_with(holder: Holder, stage: str) -> str:
     return f", while {doing} element {holder.seq} of epoch {holder.epoch}{step}"
 
 
-def timeout_message(timeout: float, held: list[Holder]) -> str:
-    """The text of the consumer's ``TimeoutError``."""
+def timeout_message(timeout: float, held: list[Holder], ready: tuple[int, int] = (0, 0)) -> str:
+    """The text of the consumer's ``TimeoutError``; ``ready``: of the workers, how many had started."""
+    if not held and ready[0] < ready[1]:
+        return (
+            f"no output came within {timeout} seconds, and the workers are still starting ({ready[0]} of "
+            f"{ready[1]} ready; under spawn or forkserver each imports torch and your modules first): the "
+            "timeout counts from the first output asked for, start-up included"
+        )
     if not held:
         return (
             f"no output came within {timeout} seconds, and no step holds an element: the pipeline waits "
