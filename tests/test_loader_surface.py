@@ -30,6 +30,23 @@ def test_a_bad_length_raises_at_construction(length, error, words):
         dataset(length)
 
 
+@pytest.mark.parametrize("num_workers", [2.5, "2", None])
+def test_a_num_workers_that_is_no_int_raises_at_construction(num_workers):
+    # before: at the first iteration, as "ProcessStep nworkers must be an int >= 1" (a name you never wrote)
+    with pytest.raises(TypeError, match=f"num_workers must be an int >= 0, got .*{num_workers!r}"):
+        QueueFlowLoader(TensorDataset(torch.arange(8)), batch_size=2, num_workers=num_workers)
+
+
+def test_num_workers_as_a_numpy_int_and_in_order_as_any_truth_value_work_as_in_dataloader():
+    # before: in_order="yes" raised at the first iteration: "ProcessStep round_robin must be True or False"
+    data = TensorDataset(torch.arange(8))
+    for in_order in ("yes", 1, 0):
+        loader = QueueFlowLoader(data, batch_size=2, num_workers=np.int64(2), in_order=in_order)
+        assert sorted(int(b[0][0]) for b in loader) == [0, 2, 4, 6]
+        assert loader.in_order == DataLoader(data, in_order=in_order).in_order
+        loader.close()
+
+
 def test_a_dataset_without_length_has_no_len_but_is_still_true():
     ds = dataset()
     with pytest.raises(TypeError, match="length="):

@@ -84,6 +84,8 @@ def test_steps_are_frozen_declarations():
         ((), ValueError, "at least one step"),
         ((tq.Queue(2),), ValueError, "at least one step"),
         ((tq.ProcessStep(double), 42), TypeError, "element 1"),
+        ((tq.ProcessStep,), TypeError, r"element 0 is the class ProcessStep, not one: .*ProcessStep\(my_function, 2\)"),
+        ((tq.ProcessStep(double), tq.Queue), TypeError, r"element 1 is the class Queue, .* e\.g\. Queue\(4\)"),
         ((tq.ProcessStep(double), tq.Queue(1), tq.Queue(2)), ValueError, "two queues"),
         ((tq.ProcessStep(double, name="a"), tq.ProcessStep(double, name="a")), ValueError, "unique"),
         ((tq.ProcessStep(double), mp.Queue()), ValueError, "unbounded"),

@@ -318,9 +318,9 @@ class MapStyleEpochs:
             self._server = _forkserver.Hold(self)  # not restarted for each epoch's workers, until close()
         return Sequence(
             # in order: batch k to worker k % num_workers, each worker in order, as DataLoader does
-            ProcessStep(self.fetch, num_workers, name="fetch", round_robin=self._torch.in_order),
+            ProcessStep(self.fetch, num_workers, name="fetch", round_robin=bool(self._torch.in_order)),
             Queue(self.prefetch * num_workers),
-            ordered=self._torch.in_order,
+            ordered=bool(self._torch.in_order),  # DataLoader takes any truth value
             context=self._torch.multiprocessing_context,
             name="QueueFlowLoader",
             timeout=self._torch.timeout or None,

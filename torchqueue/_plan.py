@@ -236,6 +236,17 @@ def _needs_join(previous: Step, step: ProcessStep) -> bool:
     return step.round_robin and _kind(previous) == MAP and getattr(previous, "nworkers", 1) > 1
 
 
+_EXAMPLES = {
+    "ProcessStep": "ProcessStep(my_function, 2)",
+    "PoolStep": "PoolStep(my_function, nworkers=4)",
+    "PackStep": "PackStep(64)",
+    "UnpackStep": "UnpackStep()",
+    "RepackStep": "RepackStep(64)",
+    "Queue": "Queue(4)",
+}
+"""What a step or queue class given where an instance belongs is told to write instead."""
+
+
 def _as_queue(element: Any) -> Queue | None:
     if isinstance(element, Queue):
         return element
@@ -261,6 +272,11 @@ def make_plan(elements: tuple[Any, ...]) -> Plan:
             declared.append(pending is not None)
             pending = None
             steps.append(element)
+        elif isinstance(element, type) and issubclass(element, (Step, Queue)):
+            raise TypeError(
+                f"Sequence element {position} is the class {element.__name__}, not one: create it, "
+                f"e.g. {_EXAMPLES.get(element.__name__, element.__name__ + '()')}"
+            )
         else:
             raise TypeError(
                 f"Sequence element {position} is a {type(element).__name__}: expected a step "

@@ -21,6 +21,7 @@ Over a ``QueueFlowDataset`` it runs that pipeline, batching and collating only w
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -105,6 +106,12 @@ class QueueFlowLoader(Generic[_T_co]):
                 "IterableDataset yields what it yields, so it must split its data by rank itself (as with "
                 "DataLoader): drop rank= and world_size= here"
             )
+        try:
+            num_workers = operator.index(num_workers)  # an int, a numpy int: DataLoader would fail only later
+        except TypeError:
+            raise TypeError(
+                f"num_workers must be an int >= 0, got {type(num_workers).__name__} {num_workers!r}: e.g. num_workers=4"
+            ) from None
         sampler, batch_sampler, shuffle = _sharding.samplers(
             dataset, sampler, batch_sampler, shuffle, drop_last, generator, self._shard
         )
