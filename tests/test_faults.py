@@ -70,6 +70,25 @@ def test_the_timeout_message_with_nothing_held_tells_start_up_from_input():
     assert "waits for its input" in timeout_message(2.0, [], (3, 3))
 
 
+def test_a_timeout_behind_the_input_of_an_epoch_you_left_names_that_input():
+    # before: "the pipeline waits for its input (the iterable's next() has not returned)", while the
+    # next epoch's input was a range: the blocked next() was the left epoch's
+    release = threading.Event()
+
+    def blocking_input():
+        yield 1
+        release.wait(30)
+
+    try:
+        with tq.Sequence(tq.ProcessStep(identity), timeout=0.5) as seq:
+            iterator = seq(blocking_input())
+            assert next(iterator) == 1
+            with pytest.raises(TimeoutError, match="the input of epoch 0, which you left before its end, has not"):
+                list(seq(range(3)))
+    finally:
+        release.set()
+
+
 def test_the_named_semaphores_are_unlinked_once_every_worker_started_while_a_stuck_input_still_holds_them():
     # before close(), and whatever still holds the objects (here the feeder thread, inside stuck_input)
     release = threading.Event()

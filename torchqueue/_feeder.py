@@ -66,6 +66,7 @@ class Feeder:
         self._packing = packing
         self.input_s = 0.0  # seconds in the input's ``next`` (the packing's included)
         self.held_s = 0.0  # seconds waiting for a credit: as many elements in flight as the queues allow
+        self.reading: int | None = None  # the epoch whose input is being read (its next() may block)
 
     def run(self) -> None:
         idle = True
@@ -91,6 +92,7 @@ class Feeder:
         pending: list[Any] = []
         last = time.perf_counter()
         while not self._cancelled(epoch):
+            self.reading = epoch
             try:
                 element = next(iterator)
             except StopIteration:
@@ -111,6 +113,7 @@ class Feeder:
                 pending = []
                 now = time.perf_counter()  # sending is not the input's time
             last = now
+        self.reading = None
         seq = self._send(epoch, seq, pending)
         self._take_credit()
         self._emitter.emit(epoch, seq, EndOfEpoch(seq))

@@ -431,7 +431,10 @@ class Runtime:
             if deadline is not None and now >= deadline:
                 self._check_health()  # a dead worker explains the wait better
                 assert timeout is not None
-                raise TimeoutError(timeout_message(timeout, self._holders(now), self._ready()))
+                feeder = self._feeder_body
+                reading = None if feeder is None else feeder.reading
+                left = reading if reading is not None and reading <= self._cancelled.value else None  # abandoned
+                raise TimeoutError(timeout_message(timeout, self._holders(now), self._ready(), left))
             wait = HEALTH_S if deadline is None else min(HEALTH_S, deadline - now)
             try:
                 data = self._edges[self.plan.consumer_edge][0].get(self._writers_alive, timeout=wait)
