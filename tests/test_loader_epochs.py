@@ -167,6 +167,15 @@ def _resumed(taken: int, epochs: int = 2, **kwargs) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("state, words", [({}, r"keys \[\]"), ({"step": 3}, r"keys \['step'\]"), ([1], "list")])
+def test_loading_what_is_no_state_dict_of_the_loader_says_so(state, words):
+    # before: KeyError: 'epoch'
+    loader = make(QueueFlowLoader, num_workers=0)
+    with pytest.raises(ValueError, match=f"takes what this loader's state_dict\\(\\) returned, got .*{words}"):
+        loader.load_state_dict(state)
+    assert [len(batch) for batch in loader][:2] == [4, 4]  # the loader is as it was
+
+
 @pytest.mark.parametrize("taken", [2, 3, 5])
 @pytest.mark.parametrize("persistent", [False, True])
 def test_resuming_restores_the_workers_random_state(taken, persistent):

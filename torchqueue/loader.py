@@ -300,6 +300,14 @@ class QueueFlowLoader(Generic[_T_co]):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state_dict()``: the next iteration continues that epoch without refetching its
         start, or begins the next epoch if that one was over."""
+        if not isinstance(state, dict) or "epoch" not in state:
+            what = type(state).__name__
+            if isinstance(state, dict):
+                what = f"a dict with the keys {sorted(map(str, state))}"
+            raise ValueError(
+                f"load_state_dict() takes what this loader's state_dict() returned, got {what}: "
+                "it has no 'epoch' (save loader.state_dict() with your checkpoint)"
+            )
         self.set_epoch(state["epoch"])
         self._checkpoints.load_state_dict(state, self.generator, self._map_style, self.num_workers)
 
