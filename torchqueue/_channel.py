@@ -95,9 +95,15 @@ class Channel:
             return 0.0
         return (self.capacity - free) / self.capacity
 
-    def put(self, data: bytes, alive: Callable[[], bool]) -> None:
-        """Write one message, waiting for a free slot; raise ``Stopped`` when ``alive()`` turns False."""
-        wait_acquire(self._slots, alive)
+    def reserve(self) -> bool:
+        """Take a free slot for a message if there is one now (``put(..., reserved=True)`` writes it)."""
+        return self._slots.acquire(block=False)
+
+    def put(self, data: bytes, alive: Callable[[], bool], reserved: bool = False) -> None:
+        """Write one message, waiting for a free slot (``reserved``: taken already); raise ``Stopped`` when
+        ``alive()`` turns False."""
+        if not reserved:
+            wait_acquire(self._slots, alive)
         try:
             wait_acquire(self._wlock, alive)
         except Stopped:

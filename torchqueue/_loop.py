@@ -19,6 +19,7 @@ from torchqueue._mainmodule import TravellingStep
 from torchqueue._messages import CONTROL, Envelope, Failure, SkipNotice, Skipped
 from torchqueue._meter import Meter
 from torchqueue._plan import Kind
+from torchqueue._premap import PremapStage
 from torchqueue._seeding import EpochSeeds
 from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
 from torchqueue.errors import capture
@@ -71,6 +72,7 @@ class WorkerContext:
     routes: bool = False  # a stream stage that routes items without decoding them (``_routing``)
     sends_items: bool = False  # its reader routes items: list elements go item by item
     local_out: bool = False  # its output edge joins two parties of one process: messages go as they are
+    premap: PremapStage | None = None  # pools: the map stage whose calls run here first (``_premap``)
 
 
 class Loop:
@@ -85,6 +87,12 @@ class Loop:
         self.fused_meter = None if fused is None else Meter(ctx.stats, fused.stats_row, fused.name)
         self.cpu_clock, self._cpu_since = time.process_time, 0.0  # until ``ready``
         self.fused_cpu = 0.0  # of it, the fused stage's: its calls and its sends (``StreamRunner.emit_fused``)
+        premap = ctx.premap
+        self.premap_meters = (
+            []
+            if premap is None
+            else [Meter(ctx.stats, premap.first_row + slot, premap.name) for slot in range(premap.slots.n)]
+        )
         writer = ctx.stage_name if fused is None else fused.name
         self.emitter = Emitter(
             ctx.outbox, self.alive, ctx.split, ctx.split_step, writer, ctx.segment_dir, ctx.sends_items, ctx.local_out

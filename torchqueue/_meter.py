@@ -14,6 +14,7 @@ class Meter:
     def __init__(self, array: Any, row: int, step: str) -> None:
         self._array = array
         self._base = row * NFIELDS
+        self.row = row
         self.step = step
         self.busy_since = int(self._base + Field.BUSY_SINCE)  # written twice per call: kept at hand
         self.notified = False  # a skip notice was sent for this step

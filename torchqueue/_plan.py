@@ -34,6 +34,23 @@ switch, unpickling) is not paid. That is the seed's ``RepackStep(n) -> ProcessSt
 Nothing else changes: both steps keep their names, stats rows, errors, random streams and
 ``get_worker_info()``, and the outputs are the same. The edge between them and its credits
 are gone; a declared ``Queue`` between them keeps the two processes apart.
+
+Fusion into a pool. A ProcessStep of two or more workers right before a PoolStep, with no queue declared
+between them, runs in the pool's workers (``Plan.premapped``, ``_premap``): a pool worker takes the
+ProcessStep's input (a chunk's name), calls its function (reads the chunk) and works on the items
+itself, in parts sized by cost. The items then never cross a process: the seed's
+``ProcessStep(read_chunk, 2) -> PoolStep(event_to_graph)`` had pickled every event into shared memory
+and out again, and its read process had been one more process on the cores. What the declaration says
+holds:
+
+- at most ``nworkers`` of the ProcessStep's calls run at once (slots): two readers stay two readers,
+  each slot is one of the step's stats rows, and ``get_worker_info()`` in the step shows the slot;
+- a worker holding items while others of its pool wait for input hands them its last parts through the
+  pool's own channel (a few large elements still spread over the whole pool).
+
+The step's calls draw random numbers from the streams of the pool's workers. A one-worker ProcessStep
+is not fused so: it calls its function on the elements in order, with one random stream, and a function
+may rely on both. The ProcessStep's input edge becomes the pool's; the edge between the two is gone.
 """
 
 from __future__ import annotations
@@ -111,6 +128,7 @@ class Plan:
     stages: tuple[StagePlan, ...]
     capacities: tuple[int, ...]
     fused: frozenset[int] = frozenset()  # map stages run inside the stream stage before them
+    premapped: frozenset[int] = frozenset()  # map stages run inside the pool after them
     feeder_runs_first: bool = False  # a first PackStep runs in the feeder thread
     consumer_runs_last: bool = False  # a last UnpackStep runs in the consumer's thread
 
@@ -118,6 +136,7 @@ class Plan:
         """Whether ``stage`` has no process of its own: fused, or run by the feeder or by the consumer."""
         return (
             stage in self.fused
+            or stage in self.premapped
             or (stage == 0 and self.feeder_runs_first)
             or (stage == len(self.stages) - 1 and self.consumer_runs_last)
         )
@@ -125,10 +144,12 @@ class Plan:
     def in_this_process(self, stage: int) -> bool:
         """Whether ``stage`` (-1: the feeder; ``len(stages)``: the consumer) runs in the consumer's process:
         in threads, in the feeder or the consumer, or fused into a stage that does."""
-        if stage in (-1, len(self.stages)) or (stage not in self.fused and self.runs_elsewhere(stage)):
+        if stage in (-1, len(self.stages)) or (not self.hosted(stage) and self.runs_elsewhere(stage)):
             return True
         if stage in self.fused:
             stage -= 1
+        elif stage in self.premapped:
+            stage += 1
         return self.stages[stage].backend == THREAD
 
     @property
@@ -144,10 +165,23 @@ class Plan:
         reader = len(self.stages) if edge == self.consumer_edge else edge
         return self.in_this_process(writer) and self.in_this_process(reader)
 
+    def hosted(self, stage: int) -> bool:
+        """Whether ``stage`` runs in the workers of the stage next to it (fused, or premapped)."""
+        return stage in self.fused or stage in self.premapped
+
+    def premap_of(self, stage: int) -> StagePlan | None:
+        """The map stage whose calls ``stage`` (a pool) runs before its own (``None``: none)."""
+        return self.stages[stage - 1] if stage - 1 in self.premapped else None
+
+    def input_edge(self, stage: int) -> int:
+        """The edge ``stage``'s workers read: its own, or the premapped stage's before it."""
+        return stage - 1 if stage - 1 in self.premapped else stage
+
     def has_edge(self, edge: int) -> bool:
         """Whether edge ``edge`` (into stage ``edge``; the last: into the consumer) is a channel: not
-        the input of a fused stage or of a feeder-run first stage, nor the output of a consumer-run last one."""
-        if edge in self.fused or (edge == 0 and self.feeder_runs_first):
+        the input of a fused stage or of a feeder-run first stage, nor the output of a consumer-run last one,
+        nor the edge from a premapped stage into its pool (the pool reads the premapped stage's input)."""
+        if edge in self.fused or edge - 1 in self.premapped or (edge == 0 and self.feeder_runs_first):
             return False
         return not (edge == len(self.stages) and self.consumer_runs_last)
 
@@ -182,6 +216,8 @@ class Plan:
     def message_capacity(self, edge: int) -> int:
         """Messages edge ``edge`` holds: its capacity times the parts per element of a pool it touches."""
         touching = [self.stages[i] for i in (edge - 1, edge) if 0 <= i < len(self.stages)]
+        if edge in self.premapped:  # the pool reads it, and shares parts through it
+            touching.append(self.stages[edge + 1])
         return self.capacities[edge] * max([s.parts_per_element() for s in touching], default=1)
 
     def assigns_seq(self, stage: int) -> bool:
@@ -198,8 +234,12 @@ class Plan:
     def credits(self, stage: int) -> int:
         """Elements that may be in flight in the segment starting at ``stage``'s output."""
         end = self.segment_end(stage)
-        between = [s for s in self.stages[stage + 1 : end] if s.index not in self.fused]
-        edges = [self.capacities[edge] for edge in range(stage + 1, end + 1) if edge not in self.fused]
+        between = [s for s in self.stages[stage + 1 : end] if not self.hosted(s.index)]
+        edges = [
+            self.capacities[edge]
+            for edge in range(stage + 1, end + 1)
+            if edge not in self.fused and edge - 1 not in self.premapped
+        ]
         return sum(edges) + sum(s.nworkers for s in between)
 
     def channel_capacity(self, edge: int) -> int:
@@ -315,7 +355,14 @@ def make_plan(elements: tuple[Any, ...]) -> Plan:
         and not (stage.index == 1 and feeder_first)  # never a user's function in the feeder thread
         and _fusable(stages[stage.index - 1], stage)
     )
-    return Plan(tuple(stages), tuple(c for _, c, _ in laid) + (capacities[-1],), fused, feeder_first, consumer_last)
+    premapped = frozenset(
+        stage.index - 1
+        for stage, (_, _, given) in zip(stages[1:], laid[1:])
+        if not given and _premappable(stages[stage.index - 1], stage) and stage.index - 1 not in fused
+    )
+    return Plan(
+        tuple(stages), tuple(c for _, c, _ in laid) + (capacities[-1],), fused, premapped, feeder_first, consumer_last
+    )
 
 
 def _fusable(previous: StagePlan, stage: StagePlan) -> bool:
@@ -323,6 +370,16 @@ def _fusable(previous: StagePlan, stage: StagePlan) -> bool:
     in processes (between threads there is no hop to save)."""
     backends = previous.backend, stage.backend
     return previous.kind == STREAM and stage.kind == MAP and stage.nworkers == 1 and backends == (PROCESS, PROCESS)
+
+
+def _premappable(stage: StagePlan, pool: StagePlan) -> bool:
+    """Whether ``stage`` can run in the workers of ``pool``, the stage after it: a map of several workers
+    (which take elements in any order) before a pool, both in processes (between threads there is no hop
+    to save). A one-worker step keeps its process: it calls its function on the elements in order, with
+    one random stream, and a function may rely on both (the draws an element gets are reproducible)."""
+    backends = stage.backend, pool.backend
+    several = stage.nworkers > 1  # one worker promises its calls in order, drawing from one random stream
+    return several and stage.kind == MAP and not stage.round_robin and pool.kind == POOL and backends == (PROCESS,) * 2
 
 
 def _unique_names(steps: list[Step]) -> list[str]:

@@ -27,11 +27,13 @@ from torchqueue._collect import NOTHING, Collector
 from torchqueue._loop import Loop, WorkerContext
 from torchqueue._messages import CONTROL, Bundle, EndOfEpoch, Envelope, Failure, Skipped, StartupFailure
 from torchqueue._plan import Kind
+from torchqueue._premap import waiting_workers
 from torchqueue._seeding import EpochSeeds
+from torchqueue._transport import PartSizer, split
 from torchqueue.errors import capture
-from torchqueue.stats import Field
+from torchqueue.stats import NFIELDS, Field
 from torchqueue.steps import StreamStep
-from torchqueue.worker_info import WorkerInfo
+from torchqueue.worker_info import WorkerInfo, get_worker_info, set_worker_info
 
 _PASSED_ON = frozenset({Failure, Skipped})
 """Items of a bundle that are not work: an element that failed or was skipped upstream."""
@@ -53,6 +55,9 @@ def run_worker(ctx: WorkerContext, own_process: bool) -> None:
         if ctx.fused is not None:
             loading = ctx.fused.name, 0
             fused = getattr(ctx.fused.step.load(), "fn")  # noqa: B009
+        elif ctx.premap is not None:  # a pool's worker, running the map stage before it first
+            loading = ctx.premap.name, ctx.worker
+            fused = getattr(ctx.premap.step.load(), "fn")  # noqa: B009
     except BaseException:
         notice = StartupFailure(*loading, traceback.format_exc())
         ctx.events.put(_serialize.dumps(notice, None), lambda: not ctx.stop.is_set())
@@ -133,12 +138,111 @@ keeping two; fresh pages are written at 2.5-3 GB/s, kept ones at 8-10)."""
 
 
 class PoolRunner(Loop):
-    """A PoolStep's worker: ``[fn(item) ...]`` for each part of an element it receives."""
+    """A PoolStep's worker: ``[fn(item) ...]`` for each part of an element it receives. With a map stage
+    fused before it (``_premap``), a whole element (``nparts == 1``) is that stage's input: its call
+    first, in a slot, then its items here, but the parts given to the pool's waiting workers."""
+
+    def __init__(self, ctx: WorkerContext, seeds: EpochSeeds) -> None:
+        super().__init__(ctx, seeds)
+        self.sizer = PartSizer(ctx.stats, ctx.stats_row - ctx.worker, ctx.nworkers)  # this pool's rows
 
     def run(self, step: Any, fused: Callable[[Any], Any] | None = None) -> None:
+        """``fused``: the function of the map stage fused before this pool (``None``: none)."""
         fn = step.fn
         while True:
-            self.handle(self.receive(), fn)  # nothing of one message is held while the next is awaited
+            envelope = self.receive()  # nothing of one message is held while the next is awaited
+            if fused is not None and envelope.nparts == 1 and not isinstance(envelope.payload, CONTROL):
+                self.premapped(envelope, fused, fn)
+            else:
+                self.handle(envelope, fn)
+
+    def premapped(self, envelope: Envelope, premap: Callable[[Any], Any], fn: Callable[[Any], Any]) -> None:
+        """The fused map stage's call on ``envelope``'s element, in one of its slots, then the pool's work on
+        the items: parts go to this pool's waiting workers through its own channel (``_premap.share``)."""
+        epoch, seq = envelope.epoch, envelope.seq
+        if self.cancelled(epoch):
+            self.timed(self.emitter.send, envelope._replace(payload=[]), POOL_SPARE)
+            return
+        premap_ctx = self.ctx.premap
+        assert premap_ctx is not None
+        waited = time.perf_counter()
+        self.meter.set(Field.IN_SINCE, waited)  # waiting for a slot: this pool waits for its input
+        slot = premap_ctx.slots.acquire(self.alive)
+        now = time.perf_counter()
+        self.meter.set(Field.IN_SINCE, 0.0)
+        self.meter.add(Field.WAIT_IN, now - waited)
+        meter = self.premap_meters[slot]
+        cpu = self.cpu_clock()
+        stats, base = self.ctx.stats, meter.row * NFIELDS
+        meter.add(Field.WAIT_IN, max(0.0, now - stats[base + Field.IN_SINCE]))
+        stats[base + Field.IN_SINCE] = 0.0
+        meter.add(Field.MESSAGES, 1)
+        meter.set(Field.AT_EPOCH, epoch)
+        meter.set(Field.AT_SEQ, seq)
+        pool_info = get_worker_info()  # the step sees itself in get_worker_info(): its slot among its nworkers
+        set_worker_info(WorkerInfo(premap_ctx.name, slot, premap_ctx.slots.n, getattr(pool_info, "seed", None)))
+        try:
+            result = self.call(premap, envelope.payload, epoch, seq, meter)
+        finally:
+            set_worker_info(pool_info)
+            spent = self.cpu_clock() - cpu
+            self.fused_cpu += spent
+            meter.add(Field.CPU, spent)
+            stats[base + Field.IN_SINCE] = time.perf_counter()
+            premap_ctx.slots.release(slot)
+        if isinstance(result, (Failure, Skipped)):
+            self.timed(self.emitter.send, envelope._replace(payload=result))
+            return
+        try:
+            items = list(result)
+        except TypeError as exc:
+            error = TypeError(f"PoolStep needs iterable elements (lists, tuples, ...), got {type(result).__name__}")
+            error.__cause__ = exc
+            self.timed(self.emitter.send, envelope._replace(payload=self.failed(error, epoch, seq)))
+            return
+        del result
+        nparts, results, index = 1, [], 0
+        while index < len(items):
+            if nparts == 1 and index < len(items) - 1:  # until it shares, whenever another worker waits
+                nparts, items = self.hand_off(epoch, seq, items, index)
+            result = self.call(fn, items[index], epoch, seq)
+            if isinstance(result, Failure):
+                results = result
+                break
+            if not isinstance(result, Skipped):
+                results.append(result)
+            index += 1
+        del items
+        self.timed(self.emitter.send, Envelope(epoch, seq, 0, nparts, results), POOL_SPARE)
+
+    def hand_off(self, epoch: int, seq: int, items: list[Any], done: int) -> tuple[int, list[Any]]:
+        """Share the items after ``items[done]`` with the pool's workers waiting for input now, a part each
+        (worth ``PART_S`` of work or more), through the pool's own channel: as many parts as it has room
+        for now (never a wait on one's own input). Return the element's number of parts (1: none shared)
+        and the items this worker keeps (part 0: up to ``done``, and the first part of the rest)."""
+        ctx = self.ctx
+        waiting = self.waiting_others()
+        if not waiting:
+            return 1, items
+        rest = items[done:]
+        given = 0
+        while given < min(waiting, self.sizer.parts(len(rest)) - 1) and ctx.inbox.reserve():
+            given += 1
+        if not given:
+            return 1, items
+        parts = split(rest, given + 1)
+        for index, part in enumerate(parts[1:], 1):
+            start = time.perf_counter()
+            data = _serialize.dumps(Envelope(epoch, seq, index, len(parts), part), ctx.segment_dir)
+            self.meter.add(Field.ENCODE, time.perf_counter() - start)
+            ctx.inbox.put(data, self.alive, reserved=True)
+        return len(parts), items[:done] + parts[0]
+
+    def waiting_others(self) -> int:
+        """The pool's other workers waiting for input now that no message queued for them will reach."""
+        ctx = self.ctx
+        waiting = waiting_workers(ctx.stats, ctx.stats_row - ctx.worker, ctx.nworkers, ctx.worker)
+        return waiting and max(0, waiting - round(ctx.inbox.fill() * ctx.inbox.capacity))
 
     def handle(self, envelope: Envelope, fn: Callable[[Any], Any]) -> None:
         """One part: its results sent on as a part."""

@@ -73,7 +73,8 @@ from torchqueue._mainmodule import TravellingStep
 from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, StartupFailure
 from torchqueue._meter import Meter
 from torchqueue._pauses import Paused, Pauses
-from torchqueue._plan import STREAM, THREAD, Plan
+from torchqueue._plan import STREAM, THREAD, Plan, StagePlan
+from torchqueue._premap import PremapStage, SlotHolder, Slots
 from torchqueue._stuck import Holder, died_with, holders, timeout_message
 from torchqueue._threads import LocalChannel, ThreadHandle
 from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
@@ -203,6 +204,7 @@ class Runtime:
         self.workers: list[tuple[str, int, Any]] = []  # (stage name, worker index, Process)
         self._row_owners: list[tuple[str, int, Any]] = []  # the same per stats row (a fused stage's: its host's)
         self._workers_up = ctx.Semaphore(0)  # released by each worker once it runs
+        self._premaps: dict[int, PremapStage] = {}  # pool stage -> the map stage its workers run first
         # unlinked once every worker runs, or at close (see ``_semnames``)
         self._semaphores = _semnames.semaphore_names(
             self._edges, self._events, self._stop, self._credits, self._workers_up
@@ -234,6 +236,12 @@ class Runtime:
 
     # -- start ---------------------------------------------------------------------------------
 
+    def _slots(self, stage: StagePlan) -> Slots:
+        """The slots of a premapped stage (its calls at once); their names are unlinked with the others'."""
+        slots = Slots(self._ctx, stage.nworkers)
+        self._semaphores |= _semnames.semaphore_names(slots)
+        return slots
+
     def _start_workers(
         self, steps: list[TravellingStep], ordered: bool, skip_errors: bool, assigners: list[int]
     ) -> None:
@@ -241,6 +249,14 @@ class Runtime:
         threads: list[WorkerHandle] = []
         for stage, step in zip(self.plan.stages, steps):
             self._rows[stage.index] = row
+            if stage.index in self.plan.premapped:  # in the next stage's workers: a row per slot
+                self._premaps[stage.index + 1] = PremapStage(stage.name, stage.index, step, row, self._slots(stage))
+                for slot in range(stage.nworkers):
+                    self._stats[row * NFIELDS + Field.READY_AT] = self._started
+                    self._stats[row * NFIELDS + Field.IN_SINCE] = self._started  # waiting for its first input
+                    self._row_owners.append((stage.name, slot, SlotHolder(self._premaps[stage.index + 1].slots, slot)))
+                    row += 1
+                continue
             if self.plan.runs_elsewhere(stage.index):  # in the previous stage's process, or in this one
                 host = self.workers[-1][2] if stage.index in self.plan.fused else _ThisProcess()
                 if stage.index not in self.plan.fused:  # this process needs no start-up
@@ -259,7 +275,7 @@ class Runtime:
                     worker=worker,
                     nworkers=stage.nworkers,
                     step=step,
-                    inbox=self._edges[stage.index][worker % stage.inboxes()],
+                    inbox=self._edges[self.plan.input_edge(stage.index)][worker % stage.inboxes()],
                     outbox=self._edges[self.plan.output_edge(stage.index)],
                     split=self._sizer(last.index + 1) if split else None,
                     split_step=self.plan.stages[last.index + 1].name if split else "",
@@ -280,9 +296,11 @@ class Runtime:
                     routes=self.plan.routes_items(stage.index),
                     sends_items=self.plan.sends_items(stage.index),
                     local_out=self.plan.local_edge(self.plan.output_edge(stage.index)),
+                    premap=self._premaps.get(stage.index),
                 )
                 row += 1
-                handle = self._handle(context, stage.backend, f"torchqueue:{stage.name}#{worker}", fused, steps)
+                hosted = fused or self.plan.premap_of(stage.index)
+                handle = self._handle(context, stage.backend, f"torchqueue:{stage.name}#{worker}", hosted, steps)
                 if handle.in_own_process:
                     handle.start()
                 else:  # once every process is forked (see ``_threads``)
@@ -535,7 +553,7 @@ class Runtime:
         stopped in the middle of a call or a wait never ends it)."""
         stages = [stage.stats_entry() for stage in self.plan.stages]
         for index in (0, len(stages) - 1):  # a stream step the feeder or the consumer runs: only its calls are busy
-            if self.plan.runs_elsewhere(index) and index not in self.plan.fused:
+            if self.plan.runs_elsewhere(index) and not self.plan.hosted(index):
                 stages[index] = stages[index]._replace(is_stream=False, stream=True)
         if self._closed_at is None:
             now, cpu_now, idle_now = time.perf_counter(), time.process_time(), idle_seconds()

@@ -1,0 +1,85 @@
+"""A ProcessStep run in the workers of the PoolStep after it (``_plan``'s fusion into a pool).
+
+A pool worker takes the ProcessStep's input, calls its function in one of the step's ``nworkers``
+``Slots`` (at most that many calls at once, each slot one of the step's stats rows), and works on
+the items of the result itself, in parts sized by cost; before each part, the last parts left go to
+the pool's workers that wait for input (``waiting_workers``), through the pool's own channel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torchqueue._channel import Stopped, wait_acquire
+from torchqueue._mainmodule import TravellingStep
+from torchqueue.stats import NFIELDS, Field
+
+
+class Slots:
+    """``n`` numbered slots shared by processes: at most ``n`` holders at once, each with its own number."""
+
+    def __init__(self, ctx: Any, n: int) -> None:
+        self.n = n
+        self._free = ctx.BoundedSemaphore(n)
+        self._claim = ctx.Lock()
+        self._taken = ctx.RawArray("b", n)
+        self._holders = ctx.RawArray("q", n)  # the pid holding each slot, 0: free
+
+    def acquire(self, alive: Callable[[], bool]) -> int:
+        """Wait for a free slot (``Stopped`` when ``alive()`` turns False) and take it: its number."""
+        wait_acquire(self._free, alive)
+        try:
+            wait_acquire(self._claim, alive)
+        except Stopped:
+            self._free.release()
+            raise
+        try:
+            slot = self._taken[:].index(0)  # one is free: holders of a slot hold a permit
+            self._taken[slot] = 1
+            self._holders[slot] = os.getpid()
+        finally:
+            self._claim.release()
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._holders[slot] = 0
+        self._taken[slot] = 0
+        self._free.release()
+
+    def holder(self, slot: int) -> int | None:
+        """The pid of the worker holding ``slot`` now (``None``: nobody)."""
+        return self._holders[slot] or None
+
+
+class SlotHolder:
+    """Stands for the process of a premapped stage's slot (``Runtime``'s owner of its stats row): whichever
+    pool worker holds it now."""
+
+    def __init__(self, slots: Slots, slot: int) -> None:
+        self._slots, self._slot = slots, slot
+
+    @property
+    def pid(self) -> int | None:
+        return self._slots.holder(self._slot)
+
+
+@dataclass(frozen=True)
+class PremapStage:
+    """The map stage a pool's workers run before their own step: its step, its first stats row (one per
+    slot) and its slots."""
+
+    name: str
+    index: int
+    step: TravellingStep
+    first_row: int
+    slots: Slots
+
+
+def waiting_workers(stats: Any, first_row: int, nworkers: int, me: int) -> int:
+    """How many of a pool's other workers wait for input now (their rows' ``IN_SINCE``)."""
+    return sum(
+        1 for worker in range(nworkers) if worker != me and stats[(first_row + worker) * NFIELDS + Field.IN_SINCE] > 0
+    )
