@@ -88,7 +88,7 @@ def _process_cpu(pid: int) -> float:
 
 def _seed_shape(tq: Any, calo: Any, workers: int) -> Any:
     return tq.Sequence(
-        tq.ProcessStep(calo.read_chunk, 1),
+        tq.ProcessStep(calo.read_chunk, 2),  # two reads at a time, in the pool's workers (as the benchmark's)
         tq.PoolStep(calo.event_to_graph, nworkers=workers),
         tq.RepackStep(64),
         tq.ProcessStep(calo.collate, 1),

@@ -173,11 +173,13 @@ def smalltensors(quick: bool) -> list[Line]:
 ALL = {"tiny": tiny, "cpu": cpu, "python": python, "bigarrays": bigarrays, "smalltensors": smalltensors}
 
 
-SEED_READERS = max(1, WORKERS // 3)
-"""The seed shape's reading processes: one, and a third of the pool's workers on more cores. The read
-is about a third of this work (0.42 of 1.23 ms per event on the 2-core machine), so one reader bounds
-the whole shape at about 2,400 events/s, whatever the pool: 16 cores showed it (issue 17's table,
-2,754 events/s with a pool 14% busy). The thread reader stays one thread: h5py runs one call at a time."""
+SEED_READERS = max(2, WORKERS // 3)
+"""The seed shape's readers: two, as the seed declares them, and a third of the pool's workers on more
+cores. The read is about a third of this work (0.42 of 1.23 ms per event on the 2-core machine), so one
+reader bounds the whole shape at about 2,400 events/s, whatever the pool: 16 cores showed it (issue 17's
+table, 2,754 events/s with a pool 14% busy). Two or more readers run in the pool's workers, at most
+that many reads at once (``_premap``): a reader costs no process of its own. The thread reader stays
+one thread: h5py runs one call at a time."""
 
 
 SEED_COLLATES = max(1, WORKERS // 7)

@@ -16,7 +16,7 @@ from torchqueue.sources import H5Chunks
 
 def run_torchqueue(chunks: list[calo.Chunk], batch_size: int, workers: int) -> tuple[int, float, tq.Stats]:
     with tq.Sequence(
-        tq.ProcessStep(calo.read_chunk, 1, name="read"),
+        tq.ProcessStep(calo.read_chunk, 2, name="read"),
         tq.PoolStep(calo.event_to_graph, nworkers=workers, name="graph"),
         tq.RepackStep(batch_size),
         tq.ProcessStep(calo.collate, 1, name="collate"),
@@ -45,8 +45,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    # The seed pipeline has a reader, the pool and a collate: more processes than a 2-core machine has
-    # cores, on purpose (they take turns, as DataLoader's workers and its main process do).
+    # The seed pipeline's pool (the reads run in its workers) and its repack-and-collate process: more
+    # processes than a 2-core machine has cores with --workers 2, on purpose (they take turns, as
+    # DataLoader's workers and its main process do).
     warnings.simplefilter("ignore", tq.TooManyWorkersWarning)
 
     start = time.perf_counter()
