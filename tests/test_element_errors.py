@@ -85,6 +85,20 @@ def test_an_input_error_says_it_came_from_the_input_in_the_consumers_process():
     assert "Input traceback" in message and "failing_source" in message
 
 
+def open_missing(x):
+    with open(f"/nonexistent/{x}"):
+        pass
+
+
+def test_an_os_error_keeps_its_errno_and_says_its_errno_once():
+    with tq.Sequence(tq.ProcessStep(open_missing)) as seq:
+        with pytest.raises(FileNotFoundError) as info:
+            list(seq([7]))
+    first = str(info.value).splitlines()[0]
+    assert first.startswith("FileNotFoundError in step 'open_missing'") and first.count("[Errno 2]") == 1
+    assert info.value.errno == 2 and info.value.__cause__.filename == "/nonexistent/7"
+
+
 class KeyErrorAt(Dataset):
     """Raises ``KeyError`` for the indices in ``bad``."""
 

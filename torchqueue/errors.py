@@ -117,8 +117,11 @@ def rebuild(failure: Failure) -> BaseException:
         return stopped
     exc_type = type(original)
     try:
-        if isinstance(original, OSError) and original.errno is not None:  # ``except`` tests on errno keep working
-            rebuilt = exc_type(original.errno, message)
+        if isinstance(original, OSError) and original.errno is not None:
+            # ``except`` tests on errno keep working; set after, so that the text is the message alone (not
+            # "[Errno 2] ...: [Errno 2] No such file"), and the worker's exception, as the cause, has the rest
+            rebuilt = exc_type(message)
+            rebuilt.errno = original.errno
         else:
             rebuilt = exc_type(_KeyErrorMessage(message) if issubclass(exc_type, KeyError) else message)
     except Exception:
