@@ -86,6 +86,18 @@ def read_stuck_on_one(n):
     return [n]
 
 
+def read_generator_fails_on_two(n):
+    yield n
+    if n == 2:
+        raise ValueError(f"chunk {n} broke halfway")
+    yield n + 1
+
+
+def slow_first(item):
+    spin(0.005)
+    return item
+
+
 # -- the plan ------------------------------------------------------------------------------------
 
 
@@ -105,6 +117,7 @@ def test_a_process_step_right_before_a_pool_runs_in_the_pools_workers():
         (tq.ProcessStep(read, 2, round_robin=True), tq.PoolStep(transform, nworkers=2)),  # takes them in turn
         (tq.ProcessStep(read, 2, backend="thread"), tq.PoolStep(transform, nworkers=2)),  # no hop to save
         (tq.ProcessStep(read, 1), tq.PoolStep(transform, nworkers=2)),  # one worker: its calls in order
+        (tq.ProcessStep(read, 3), tq.PoolStep(transform, nworkers=2)),  # three reads at once need three processes
         (tq.RepackStep(2), tq.ProcessStep(read, 1), tq.PoolStep(transform, nworkers=2)),  # fused into the repack
     ],
 )
@@ -198,3 +211,29 @@ def test_an_epoch_left_early_leaves_the_next_one_whole(start_method):
     assert [[value for value, _, _ in chunk] for chunk in out] == [
         [(n * 10 + i) ** 2 for i in range(10)] for n in range(5)
     ]
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_generator_step_that_fails_halfway_is_the_steps_error_at_its_element(on_error):
+    seq = tq.Sequence(tq.ProcessStep(read_generator_fails_on_two, 2), tq.PoolStep(first, nworkers=2), on_error=on_error)
+    with seq:
+        if on_error == "raise":
+            with pytest.raises(ValueError, match="step 'read_generator_fails_on_two'.* element 2 of epoch 0"):
+                list(seq(range(5)))
+        else:
+            with pytest.warns(RuntimeWarning, match="chunk 2 broke halfway"):
+                assert list(seq(range(5))) == [[0, 1], [1, 2], [3, 4], [4, 5]]
+
+
+def test_the_start_up_counts_the_pools_processes_not_the_steps_slots():
+    with tq.Sequence(tq.ProcessStep(read, 2), tq.PoolStep(transform, nworkers=2)) as seq:
+        list(seq(range(4)))
+        assert seq._runtime._ready()[1] == 2  # the pool's two processes; the slots are no processes
+
+
+def test_a_step_held_back_by_a_busy_pool_waits_for_room_not_for_input():
+    with tq.Sequence(tq.ProcessStep(read, 2), tq.PoolStep(slow_first, nworkers=2)) as seq:
+        list(seq(range(20)))  # 200 items of 5 ms: the pool is the bottleneck, its input always queued
+        stats = seq.stats()["read"]
+    assert stats.wait_out_s > stats.wait_in_s
+    assert stats.queue_fill > 0

@@ -551,3 +551,25 @@ def test_on_full_cores_the_steps_hops_limit_when_they_outweigh_the_work(monkeypa
     assert hint.startswith("the hops limit; bottleneck: make") and "do two steps' work in one ProcessStep" in hint
     worked = _step("make", 0.95, cpu_s=1.0, encode_s=0.05)  # the same cores, spent on the work
     assert _stats(worked, a, elapsed_s=1.3, consumer_cpu_s=0.29, wait=1.2).hint().startswith("bottleneck: make")
+
+
+def test_a_step_that_waits_in_a_pools_workers_is_told_to_keep_processes_of_its_own():
+    # a ProcessStep fused into the pool after it (``_premap``) that sleeps holds the pool's workers: the
+    # hint had read "the queues limit ... larger queues ... ordered=False", which ran no faster
+    read = _step("read", 9.0, nworkers=2, cpu_s=0.1, host="graph")
+    graph = _step("graph", 8.0, nworkers=2, cpu_s=8.0)
+    stats = _stats(read, graph, elapsed_s=10.0, consumer_cpu_s=0.5, wait=9.0, work=0.5)
+    assert stats.hint().startswith("read waits in graph's workers")
+    assert "a tq.Queue(n) between read and graph gives read processes of its own" in stats.hint()
+    computing = _step("read", 9.0, nworkers=2, cpu_s=8.5, host="graph")  # its calls compute: no hop to pay
+    assert not _stats(computing, graph, elapsed_s=10.0, consumer_cpu_s=0.5).hint().startswith("read waits")
+    brief = _step("read", 1.0, nworkers=2, cpu_s=0.01, host="graph")  # waits little of the pool's time
+    assert not _stats(brief, graph, elapsed_s=10.0, consumer_cpu_s=0.5).hint().startswith("read waits")
+
+
+def test_a_step_run_in_a_pools_workers_names_its_host_in_its_stats():
+    with tq.Sequence(tq.ProcessStep(double, 2, name="read"), tq.PoolStep(double, nworkers=2, name="graph")) as seq:
+        assert list(seq([[1, 2], [3]])) == [[2, 4, 2, 4], [6, 6]]  # the lists doubled, then their items
+        stats = seq.stats()
+    assert stats["read"].host == "graph" and stats["graph"].host is None
+    assert stats["read"].nworkers == 2 and stats["read"].elements_in == 2

@@ -87,6 +87,7 @@ class Loop:
         self.fused_meter = None if fused is None else Meter(ctx.stats, fused.stats_row, fused.name)
         self.cpu_clock, self._cpu_since = time.process_time, 0.0  # until ``ready``
         self.fused_cpu = 0.0  # of it, the fused stage's: its calls and its sends (``StreamRunner.emit_fused``)
+        self.input_wait = 0.0  # seconds the last message received was waited for
         premap = ctx.premap
         self.premap_meters = (
             []
@@ -132,7 +133,8 @@ class Loop:
                 self.emitter.idle()
         self.meter.set(Field.IN_SINCE, 0.0)
         received = time.perf_counter()
-        self.meter.add(Field.WAIT_IN, received - start)
+        self.input_wait = received - start
+        self.meter.add(Field.WAIT_IN, self.input_wait)
         envelope = self.read(data)
         self.meter.add(Field.DECODE, time.perf_counter() - received)
         self.seeds.enter(envelope.epoch)  # a new epoch's stream, before the step sees its first element

@@ -35,12 +35,12 @@ Nothing else changes: both steps keep their names, stats rows, errors, random st
 ``get_worker_info()``, and the outputs are the same. The edge between them and its credits
 are gone; a declared ``Queue`` between them keeps the two processes apart.
 
-Fusion into a pool. A ProcessStep of two or more workers right before a PoolStep, with no queue declared
-between them, runs in the pool's workers (``Plan.premapped``, ``_premap``): a pool worker takes the
-ProcessStep's input (a chunk's name), calls its function (reads the chunk) and works on the items
-itself, in parts sized by cost. The items then never cross a process: the seed's
+Fusion into a pool. A ProcessStep of two or more workers (no more than the pool's) right before a
+PoolStep, with no queue declared between them, runs in the pool's workers (``Plan.premapped``,
+``_premap``): a pool worker takes the ProcessStep's input (a chunk's name), calls its function (reads
+the chunk) and works on the items itself. The items then never cross a process: the seed's
 ``ProcessStep(read_chunk, 2) -> PoolStep(event_to_graph)`` had pickled every event into shared memory
-and out again, and its read process had been one more process on the cores. What the declaration says
+and out again, and its read processes had been more processes on the cores. What the declaration says
 holds:
 
 - at most ``nworkers`` of the ProcessStep's calls run at once (slots): two readers stay two readers,
@@ -50,7 +50,10 @@ holds:
 
 The step's calls draw random numbers from the streams of the pool's workers. A one-worker ProcessStep
 is not fused so: it calls its function on the elements in order, with one random stream, and a function
-may rely on both. The ProcessStep's input edge becomes the pool's; the edge between the two is gone.
+may rely on both. What fusion gives up: a call that waits (a network read, a sleep) holds a pool
+worker, where a process of its own would have waited beside the pool's work; a declared ``Queue``
+between the two keeps them apart. The ProcessStep's input edge becomes the pool's; the edge between the
+two is gone.
 """
 
 from __future__ import annotations
@@ -374,12 +377,13 @@ def _fusable(previous: StagePlan, stage: StagePlan) -> bool:
 
 def _premappable(stage: StagePlan, pool: StagePlan) -> bool:
     """Whether ``stage`` can run in the workers of ``pool``, the stage after it: a map of several workers
-    (which take elements in any order) before a pool, both in processes (between threads there is no hop
-    to save). A one-worker step keeps its process: it calls its function on the elements in order, with
-    one random stream, and a function may rely on both (the draws an element gets are reproducible)."""
-    backends = stage.backend, pool.backend
-    several = stage.nworkers > 1  # one worker promises its calls in order, drawing from one random stream
-    return several and stage.kind == MAP and not stage.round_robin and pool.kind == POOL and backends == (PROCESS,) * 2
+    (which take elements in any order), no more than the pool's (they could not all call at once), before
+    a pool, both in processes (between threads there is no hop to save). A one-worker step keeps its
+    process: it calls its function on the elements in order, with one random stream, and a function may
+    rely on both (the draws an element gets are reproducible)."""
+    if stage.kind != MAP or pool.kind != POOL or stage.round_robin or (stage.backend, pool.backend) != (PROCESS,) * 2:
+        return False
+    return 1 < stage.nworkers <= pool.nworkers
 
 
 def _unique_names(steps: list[Step]) -> list[str]:

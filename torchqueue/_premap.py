@@ -9,6 +9,7 @@ the pool's workers that wait for input (``waiting_workers``), through the pool's
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ class Slots:
         self._claim = ctx.Lock()
         self._taken = ctx.RawArray("b", n)
         self._holders = ctx.RawArray("q", n)  # the pid holding each slot, 0: free
+        self._released = ctx.RawArray("d", n)  # when each slot was last released (``time.monotonic``)
 
     def acquire(self, alive: Callable[[], bool]) -> int:
         """Wait for a free slot (``Stopped`` when ``alive()`` turns False) and take it: its number."""
@@ -37,7 +39,10 @@ class Slots:
             self._free.release()
             raise
         try:
-            slot = self._taken[:].index(0)  # one is free: holders of a slot hold a permit
+            # one is free (holders of a slot hold a permit): the one free the longest, so that the slots take
+            # turns as the processes of a step of their own would (each slot's idle time is then its wait)
+            taken, released = self._taken[:], self._released[:]
+            slot = min((index for index in range(self.n) if not taken[index]), key=released.__getitem__)
             self._taken[slot] = 1
             self._holders[slot] = os.getpid()
         finally:
@@ -45,6 +50,7 @@ class Slots:
         return slot
 
     def release(self, slot: int) -> None:
+        self._released[slot] = time.monotonic()  # one clock for every process
         self._holders[slot] = 0
         self._taken[slot] = 0
         self._free.release()
@@ -76,6 +82,24 @@ class PremapStage:
     step: TravellingStep
     first_row: int
     slots: Slots
+
+
+class NotIterable:
+    """What ``items_of`` returns for a value that is not iterable (the pool's error, not the step's)."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def items_of(fn: Callable[[Any], Any], element: Any) -> list[Any] | NotIterable:
+    """``fn(element)``'s items, listed inside the step's call: a generator's error is the step's, at its
+    element, and its time the step's."""
+    result = fn(element)
+    try:
+        iterator = iter(result)
+    except TypeError:
+        return NotIterable(type(result).__name__)
+    return list(iterator)
 
 
 def waiting_workers(stats: Any, first_row: int, nworkers: int, me: int) -> int:

@@ -16,6 +16,7 @@ whatever runs it: a process (``_worker``) or a thread (``_threads``).
 
 from __future__ import annotations
 
+import functools
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from torchqueue._collect import NOTHING, Collector
 from torchqueue._loop import Loop, WorkerContext
 from torchqueue._messages import CONTROL, Bundle, EndOfEpoch, Envelope, Failure, Skipped, StartupFailure
 from torchqueue._plan import Kind
-from torchqueue._premap import waiting_workers
+from torchqueue._premap import NotIterable, items_of, waiting_workers
 from torchqueue._seeding import EpochSeeds
 from torchqueue._transport import PartSizer, split
 from torchqueue.errors import capture
@@ -158,48 +159,16 @@ class PoolRunner(Loop):
 
     def premapped(self, envelope: Envelope, premap: Callable[[Any], Any], fn: Callable[[Any], Any]) -> None:
         """The fused map stage's call on ``envelope``'s element, in one of its slots, then the pool's work on
-        the items: parts go to this pool's waiting workers through its own channel (``_premap.share``)."""
+        the items, parts handed to the pool's workers that wait for input (``hand_off``)."""
         epoch, seq = envelope.epoch, envelope.seq
-        if self.cancelled(epoch):
-            self.timed(self.emitter.send, envelope._replace(payload=[]), POOL_SPARE)
-            return
-        premap_ctx = self.ctx.premap
-        assert premap_ctx is not None
-        waited = time.perf_counter()
-        self.meter.set(Field.IN_SINCE, waited)  # waiting for a slot: this pool waits for its input
-        slot = premap_ctx.slots.acquire(self.alive)
-        now = time.perf_counter()
-        self.meter.set(Field.IN_SINCE, 0.0)
-        self.meter.add(Field.WAIT_IN, now - waited)
-        meter = self.premap_meters[slot]
-        cpu = self.cpu_clock()
-        stats, base = self.ctx.stats, meter.row * NFIELDS
-        meter.add(Field.WAIT_IN, max(0.0, now - stats[base + Field.IN_SINCE]))
-        stats[base + Field.IN_SINCE] = 0.0
-        meter.add(Field.MESSAGES, 1)
-        meter.set(Field.AT_EPOCH, epoch)
-        meter.set(Field.AT_SEQ, seq)
-        pool_info = get_worker_info()  # the step sees itself in get_worker_info(): its slot among its nworkers
-        set_worker_info(WorkerInfo(premap_ctx.name, slot, premap_ctx.slots.n, getattr(pool_info, "seed", None)))
-        try:
-            result = self.call(premap, envelope.payload, epoch, seq, meter)
-        finally:
-            set_worker_info(pool_info)
-            spent = self.cpu_clock() - cpu
-            self.fused_cpu += spent
-            meter.add(Field.CPU, spent)
-            stats[base + Field.IN_SINCE] = time.perf_counter()
-            premap_ctx.slots.release(slot)
+        result = self.in_slot(premap, envelope.payload, epoch, seq)
+        if isinstance(result, NotIterable):
+            error = TypeError(f"PoolStep needs iterable elements (lists, tuples, ...), got {result.type_name}")
+            result = self.failed(error, epoch, seq)
         if isinstance(result, (Failure, Skipped)):
             self.timed(self.emitter.send, envelope._replace(payload=result))
             return
-        try:
-            items = list(result)
-        except TypeError as exc:
-            error = TypeError(f"PoolStep needs iterable elements (lists, tuples, ...), got {type(result).__name__}")
-            error.__cause__ = exc
-            self.timed(self.emitter.send, envelope._replace(payload=self.failed(error, epoch, seq)))
-            return
+        items = result
         del result
         nparts, results, index = 1, [], 0
         while index < len(items):
@@ -214,6 +183,59 @@ class PoolRunner(Loop):
             index += 1
         del items
         self.timed(self.emitter.send, Envelope(epoch, seq, 0, nparts, results), POOL_SPARE)
+
+    def in_slot(self, premap: Callable[[Any], Any], element: Any, epoch: int, seq: int) -> Any:
+        """``premap``'s items for ``element`` (``_premap.items_of``), called in a free slot of its step and
+        counted on that slot's row; ``[]`` for an element of an epoch left (checked again once a slot is
+        free: a wait for one can be long). The slot's idle time since its last call is its wait for input
+        as long as this worker waited for the element (and for the slot), the rest its wait for room."""
+        ctx = self.ctx.premap
+        assert ctx is not None
+        if self.cancelled(epoch):
+            return []
+        waited = time.perf_counter()
+        slot = ctx.slots.acquire(self.alive)
+        try:
+            now = time.perf_counter()
+            self.meter.add(Field.WAIT_IN, now - waited)  # the pool waits for its input, the step's call
+            if self.cancelled(epoch):
+                return []
+            meter = self.premap_meters[slot]
+            stats, base = self.ctx.stats, meter.row * NFIELDS
+            idle = max(0.0, now - stats[base + Field.IN_SINCE]) if stats[base + Field.IN_SINCE] > 0 else 0.0
+            for_input = min(idle, self.input_wait + now - waited)
+            meter.add(Field.WAIT_IN, for_input)
+            meter.add(Field.WAIT_OUT, idle - for_input)
+            stats[base + Field.IN_SINCE] = 0.0
+            meter.add(Field.FILL_SUM, self.ctx.inbox.fill())
+            meter.add(Field.FILL_N, 1)
+            meter.add(Field.MESSAGES, 1)
+            meter.set(Field.AT_EPOCH, epoch)
+            meter.set(Field.AT_SEQ, seq)
+            pool_info = get_worker_info()  # the step sees itself in get_worker_info(): its slot among its nworkers
+            set_worker_info(WorkerInfo(ctx.name, slot, ctx.slots.n, getattr(pool_info, "seed", None)))
+            cpu = self.cpu_clock()
+            try:
+                return self.call(functools.partial(items_of, premap), element, epoch, seq, meter)
+            finally:
+                set_worker_info(pool_info)
+                spent = self.cpu_clock() - cpu
+                self.fused_cpu += spent
+                meter.add(Field.CPU, spent)
+                stats[base + Field.IN_SINCE] = time.perf_counter()
+        finally:
+            ctx.slots.release(slot)
+
+    def ready(self, own_process: bool = True) -> None:
+        """Also the rows of the slots of a map stage fused before this pool: ready, and waiting for input,
+        once the first of the pool's workers is."""
+        super().ready(own_process)
+        now = time.perf_counter()
+        for meter in self.premap_meters:
+            base = meter.row * NFIELDS
+            if self.ctx.stats[base + Field.READY_AT] == 0.0:
+                self.ctx.stats[base + Field.READY_AT] = now
+                self.ctx.stats[base + Field.IN_SINCE] = now
 
     def hand_off(self, epoch: int, seq: int, items: list[Any], done: int) -> tuple[int, list[Any]]:
         """Share the items after ``items[done]`` with the pool's workers waiting for input now, a part each

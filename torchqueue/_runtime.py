@@ -251,9 +251,7 @@ class Runtime:
             self._rows[stage.index] = row
             if stage.index in self.plan.premapped:  # in the next stage's workers: a row per slot
                 self._premaps[stage.index + 1] = PremapStage(stage.name, stage.index, step, row, self._slots(stage))
-                for slot in range(stage.nworkers):
-                    self._stats[row * NFIELDS + Field.READY_AT] = self._started
-                    self._stats[row * NFIELDS + Field.IN_SINCE] = self._started  # waiting for its first input
+                for slot in range(stage.nworkers):  # ready with the pool's first worker (``PoolRunner.ready``)
                     self._row_owners.append((stage.name, slot, SlotHolder(self._premaps[stage.index + 1].slots, slot)))
                     row += 1
                 continue
@@ -479,7 +477,7 @@ class Runtime:
 
     def _ready(self) -> tuple[int, int]:
         """How many of the workers' stats rows say their loop began, of how many."""
-        rows = range(len(self._row_owners))
+        rows = [row for row, (_, _, owner) in enumerate(self._row_owners) if not isinstance(owner, SlotHolder)]
         return sum(self._stats[row * NFIELDS + Field.READY_AT] > 0 for row in rows), len(rows)
 
     def check_health(self) -> None:
@@ -555,6 +553,8 @@ class Runtime:
         for index in (0, len(stages) - 1):  # a stream step the feeder or the consumer runs: only its calls are busy
             if self.plan.runs_elsewhere(index) and not self.plan.hosted(index):
                 stages[index] = stages[index]._replace(is_stream=False, stream=True)
+        for index in self.plan.premapped:
+            stages[index] = stages[index]._replace(host=self.plan.stages[index + 1].name)
         if self._closed_at is None:
             now, cpu_now, idle_now = time.perf_counter(), time.process_time(), idle_seconds()
             paused = self._pauses.taken((now, cpu_now, idle_now))

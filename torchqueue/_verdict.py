@@ -35,6 +35,9 @@ The decision, in order:
    step's workers waited for input a quarter of their time and your loop waited for outputs, elements
    are held back behind a slower one (outputs come in order): more workers would wait too; larger
    queues around the step, or ``ordered=False``, let them run ahead. Said after rule 1, before the rest.
+9. A step run in a pool's workers (``StepStats.host``) whose calls wait off a CPU for a quarter of the
+   pool's time or more holds the pool's workers with it: a declared queue between the two gives it
+   processes of its own again, whose waits overlap the pool's work. Said after rule 1, before rule 8.
 """
 
 from __future__ import annotations
@@ -72,6 +75,10 @@ cores says so apart from the workers' share: a slow loop takes cores as a step d
 HELD_STARVED = 0.25
 """The share of its workers' time the busiest step must wait for input, the input being held back by the
 queues, for the queues to be said to limit (rule 8)."""
+
+HOSTED_WAIT = 0.25
+"""A step run in a pool's workers (``StepStats.host``) whose calls waited off a CPU for this share of the
+pool's workers' time or more holds the pool back: the pool's workers wait with it."""
 
 HOPS_SHARE = 0.1
 """Below half busy, the hops are said to limit only where they took more than the steps' work and this
@@ -122,6 +129,17 @@ def verdict(stats: Stats) -> Verdict:
             "start-up took most of the run",
             f"the workers took {startup:.2f} s of the {stats.elapsed_s:.2f} s to start, too much for the figures "
             "after it to tell what limits: run longer (persistent workers start once for many epochs)",
+        )
+    waiting = _waits_in_its_host(stats)
+    if waiting is not None:
+        host = waiting.host
+        return Verdict(
+            waiting.name,
+            f"{waiting.name} waits in {host}'s workers",
+            f"its calls took {waiting.busy_s:.2f} s of {host}'s workers' time but {waiting.cpu_s:.2f} s on a CPU "
+            f"(waiting on files, the network or a sleep), and {host} does nothing meanwhile: a tq.Queue(n) between "
+            f"{waiting.name} and {host} gives {waiting.name} processes of its own again, whose waits overlap "
+            f"{host}'s work (or backend='thread' for waits that release the GIL)",
         )
     if _held_back(stats, top):
         return Verdict(
@@ -207,10 +225,23 @@ def _no_core_free(stats: Stats) -> bool:
     return stats.idle_cores is not None and stats.idle_cores < LIMITS
 
 
+def _waits_in_its_host(stats: Stats) -> StepStats | None:
+    """A step run in a pool's workers whose calls wait off a CPU for ``HOSTED_WAIT`` of the pool's time or
+    more: the pool's workers wait with it, where processes of its own would wait beside their work."""
+    for step in stats.values():
+        host = stats.get(step.host) if step.host else None
+        if host is None or not _has_cpu_times(stats):
+            continue
+        running = host.nworkers * stats.elapsed_s - host.startup_s
+        if running > 0 and step.busy_s >= HOSTED_WAIT * running and step.cpu_s < OFF_CPU_SHARE * step.busy_s:
+            return step
+    return None
+
+
 def _mostly_off_cpu(stats: Stats, step: StepStats) -> bool:
     """Whether ``step``'s workers spent most of their busy time off a CPU (``OFF_CPU_SHARE``): more of
     them help even where the cores are busy. Unknown (figures without CPU times): no."""
-    processes = 1 + sum(s.nworkers for s in stats.values() if s.backend != "thread")  # and your process
+    processes = 1 + sum(s.nworkers for s in stats.values() if s.backend != "thread" and not s.host)  # and yours
     share = min(1.0, available_cpus() / processes)  # of a core, for each worker busy at once with all others
     return _has_cpu_times(stats) and step.cpu_s < OFF_CPU_SHARE * share * step.busy_s
 

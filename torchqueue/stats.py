@@ -93,6 +93,10 @@ class StepStats:
             Pack/Unpack/RepackStep) counts its own CPU (its calls, and sending their outputs),
             and that step's row does not.
         backend: ``"process"`` or ``"thread"``: what its workers are.
+        host: The step whose worker processes run this step's calls (a ProcessStep of several workers
+            right before a PoolStep runs in the pool's workers), else ``None``. Its ``nworkers`` are
+            then the calls that may run at once (slots), each a row of its own: its waits are a
+            slot's time between calls, waiting for input as long as the pool did.
     """
 
     name: str
@@ -112,6 +116,7 @@ class StepStats:
     stream: bool = False
     cpu_s: float = 0.0
     backend: str = "process"
+    host: str | None = None
 
 
 class StageEntry(NamedTuple):
@@ -125,6 +130,7 @@ class StageEntry(NamedTuple):
     shown: bool = True
     stream: bool | None = None
     backend: str = "process"
+    host: str | None = None  # the step whose workers run this one's calls
 
 
 class Stats(Mapping[str, StepStats]):
@@ -209,7 +215,7 @@ class Stats(Mapping[str, StepStats]):
         steps, row = [], 0
         now = None if started is None else started + elapsed_s
         for entry in stages:
-            name, nworkers, is_stream, shown, fixed, backend = StageEntry(*entry)
+            name, nworkers, is_stream, shown, fixed, backend, host = StageEntry(*entry)
             total = [0.0] * NFIELDS
             startup = 0.0
             for worker in range(nworkers):
@@ -253,6 +259,7 @@ class Stats(Mapping[str, StepStats]):
                     stream=is_stream if fixed is None else fixed,
                     cpu_s=total[Field.CPU],
                     backend=backend,
+                    host=host,
                 )
             )
         past = tuple(cls.from_rows(stages, copy, at, None, started, (), paused) for at, paused, copy in history or ())
