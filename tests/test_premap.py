@@ -213,9 +213,12 @@ def test_an_epoch_left_early_leaves_the_next_one_whole(start_method):
     ]
 
 
+@pytest.mark.parametrize("nworkers", [1, 2])  # a process of its own, or the pool's workers
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
-def test_a_generator_step_that_fails_halfway_is_the_steps_error_at_its_element(on_error):
-    seq = tq.Sequence(tq.ProcessStep(read_generator_fails_on_two, 2), tq.PoolStep(first, nworkers=2), on_error=on_error)
+def test_a_generator_step_that_fails_halfway_is_the_steps_error_at_its_element(on_error, nworkers):
+    # before: the worker listing the generator died ("WorkerDiedError: worker 0 of step 'first' ... died")
+    steps = tq.ProcessStep(read_generator_fails_on_two, nworkers), tq.PoolStep(first, nworkers=2)
+    seq = tq.Sequence(*steps, on_error=on_error)
     with seq:
         if on_error == "raise":
             with pytest.raises(ValueError, match="step 'read_generator_fails_on_two'.* element 2 of epoch 0"):

@@ -84,21 +84,17 @@ class PremapStage:
     slots: Slots
 
 
-class NotIterable:
-    """What ``items_of`` returns for a value that is not iterable (the pool's error, not the step's)."""
-
-    def __init__(self, type_name: str) -> None:
-        self.type_name = type_name
-
-
-def items_of(fn: Callable[[Any], Any], element: Any) -> list[Any] | NotIterable:
-    """``fn(element)``'s items, listed inside the step's call: a generator's error is the step's, at its
-    element, and its time the step's."""
+def listed(fn: Callable[[Any], Any], element: Any) -> Any:
+    """``fn(element)``, its items listed inside the step's call where it is iterable (a generator's error
+    is then the step's, at its element, and its time the step's); a value that is not iterable comes as
+    it is (the pool it goes to refuses it)."""
     result = fn(element)
+    if type(result) is list:
+        return result
     try:
         iterator = iter(result)
     except TypeError:
-        return NotIterable(type(result).__name__)
+        return result
     return list(iterator)
 
 

@@ -28,7 +28,7 @@ from torchqueue._collect import NOTHING, Collector
 from torchqueue._loop import Loop, WorkerContext
 from torchqueue._messages import CONTROL, Bundle, EndOfEpoch, Envelope, Failure, Skipped, StartupFailure
 from torchqueue._plan import Kind
-from torchqueue._premap import NotIterable, items_of, waiting_workers
+from torchqueue._premap import listed, waiting_workers
 from torchqueue._seeding import EpochSeeds
 from torchqueue._transport import PartSizer, split
 from torchqueue.errors import capture
@@ -82,6 +82,8 @@ class MapRunner(Loop):
 
     def run(self, step: Any, fused: Callable[[Any], Any] | None = None) -> None:
         fn = step.fn
+        if self.ctx.split is not None:  # a pool reads next: a generator's items listed in the call, its error ours
+            fn = functools.partial(listed, fn)
         while True:
             # nothing of one message stays referenced while the next is awaited: its segment is unmapped
             # as soon as it is sent on, so that its sender can write the next message into it
@@ -162,8 +164,8 @@ class PoolRunner(Loop):
         the items, parts handed to the pool's workers that wait for input (``hand_off``)."""
         epoch, seq = envelope.epoch, envelope.seq
         result = self.in_slot(premap, envelope.payload, epoch, seq)
-        if isinstance(result, NotIterable):
-            error = TypeError(f"PoolStep needs iterable elements (lists, tuples, ...), got {result.type_name}")
+        if not isinstance(result, (list, Failure, Skipped)):
+            error = TypeError(f"PoolStep needs iterable elements (lists, tuples, ...), got {type(result).__name__}")
             result = self.failed(error, epoch, seq)
         if isinstance(result, (Failure, Skipped)):
             self.timed(self.emitter.send, envelope._replace(payload=result))
@@ -185,7 +187,7 @@ class PoolRunner(Loop):
         self.timed(self.emitter.send, Envelope(epoch, seq, 0, nparts, results), POOL_SPARE)
 
     def in_slot(self, premap: Callable[[Any], Any], element: Any, epoch: int, seq: int) -> Any:
-        """``premap``'s items for ``element`` (``_premap.items_of``), called in a free slot of its step and
+        """``premap``'s items for ``element`` (``_premap.listed``), called in a free slot of its step and
         counted on that slot's row; ``[]`` for an element of an epoch left (checked again once a slot is
         free: a wait for one can be long). The slot's idle time since its last call is its wait for input
         as long as this worker waited for the element (and for the slot), the rest its wait for room."""
@@ -216,7 +218,7 @@ class PoolRunner(Loop):
             set_worker_info(WorkerInfo(ctx.name, slot, ctx.slots.n, getattr(pool_info, "seed", None)))
             cpu = self.cpu_clock()
             try:
-                return self.call(functools.partial(items_of, premap), element, epoch, seq, meter)
+                return self.call(functools.partial(listed, premap), element, epoch, seq, meter)
             finally:
                 set_worker_info(pool_info)
                 spent = self.cpu_clock() - cpu
