@@ -98,6 +98,16 @@ def slow_first(item):
     return item
 
 
+def read_with_locks(n):
+    """Items that do not pickle (a lock each): they never cross a process here."""
+    return [(n * 10 + i, threading.Lock()) for i in range(8)]
+
+
+def slow_value(item):
+    spin(0.03)
+    return item[0], os.getpid()
+
+
 # -- the plan ------------------------------------------------------------------------------------
 
 
@@ -240,3 +250,12 @@ def test_a_step_held_back_by_a_busy_pool_waits_for_room_not_for_input():
         stats = seq.stats()["read"]
     assert stats.wait_out_s > stats.wait_in_s
     assert stats.queue_fill > 0
+
+
+def test_items_that_do_not_pickle_stay_with_the_worker_that_made_them():
+    # before: handing a part of them to a waiting worker raised in the worker, which died
+    with tq.Sequence(tq.ProcessStep(read_with_locks, 2), tq.PoolStep(slow_value, nworkers=2)) as seq:
+        assert [[v for v, _ in out] for out in seq(range(4))] == [[n * 10 + i for i in range(8)] for n in range(4)]
+        (out,) = list(seq(range(1)))  # one element: the other worker waits, and a hand-off is tried
+    assert [value for value, _ in out] == list(range(8))
+    assert len({pid for _, pid in out}) == 1

@@ -99,6 +99,10 @@ class Channel:
         """Take a free slot for a message if there is one now (``put(..., reserved=True)`` writes it)."""
         return self._slots.acquire(block=False)
 
+    def unreserve(self) -> None:
+        """Give back a slot taken by ``reserve`` and not written."""
+        self._slots.release()
+
     def put(self, data: bytes, alive: Callable[[], bool], reserved: bool = False) -> None:
         """Write one message, waiting for a free slot (``reserved``: taken already); raise ``Stopped`` when
         ``alive()`` turns False."""

@@ -172,10 +172,10 @@ class PoolRunner(Loop):
             return
         items = result
         del result
-        nparts, results, index = 1, [], 0
+        nparts, results, index, kept = 1, [], 0, []
         while index < len(items):
             if nparts == 1 and index < len(items) - 1:  # until it shares, whenever another worker waits
-                nparts, items = self.hand_off(epoch, seq, items, index)
+                nparts, items, kept = self.hand_off(epoch, seq, items, index)
             result = self.call(fn, items[index], epoch, seq)
             if isinstance(result, Failure):
                 results = result
@@ -185,6 +185,8 @@ class PoolRunner(Loop):
             index += 1
         del items
         self.timed(self.emitter.send, Envelope(epoch, seq, 0, nparts, results), POOL_SPARE)
+        for part, part_items in kept:  # parts it could not hand off
+            self.handle(Envelope(epoch, seq, part, nparts, part_items), fn)
 
     def in_slot(self, premap: Callable[[Any], Any], element: Any, epoch: int, seq: int) -> Any:
         """``premap``'s items for ``element`` (``_premap.listed``), called in a free slot of its step and
@@ -239,28 +241,39 @@ class PoolRunner(Loop):
                 self.ctx.stats[base + Field.READY_AT] = now
                 self.ctx.stats[base + Field.IN_SINCE] = now
 
-    def hand_off(self, epoch: int, seq: int, items: list[Any], done: int) -> tuple[int, list[Any]]:
+    def hand_off(
+        self, epoch: int, seq: int, items: list[Any], done: int
+    ) -> tuple[int, list[Any], list[tuple[int, list[Any]]]]:
         """Share the items after ``items[done]`` with the pool's workers waiting for input now, a part each
         (worth ``PART_S`` of work or more), through the pool's own channel: as many parts as it has room
-        for now (never a wait on one's own input). Return the element's number of parts (1: none shared)
-        and the items this worker keeps (part 0: up to ``done``, and the first part of the rest)."""
+        for now (never a wait on one's own input). Return the element's number of parts (1: none shared),
+        the items this worker goes on with (part 0: up to ``done``, and the first part of the rest), and
+        the parts it keeps to do after them, as ``(part, items)``: those that could not be sent (items
+        that do not pickle travel no further than this worker: they are no error here)."""
         ctx = self.ctx
         waiting = self.waiting_others()
         if not waiting:
-            return 1, items
+            return 1, items, []
         rest = items[done:]
         given = 0
         while given < min(waiting, self.sizer.parts(len(rest)) - 1) and ctx.inbox.reserve():
             given += 1
         if not given:
-            return 1, items
+            return 1, items, []
         parts = split(rest, given + 1)
+        kept = []
         for index, part in enumerate(parts[1:], 1):
             start = time.perf_counter()
-            data = _serialize.dumps(Envelope(epoch, seq, index, len(parts), part), ctx.segment_dir)
-            self.meter.add(Field.ENCODE, time.perf_counter() - start)
+            try:
+                data = _serialize.dumps(Envelope(epoch, seq, index, len(parts), part), ctx.segment_dir)
+            except Exception:
+                ctx.inbox.unreserve()
+                kept.append((index, part))
+                continue
+            finally:
+                self.meter.add(Field.ENCODE, time.perf_counter() - start)
             ctx.inbox.put(data, self.alive, reserved=True)
-        return len(parts), items[:done] + parts[0]
+        return len(parts), items[:done] + parts[0], kept
 
     def waiting_others(self) -> int:
         """The pool's other workers waiting for input now that no message queued for them will reach."""
