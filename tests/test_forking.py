@@ -310,3 +310,14 @@ def test_a_fork_context_value_under_the_fork_server_says_what_to_change(user_thr
     finally:
         loader.close()
     assert_no_workers()
+
+
+def test_a_worker_whose_consumer_stopped_before_sending_its_start_exits_quietly(capfd):
+    # before: Ctrl-C while a pipeline started its workers printed each new worker's "EOFError: Ran out of
+    # input" under your KeyboardInterrupt (the fork server's child found its consumer's pipe closed)
+    from torchqueue import _forkserver
+
+    read, write = os.pipe()
+    os.close(write)  # the consumer is gone: nothing will come
+    assert _forkserver._bootstrap(read) == 1
+    assert capfd.readouterr().err == ""

@@ -409,7 +409,11 @@ def _bootstrap(child_r: int) -> int:
     with os.fdopen(child_r, "rb", closefd=True) as from_parent:
         current._inheriting = True  # type: ignore[attr-defined]
         try:
-            data = reduction.pickle.load(from_parent)
+            try:
+                data = reduction.pickle.load(from_parent)
+            except EOFError:  # the consumer stopped before it sent this worker's start (Ctrl-C while starting)
+                os.close(parent_sentinel)
+                return 1  # nothing to run, and nothing to report: the consumer knows why it stopped
             os.environ.clear()
             os.environ.update(data.pop("environ"))
             spawn.prepare(data)
