@@ -1,9 +1,10 @@
 """A ProcessStep run in the workers of the PoolStep after it (``_plan``'s fusion into a pool).
 
 A pool worker takes the ProcessStep's input, calls its function in one of the step's ``nworkers``
-``Slots`` (at most that many calls at once, each slot one of the step's stats rows), and works on
-the items of the result itself, in parts sized by cost; before each part, the last parts left go to
-the pool's workers that wait for input (``waiting_workers``), through the pool's own channel.
+``Slots`` (at most that many calls at once, each slot one of the step's stats rows) with its items
+listed inside the call (``listed``), and works on the items itself. Before each item, until it has
+shared once, it looks for the pool's workers that wait for input (``waiting_workers``) and hands
+them the last parts of the rest, through the pool's own channel (``PoolRunner.hand_off``).
 """
 
 from __future__ import annotations
