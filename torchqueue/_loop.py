@@ -88,12 +88,6 @@ class Loop:
         self.cpu_clock, self._cpu_since = time.process_time, 0.0  # until ``ready``
         self.fused_cpu = 0.0  # of it, the fused stage's: its calls and its sends (``StreamRunner.emit_fused``)
         self.input_wait = 0.0  # seconds the last message received was waited for
-        premap = ctx.premap
-        self.premap_meters = (
-            []
-            if premap is None
-            else [Meter(ctx.stats, premap.first_row + slot, premap.name) for slot in range(premap.slots.n)]
-        )
         writer = ctx.stage_name if fused is None else fused.name
         self.emitter = Emitter(
             ctx.outbox, self.alive, ctx.split, ctx.split_step, writer, ctx.segment_dir, ctx.sends_items, ctx.local_out
@@ -139,9 +133,7 @@ class Loop:
         self.meter.add(Field.DECODE, time.perf_counter() - received)
         self.seeds.enter(envelope.epoch)  # a new epoch's stream, before the step sees its first element
         if not isinstance(envelope.payload, CONTROL):
-            self.meter.add(Field.MESSAGES, 1)
-            self.meter.set(Field.AT_EPOCH, envelope.epoch)  # what a consumer's timeout reports
-            self.meter.set(Field.AT_SEQ, envelope.seq)
+            self.meter.took(envelope.epoch, envelope.seq)
         if self.ctx.in_bytes is not None:
             observe_bytes(self.ctx.in_bytes, data, envelope)
         return envelope

@@ -14,7 +14,6 @@ class Meter:
     def __init__(self, array: Any, row: int, step: str) -> None:
         self._array = array
         self._base = row * NFIELDS
-        self.row = row
         self.step = step
         self.busy_since = int(self._base + Field.BUSY_SINCE)  # written twice per call: kept at hand
         self.notified = False  # a skip notice was sent for this step
@@ -24,3 +23,12 @@ class Meter:
 
     def set(self, field: Field, value: float) -> None:
         self._array[self._base + field] = value
+
+    def get(self, field: Field) -> float:
+        return self._array[self._base + field]
+
+    def took(self, epoch: int, seq: int) -> None:
+        """A message to work on, the element at ``seq`` of ``epoch`` (what a consumer's timeout reports)."""
+        self.add(Field.MESSAGES, 1)
+        self.set(Field.AT_EPOCH, epoch)
+        self.set(Field.AT_SEQ, seq)

@@ -27,12 +27,13 @@ from torchqueue._channel import Stopped
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._loop import Loop, WorkerContext
 from torchqueue._messages import CONTROL, Bundle, EndOfEpoch, Envelope, Failure, Skipped, StartupFailure
+from torchqueue._meter import Meter
 from torchqueue._plan import Kind
 from torchqueue._premap import listed, waiting_workers
 from torchqueue._seeding import EpochSeeds
 from torchqueue._transport import PartSizer, split
 from torchqueue.errors import capture
-from torchqueue.stats import NFIELDS, Field
+from torchqueue.stats import Field
 from torchqueue.steps import StreamStep
 from torchqueue.worker_info import WorkerInfo, get_worker_info, set_worker_info
 
@@ -148,14 +149,19 @@ class PoolRunner(Loop):
     def __init__(self, ctx: WorkerContext, seeds: EpochSeeds) -> None:
         super().__init__(ctx, seeds)
         self.sizer = PartSizer(ctx.stats, ctx.stats_row - ctx.worker, ctx.nworkers)  # this pool's rows
+        self.premap_meters: list[Meter] = []  # the rows of the map stage fused before it: one per slot
+        if ctx.premap is not None:
+            first, name = ctx.premap.first_row, ctx.premap.name
+            self.premap_meters = [Meter(ctx.stats, first + slot, name) for slot in range(ctx.premap.slots.n)]
 
     def run(self, step: Any, fused: Callable[[Any], Any] | None = None) -> None:
         """``fused``: the function of the map stage fused before this pool (``None``: none)."""
         fn = step.fn
+        premap = None if fused is None else functools.partial(listed, fused)  # its items listed in its call
         while True:
             envelope = self.receive()  # nothing of one message is held while the next is awaited
-            if fused is not None and envelope.nparts == 1 and not isinstance(envelope.payload, CONTROL):
-                self.premapped(envelope, fused, fn)
+            if premap is not None and envelope.nparts == 1 and not isinstance(envelope.payload, CONTROL):
+                self.premapped(envelope, premap, fn)
             else:
                 self.handle(envelope, fn)
 
@@ -189,8 +195,8 @@ class PoolRunner(Loop):
             self.handle(Envelope(epoch, seq, part, nparts, part_items), fn)
 
     def in_slot(self, premap: Callable[[Any], Any], element: Any, epoch: int, seq: int) -> Any:
-        """``premap``'s items for ``element`` (``_premap.listed``), called in a free slot of its step and
-        counted on that slot's row; ``[]`` for an element of an epoch left (checked again once a slot is
+        """``premap(element)`` (the step's function in ``_premap.listed``: its items), called in a free slot
+        of its step and counted on that slot's row; ``[]`` for an element of an epoch left (checked again once a slot is
         free: a wait for one can be long). The slot's idle time since its last call is its wait for input
         as long as this worker waited for the element (and for the slot), the rest its wait for room."""
         ctx = self.ctx.premap
@@ -205,28 +211,26 @@ class PoolRunner(Loop):
             if self.cancelled(epoch):
                 return []
             meter = self.premap_meters[slot]
-            stats, base = self.ctx.stats, meter.row * NFIELDS
-            idle = max(0.0, now - stats[base + Field.IN_SINCE]) if stats[base + Field.IN_SINCE] > 0 else 0.0
+            idle_since = meter.get(Field.IN_SINCE)
+            idle = max(0.0, now - idle_since) if idle_since > 0 else 0.0
             for_input = min(idle, self.input_wait + now - waited)
             meter.add(Field.WAIT_IN, for_input)
             meter.add(Field.WAIT_OUT, idle - for_input)
-            stats[base + Field.IN_SINCE] = 0.0
+            meter.set(Field.IN_SINCE, 0.0)
             meter.add(Field.FILL_SUM, self.ctx.inbox.fill())
             meter.add(Field.FILL_N, 1)
-            meter.add(Field.MESSAGES, 1)
-            meter.set(Field.AT_EPOCH, epoch)
-            meter.set(Field.AT_SEQ, seq)
+            meter.took(epoch, seq)
             pool_info = get_worker_info()  # the step sees itself in get_worker_info(): its slot among its nworkers
             set_worker_info(WorkerInfo(ctx.name, slot, ctx.slots.n, getattr(pool_info, "seed", None)))
             cpu = self.cpu_clock()
             try:
-                return self.call(functools.partial(listed, premap), element, epoch, seq, meter)
+                return self.call(premap, element, epoch, seq, meter)
             finally:
                 set_worker_info(pool_info)
                 spent = self.cpu_clock() - cpu
                 self.fused_cpu += spent
                 meter.add(Field.CPU, spent)
-                stats[base + Field.IN_SINCE] = time.perf_counter()
+                meter.set(Field.IN_SINCE, time.perf_counter())
         finally:
             ctx.slots.release(slot)
 
@@ -236,10 +240,9 @@ class PoolRunner(Loop):
         super().ready(own_process)
         now = time.perf_counter()
         for meter in self.premap_meters:
-            base = meter.row * NFIELDS
-            if self.ctx.stats[base + Field.READY_AT] == 0.0:
-                self.ctx.stats[base + Field.READY_AT] = now
-                self.ctx.stats[base + Field.IN_SINCE] = now
+            if meter.get(Field.READY_AT) == 0.0:
+                meter.set(Field.READY_AT, now)
+                meter.set(Field.IN_SINCE, now)
 
     def hand_off(
         self, epoch: int, seq: int, items: list[Any], done: int
@@ -369,9 +372,7 @@ class StreamRunner(Loop):
         start = time.perf_counter()
         if not isinstance(payload, CONTROL):
             meter.add(Field.WAIT_IN, start - self._fused_idle_since)
-            meter.add(Field.MESSAGES, 1)
-            meter.set(Field.AT_EPOCH, epoch)
-            meter.set(Field.AT_SEQ, seq)
+            meter.took(epoch, seq)
             if self.cancelled(epoch):
                 payload = Skipped(meter.step)
             else:

@@ -250,9 +250,10 @@ class Runtime:
         for stage, step in zip(self.plan.stages, steps):
             self._rows[stage.index] = row
             if stage.index in self.plan.premapped:  # in the next stage's workers: a row per slot
-                self._premaps[stage.index + 1] = PremapStage(stage.name, stage.index, step, row, self._slots(stage))
+                slots = self._slots(stage)
+                self._premaps[stage.index + 1] = PremapStage(stage.name, stage.index, step, row, slots)
                 for slot in range(stage.nworkers):  # ready with the pool's first worker (``PoolRunner.ready``)
-                    self._row_owners.append((stage.name, slot, SlotHolder(self._premaps[stage.index + 1].slots, slot)))
+                    self._row_owners.append((stage.name, slot, SlotHolder(slots, slot)))
                     row += 1
                 continue
             if self.plan.runs_elsewhere(stage.index):  # in the previous stage's process, or in this one

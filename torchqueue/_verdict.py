@@ -230,10 +230,10 @@ def _waits_in_its_host(stats: Stats) -> StepStats | None:
     more: the pool's workers wait with it, where processes of its own would wait beside their work."""
     for step in stats.values():
         host = stats.get(step.host) if step.host else None
-        if host is None or not _has_cpu_times(stats):
+        if host is None:
             continue
         running = host.nworkers * stats.elapsed_s - host.startup_s
-        if running > 0 and step.busy_s >= HOSTED_WAIT * running and step.cpu_s < OFF_CPU_SHARE * step.busy_s:
+        if running > 0 and step.busy_s >= HOSTED_WAIT * running and _mostly_off_cpu(stats, step):
             return step
     return None
 
