@@ -321,3 +321,14 @@ def test_a_worker_whose_consumer_stopped_before_sending_its_start_exits_quietly(
     os.close(write)  # the consumer is gone: nothing will come
     assert _forkserver._bootstrap(read) == 1
     assert capfd.readouterr().err == ""
+
+
+def test_the_names_the_fork_server_keeps_go_in_messages_it_reads_whole():
+    # a pipeline of many steps has hundreds of semaphores: each message must fit the server's read
+    from torchqueue import _forkserver
+
+    names = [f"/mp-{i:08d}" for i in range(1000)]
+    messages = list(_forkserver._name_messages(_forkserver._KEEP, names))
+    assert len(messages) > 1 and all(len(m) <= _forkserver._MESSAGE_BYTES for m in messages)
+    assert all(m[:1] == _forkserver._KEEP for m in messages)
+    assert [n.decode() for m in messages for n in m[1:].split(b"\0") if n] == names

@@ -347,6 +347,19 @@ def test_set_epoch_reshuffles_deterministically():
     assert not same(list(a), list(b))
 
 
+@pytest.mark.parametrize("epoch", [-1, 1.0, True, "2"])
+def test_a_bad_set_epoch_raises_and_changes_nothing(epoch):
+    # before: -1 set the loader's epoch and the sampler's, then the QueueFlowDataset refused it
+    ds = tq.QueueFlowDataset(chunk_source, [tq.UnpackStep()])
+    loader = QueueFlowLoader(ds, batch_size=4, rank=0, world_size=2)
+    loader.set_epoch(3)
+    with pytest.raises(ValueError, match="epoch must be an int >= 0"):
+        loader.set_epoch(epoch)
+    assert loader.epoch == ds.epoch == 3
+    assert [b.tolist() for b in loader][0][0] == 300
+    ds.close()
+
+
 def test_pin_memory_without_cuda_warns_once_and_goes_on():
     loader = QueueFlowLoader(Squares(), batch_size=4, pin_memory=True)
     with pytest.warns(UserWarning, match="pin_memory"):

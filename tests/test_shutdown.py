@@ -246,6 +246,37 @@ def test_a_sigkill_of_the_whole_process_group_leaves_no_named_semaphore(run_scri
     assert not left, f"{len(left)} of the pipeline's {len(names)} named semaphores left in /dev/shm"
 
 
+UNSTARTED = """
+import json, os, signal, threading
+import torchqueue as tq
+from torchqueue import _runtime
+
+if __name__ == "__main__":
+    threading.Thread(target=threading.Event().wait, daemon=True).start()  # workers from the fork server
+    _runtime.Runtime._unlink_once_up = lambda *args: None  # the names stay linked, as while workers start
+    seq = tq.Sequence(tq.ProcessStep(abs, 3), tq.ProcessStep(abs, 2), context="fork")
+    it = seq(range(10**6))
+    next(it)
+    names = sorted(seq._runtime._semaphores)
+    linked = [name for name in names if os.path.exists("/dev/shm/sem." + name.lstrip("/"))]
+    print(json.dumps({{"names": names, "linked": linked, "server": tq._forkserver.server_pid()}}), flush=True)
+    os.kill(os.getpid(), {signum})
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_a_consumer_killed_while_its_workers_start_leaves_no_named_semaphore(run_script, signum):
+    # `timeout`, `kill` or the OOM killer, before every worker opened the names (the consumer unlinks
+    # them only then): under "fork" no resource tracker watches them, the fork server does
+    process = run_script(UNSTARTED.format(signum=int(signum)))
+    info = read_json_line(process)
+    assert info["names"] and info["linked"] == info["names"]
+    assert process.wait(30) == -signum
+    assert wait_gone([info["server"]]) == []
+    left = [name for name in info["names"] if os.path.exists(f"/dev/shm/sem.{name.lstrip('/')}")]
+    assert not left, f"{len(left)} of the pipeline's {len(info['names'])} named semaphores left in /dev/shm"
+
+
 def test_ctrl_c_to_the_process_group_stops_everything_cleanly(run_script):
     head, _ = PIPELINE.format(method="fork").split("    it = seq(")
     body = head + textwrap.indent(

@@ -30,7 +30,9 @@ Lifetime. The server runs while a pipeline or a loader of the consumer uses it (
 ``release``): when the last one closes, the consumer closes its end of the socket and the server
 exits, so no process of torchqueue outlives ``close()``; the next pipeline starts a new one. It also
 exits when the consumer exits or dies, and ignores SIGINT (Ctrl-C is the consumer's to handle).
-Python's resource tracker is not started for it (see ``_semnames``). Workers watch the consumer, not
+Python's resource tracker is not started for it (see ``_semnames``): the server takes its part for
+the names of the semaphores made for its workers (``keep``), which the consumer unlinks once they all
+run; if the consumer dies before that, the server unlinks them as it exits. Workers watch the consumer, not
 the server (the data pipe's write end stays open in the consumer: ``parent_process().sentinel``),
 and also exit when orphaned (``_worker``'s parent watch): so when the server dies, its workers go
 too and the consumer sees them die.
@@ -38,6 +40,7 @@ too and the consumer sees them die.
 
 from __future__ import annotations
 
+import _multiprocessing
 import io
 import multiprocessing
 import os
@@ -48,6 +51,7 @@ import subprocess
 import sys
 import threading
 import weakref
+from collections.abc import Iterator
 from multiprocessing import connection, forkserver, popen_forkserver, process, spawn, util
 from multiprocessing.context import BaseContext, reduction, set_spawning_popen
 from typing import Any, NoReturn
@@ -61,6 +65,11 @@ _FDS_PER_MESSAGE = 200
 """File descriptors per request message (Linux passes at most 253 in one)."""
 
 _MORE, _LAST = b"+", b"."
+_KEEP, _DROP = b"k", b"d"
+"""Messages that give the server names of semaphores to unlink when the consumer is gone, or that
+take names back (the consumer unlinked them); the names follow, separated by NUL bytes."""
+
+_MESSAGE_BYTES = 4096
 
 _PRELOAD = ("torch", "numpy", "torchqueue", "torchqueue._worker")
 
@@ -83,6 +92,19 @@ class _Client:
         self._server: subprocess.Popen[bytes] | None = None
         self._socket: socket.socket | None = None
         self._users = 0
+        self._linked: set[str] = set()  # the names the running server keeps
+        self._to_keep: list[str] = []  # names made or unlinked since the last request (sent with the next)
+        self._to_drop: list[str] = []
+
+    def keep(self, name: str) -> None:
+        """A semaphore for the workers was made (``_semnames.Keeper``): the server unlinks its name if
+        this process dies before it does. Told with the next request: the first worker's is at most
+        milliseconds away, and nothing here may block (or start the server for a pipeline that fails)."""
+        self._to_keep.append(name)
+
+    def drop(self, name: str) -> None:
+        """The name is unlinked (``_semnames.Keeper``; from a finalizer: no lock, no I/O)."""
+        self._to_drop.append(name)
 
     def hold(self) -> None:
         """One more pipeline or loader may ask for workers (the server starts at the first request)."""
@@ -100,6 +122,7 @@ class _Client:
         """Ask for a worker that inherits ``fds``; return its (status pipe, data pipe) ends."""
         with self._lock:
             sock = self._running()
+            self._send_names(sock)
             status_r, child_w = os.pipe()
             child_r, data_w = os.pipe()
             try:
@@ -112,6 +135,18 @@ class _Client:
                 os.close(child_r)
                 os.close(child_w)
             return status_r, data_w
+
+    def _send_names(self, sock: socket.socket) -> None:
+        """Tell the server what was kept and dropped since the last request."""
+        keeps, self._to_keep = self._to_keep, []
+        drops, self._to_drop = self._to_drop, []
+        dropped = set(drops)
+        new = {name for name in keeps if name not in dropped} - self._linked
+        gone = dropped & self._linked
+        self._linked = (self._linked | new) - gone
+        for kind, names in ((_KEEP, sorted(new)), (_DROP, sorted(gone))):
+            for message in _name_messages(kind, names):
+                sock.send(message)
 
     def read_pid(self, status_r: int) -> int:
         """The new worker's pid, once the server forked it (it may still be importing at first)."""
@@ -130,6 +165,8 @@ class _Client:
             return self._socket
         if self._socket is not None:
             self._socket.close()
+        self._to_keep.extend(self._linked)  # a new server: it is told every name still linked
+        self._linked = set()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             command = (
@@ -166,6 +203,7 @@ class _Client:
             self._socket.close()
         self._server = self._socket = None
         self._users = 0
+        self._linked, self._to_keep, self._to_drop = set(), [], []
 
 
 _client = _Client()
@@ -206,6 +244,19 @@ def _send_fds(sock: socket.socket, fds: list[int]) -> None:
         chunk = fds[start : start + _FDS_PER_MESSAGE]
         last = start + _FDS_PER_MESSAGE >= len(fds)
         socket.send_fds(sock, [_LAST if last else _MORE], chunk)
+
+
+def _name_messages(kind: bytes, names: list[str]) -> Iterator[bytes]:
+    """``kind`` followed by ``names``, in messages of at most ``_MESSAGE_BYTES``."""
+    message = kind
+    for name in names:
+        entry = name.encode() + b"\0"
+        if len(message) + len(entry) > _MESSAGE_BYTES:
+            yield message
+            message = kind
+        message += entry
+    if len(message) > len(kind):
+        yield message
 
 
 def _preparation_data(name: str) -> dict[str, Any]:
@@ -278,19 +329,19 @@ class ForkServerContext(BaseContext):
     # Its semaphores are kept from the resource tracker: torchqueue unlinks their names (``_semnames``).
 
     def Lock(self) -> Any:  # noqa: N802 (multiprocessing's names)
-        with untracked():
+        with untracked(_client):
             return super().Lock()
 
     def Semaphore(self, value: int = 1) -> Any:  # noqa: N802
-        with untracked():
+        with untracked(_client):
             return super().Semaphore(value)
 
     def BoundedSemaphore(self, value: int = 1) -> Any:  # noqa: N802
-        with untracked():
+        with untracked(_client):
             return super().BoundedSemaphore(value)
 
     def Event(self) -> Any:  # noqa: N802
-        with untracked():
+        with untracked(_client):
             return super().Event()
 
     def __repr__(self) -> str:
@@ -320,6 +371,7 @@ def serve(fd: int) -> None:
     signal.set_wakeup_fd(sig_w)
     status_of: dict[int, int] = {}  # child pid -> the write end of its status pipe
     received: list[int] = []
+    kept: set[str] = set()  # names of the consumer's semaphores to unlink when it is gone
     with socket.socket(fileno=fd) as sock, selectors.DefaultSelector() as selector:
         selector.register(sock, selectors.EVENT_READ)
         selector.register(sig_r, selectors.EVENT_READ)
@@ -329,9 +381,17 @@ def serve(fd: int) -> None:
                     os.read(sig_r, 4096)
                     _report_exits(status_of)
                     continue
-                message, fds, _, _ = socket.recv_fds(sock, 1, _FDS_PER_MESSAGE)
+                message, fds, _, _ = socket.recv_fds(sock, _MESSAGE_BYTES, _FDS_PER_MESSAGE)
                 if not message:  # the consumer closed its end (no pipeline uses the server) or is gone
+                    _unlink(kept)
                     _exit()
+                kind, names = message[:1], {name.decode() for name in message[1:].split(b"\0") if name}
+                if kind == _KEEP:
+                    kept |= names
+                    continue
+                if kind == _DROP:
+                    kept -= names
+                    continue
                 received += fds
                 if message == _LAST:
                     pid = os.fork()
@@ -340,6 +400,16 @@ def serve(fd: int) -> None:
                         os._exit(_child(received, [fd, sig_r, sig_w, *status_of.values()]))
                     _started(pid, received, status_of)
                     received = []
+
+
+def _unlink(names: set[str]) -> None:
+    """Unlink what a consumer that closed its end left linked: it was killed while its workers
+    started, or a worker of a pipeline it closed did not stop (a name unlinked already is skipped)."""
+    for name in names:
+        try:
+            _multiprocessing.sem_unlink(name)
+        except OSError:
+            pass
 
 
 def _exit() -> NoReturn:

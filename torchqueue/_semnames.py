@@ -13,9 +13,10 @@ exception's traceback), as multiprocessing unlinks a name only when its object i
 
 Python registers each name with its resource tracker, a helper process that unlinks what a dead
 process left. Under ``"fork"`` nothing else needs that process (the fork server passes no tracker
-to its workers), and it would outlive ``close()``: names made inside ``untracked()`` are not
-registered, and their unlinking does not start a tracker either. Only the seconds before every
-worker has started are then uncovered (a SIGKILL there leaves the names).
+to its workers), and it would outlive ``close()``: names made inside ``untracked(keeper)`` go to
+``keeper`` instead (the fork server, which outlives a consumer killed while its workers start, and
+then unlinks them), and their unlinking does not start a tracker either. Only a SIGKILL of the
+process group while workers start (consumer and server at once) leaves the names.
 """
 
 from __future__ import annotations
@@ -24,21 +25,32 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing import resource_tracker, synchronize, util
-from typing import Any
+from typing import Any, Protocol
 
-_local = threading.local()  # .untracked: this thread makes semaphores that are not to be tracked
-_untracked: set[str] = set()  # names made so, still linked
+
+class Keeper(Protocol):
+    """Who unlinks the names of untracked semaphores that this process could not (it was killed)."""
+
+    def keep(self, name: str) -> None:
+        """``name`` was made: unlink it if this process dies first."""
+
+    def drop(self, name: str) -> None:
+        """``name`` is unlinked. Called from finalizers, at any point of any thread: it must not block."""
+
+
+_local = threading.local()  # .keeper: this thread makes semaphores that it keeps from the tracker
+_untracked: dict[str, Keeper] = {}  # names made so, still linked -> their keeper
 
 
 @contextmanager
-def untracked() -> Iterator[None]:
-    """Semaphores made in this thread meanwhile are not registered with the resource tracker."""
+def untracked(keeper: Keeper) -> Iterator[None]:
+    """Semaphores made in this thread meanwhile go to ``keeper``, not to the resource tracker."""
     _install()
-    _local.untracked = True
+    _local.keeper = keeper
     try:
         yield
     finally:
-        _local.untracked = False
+        _local.keeper = None
 
 
 _tracked_register = resource_tracker.register
@@ -53,15 +65,18 @@ def _install() -> None:
 
 
 def _register(name: str, rtype: str) -> None:
-    if rtype == "semaphore" and getattr(_local, "untracked", False):
-        _untracked.add(name)
+    keeper = getattr(_local, "keeper", None)
+    if rtype == "semaphore" and keeper is not None:
+        _untracked[name] = keeper
+        keeper.keep(name)
     else:
         _tracked_register(name, rtype)
 
 
 def _unregister(name: str, rtype: str) -> None:
-    if rtype == "semaphore" and name in _untracked:
-        _untracked.discard(name)
+    keeper = _untracked.pop(name, None) if rtype == "semaphore" else None
+    if keeper is not None:
+        keeper.drop(name)
     else:
         _tracked_unregister(name, rtype)
 

@@ -82,9 +82,7 @@ class QueueFlowDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch the next iteration reads (passed to a callable ``source``)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self.epoch = epoch
+        self.epoch = checked_epoch(epoch)
 
     def chunks(self, epoch: int) -> Iterable[Any]:
         """The input of ``epoch``."""
@@ -158,3 +156,10 @@ def _checked_length(length: object) -> int | None:
     if length < 0:
         raise ValueError(f"length must be >= 0 (outputs per epoch), got {length}")
     return int(length)
+
+
+def checked_epoch(epoch: Any) -> int:
+    """``epoch``, if it is an epoch number (an int >= 0); else a ``ValueError``."""
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+    return epoch

@@ -34,7 +34,7 @@ from torchqueue._checkpoint import Checkpoints
 from torchqueue._fetch import Batches
 from torchqueue._mapstyle import MapStyleEpochs
 from torchqueue._torchloader import TorchLoader
-from torchqueue.dataset import QueueFlowDataset
+from torchqueue.dataset import QueueFlowDataset, checked_epoch
 from torchqueue.stats import Stats
 
 __all__ = ["QueueFlowLoader"]
@@ -211,8 +211,9 @@ class QueueFlowLoader(Generic[_T_co]):
     def set_epoch(self, epoch: int) -> None:
         """Pass ``epoch`` to the sampler, batch sampler and dataset that take it (``set_epoch``), as
         Lightning does: a ``DistributedSampler`` (the one ``rank=`` builds, too) or a ``QueueFlowDataset``
-        then draws that epoch's order. A plain ``shuffle=True`` draws from the generator, as DataLoader's."""
-        self.epoch = self._bar_epoch = epoch
+        then draws that epoch's order. A plain ``shuffle=True`` draws from the generator, as DataLoader's.
+        ``epoch`` is an int >= 0; anything else raises ``ValueError`` and changes nothing."""
+        self.epoch = self._bar_epoch = checked_epoch(epoch)  # before any target takes it
         for target in (self._torch.sampler, self._torch.batch_sampler, self.dataset):
             set_target_epoch = getattr(target, "set_epoch", None)
             if callable(set_target_epoch):
