@@ -70,21 +70,67 @@ def test_the_timeout_message_with_nothing_held_tells_start_up_from_input():
     assert "waits for its input" in timeout_message(2.0, [], (3, 3))
 
 
-def test_a_timeout_behind_the_input_of_an_epoch_you_left_names_that_input():
-    # before: "the pipeline waits for its input (the iterable's next() has not returned)", while the
-    # next epoch's input was a range: the blocked next() was the left epoch's
+class BlockingInput:
+    """Yields 0, 1, ... ``blocks_at - 1``, then blocks in ``next()`` until released; then yields
+    ``late`` (or raises, with ``then_raise``), and ends."""
+
+    def __init__(self, blocks_at: int, release: threading.Event, late=99, then_raise: bool = False):
+        self.count, self.blocks_at, self.release, self.late, self.then_raise = 0, blocks_at, release, late, then_raise
+        self.blocked = threading.Event()  # next() waits for the release
+        self.returned = threading.Event()  # next() returned (or raised) after the release
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.count += 1
+        if self.count <= self.blocks_at:
+            return self.count - 1
+        if self.count > self.blocks_at + 1:
+            raise StopIteration
+        self.blocked.set()
+        self.release.wait(30)
+        self.returned.set()
+        if self.then_raise:
+            raise OSError("connection reset")
+        return self.late
+
+
+@pytest.mark.parametrize("then_raise", [False, True])
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_an_input_blocked_in_an_epoch_you_left_holds_back_only_that_epoch(backend, then_raise):
+    # before: the next epoch waited for the left epoch's next() to return (for good without a timeout;
+    # with one, a TimeoutError naming that input)
     release = threading.Event()
-
-    def blocking_input():
-        yield 1
-        release.wait(30)
-
+    blocking = [BlockingInput(2, release, then_raise=then_raise), BlockingInput(1, release, late=98)]
     try:
-        with tq.Sequence(tq.ProcessStep(identity), timeout=0.5) as seq:
-            iterator = seq(blocking_input())
-            assert next(iterator) == 1
-            with pytest.raises(TimeoutError, match="the input of epoch 0, which you left before its end, has not"):
-                list(seq(range(3)))
+        with tq.Sequence(tq.ProcessStep(identity, 2, backend=backend), timeout=10) as seq:
+            retired = []  # the feeder threads blocked in the inputs
+            for epoch in blocking:
+                assert next(seq(epoch)) == 0  # the second epoch is left while blocked too
+                assert epoch.blocked.wait(10)
+                retired.append(seq._runtime._feeder)
+            assert list(seq(range(3))) == [0, 1, 2]
+            assert len({*retired, seq._runtime._feeder}) == 3  # a new thread at each epoch left blocked
+            release.set()  # the retired threads get 99 and 98 (or the error): dropped, not delivered
+            for thread in retired:
+                thread.join(10)
+                assert not thread.is_alive()
+            assert all(b.returned.is_set() for b in blocking)
+            assert list(seq(range(10, 14))) == [10, 11, 12, 13]
+    finally:
+        release.set()
+
+
+def test_a_blocked_input_of_an_epoch_you_left_does_not_hold_back_a_first_packstep():
+    # the feeder runs a first PackStep itself: the new thread ends the left epoch's lists
+    release = threading.Event()
+    try:
+        with tq.Sequence(tq.PackStep(2), tq.ProcessStep(len), timeout=10) as seq:
+            blocking = BlockingInput(3, release)
+            assert next(seq(blocking)) == 2
+            assert blocking.blocked.wait(10)
+            assert list(seq(range(5))) == [2, 2, 1]
     finally:
         release.set()
 

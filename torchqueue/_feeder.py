@@ -11,6 +11,11 @@ never waits in a half-filled bundle while the input waits for something
 its place, in order, and ends that epoch's input; its message says it came from the input. An epoch the consumer
 abandoned stops being read at once.
 
+An input that blocks in ``next()`` (a socket, a queue another thread fills) cannot be interrupted. If
+the consumer abandons its epoch meanwhile, the thread is retired (``take_over``): a new thread ends
+that epoch and feeds the next ones, and the old one, once ``next()`` returns, drops what it got and
+exits. So a blocked input holds back its own epoch, never the next.
+
 A first PackStep runs here (``packing``, see ``_plan``): the feeder sends the lists it makes, at
 positions of their own, and counts the elements in and lists out on the step's stats row; an
 error of the input names the element's position in the input.
@@ -19,6 +24,7 @@ error of the input names the element's position in the input.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -66,9 +72,35 @@ class Feeder:
         self._packing = packing
         self.input_s = 0.0  # seconds in the input's ``next`` (the packing's included)
         self.held_s = 0.0  # seconds waiting for a credit: as many elements in flight as the queues allow
-        self.reading: int | None = None  # the epoch whose input is being read (its next() may block)
+        self._reading: int | None = None  # the epoch whose input is being read (its next() may block)
+        self._position = 0  # the next position of the epoch being fed
+        self._turn = threading.Lock()  # _reading, _position and _generation between the threads
+        self._generation = 0  # the thread that feeds: the others were retired while blocked in next()
 
-    def run(self) -> None:
+    def take_over(self, abandoned: int) -> tuple[int, int] | None:
+        """From the consumer, which abandoned epochs up to ``abandoned``: if the thread is blocked in the
+        input's ``next()`` of one of them, retire it and return (that epoch, its next position), for a new
+        thread's ``run`` to end; else ``None`` (the thread sees the cancel at its next element)."""
+        with self._turn:
+            if self._reading is None or self._reading > abandoned:
+                return None
+            self._generation += 1
+            left, self._reading = (self._reading, self._position), None
+            return left
+
+    def run(self, left: tuple[int, int] | None = None) -> None:
+        """Feed the queued epochs; ``left``: first end that epoch at that position (``take_over``)."""
+        with self._turn:
+            generation = self._generation
+        if left is not None:
+            self._take_credit()
+            self._emitter.emit(left[0], left[1], EndOfEpoch(left[1]))
+        try:
+            self._run(generation)
+        except _Retired:
+            pass
+
+    def _run(self, generation: int) -> None:
         idle = True
         while self._alive():
             try:
@@ -80,23 +112,39 @@ class Feeder:
                 continue
             if queued is None:  # the pipeline is closing
                 return
-            self._feed(*queued)
+            self._feed(*queued, generation)
             idle = False
 
-    def _feed(self, epoch: int, iterator: Iterator[Any], in_memory: bool) -> None:
+    def _next(self, iterator: Iterator[Any], epoch: int, generation: int) -> Any:
+        """The input's next element (``next``'s exception); ``_Retired`` if it was taken over meanwhile,
+        ``StopIteration`` if the epoch was abandoned (looked at here, where ``take_over`` cannot miss it)."""
+        with self._turn:
+            if self._cancelled(epoch):
+                raise StopIteration
+            self._reading = epoch
+        try:
+            return next(iterator)
+        finally:
+            with self._turn:
+                if self._generation != generation:  # what it returned or raised belongs to an abandoned epoch
+                    raise _Retired  # noqa: B012 (the retired thread drops it)
+                self._reading = None
+
+    def _feed(self, epoch: int, iterator: Iterator[Any], in_memory: bool, generation: int) -> None:
         read = None  # packing: the input, counted (positions then number lists, not elements)
         if self._packing is not None:
             read = _Counted(iterator, self._packing[1])
             iterator = self._packing[0].stream(read)
-        seq = 0
+        seq = self._position = 0
         pending: list[Any] = []
         last = time.perf_counter()
         while not self._cancelled(epoch):
-            self.reading = epoch
             try:
-                element = next(iterator)
+                element = self._next(iterator, epoch, generation)
             except StopIteration:
                 break
+            except _Retired:
+                raise
             except BaseException as exc:  # the user's input raised: deliver it in its place
                 seq = self._send(epoch, seq, pending)
                 pending = []
@@ -113,7 +161,6 @@ class Feeder:
                 pending = []
                 now = time.perf_counter()  # sending is not the input's time
             last = now
-        self.reading = None
         seq = self._send(epoch, seq, pending)
         self._take_credit()
         self._emitter.emit(epoch, seq, EndOfEpoch(seq))
@@ -134,10 +181,16 @@ class Feeder:
         else:
             nbytes = self._emitter.send(Envelope(epoch, seq, 0, 1, Bundle(elements)))
         self._policy.observe_message(nbytes, len(elements))
+        with self._turn:
+            self._position = seq + len(elements)
         self._sent += 1
         if self._downstream is not None and self._sent % _RECHECK_EVERY == 0:
             self._policy.observe_downstream(*self._downstream())
         return seq + len(elements)
+
+
+class _Retired(Exception):
+    """Ends a feeder thread whose work a new one took over (``Feeder.take_over``)."""
 
 
 class _Counted(Iterator[Any]):

@@ -354,37 +354,43 @@ class Runtime:
         message never finishes it, so a reader waiting for the rest must see that death."""
         return self._alive() and all(handle.exitcode is None for _, _, handle in self.workers)
 
-    def _feed(self) -> None:
-        """Feeder thread: a failure of its own (not of the user's input) is reported by ``check_health``."""
+    def _feed(self, left: tuple[int, int] | None = None) -> None:
+        """Feeder thread: a failure of its own (not of the user's input) is reported by ``check_health``;
+        ``left``: it takes over from a thread blocked in the input of that epoch (``Feeder.take_over``)."""
         try:
-            start = self._feeder_stage
-            reader = self.plan.stages[start + 1] if start + 1 < len(self.plan.stages) else None
-            split = self._sizer(start + 1) if self.plan.splits_into(start) else None
-            packing = self.plan.stages[0] if start == 0 else None
-            self._feeder_body = Feeder(
-                self._epochs,
-                Emitter(
-                    self._edges[start + 1],
-                    self._alive,
-                    split,
-                    reader.name if reader else "",
-                    packing.name if packing else "input",
-                    self._segment_dir,
-                    self.plan.sends_items(start),
-                    self.plan.local_edge(start + 1),
-                ),
-                self._credits[start],
-                self._alive,
-                lambda epoch: self._cancelled.value >= epoch,
-                self._first_segment_figures if self.plan.can_bundle(start) else None,
-                self.plan.credits(start) // BUNDLE_SHARE,
-                packing=None if packing is None else (packing.step, Meter(self._stats, self._rows[0], packing.name)),
-            )
-            self._feeder_body.run()
+            if self._feeder_body is None:
+                self._feeder_body = self._new_feeder()
+            self._feeder_body.run(left)
         except Stopped:
             pass
         except BaseException as exc:
             self._feeder_error = exc
+
+    def _new_feeder(self) -> Feeder:
+        """The feeder's body: it sends into the stage after the feeder's (a first PackStep it runs itself)."""
+        start = self._feeder_stage
+        reader = self.plan.stages[start + 1] if start + 1 < len(self.plan.stages) else None
+        split = self._sizer(start + 1) if self.plan.splits_into(start) else None
+        packing = self.plan.stages[0] if start == 0 else None
+        return Feeder(
+            self._epochs,
+            Emitter(
+                self._edges[start + 1],
+                self._alive,
+                split,
+                reader.name if reader else "",
+                packing.name if packing else "input",
+                self._segment_dir,
+                self.plan.sends_items(start),
+                self.plan.local_edge(start + 1),
+            ),
+            self._credits[start],
+            self._alive,
+            lambda epoch: self._cancelled.value >= epoch,
+            self._first_segment_figures if self.plan.can_bundle(start) else None,
+            self.plan.credits(start) // BUNDLE_SHARE,
+            packing=None if packing is None else (packing.step, Meter(self._stats, self._rows[0], packing.name)),
+        )
 
     def _sizer(self, pool: int) -> PartSizer:
         """How the writers into stage ``pool`` (a PoolStep) split elements, from its stats rows."""
@@ -448,10 +454,7 @@ class Runtime:
             if deadline is not None and now >= deadline:
                 self._check_health()  # a dead worker explains the wait better
                 assert timeout is not None
-                feeder = self._feeder_body
-                reading = None if feeder is None else feeder.reading
-                left = reading if reading is not None and reading <= self._cancelled.value else None  # abandoned
-                raise TimeoutError(timeout_message(timeout, self._holders(now), self._ready(), left))
+                raise TimeoutError(timeout_message(timeout, self._holders(now), self._ready()))
             wait = HEALTH_S if deadline is None else min(HEALTH_S, deadline - now)
             try:
                 data = self._edges[self.plan.consumer_edge][0].get(self._writers_alive, timeout=wait)
@@ -534,6 +537,13 @@ class Runtime:
         ``timeout`` for each of its messages still coming)."""
         logger.debug("%s: epoch %d abandoned, its rest is dropped", self._name, epoch)
         self._cancelled.value = max(self._cancelled.value, epoch)
+        left = None if self._feeder_body is None else self._feeder_body.take_over(epoch)
+        if left is not None:  # the feeder is blocked in that epoch's input: a new thread goes on without it
+            logger.debug("%s: the input of epoch %d blocks in next(); a new feeder thread goes on", self._name, left[0])
+            self._feeder = threading.Thread(
+                target=self._feed, args=(left,), name=f"torchqueue-feeder-{self._name}", daemon=True
+            )
+            self._feeder.start()
         while not isinstance(self.next_outputs(epoch, timeout)[-1], EndOfEpoch):
             pass
 

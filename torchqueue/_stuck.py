@@ -59,17 +59,8 @@ def died_with(holder: Holder, stage: str) -> str:
     return f", while {doing} element {holder.seq} of epoch {holder.epoch}{step}"
 
 
-def timeout_message(
-    timeout: float, held: list[Holder], ready: tuple[int, int] = (0, 0), left: int | None = None
-) -> str:
-    """The text of the consumer's ``TimeoutError``; ``ready``: of the workers, how many had started;
-    ``left``: an epoch you left before its end whose input's ``next()`` has not returned."""
-    if not held and left is not None:
-        return (
-            f"no output came within {timeout} seconds: the input of epoch {left}, which you left before its "
-            "end, has not returned from next(), and the next epoch's input is read after it (an input that "
-            "blocks holds back the pipeline; end it, e.g. close its file or connection, before you leave)"
-        )
+def timeout_message(timeout: float, held: list[Holder], ready: tuple[int, int] = (0, 0)) -> str:
+    """The text of the consumer's ``TimeoutError``; ``ready``: of the workers, how many had started."""
     if not held and ready[0] < ready[1]:
         return (
             f"no output came within {timeout} seconds, and the workers are still starting ({ready[0]} of "
