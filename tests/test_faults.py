@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
@@ -120,6 +121,34 @@ def test_an_input_blocked_in_an_epoch_you_left_holds_back_only_that_epoch(backen
             assert list(seq(range(10, 14))) == [10, 11, 12, 13]
     finally:
         release.set()
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_an_iterator_read_in_pieces_goes_on_after_the_element_the_left_epoch_was_waiting_for(pack):
+    # the next epoch reads the same iterator: it waits until the retired thread left it (before this,
+    # "generator already executing"), and with a first PackStep the retired thread reads no more of it
+    items, waiting = queue.Queue(), threading.Event()
+
+    def stream():
+        while True:
+            if items.empty():
+                waiting.set()
+            item = items.get(timeout=30)
+            if item is None:
+                return
+            yield item
+
+    for item in range(4):
+        items.put(item)
+    iterator = stream()
+    steps = [tq.PackStep(2), tq.ProcessStep(identity)] if pack else [tq.ProcessStep(identity)]
+    with tq.Sequence(*steps, timeout=10) as seq:
+        assert next(seq(iterator)) == ([0, 1] if pack else 0)
+        assert waiting.wait(10)  # the feeder read 0-3 and waits for 4
+        second = seq(iterator)
+        for item in (4, 5, 6, None):
+            items.put(item)
+        assert list(second) == ([[5, 6]] if pack else [5, 6])  # 4 went to the epoch left
 
 
 def test_a_blocked_input_of_an_epoch_you_left_does_not_hold_back_a_first_packstep():

@@ -277,6 +277,46 @@ def test_a_consumer_killed_while_its_workers_start_leaves_no_named_semaphore(run
     assert not left, f"{len(left)} of the pipeline's {len(info['names'])} named semaphores left in /dev/shm"
 
 
+PICKLING = """
+import glob, json, multiprocessing, os, signal, threading
+import torchqueue as tq
+
+PREFIX = f"/mp-tqtest{os.getpid()}"
+
+
+class KilledWhilePickled:
+    # a step that holds a large model takes seconds to pickle for its workers: the consumer is
+    # killed meanwhile (here at once, as soon as the pipeline's semaphores exist)
+    def __call__(self, x):
+        return x
+
+    def __reduce__(self):
+        names = sorted("/" + path[len("/dev/shm/sem."):] for path in glob.glob(f"/dev/shm/sem.{PREFIX[1:]}*"))
+        if names:
+            print(json.dumps({"names": names, "server": tq._forkserver.server_pid()}), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return KilledWhilePickled, ()
+
+
+if __name__ == "__main__":
+    multiprocessing.current_process()._config["semprefix"] = PREFIX  # this pipeline's names, told apart
+    threading.Thread(target=threading.Event().wait, daemon=True).start()  # workers from the fork server
+    seq = tq.Sequence(tq.ProcessStep(KilledWhilePickled(), 2), context="fork")
+    list(seq(range(3)))
+"""
+
+
+def test_a_consumer_killed_while_it_pickles_its_first_worker_leaves_no_named_semaphore(run_script):
+    # before: the fork server was told the names only with the first worker's request, after pickling
+    process = run_script(PICKLING)
+    info = read_json_line(process)
+    assert info["names"] and info["server"]
+    assert process.wait(30) == -signal.SIGKILL
+    assert wait_gone([info["server"]]) == []
+    left = [name for name in info["names"] if os.path.exists(f"/dev/shm/sem.{name[1:]}")]
+    assert not left, f"{len(left)} of the pipeline's {len(info['names'])} named semaphores left in /dev/shm"
+
+
 def test_ctrl_c_to_the_process_group_stops_everything_cleanly(run_script):
     head, _ = PIPELINE.format(method="fork").split("    it = seq(")
     body = head + textwrap.indent(

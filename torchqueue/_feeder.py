@@ -14,7 +14,8 @@ abandoned stops being read at once.
 An input that blocks in ``next()`` (a socket, a queue another thread fills) cannot be interrupted. If
 the consumer abandons its epoch meanwhile, the thread is retired (``take_over``): a new thread ends
 that epoch and feeds the next ones, and the old one, once ``next()`` returns, drops what it got and
-exits. So a blocked input holds back its own epoch, never the next.
+exits. So a blocked input holds back its own epoch, never the next; unless the next epoch reads the
+same iterator (a stream read in pieces), which is then read once the retired thread left it.
 
 A first PackStep runs here (``packing``, see ``_plan``): the feeder sends the lists it makes, at
 positions of their own, and counts the elements in and lists out on the step's stats row; an
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from torchqueue._bundle import BundlePolicy
-from torchqueue._channel import POLL_S, wait_acquire
+from torchqueue._channel import POLL_S, Stopped, wait_acquire
 from torchqueue._messages import Bundle, EndOfEpoch, Envelope
 from torchqueue._meter import Meter
 from torchqueue._transport import Emitter
@@ -72,21 +73,23 @@ class Feeder:
         self._packing = packing
         self.input_s = 0.0  # seconds in the input's ``next`` (the packing's included)
         self.held_s = 0.0  # seconds waiting for a credit: as many elements in flight as the queues allow
-        self._reading: int | None = None  # the epoch whose input is being read (its next() may block)
+        self._reading: tuple[int, Iterator[Any]] | None = None  # the epoch and input in next() (it may block)
         self._position = 0  # the next position of the epoch being fed
-        self._turn = threading.Lock()  # _reading, _position and _generation between the threads
+        self._turn = threading.Lock()  # the attributes above and below, between the threads
         self._generation = 0  # the thread that feeds: the others were retired while blocked in next()
+        self._retired_in: dict[int, threading.Event] = {}  # id(input) -> set once its retired thread left it
 
     def take_over(self, abandoned: int) -> tuple[int, int] | None:
         """From the consumer, which abandoned epochs up to ``abandoned``: if the thread is blocked in the
         input's ``next()`` of one of them, retire it and return (that epoch, its next position), for a new
         thread's ``run`` to end; else ``None`` (the thread sees the cancel at its next element)."""
         with self._turn:
-            if self._reading is None or self._reading > abandoned:
+            if self._reading is None or self._reading[0] > abandoned:
                 return None
+            (epoch, source), self._reading = self._reading, None
             self._generation += 1
-            left, self._reading = (self._reading, self._position), None
-            return left
+            self._retired_in[id(source)] = threading.Event()
+            return epoch, self._position
 
     def run(self, left: tuple[int, int] | None = None) -> None:
         """Feed the queued epochs; ``left``: first end that epoch at that position (``take_over``)."""
@@ -115,22 +118,32 @@ class Feeder:
             self._feed(*queued, generation)
             idle = False
 
-    def _next(self, iterator: Iterator[Any], epoch: int, generation: int) -> Any:
+    def read_next(self, source: Iterator[Any], epoch: int, generation: int) -> Any:
         """The input's next element (``next``'s exception); ``_Retired`` if it was taken over meanwhile,
-        ``StopIteration`` if the epoch was abandoned (looked at here, where ``take_over`` cannot miss it)."""
-        with self._turn:
-            if self._cancelled(epoch):
-                raise StopIteration
-            self._reading = epoch
+        ``StopIteration`` if the epoch was abandoned (looked at here, where ``take_over`` cannot miss it).
+        An iterator a retired thread is still inside is read once it left (one thread in it at a time)."""
+        while True:
+            with self._turn:
+                if self._cancelled(epoch):
+                    raise StopIteration
+                busy = self._retired_in.get(id(source))
+                if busy is None:
+                    self._reading = epoch, source
+                    break
+            if not self._alive():
+                raise Stopped
+            busy.wait(POLL_S)
         try:
-            return next(iterator)
+            return next(source)
         finally:
             with self._turn:
                 if self._generation != generation:  # what it returned or raised belongs to an abandoned epoch
+                    self._retired_in.pop(id(source)).set()
                     raise _Retired  # noqa: B012 (the retired thread drops it)
                 self._reading = None
 
     def _feed(self, epoch: int, iterator: Iterator[Any], in_memory: bool, generation: int) -> None:
+        iterator = _Input(self, iterator, epoch, generation)
         read = None  # packing: the input, counted (positions then number lists, not elements)
         if self._packing is not None:
             read = _Counted(iterator, self._packing[1])
@@ -140,7 +153,7 @@ class Feeder:
         last = time.perf_counter()
         while not self._cancelled(epoch):
             try:
-                element = self._next(iterator, epoch, generation)
+                element = next(iterator)
             except StopIteration:
                 break
             except _Retired:
@@ -191,6 +204,17 @@ class Feeder:
 
 class _Retired(Exception):
     """Ends a feeder thread whose work a new one took over (``Feeder.take_over``)."""
+
+
+class _Input(Iterator[Any]):
+    """One epoch's input as a feeder thread reads it (``Feeder.read_next``): below a first PackStep too, so
+    that a retired thread reads no element more of an input the next epoch may read on."""
+
+    def __init__(self, feeder: Feeder, source: Iterator[Any], epoch: int, generation: int) -> None:
+        self._feeder, self._source, self._epoch, self._generation = feeder, source, epoch, generation
+
+    def __next__(self) -> Any:
+        return self._feeder.read_next(self._source, self._epoch, self._generation)
 
 
 class _Counted(Iterator[Any]):

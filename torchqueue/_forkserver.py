@@ -98,8 +98,8 @@ class _Client:
 
     def keep(self, name: str) -> None:
         """A semaphore for the workers was made (``_semnames.Keeper``): the server unlinks its name if
-        this process dies before it does. Told with the next request: the first worker's is at most
-        milliseconds away, and nothing here may block (or start the server for a pipeline that fails)."""
+        this process dies before it does. Told as the next worker starts (``announce``): nothing here
+        may block, or start the server for a pipeline that fails before its workers."""
         self._to_keep.append(name)
 
     def drop(self, name: str) -> None:
@@ -117,6 +117,12 @@ class _Client:
             self._users -= 1
             if self._users == 0:
                 self._stop()
+
+    def announce(self) -> None:
+        """Tell the server, started if need be, the names kept and dropped so far: a worker is about to
+        start, and its ``Process`` may take long to pickle (a step that holds a model)."""
+        with self._lock:
+            self._send_names(self._running())
 
     def request(self, fds: list[int]) -> tuple[int, int]:
         """Ask for a worker that inherits ``fds``; return its (status pipe, data pipe) ends."""
@@ -295,6 +301,7 @@ class _Popen(popen_forkserver.Popen):
     DupFd = _InheritedFd
 
     def _launch(self, process_obj: Any) -> None:
+        _client.announce()
         data = io.BytesIO()
         set_spawning_popen(self)  # what the Process holds pickles for this child alone (its fds in self._fds)
         try:
