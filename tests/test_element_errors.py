@@ -34,6 +34,20 @@ def test_a_step_error_names_the_element_position_in_its_epoch(ordered):
     assert first.endswith(" at element 13 of epoch 1: thirteen is bad")
 
 
+@pytest.mark.parametrize(
+    "steps",
+    [[tq.UnpackStep()], [tq.PoolStep(identity, 2)], [tq.ProcessStep(fail_on_thirteen, 2, backend="thread", name="f")]],
+)
+def test_an_error_of_a_step_run_in_your_process_does_not_call_it_a_worker(steps):
+    # before: "(worker pid <your own pid>)" for the UnpackStep your process runs, the PoolStep's split
+    # of each element, and a thread step
+    with tq.Sequence(*steps) as seq:
+        with pytest.raises((TypeError, ValueError)) as info:
+            list(seq(range(20)))
+    first = str(info.value).splitlines()[0]
+    assert f"(in your process, pid {os.getpid()})" in first and "worker pid" not in first
+
+
 def test_bundled_elements_name_their_own_position():
     # a range is read from memory, so small elements travel bundled: each keeps its position
     with tq.Sequence(tq.ProcessStep(identity), tq.ProcessStep(fail_on_thirteen, name="g")) as seq:
@@ -167,8 +181,15 @@ def test_a_catch_and_skip_loop_gets_every_other_batch_in_order_as_with_dataloade
     def loader(cls):
         generator = torch.Generator().manual_seed(0)
         dataset = KeyErrorAt(41, [3, 17, 18, 40])
-        return cls(dataset, batch_size=4, shuffle=True, num_workers=num_workers, generator=generator,
-                   persistent_workers=persistent, in_order=in_order)
+        return cls(
+            dataset,
+            batch_size=4,
+            shuffle=True,
+            num_workers=num_workers,
+            generator=generator,
+            persistent_workers=persistent,
+            in_order=in_order,
+        )
 
     ours, theirs = loader(QueueFlowLoader), loader(DataLoader)
     for _ in range(2):  # and the next epoch runs as usual

@@ -101,3 +101,97 @@ def test_what_a_notebook_defines_works_in_workers(context):
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, timeout=150)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"ok {context}" in result.stdout
+
+
+GUARDED = textwrap.dedent(
+    """
+    import sys
+    import torchqueue as tq
+
+    def outside(x):  # by reference, as before: the re-import defines it
+        return x
+
+    if __name__ == "__main__":
+        scale = 3
+
+        class Scaled:
+            def __init__(self, x):
+                self.x = x * scale
+
+        def calib(x):
+            return Scaled(outside(x))
+
+        with tq.Sequence(tq.ProcessStep(calib, 2), context=sys.argv[1]) as seq:
+            got = list(seq(range(5)))
+        assert all(type(s) is Scaled for s in got), [type(s) for s in got]
+        print("ok", [s.x for s in got])
+    """
+)
+
+
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_a_function_and_class_defined_under_the_main_guard_work_in_workers(tmp_path, context):
+    # before: by reference, and the workers' re-import skips that block: "Can't get attribute 'calib'"
+    script = tmp_path / "guarded.py"
+    script.write_text(GUARDED)
+    result = subprocess.run(
+        [sys.executable, str(script), context], capture_output=True, text=True, cwd=ROOT, timeout=150
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok [0, 3, 6, 9, 12]" in result.stdout
+
+
+def test_what_the_reimport_defines_is_read_from_the_scripts_source(tmp_path):
+    from torchqueue._mainmodule import _names_outside_guard
+
+    script = tmp_path / "s.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os.path as osp, json
+            from math import pi as PI
+            A = B = 1
+            try:
+                import numpy
+            except ImportError:
+                numpy = None
+            def f(): inner = 1
+            class C: pass
+            if "__main__" == __name__:
+                g = 2
+                def h(): pass
+            else:
+                k = 3
+            if __name__ == "__main__" and True:
+                m = 4
+            """
+        )
+    )
+    names = _names_outside_guard(str(script), 0.0)
+    assert {"osp", "json", "PI", "A", "B", "numpy", "f", "C", "k", "m"} <= names
+    assert not {"g", "h", "inner"} & names
+
+
+UNGUARDED = textwrap.dedent(
+    """
+    import torchqueue as tq
+
+    def calib(x):
+        return x * 2
+
+    with tq.Sequence(tq.ProcessStep(calib, 2), context="spawn") as seq:
+        print(list(seq(range(10))))
+    """
+)
+
+
+def test_a_script_without_the_main_guard_under_spawn_is_told_why_its_workers_died(tmp_path):
+    # before: "died: exited with code 1", chained to an internal torchqueue._channel.Stopped traceback
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=150)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("torchqueue.errors.WorkerDiedError: worker ") and "died before it started" in last
+    assert 'start pipelines under `if __name__ == "__main__":`' in last
+    assert "During handling of the above exception" not in result.stderr

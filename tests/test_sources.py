@@ -145,6 +145,21 @@ def test_events_can_be_read_as_dicts_and_shuffled_within_a_chunk(files):
     assert sorted(past_the_end["energy"].tolist()) == list(range(20, 25)) and past_the_end["image"].shape == (5, 3)
 
 
+def test_events_of_a_chunk_past_the_end_of_its_file_are_those_the_file_has(files):
+    # before: IndexError (it counted stop - start events), while read_h5_chunk returned the 5 there are
+    events = read_h5_events((files[0], 20, 40), keys=["energy", "image"])
+    assert [e["energy"] for e in events] == list(np.arange(20, 25, dtype=np.float32))
+
+
+@pytest.mark.parametrize("read", [read_h5_chunk, read_h5_events])
+def test_keys_given_as_one_string_are_refused_by_name(files, read):
+    # before: KeyError "key 'e' not found", the string read letter by letter
+    with pytest.raises(TypeError, match=r"keys must be a list of dataset names, e.g. \['energy'\]"):
+        read((files[0], 0, 5), keys="energy")
+    with pytest.raises(TypeError, match="keys must be a list"):
+        H5Chunks(files, "energy", keys="image")
+
+
 def test_collate_graphs_makes_a_torch_geometric_batch():
     import torch
     from torch_geometric.data import Data

@@ -5,7 +5,9 @@ Steps. Every worker gets its step pickled (``TravellingStep``), while its proces
 - under spawn and forkserver, by reference, as multiprocessing itself would, when that works and
   ``__main__`` is a script or module the workers re-import (multiprocessing runs it again as
   ``__mp_main__`` in each): then a function of the script finds the script's globals there, a
-  lock included, and the classes it returns are the script's own classes;
+  lock included, and the classes it returns are the script's own classes. Not what the script
+  defines under ``if __name__ == "__main__":`` (the re-import skips that block: ``_defined_on_reimport``
+  reads the script's source to tell);
 - else by value with cloudpickle: lambdas, closures, and whatever a notebook or ``python -c``
   defined (a worker cannot import those). Workers of torchqueue's fork server (``"fork"``, see
   ``_forkserver``) re-import nothing, so there what ``__main__`` defines always goes by value, and
@@ -25,7 +27,9 @@ the definition (cloudpickle gives the same class object for the same definition 
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import io
 import os
 import pickle
@@ -42,13 +46,71 @@ from typing import Any
 import cloudpickle
 
 
-def _main_reimported() -> bool:
+def main_reimported() -> bool:
     """Whether spawned workers re-import ``__main__`` (a script file, or ``python -m``)."""
     main = sys.modules.get("__main__")
     if getattr(getattr(main, "__spec__", None), "name", None):
         return True
     path = getattr(main, "__file__", None)
     return isinstance(path, str) and path.endswith(".py") and os.path.isfile(path)
+
+
+def _defined_on_reimport(name: str) -> bool:
+    """Whether re-importing ``__main__`` defines ``name``: its source binds it at the top level, outside
+    ``if __name__ == "__main__":`` (``True`` where the source cannot be read: as multiprocessing assumes)."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    try:
+        names = _names_outside_guard(path, os.stat(path).st_mtime) if isinstance(path, str) else None
+    except OSError:
+        names = None
+    return names is None or name in names
+
+
+@functools.lru_cache(maxsize=4)
+def _names_outside_guard(path: str, mtime: float) -> frozenset[str] | None:
+    """The names a module's top level binds outside ``if __name__ == "__main__":`` blocks (``mtime``: a
+    script edited since is read again); ``None`` if its source does not parse."""
+    try:
+        with open(path, "rb") as source:
+            tree = ast.parse(source.read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    names: set[str] = set()
+    _bound(tree.body, names)
+    return frozenset(names)
+
+
+def _bound(statements: list[ast.stmt], names: set[str]) -> None:
+    for node in statements:
+        if isinstance(node, ast.If) and _is_main_guard(node.test):
+            _bound(node.orelse, names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).partition(".")[0] for alias in node.names)
+        else:  # assignments, and what other blocks (if, try, with, for) bind: more names, never fewer
+            for child in ast.walk(node):
+                if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
+                    names.add(child.id)
+                elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    names.add(child.name)
+                elif isinstance(child, (ast.Import, ast.ImportFrom)):
+                    names.update((alias.asname or alias.name).partition(".")[0] for alias in child.names)
+
+
+def _is_main_guard(test: ast.expr) -> bool:
+    """``__name__ == "__main__"``, either way round."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    return {_operand(test.left), _operand(test.comparators[0])} == {"name __name__", "str __main__"}
+
+
+def _operand(node: ast.expr) -> str:
+    if isinstance(node, ast.Name):
+        return f"name {node.id}"
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return f"str {node.value}"
+    return ""
 
 
 def step_bytes(step: Any, as_forked: bool) -> bytes:
@@ -66,7 +128,7 @@ class _StepPickler(cloudpickle.Pickler):
     and what ``__main__`` defines at its top level by reference where workers re-import it."""
 
     def __init__(self, file: io.BytesIO, as_forked: bool) -> None:
-        self._main_by_reference = not as_forked and _main_reimported()
+        self._main_by_reference = not as_forked and main_reimported()
         tables = [ForkingPickler._extra_reducers, cloudpickle.Pickler.dispatch_table]  # type: ignore[attr-defined]
         self.dispatch_table = ChainMap(*([_LOCK_COPIES] if as_forked else []), *tables)  # read by __init__
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
@@ -77,6 +139,7 @@ class _StepPickler(cloudpickle.Pickler):
             and isinstance(obj, (types.FunctionType, type))
             and obj.__module__ == "__main__"
             and _lookup(obj.__qualname__) is obj
+            and _defined_on_reimport(obj.__qualname__.partition(".")[0])
         ):
             return NotImplemented  # pickle's own: by reference
         return super().reducer_override(obj)

@@ -69,7 +69,7 @@ from torchqueue._handles import ProcessHandle, WorkerHandle
 from torchqueue._idle import idle_seconds
 from torchqueue._local import LOCAL, LocalContext
 from torchqueue._loop import FusedStage, WorkerContext
-from torchqueue._mainmodule import TravellingStep
+from torchqueue._mainmodule import TravellingStep, main_reimported
 from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, StartupFailure
 from torchqueue._meter import Meter
 from torchqueue._pauses import Paused, Pauses
@@ -505,10 +505,30 @@ class Runtime:
         for stage, worker, handle in self.workers:
             if handle.exitcode is not None and self._alive():
                 held = [h for h in self._holders(time.perf_counter()) if h.pid == handle.pid]
+                began = self._began(handle)
+                when = "" if began else " before it started"
                 raise WorkerDiedError(
-                    f"worker {worker} of step {stage!r} (pid {handle.pid}) died: {handle.describe_exit()}"
+                    f"worker {worker} of step {stage!r} (pid {handle.pid}) died{when}: {handle.describe_exit()}"
                     + (died_with(held[0], stage) if held else "")
-                )
+                    + ("" if began else self._reimport_hint())
+                ) from None  # not "during handling of" the wait it ended
+
+    def _began(self, handle: Any) -> bool:
+        """Whether the worker's loop began (its stats row says so)."""
+        rows = [row for row, (_, _, owner) in enumerate(self._row_owners) if owner is handle]
+        return any(self._stats[row * NFIELDS + Field.READY_AT] > 0 for row in rows)
+
+    def _reimport_hint(self) -> str:
+        """Why a spawned worker may die before it starts: the script it re-imports starts a pipeline."""
+        if self._ctx in (LOCAL, FORK_SERVER) or self._ctx.get_start_method() not in ("spawn", "forkserver"):
+            return ""
+        if not main_reimported():
+            return ""
+        return (
+            f". Under {self._ctx.get_start_method()!r} each worker first runs your script's top level again, "
+            'as multiprocessing does: start pipelines under `if __name__ == "__main__":` (the worker printed '
+            "its own error above)"
+        )
 
     def _warn_skipped(self, step: str, summary: str) -> None:
         """Warn, once per step, that ``on_error="skip"`` dropped an element that raised ``summary``."""

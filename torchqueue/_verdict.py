@@ -114,6 +114,14 @@ def occupied(step: StepStats, elapsed_s: float) -> float:
     return (step.busy_s + step.encode_s + step.decode_s) / running if running > 0 else 0.0
 
 
+def _busy(step: StepStats, elapsed_s: float) -> str:
+    """``occupied``, in words: the share in its calls (the table's ``util``), and on its messages if any."""
+    running = step.nworkers * elapsed_s - step.startup_s
+    calls = step.busy_s / running if running > 0 else 0.0
+    messages = (step.encode_s + step.decode_s) / running if running > 0 else 0.0
+    return f"{calls:.0%} busy" + (f", {messages:.0%} on its messages" if f"{messages:.0%}" != "0%" else "")
+
+
 def verdict(stats: Stats) -> Verdict:
     """What limits the pipeline ``stats`` describes, and what to do (see the module docstring)."""
     steps = list(stats.values())
@@ -137,14 +145,15 @@ def verdict(stats: Stats) -> Verdict:
             waiting.name,
             f"{waiting.name} waits in {host}'s workers",
             f"its calls took {waiting.busy_s:.2f} s of {host}'s workers' time but {waiting.cpu_s:.2f} s on a CPU "
-            f"(waiting on files, the network or a sleep), and {host} does nothing meanwhile: a tq.Queue(n) between "
-            f"{waiting.name} and {host} gives {waiting.name} processes of its own again, whose waits overlap "
+            f"(waiting on files, the network or a sleep), and {host} does nothing meanwhile. Give {waiting.name} "
+            f"more workers (now {waiting.nworkers}), so that more of its calls wait at once, and a tq.Queue(n) "
+            f"between {waiting.name} and {host} gives {waiting.name} processes of its own again, whose waits overlap "
             f"{host}'s work (or backend='thread' for waits that release the GIL)",
         )
     if _held_back(stats, top):
         return Verdict(
             top.name,
-            f"the queues limit ({top.name}: {share:.0%} busy)",
+            f"the queues limit ({top.name}: {_busy(top, stats.elapsed_s)})",
             f"your input waited {stats.input_held_s:.2f} s for room, as many elements in flight as the queues "
             f"allow, while {top.name}'s workers waited {top.wait_in_s:.2f} s for input: the elements after a "
             f"slow one wait for it, to come out in order. Larger queues around {top.name} (a tq.Queue(n) before "
@@ -161,11 +170,11 @@ def verdict(stats: Stats) -> Verdict:
         if hops > work and hops > HOPS_SHARE * stats.elapsed_s and not consumer_limits:
             return Verdict(top.name, f"the hops limit; {title}", _HOPS.format(who="the steps", hops=hops, work=work))
         return Verdict(top.name, title, _outside(stats))
-    title = f"bottleneck: {top.name} ({share:.0%} busy)"
+    title = f"bottleneck: {top.name} ({_busy(top, stats.elapsed_s)})"
     if top.encode_s + top.decode_s > top.busy_s:
         return Verdict(
             top.name,
-            f"the hops limit: {top.name} ({share:.0%} busy)",
+            f"the hops limit: {top.name} ({_busy(top, stats.elapsed_s)})",
             _HOPS.format(who="it", hops=top.encode_s + top.decode_s, work=top.busy_s),
         )
     if top.stream:

@@ -13,7 +13,7 @@ import signal
 
 import torch
 
-from torchqueue import _segments
+from torchqueue import _segments, errors
 from torchqueue._loop import WorkerContext
 from torchqueue._parentwatch import ParentWatch, clean_up_on_signal
 from torchqueue._runners import run_worker
@@ -27,6 +27,7 @@ def worker_main(ctx: WorkerContext) -> None:
     # collections copy none of the consumer's heap (about 40 MB per worker with torch imported);
     # objects the worker creates are collected as usual.
     gc.freeze()
+    errors.in_worker_process()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
     _segments.survive_lease_breaks()
     ParentWatch(ctx.segment_dir).start()

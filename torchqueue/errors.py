@@ -45,6 +45,15 @@ class _KeyErrorMessage(str):
         return str(self)
 
 
+_worker_process = False  # this process is a worker of its own (a step's thread runs in your process)
+
+
+def in_worker_process() -> None:
+    """Mark this process as a worker's: errors captured here say "worker pid", else "your process"."""
+    global _worker_process
+    _worker_process = True
+
+
 def capture(step: str, exc: BaseException, epoch: int | None = None, seq: int | None = None) -> Failure:
     """Wrap ``exc``, raised by ``step`` in this process, for the trip to the consumer.
 
@@ -52,7 +61,8 @@ def capture(step: str, exc: BaseException, epoch: int | None = None, seq: int | 
     An exception whose arguments do not pickle (``ValueError("bad record", lock)``) travels as its
     type with its message, as DataLoader rebuilds every exception, so that ``except ValueError``
     still catches it; only one whose type cannot be built from a message becomes a ``PipelineError``."""
-    where = f"step {step!r} (worker pid {os.getpid()})"
+    process = f"worker pid {os.getpid()}" if _worker_process else f"in your process, pid {os.getpid()}"
+    where = f"step {step!r} ({process})"
     if seq is not None:
         where += f" at element {seq} of epoch {epoch}"
     return capture_at(step, exc, where)

@@ -167,7 +167,7 @@ class H5Chunks:
         cache = _LengthCache(os.fspath(cache_dir) if cache_dir is not None else None)
         self.lengths = cache.lengths(self.files, length_key)
         if keys:
-            _check_keys(self.files, list(keys))
+            _check_keys(self.files, _key_list(keys))
         self._plan = [
             (path, start, min(start + chunk_size, length))
             for path, length in zip(self.files, self.lengths)
@@ -233,6 +233,7 @@ def read_h5_chunk(chunk: Chunk, keys: Sequence[str], permute_seed: int | None = 
     permutation for every key), for shuffling within chunks on top of ``H5Chunks``'s chunk order.
     """
     path, start, stop = chunk
+    keys = _key_list(keys)
     h5py = _h5py()
     with _open_h5(h5py, path) as f:
         out = {}
@@ -249,9 +250,20 @@ def read_h5_chunk(chunk: Chunk, keys: Sequence[str], permute_seed: int | None = 
 
 
 def read_h5_events(chunk: Chunk, keys: Sequence[str], permute_seed: int | None = None) -> list[dict[str, Any]]:
-    """The events of a chunk as one dict per event (``{key: value}``), read as ``read_h5_chunk`` reads."""
+    """The events of a chunk as one dict per event (``{key: value}``), read as ``read_h5_chunk`` reads
+    (a chunk reaching past the end of its file has the events the file has)."""
     arrays = read_h5_chunk(chunk, keys, permute_seed)
-    return [{key: arrays[key][i] for key in keys} for i in range(chunk[2] - chunk[1])]
+    lengths = {key: len(value) for key, value in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"the keys have different numbers of events in {chunk[0]}[{chunk[1]}:{chunk[2]}]: {lengths}")
+    return [{key: arrays[key][i] for key in arrays} for i in range(min(lengths.values(), default=0))]
+
+
+def _key_list(keys: Sequence[str]) -> list[str]:
+    """``keys`` as a list; a single string is refused (it would be read letter by letter)."""
+    if isinstance(keys, (str, bytes)):
+        raise TypeError(f"keys must be a list of dataset names, e.g. [{keys!r}], not the string {keys!r}")
+    return list(keys)
 
 
 def collate_graphs(graphs: list[Any]) -> Any:
