@@ -88,6 +88,7 @@ def test_the_demo_command_runs_and_prints_rates_and_stats(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "torchqueue Sequence:" in result.stdout and "DataLoader, one event per item:" in result.stdout
+    assert "DataLoader, one batch per chunk:" in result.stdout  # DataLoader's fastest way, shown too
     assert "elapsed" in result.stdout and "graph" in result.stdout  # the stats table
 
 

@@ -138,6 +138,20 @@ class EventDataset(Dataset):
         return event_to_graph((f[IMAGE_KEY][i], float(f[ENERGY_KEY][i])))
 
 
+class ChunkBatches(Dataset):
+    """Map-style baseline, DataLoader's fastest here (``batch_size=None``): one chunk per ``__getitem__``,
+    read, turned into graphs and collated. Its batches are the chunks, not batches of a chosen size."""
+
+    def __init__(self, chunks: list[Chunk]) -> None:
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, item: int) -> Batch:
+        return chunk_to_batch(self.chunks[item])
+
+
 class ChunkDataset(IterableDataset):
     """Iterable baseline: each DataLoader worker reads whole chunks of its share and batches them."""
 
