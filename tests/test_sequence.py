@@ -312,6 +312,14 @@ def test_two_threads_queuing_at_once_start_one_pipeline_and_both_epochs_arrive()
 
 def test_close_from_another_thread_while_a_stream_step_runs_ends_the_loop_as_closed():
     rng = random.Random(0)
+    tq._forkserver.hold()  # the closer thread runs as each pipeline starts: one fork server for all 20 (was 25 s)
+    try:
+        _close_from_another_thread_20_times(rng)
+    finally:
+        tq._forkserver.release()
+
+
+def _close_from_another_thread_20_times(rng: random.Random) -> None:
     for _ in range(20):
         seq = tq.Sequence(tq.ProcessStep(random_sleep, 2), tq.RepackStep(4), tq.Queue(3))
         closer = threading.Timer(rng.uniform(0.05, 0.3), seq.close)  # at any moment of the stream
