@@ -585,3 +585,13 @@ def test_the_hint_says_the_busy_share_the_table_shows_and_the_messages_share_apa
     assert hint.startswith("bottleneck: graph (54% busy, 5% on its messages)")
     plain = _step("graph", 10.8, nworkers=2, cpu_s=11.0)
     assert _stats(plain, elapsed_s=10.0, consumer_cpu_s=0.5, wait=9.0).hint().startswith("bottleneck: graph (54% busy)")
+
+
+def test_a_pool_whose_workers_also_run_the_read_counts_the_reads_in_its_share(monkeypatch):
+    # before: read 45% and graph 40%, in the same two processes (``_premap``): "no step is busy more than
+    # half the time ... the input limits", while those processes were 88% busy
+    monkeypatch.setattr(_verdict, "available_cpus", lambda: 2)
+    read = _step("read", 9.0, nworkers=2, cpu_s=8.8, host="graph")
+    graph = _step("graph", 8.0, nworkers=2, cpu_s=8.0, encode_s=0.6)
+    hint = _stats(read, graph, elapsed_s=10.0, consumer_cpu_s=0.5, wait=9.0, work=0.5).hint()
+    assert hint.startswith("bottleneck: graph (40% busy, 3% on its messages, 45% running read)"), hint

@@ -108,18 +108,25 @@ class Verdict:
     advice: str
 
 
-def occupied(step: StepStats, elapsed_s: float) -> float:
-    """The share of ``step``'s workers' time once started spent in the step or on its messages."""
+def occupied(step: StepStats, elapsed_s: float, hosted_s: float = 0.0) -> float:
+    """The share of ``step``'s workers' time once started spent in the step or on its messages;
+    ``hosted_s``: the busy time of the steps its workers run too (``StepStats.host``)."""
     running = step.nworkers * elapsed_s - step.startup_s
-    return (step.busy_s + step.encode_s + step.decode_s) / running if running > 0 else 0.0
+    return (step.busy_s + step.encode_s + step.decode_s + hosted_s) / running if running > 0 else 0.0
 
 
-def _busy(step: StepStats, elapsed_s: float) -> str:
-    """``occupied``, in words: the share in its calls (the table's ``util``), and on its messages if any."""
-    running = step.nworkers * elapsed_s - step.startup_s
-    calls = step.busy_s / running if running > 0 else 0.0
-    messages = (step.encode_s + step.decode_s) / running if running > 0 else 0.0
-    return f"{calls:.0%} busy" + (f", {messages:.0%} on its messages" if f"{messages:.0%}" != "0%" else "")
+def _busy(step: StepStats, stats: Stats) -> str:
+    """``occupied``, in words: the share in its calls (the table's ``util``), on its messages, and in the
+    calls of the steps its workers run too."""
+    running = step.nworkers * stats.elapsed_s - step.startup_s
+    if running <= 0:
+        return "0% busy"
+    parts = [f"{step.busy_s / running:.0%} busy"]
+    messages = (step.encode_s + step.decode_s) / running
+    if f"{messages:.0%}" != "0%":
+        parts.append(f"{messages:.0%} on its messages")
+    parts += [f"{s.busy_s / running:.0%} running {s.name}" for s in stats.values() if s.host == step.name]
+    return ", ".join(parts)
 
 
 def verdict(stats: Stats) -> Verdict:
@@ -127,7 +134,8 @@ def verdict(stats: Stats) -> Verdict:
     steps = list(stats.values())
     if not steps or stats.elapsed_s <= 0 or not any(s.elements_in or s.startup_s for s in steps):
         return Verdict(steps[0].name if steps else None, "no steps ran yet", "")
-    shares = {s.name: occupied(s, stats.elapsed_s) for s in steps}
+    hosted = {s.name: sum(h.busy_s for h in steps if h.host == s.name) for s in steps}
+    shares = {s.name: occupied(s, stats.elapsed_s, hosted[s.name]) for s in steps}
     top = max(steps, key=lambda s: shares[s.name])
     share = shares[top.name]
     startup = _startup(stats)
@@ -153,7 +161,7 @@ def verdict(stats: Stats) -> Verdict:
     if _held_back(stats, top):
         return Verdict(
             top.name,
-            f"the queues limit ({top.name}: {_busy(top, stats.elapsed_s)})",
+            f"the queues limit ({top.name}: {_busy(top, stats)})",
             f"your input waited {stats.input_held_s:.2f} s for room, as many elements in flight as the queues "
             f"allow, while {top.name}'s workers waited {top.wait_in_s:.2f} s for input: the elements after a "
             f"slow one wait for it, to come out in order. Larger queues around {top.name} (a tq.Queue(n) before "
@@ -170,11 +178,11 @@ def verdict(stats: Stats) -> Verdict:
         if hops > work and hops > HOPS_SHARE * stats.elapsed_s and not consumer_limits:
             return Verdict(top.name, f"the hops limit; {title}", _HOPS.format(who="the steps", hops=hops, work=work))
         return Verdict(top.name, title, _outside(stats))
-    title = f"bottleneck: {top.name} ({_busy(top, stats.elapsed_s)})"
+    title = f"bottleneck: {top.name} ({_busy(top, stats)})"
     if top.encode_s + top.decode_s > top.busy_s:
         return Verdict(
             top.name,
-            f"the hops limit: {top.name} ({_busy(top, stats.elapsed_s)})",
+            f"the hops limit: {top.name} ({_busy(top, stats)})",
             _HOPS.format(who="it", hops=top.encode_s + top.decode_s, work=top.busy_s),
         )
     if top.stream:
