@@ -93,7 +93,7 @@ class _Client:
         self._socket: socket.socket | None = None
         self._users = 0
         self._linked: set[str] = set()  # the names the running server keeps
-        self._to_keep: list[str] = []  # names made or unlinked since the last request (sent with the next)
+        self._to_keep: list[str] = []  # names made or unlinked since they were last sent (``_send_names``)
         self._to_drop: list[str] = []
 
     def keep(self, name: str) -> None:
@@ -143,7 +143,8 @@ class _Client:
             return status_r, data_w
 
     def _send_names(self, sock: socket.socket) -> None:
-        """Tell the server what was kept and dropped since the last request."""
+        """Tell the server what was kept and dropped since the last time (at each worker's start and
+        request: a server started anew in between is told every name still linked)."""
         keeps, self._to_keep = self._to_keep, []
         drops, self._to_drop = self._to_drop, []
         dropped = set(drops)

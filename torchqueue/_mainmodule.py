@@ -80,22 +80,23 @@ def _names_outside_guard(path: str, mtime: float) -> frozenset[str] | None:
     return frozenset(names)
 
 
+_DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
 def _bound(statements: list[ast.stmt], names: set[str]) -> None:
     for node in statements:
         if isinstance(node, ast.If) and _is_main_guard(node.test):
             _bound(node.orelse, names)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names.update((alias.asname or alias.name).partition(".")[0] for alias in node.names)
-        else:  # assignments, and what other blocks (if, try, with, for) bind: more names, never fewer
-            for child in ast.walk(node):
-                if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
-                    names.add(child.id)
-                elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    names.add(child.name)
-                elif isinstance(child, (ast.Import, ast.ImportFrom)):
-                    names.update((alias.asname or alias.name).partition(".")[0] for alias in child.names)
+            continue
+        # a definition binds its name, not what its body binds; other statements (assignments, if, try,
+        # with, for) bind what they hold: more names, never fewer
+        for child in [node] if isinstance(node, _DEFINITIONS) else ast.walk(node):
+            if isinstance(child, _DEFINITIONS):
+                names.add(child.name)
+            elif isinstance(child, (ast.Import, ast.ImportFrom)):
+                names.update((alias.asname or alias.name).partition(".")[0] for alias in child.names)
+            elif isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
+                names.add(child.id)
 
 
 def _is_main_guard(test: ast.expr) -> bool:

@@ -221,8 +221,7 @@ class Runtime:
             last = plan.stages[-1]
             meter = Meter(self._stats, self._rows[last.index], last.name)
             self._unpack = _ConsumerUnpack(last.step, meter, skip_errors, self._warn_skipped)
-        self._feeder = threading.Thread(target=self._feed, name=f"torchqueue-feeder-{name}", daemon=True)
-        self._feeder.start()
+        self._feeder = self._start_feeder()
         processes = sum(handle.in_own_process for _, _, handle in self.workers)
         self._unlinker: threading.Thread | None = None
         if processes:  # else a pipeline of threads (``LOCAL``): it has no named semaphores
@@ -353,6 +352,12 @@ class Runtime:
         """The consumer's liveness check while it reads: a worker killed in the middle of writing a
         message never finishes it, so a reader waiting for the rest must see that death."""
         return self._alive() and all(handle.exitcode is None for _, _, handle in self.workers)
+
+    def _start_feeder(self, left: tuple[int, int] | None = None) -> threading.Thread:
+        """A feeder thread, started (``left``: see ``_feed``)."""
+        thread = threading.Thread(target=self._feed, args=(left,), name=f"torchqueue-feeder-{self._name}", daemon=True)
+        thread.start()
+        return thread
 
     def _feed(self, left: tuple[int, int] | None = None) -> None:
         """Feeder thread: a failure of its own (not of the user's input) is reported by ``check_health``;
@@ -520,12 +525,11 @@ class Runtime:
 
     def _reimport_hint(self) -> str:
         """Why a spawned worker may die before it starts: the script it re-imports starts a pipeline."""
-        if self._ctx in (LOCAL, FORK_SERVER) or self._ctx.get_start_method() not in ("spawn", "forkserver"):
-            return ""
-        if not main_reimported():
+        method = None if self._ctx in (LOCAL, FORK_SERVER) else self._ctx.get_start_method()
+        if method not in ("spawn", "forkserver") or not main_reimported():
             return ""
         return (
-            f". Under {self._ctx.get_start_method()!r} each worker first runs your script's top level again, "
+            f". Under {method!r} each worker first runs your script's top level again, "
             'as multiprocessing does: start pipelines under `if __name__ == "__main__":` (the worker printed '
             "its own error above)"
         )
@@ -560,10 +564,7 @@ class Runtime:
         left = None if self._feeder_body is None else self._feeder_body.take_over(epoch)
         if left is not None:  # the feeder is blocked in that epoch's input: a new thread goes on without it
             logger.debug("%s: the input of epoch %d blocks in next(); a new feeder thread goes on", self._name, left[0])
-            self._feeder = threading.Thread(
-                target=self._feed, args=(left,), name=f"torchqueue-feeder-{self._name}", daemon=True
-            )
-            self._feeder.start()
+            self._feeder = self._start_feeder(left)
         while not isinstance(self.next_outputs(epoch, timeout)[-1], EndOfEpoch):
             pass
 
