@@ -48,6 +48,43 @@ def test_an_error_of_a_step_run_in_your_process_does_not_call_it_a_worker(steps)
     assert f"(in your process, pid {os.getpid()})" in first and "worker pid" not in first
 
 
+class _BadRepr:
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [tq.PoolStep(fail_on_seven, 2, name="f")],
+        [tq.PoolStep(fail_on_seven, 2, backend="thread", name="f")],
+        [tq.ProcessStep(identity, 2), tq.PoolStep(fail_on_seven, 2, name="f")],  # the read in the pool's workers
+    ],
+)
+def test_a_pool_error_shows_the_item_it_failed_on(steps):
+    # before: "at element 1 of epoch 0" only, for an element of thousands of items
+    with tq.Sequence(*steps) as seq:
+        with pytest.raises(ValueError) as info:
+            list(seq([[1, 2], [5, 6, 7, 8]]))
+    assert " at element 1 of epoch 0, on its item 7: " in str(info.value).splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    ("item", "shown"),
+    [("x" * 500, "'xxxxxxxx"), (_BadRepr(), "<_BadRepr instance at"), (list(range(1000)), "[0, 1, 2, 3, ...]")],
+)
+def test_a_pool_error_shows_an_item_shortened(item, shown):
+    with tq.Sequence(tq.PoolStep(raise_bad_item, 2, name="f")) as seq:
+        with pytest.raises(ValueError) as info:
+            list(seq([[item]]))
+    first = str(info.value).splitlines()[0]
+    assert f"on its item {shown}" in first and len(first) < 200
+
+
+def raise_bad_item(item):
+    raise ValueError("bad item")
+
+
 def test_bundled_elements_name_their_own_position():
     # a range is read from memory, so small elements travel bundled: each keeps its position
     with tq.Sequence(tq.ProcessStep(identity), tq.ProcessStep(fail_on_thirteen, name="g")) as seq:

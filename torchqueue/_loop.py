@@ -22,7 +22,7 @@ from torchqueue._plan import Kind
 from torchqueue._premap import PremapStage
 from torchqueue._seeding import EpochSeeds
 from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
-from torchqueue.errors import capture
+from torchqueue.errors import NO_ITEM, capture
 from torchqueue.stats import Field
 
 IDLE_S = 1.0
@@ -168,9 +168,12 @@ class Loop:
             meter.set(Field.OUT_SINCE, 0.0)
             meter.add(Field.WAIT_OUT, spent - encoding if meter is meters[-1] else spent)
 
-    def call(self, fn: Callable[[Any], Any], value: Any, epoch: int, seq: int, meter: Meter | None = None) -> Any:
-        """``fn(value)``, or a Failure / Skipped in its place (the element at ``seq`` of ``epoch``);
-        counted on ``meter``'s step (default: this worker's)."""
+    def call(
+        self, fn: Callable[[Any], Any], value: Any, epoch: int, seq: int, meter: Meter | None = None, item: bool = False
+    ) -> Any:
+        """``fn(value)``, or a Failure / Skipped in its place (the element at ``seq`` of ``epoch``, or
+        ``item``: one item of it, which a Failure shows); counted on ``meter``'s step (default: this
+        worker's)."""
         meter = meter or self.meter
         meter.add(Field.IN, 1)
         stats = self.ctx.stats
@@ -178,7 +181,7 @@ class Loop:
         try:
             result = fn(value)
         except Exception as exc:
-            result = self.failed(exc, epoch, seq, meter)
+            result = self.failed(exc, epoch, seq, meter, value if item else NO_ITEM)
         else:
             meter.add(Field.OUT, 1)
         stats[meter.busy_since] = 0.0
@@ -186,13 +189,18 @@ class Loop:
         return result
 
     def failed(
-        self, exc: Exception, epoch: int | None = None, seq: int | None = None, meter: Meter | None = None
+        self,
+        exc: Exception,
+        epoch: int | None = None,
+        seq: int | None = None,
+        meter: Meter | None = None,
+        item: object = NO_ITEM,
     ) -> Failure | Skipped:
-        """``exc`` raised for the element at ``seq`` of ``epoch`` (where known) by ``meter``'s step
-        (default: this worker's): a Failure, or Skipped (``on_error="skip"``)."""
+        """``exc`` raised for the element at ``seq`` of ``epoch`` (where known; ``item``: on that item
+        of it) by ``meter``'s step (default: this worker's): a Failure, or Skipped (``on_error="skip"``)."""
         meter = meter or self.meter
         if not self.ctx.skip_errors:
-            return capture(meter.step, exc, epoch, seq)
+            return capture(meter.step, exc, epoch, seq, item)
         return self.skipped(f"{type(exc).__name__}: {exc}", meter)
 
     def skipped(self, summary: str, meter: Meter | None = None) -> Skipped:

@@ -182,7 +182,7 @@ class PoolRunner(Loop):
         while index < len(items):
             if nparts == 1 and index < len(items) - 1:  # until it shares, whenever another worker waits
                 nparts, items, kept = self.hand_off(epoch, seq, items, index)
-            result = self.call(fn, items[index], epoch, seq)
+            result = self.call(fn, items[index], epoch, seq, item=True)
             if isinstance(result, Failure):
                 results = result
                 break
@@ -311,7 +311,7 @@ class PoolRunner(Loop):
         the first Failure."""
         results = []
         for item in items:
-            result = self.call(fn, item, epoch, seq)
+            result = self.call(fn, item, epoch, seq, item=True)
             if isinstance(result, Failure):
                 return result
             if not isinstance(result, Skipped):

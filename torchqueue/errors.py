@@ -17,6 +17,7 @@ import contextlib
 import io
 import os
 import pickle
+import reprlib
 import traceback
 
 from torchqueue._mainmodule import MainClassPickler
@@ -54,10 +55,22 @@ def in_worker_process() -> None:
     _worker_process = True
 
 
-def capture(step: str, exc: BaseException, epoch: int | None = None, seq: int | None = None) -> Failure:
+NO_ITEM = object()
+"""``capture``'s ``item`` when the call was on a whole element (not one item of a ``PoolStep``'s)."""
+
+_ITEM_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_ITEM_REPR.maxstring = _ITEM_REPR.maxother = 60
+_ITEM_REPR.maxlist = _ITEM_REPR.maxtuple = _ITEM_REPR.maxdict = 4
+_ITEM_REPR.maxlevel = 2
+
+
+def capture(
+    step: str, exc: BaseException, epoch: int | None = None, seq: int | None = None, item: object = NO_ITEM
+) -> Failure:
     """Wrap ``exc``, raised by ``step`` in this process, for the trip to the consumer.
 
-    ``epoch`` and ``seq``: the position of the element that failed, which the message names.
+    ``epoch`` and ``seq``: the position of the element that failed, which the message names;
+    ``item``: the item of it a ``PoolStep``'s call failed on, which it shows (shortened).
     An exception whose arguments do not pickle (``ValueError("bad record", lock)``) travels as its
     type with its message, as DataLoader rebuilds every exception, so that ``except ValueError``
     still catches it; only one whose type cannot be built from a message becomes a ``PipelineError``."""
@@ -65,7 +78,17 @@ def capture(step: str, exc: BaseException, epoch: int | None = None, seq: int | 
     where = f"step {step!r} ({process})"
     if seq is not None:
         where += f" at element {seq} of epoch {epoch}"
+    if item is not NO_ITEM:
+        where += f", on its item {_short_repr(item)}"
     return capture_at(step, exc, where)
+
+
+def _short_repr(item: object) -> str:
+    """``repr(item)``, shortened (``reprlib``); a placeholder where its ``__repr__`` raises."""
+    try:
+        return _ITEM_REPR.repr(item)
+    except Exception:
+        return f"<{type(item).__qualname__}: its repr() raised>"
 
 
 def capture_input(exc: BaseException, epoch: int, seq: int) -> Failure:
