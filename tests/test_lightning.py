@@ -51,14 +51,15 @@ class Model(lightning.LightningModule):
 
 
 class Data(lightning.LightningDataModule):
-    def __init__(self, workers: int = 2, persistent: bool = False) -> None:
+    def __init__(self, workers: int = 2, persistent: bool = False, loader_class=QueueFlowLoader) -> None:
         super().__init__()
         self.workers = workers
         self.persistent = persistent
+        self.loader_class = loader_class
         self.loaders: list[QueueFlowLoader] = []
 
     def train_dataloader(self):
-        loader = QueueFlowLoader(
+        loader = self.loader_class(
             Points(),
             batch_size=8,
             shuffle=True,
@@ -70,13 +71,14 @@ class Data(lightning.LightningDataModule):
         return loader
 
     def val_dataloader(self):
-        loader = QueueFlowLoader(Points(), batch_size=16, num_workers=1, persistent_workers=self.persistent)
+        loader = self.loader_class(Points(), batch_size=16, num_workers=1, persistent_workers=self.persistent)
         self.loaders.append(loader)
         return loader
 
     def close(self) -> None:
         for loader in self.loaders:
-            loader.close()
+            if isinstance(loader, QueueFlowLoader):
+                loader.close()
 
 
 def trainer(**kwargs):
@@ -97,6 +99,20 @@ def test_trainer_fit_runs_two_epochs_with_a_new_order_each_epoch(tmp_path):
     assert len(model.seen) == 2
     assert all(sorted(epoch) == list(range(64)) for epoch in model.seen)
     assert model.seen[0] != model.seen[1]
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_fit_trains_on_dataloaders_batches(tmp_path, persistent):
+    # Lightning calls iter() on a loader that is not a DataLoader, to check that it iterates, and drops
+    # it: before, that iterator began an epoch, so the seeded generator had moved on and every epoch of
+    # the fit was another order than DataLoader's
+    seen = {}
+    for loader_class in (torch.utils.data.DataLoader, QueueFlowLoader):
+        model, data = Model(), Data(persistent=persistent, loader_class=loader_class)
+        trainer(max_epochs=2, enable_checkpointing=False, default_root_dir=tmp_path).fit(model, datamodule=data)
+        data.close()
+        seen[loader_class] = model.seen
+    assert seen[QueueFlowLoader] == seen[torch.utils.data.DataLoader]
 
 
 def point(i: int):
@@ -164,6 +180,26 @@ def test_no_pipeline_worker_outlives_fit_over_a_queueflowdataset(tmp_path):
     data.dataset.close()
 
 
+def shuffled_chunks(epoch: int) -> list[list[int]]:
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(epoch)).tolist()
+    return [list(range(8 * k, 8 * k + 8)) for k in order]
+
+
+def test_each_epoch_of_a_fit_reads_its_own_epoch_of_a_queueflowdataset(tmp_path):
+    # before: Lightning passes the epoch to the loader's sampler only, so every epoch read source(0)
+    dataset = tq.QueueFlowDataset(shuffled_chunks, [tq.UnpackStep(), tq.ProcessStep(point, 2)], length=64)
+    model = Model()
+
+    class Pipeline(lightning.LightningDataModule):
+        def train_dataloader(self):
+            return QueueFlowLoader(dataset, batch_size=8)
+
+    fit = trainer(max_epochs=3, enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0)
+    fit.fit(model, datamodule=Pipeline())
+    dataset.close()
+    assert model.seen == [[i for chunk in shuffled_chunks(epoch) for i in chunk] for epoch in range(3)]
+
+
 class Noisy(Points):
     def __getitem__(self, i: int):
         x, y, i = super().__getitem__(i)
@@ -175,7 +211,9 @@ def fits_after_teardowns(loader_class) -> list[tuple[int, float]]:
     from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
 
     generator = torch.Generator().manual_seed(0)
-    loader = loader_class(Noisy(), batch_size=8, shuffle=True, num_workers=2, persistent_workers=True, generator=generator)
+    loader = loader_class(
+        Noisy(), batch_size=8, shuffle=True, num_workers=2, persistent_workers=True, generator=generator
+    )
     seen = []
     for _ in range(2):
         for _ in range(2):

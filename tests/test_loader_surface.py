@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import typing
 
 import numpy as np
@@ -113,3 +114,37 @@ def test_the_loader_is_generic_as_dataloader_is():
 
     assert typing.get_type_hints(batches)["loader"] == QueueFlowLoader[int]
     assert [b.tolist() for b in QueueFlowLoader[torch.Tensor]([1, 2], batch_size=2)] == [[1, 2]]
+
+
+class _Counting(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(range(4))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g, w, p: QueueFlowLoader(
+            TensorDataset(torch.arange(16)), 4, shuffle=True, num_workers=w, generator=g, persistent_workers=p
+        ),
+        lambda g, w, p: QueueFlowLoader(dataset(), num_workers=w, generator=g, persistent_workers=p),
+        lambda g, w, p: QueueFlowLoader(_Counting(), 2, num_workers=w, generator=g, persistent_workers=p),
+    ],
+    ids=["map-style", "QueueFlowDataset", "IterableDataset"],
+)
+@pytest.mark.parametrize(("workers", "persistent"), [(0, False), (2, False), (2, True)])
+def test_an_iterator_dropped_before_its_first_batch_begins_no_epoch(make, workers, persistent):
+    # Lightning's check that a loader iterates: iter(loader), dropped. Before, it drew from the
+    # generator (and started workers), so the epochs that followed were not DataLoader's
+    generator = torch.Generator().manual_seed(0)
+    loader = make(generator, workers, persistent)
+    before = generator.get_state()
+    iter(loader)
+    it = iter(loader)
+    it.close()
+    assert torch.equal(generator.get_state(), before)
+    assert not multiprocessing.active_children()
+    reference = make(torch.Generator().manual_seed(0), workers, persistent)
+    assert [repr(batch) for batch in loader] == [repr(batch) for batch in reference]
+    loader.close()
+    reference.close()

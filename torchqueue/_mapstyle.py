@@ -101,12 +101,16 @@ class MapStyleEpochs:
         self.__dict__.update(state)
         self._running = weakref.WeakSet()
 
-    def iterate(self, loader: Settings) -> Iterator[Any]:
-        """Begin an epoch now, as ``iter(DataLoader)`` does (its draws, its workers), and iterate it."""
-        if loader.num_workers > 0 and self.prefetch <= 0:  # DataLoader's iterator raises this when it starts
+    def check(self, loader: Settings) -> None:
+        """Raise what DataLoader's iterator raises as it starts, for these settings."""
+        if loader.num_workers > 0 and self.prefetch <= 0:
             raise AssertionError("prefetch_factor must be greater than 0 for MultiProcessingDataLoaderIter")
         if loader.num_workers == 0 and self._torch.timeout != 0:  # as DataLoader's single-process iterator
             raise AssertionError(f"timeout={self._torch.timeout} needs workers: it bounds the wait for one")
+
+    def iterate(self, loader: Settings) -> Iterator[Any]:
+        """Begin an epoch now, as ``iter(DataLoader)`` does (its draws, its workers), and iterate it."""
+        self.check(loader)
         if self.epoch is not None:
             self._leave(loader, self.epoch)  # a new iterator ends the last one's epoch (DataLoader's _reset)
         if loader.num_workers == 0 and self.resume is None:

@@ -23,11 +23,12 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, Sampler
 
 from torchqueue import _device, _progress, _sharding
 from torchqueue._checkpoint import Checkpoints
@@ -181,7 +182,11 @@ class QueueFlowLoader(Generic[_T_co]):
 
     @property
     def sampler(self) -> Any:
-        """The sampler, as ``DataLoader.sampler`` (this rank's share under ranks)."""
+        """The sampler, as ``DataLoader.sampler`` (this rank's share under ranks). Over a
+        ``QueueFlowDataset``, DataLoader's sampler of an iterable dataset that also takes ``set_epoch``
+        for the loader: Lightning passes each epoch's number to the sampler of a loader it trains on."""
+        if isinstance(self.dataset, QueueFlowDataset):
+            return _EpochTaker(self._torch.sampler, self)
         return self._torch.sampler
 
     @property
@@ -220,7 +225,10 @@ class QueueFlowLoader(Generic[_T_co]):
                 set_target_epoch(epoch)
 
     def __iter__(self) -> Iterator[Any]:
-        """The batches of one epoch (the rest of it after ``load_state_dict``)."""
+        """The batches of one epoch (the rest of it after ``load_state_dict``). The epoch begins (its
+        draws from the generator, its workers) at the first ``next()``: Lightning calls ``iter()`` on
+        any loader that is not a ``DataLoader``, to check that it iterates, and drops the iterator; an
+        epoch begun there would move the generator on, and train on other batches than DataLoader."""
         if self.pin_memory and not torch.cuda.is_available() and not self._warned_pin:
             self._warned_pin = True
             warnings.warn(
@@ -228,6 +236,12 @@ class QueueFlowLoader(Generic[_T_co]):
                 "then device pinned memory won't be used.",
                 stacklevel=2,
             )
+        if not isinstance(self.dataset, IterableDataset):
+            self._map_style.check(self)  # what DataLoader's iterator refuses as it starts
+        return _Unbegun(self._begin)
+
+    def _begin(self) -> Iterator[Any]:
+        """The epoch's batches, begun now."""
         if isinstance(self.dataset, IterableDataset):
             generator_before = self.generator.get_state() if self.generator is not None else None
             stream = self._checkpoints.stream(generator_before)  # before DataLoader's iterator draws
@@ -337,3 +351,44 @@ class QueueFlowLoader(Generic[_T_co]):
         self._map_style.close()
         if isinstance(self.dataset, QueueFlowDataset):
             self.dataset._stop_workers()
+
+
+class _EpochTaker(Sampler[Any]):
+    """DataLoader's sampler of an iterable dataset (endless ``None``), with ``set_epoch`` for the
+    loader it belongs to (``QueueFlowLoader.set_epoch``)."""
+
+    def __init__(self, sampler: Sampler[Any], loader: QueueFlowLoader[Any]) -> None:
+        self._sampler = sampler
+        self._loader = weakref.ref(loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        loader = self._loader()
+        if loader is not None:
+            loader.set_epoch(epoch)
+
+
+class _Unbegun(Iterator[Any]):
+    """A loader's iterator whose epoch begins at its first ``next()`` (``begin()``); one dropped before
+    that begins nothing: no draw from the generator, no worker started."""
+
+    def __init__(self, begin: Callable[[], Iterator[Any]]) -> None:
+        self._begin: Callable[[], Iterator[Any]] | None = begin
+        self._batches: Iterator[Any] | None = None
+
+    def __next__(self) -> Any:
+        if self._batches is None:
+            if self._begin is None:  # closed before it began, or its beginning raised
+                raise StopIteration
+            begin, self._begin = self._begin, None
+            self._batches = begin()
+        return next(self._batches)
+
+    def close(self) -> None:
+        """Leave the epoch where it stands (one not begun: never begin it)."""
+        self._begin = None
+        close = getattr(self._batches, "close", None)
+        if close is not None:
+            close()
