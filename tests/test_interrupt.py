@@ -96,8 +96,14 @@ def test_ctrl_c_cancels_the_epoch_and_the_next_call_works_with_fresh_workers():
         print(json.dumps({"got": got, "again": again, "queued": queued, "old_gone": gone(old),
                           "left": workers(), "shm": shm()}))
     """)
-    assert report == {"got": [0, 2, 4], "again": [8, 10, 12, 14], "queued": [0, 2], "old_gone": True,
-                      "left": [], "shm": []}
+    assert report == {
+        "got": [0, 2, 4],
+        "again": [8, 10, 12, 14],
+        "queued": [0, 2],
+        "old_gone": True,
+        "left": [],
+        "shm": [],
+    }
 
 
 def test_ctrl_c_in_a_queueflowloader_over_a_queueflowdataset_leaves_it_usable():

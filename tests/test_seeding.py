@@ -144,7 +144,7 @@ def test_starting_a_pipeline_draws_one_base_seed_from_the_consumers_generator():
         outputs = list(seq([[]]))
         assert torch.equal(torch.rand(1), after)  # one draw, as iter(DataLoader) makes
         list(seq([[]]))
-    (step, worker, seed, *_), = records_in(outputs)
+    ((step, worker, seed, *_),) = records_in(outputs)
     assert seed == stream_base(expected_base, 0, 0) + worker
 
 
