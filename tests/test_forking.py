@@ -227,6 +227,41 @@ def test_a_forked_worker_sees_the_consumer_as_it_is_when_it_starts(tmp_path, mon
         assert list(seq(range(1))) == [("set after the server started", str(tmp_path), os.getpid())]
 
 
+FRESH_MODULE = """
+    import wave  # installed (the standard library), and not imported by the fork server
+    import torch
+    VALUE = {value}
+    class Probe(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+        def __getitem__(self, i):
+            from torchqueue import _forkserver
+            return "wave" in _forkserver._inherited_modules, "mine" in _forkserver._inherited_modules, VALUE
+"""
+
+NEXT_EPOCHS = """
+    import pathlib, sys, torchqueue as tq
+    import mine
+    loader = tq.QueueFlowLoader(mine.Probe(), batch_size=None, num_workers=2)
+    print(list(loader), flush=True)
+    pathlib.Path("mine.py").write_text(sys.argv[1])  # edited between epochs
+    print(list(loader), flush=True)
+    print(list(loader), flush=True)
+    loader.close()
+"""
+
+
+@pytest.mark.timeout(90)
+def test_the_next_epochs_workers_inherit_the_installed_modules_the_first_ones_imported(tmp_path):
+    # before: every epoch's new workers imported them again (about 3 s a worker for a module that
+    # imports lightning, where DataLoader's forked workers start in milliseconds)
+    (tmp_path / "mine.py").write_text(textwrap.dedent(FRESH_MODULE.format(value=1)))
+    edited = textwrap.dedent(FRESH_MODULE.format(value=22))  # another size: its cached bytecode is stale
+    lines = run_program(NEXT_EPOCHS, tmp_path, edited).splitlines()
+    # "mine" (your own module) is read by each worker from its file: an edit shows in the next epoch
+    assert lines == ["[[False, False, 1]]", "[[True, False, 22]]", "[[True, False, 22]]"]
+
+
 CONSUMER_KILLED = """
     import os, sys, time, torchqueue as tq
     from torchqueue import _forkserver
@@ -319,8 +354,11 @@ def test_a_worker_whose_consumer_stopped_before_sending_its_start_exits_quietly(
 
     read, write = os.pipe()
     os.close(write)  # the consumer is gone: nothing will come
-    assert _forkserver._bootstrap(read) == 1
+    reports, report_to = os.pipe()
+    assert _forkserver._bootstrap(read, report_to) == 1
     assert capfd.readouterr().err == ""
+    os.close(reports)
+    os.close(report_to)
 
 
 def test_the_names_the_fork_server_keeps_go_in_messages_it_reads_whole():

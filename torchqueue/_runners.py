@@ -41,10 +41,11 @@ _PASSED_ON = frozenset({Failure, Skipped})
 """Items of a bundle that are not work: an element that failed or was skipped upstream."""
 
 
-def run_worker(ctx: WorkerContext, own_process: bool) -> None:
+def run_worker(ctx: WorkerContext, own_process: bool, loaded: Callable[[], None] | None = None) -> None:
     """A worker's life once started: its worker info and random streams, its step (a failure to load it
-    is the worker's start-up failure: a notice, then ``SystemExit(3)``), then its runner's loop until the
-    pipeline stops. ``own_process``: the worker is a process of its own (its random state is its own)."""
+    is the worker's start-up failure: a notice, then ``SystemExit(3)``; ``loaded()`` once it loaded), then
+    its runner's loop until the pipeline stops. ``own_process``: the worker is a process of its own (its
+    random state is its own)."""
     # A fused stage's function is the only user code in its host (stream steps draw no random numbers):
     # it sees its own step in get_worker_info() and its own random streams, as in a process of its own.
     name, index = (ctx.stage_name, ctx.stage_index) if ctx.fused is None else (ctx.fused.name, ctx.fused.index)
@@ -64,6 +65,8 @@ def run_worker(ctx: WorkerContext, own_process: bool) -> None:
         notice = StartupFailure(*loading, traceback.format_exc())
         ctx.events.put(_serialize.dumps(notice, None), lambda: not ctx.stop.is_set())
         raise SystemExit(3) from None
+    if loaded is not None:
+        loaded()
     runner = RUNNERS[ctx.kind](ctx, seeds)
     runner.ready(own_process)
     try:
