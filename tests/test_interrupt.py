@@ -120,3 +120,30 @@ def test_ctrl_c_in_a_queueflowloader_over_a_queueflowdataset_leaves_it_usable():
         print(json.dumps({"got": got, "again": again, "old_gone": gone(old), "left": workers(), "shm": shm()}))
     """)
     assert report == {"got": [0, 2, 4], "again": [8, 10, 12, 14], "old_gone": True, "left": [], "shm": []}
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_ctrl_c_in_a_pipeline_with_a_stream_step_between_leaves_it_usable(backend):
+    # before: the stream step's new worker waited for epoch 0 while the restarted Sequence fed it
+    # epoch 1: the next epoch never came (a TimeoutError that blamed the input, or a hang without timeout=)
+    report = run(f"""
+        def pair(x):
+            if x == 3:
+                threading.Event().wait(60)
+            return [x, x]
+
+        seq = tq.Sequence(tq.ProcessStep(pair, 1, backend={backend!r}), tq.RepackStep(3), tq.ProcessStep(sum, 1),
+                          timeout=20)
+        reached, got = threading.Event(), []
+        ctrl_c_after(reached)
+        try:
+            for total in seq(range(8)):
+                got.append(total)
+                reached.set()
+        except KeyboardInterrupt:
+            pass
+        again = list(seq(range(4, 6)))
+        seq.close()
+        print(json.dumps({{"got": got[:1], "again": again, "left": workers(), "shm": shm()}}))
+    """)
+    assert report == {"got": [1], "again": [13, 5], "left": [], "shm": []}

@@ -73,6 +73,7 @@ class WorkerContext:
     sends_items: bool = False  # its reader routes items: list elements go item by item
     local_out: bool = False  # its output edge joins two parties of one process: messages go as they are
     premap: PremapStage | None = None  # pools: the map stage whose calls run here first (``_premap``)
+    first_epoch: int = 0  # the number of the first epoch it gets (stream stages count epochs themselves)
 
 
 class Loop:

@@ -330,7 +330,7 @@ class StreamRunner(Loop):
         each output before it is sent."""
         assert isinstance(step, StreamStep)
         collector = Collector(self.ctx.ordered, self.ctx.in_credits.release)
-        epoch = 0
+        epoch = self.ctx.first_epoch
         self._fused_idle_since = time.perf_counter()
         while True:
             outputs = 0

@@ -144,9 +144,13 @@ class Runtime:
         skip_errors: bool,
         name: str,
         base_seed: int | None = None,
+        first_epoch: int = 0,
     ):
-        """``base_seed``: the workers' random streams derive from it (``_seeding``); ``None``: not seeded."""
+        """``base_seed``: the workers' random streams derive from it (``_seeding``); ``None``: not seeded.
+        ``first_epoch``: the number of the first epoch it will be given (a Sequence restarted after
+        Ctrl-C goes on numbering its epochs)."""
         self.plan = plan
+        self._first_epoch = first_epoch
         self._base_seed = base_seed
         self._ctx = ctx
         self._name = name
@@ -295,6 +299,7 @@ class Runtime:
                     sends_items=self.plan.sends_items(stage.index),
                     local_out=self.plan.local_edge(self.plan.output_edge(stage.index)),
                     premap=self._premaps.get(stage.index),
+                    first_epoch=self._first_epoch,
                 )
                 row += 1
                 hosted = fused or self.plan.premap_of(stage.index)

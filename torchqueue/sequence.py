@@ -291,7 +291,9 @@ class Sequence:
             base_seed = draw_base_seed() if self._seed_workers else None
             ctx = LOCAL if self._plan.in_one_process else _start_context(self._ctx)
             steps = travelling_steps(self._plan, ctx)
-            self._runtime = Runtime(self._plan, ctx, steps, self._ordered, self._skip, self.name, base_seed)
+            self._runtime = Runtime(
+                self._plan, ctx, steps, self._ordered, self._skip, self.name, base_seed, first_epoch=self._queued
+            )
             self._finalizer = weakref.finalize(self, self._runtime.close)
         return self._runtime
 
