@@ -262,6 +262,36 @@ def test_the_next_epochs_workers_inherit_the_installed_modules_the_first_ones_im
     assert lines == ["[[False, False, 1]]", "[[True, False, 22]]", "[[True, False, 22]]"]
 
 
+MAIN_CLASSES_IN = """
+    import collections, dataclasses, sys, torchqueue as tq
+    Chunk = collections.namedtuple("Chunk", "file start stop")
+
+    @dataclasses.dataclass
+    class Event:
+        energy: float
+
+    def size(chunk):
+        return chunk.stop - chunk.start
+
+    if __name__ == "__main__":
+        steps = [tq.ProcessStep(size, 1)], [tq.PoolStep(lambda event: event, 2)]
+        with tq.Sequence(*steps[0], context=sys.argv[1]) as seq:
+            print(list(seq([Chunk("a.h5", 0, 50), Chunk("b.h5", 50, 64)])))
+        with tq.Sequence(*steps[1], context=sys.argv[1]) as seq:
+            events = [[Event(1.5), Event(2.5)]]
+            out = list(seq(events))
+            print(out == events and type(out[0][0]) is Event, flush=True)  # your class, as you sent it
+"""
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_elements_of_classes_your_script_defines_reach_the_workers(tmp_path, context):
+    # before: under "fork" with another thread running, the fork server's workers have no __main__.Chunk:
+    # "AttributeError: Can't get attribute 'Chunk' on <module '__main__'>" (raised unpickling its input)
+    assert run_program(MAIN_CLASSES_IN, tmp_path, context).splitlines() == ["[50, 14]", "True"]
+
+
 CONSUMER_KILLED = """
     import os, sys, time, torchqueue as tq
     from torchqueue import _forkserver

@@ -230,15 +230,35 @@ def _lookup(qualname: str) -> Any:
 
 
 _definitions: weakref.WeakKeyDictionary[type, bytes] = weakref.WeakKeyDictionary()
+_loaded: dict[bytes, type] = {}  # a receiver's classes built from definitions (each message carries its own)
+_in_worker = False
+
+
+def in_worker_process() -> None:
+    """Mark this process as a worker's: its classes of ``__main__`` go by reference where it has them."""
+    global _in_worker
+    _in_worker = True
 
 
 def reduce_main_class(cls: type) -> tuple[Any, tuple[str, bytes]] | None:
-    """A reduction for a class of ``__main__`` that pickle cannot send by reference, else ``None``."""
-    if cls.__module__ != "__main__" or "<locals>" in cls.__qualname__ or _lookup(cls.__qualname__) is cls:
+    """A reduction for a class of ``__main__`` that its receiver may not find by reference, else ``None``.
+
+    A worker finds its own classes by reference in every process it sends to (the consumer, workers
+    started as it was). Your process cannot tell: a worker of the fork server, or a spawned worker of a
+    notebook, has no ``__main__.<name>`` of yours, so your elements' classes go by name with their
+    definition (a namedtuple of chunk descriptors your script defines, as a forked worker would have it).
+    One whose definition cannot be pickled goes by reference."""
+    if cls.__module__ != "__main__" or "<locals>" in cls.__qualname__:
+        return None
+    if _in_worker and _lookup(cls.__qualname__) is cls:
         return None
     definition = _definitions.get(cls)
     if definition is None:
-        definition = _definitions[cls] = cloudpickle.dumps(cls)
+        try:
+            definition = cloudpickle.dumps(cls)
+        except Exception:  # noqa: BLE001 (cloudpickle raises many kinds): as pickle would send it
+            return None
+        _definitions[cls] = definition
     return _main_class, (cls.__qualname__, definition)
 
 
@@ -255,4 +275,7 @@ def _main_class(qualname: str, definition: bytes) -> type:
     found = _lookup(qualname)
     if isinstance(found, type):
         return found
-    return cloudpickle.loads(definition)
+    cls = _loaded.get(definition)
+    if cls is None:
+        cls = _loaded[definition] = cloudpickle.loads(definition)
+    return cls

@@ -20,6 +20,7 @@ import pickle
 import reprlib
 import traceback
 
+from torchqueue import _mainmodule
 from torchqueue._mainmodule import MainClassPickler
 from torchqueue._messages import Failure
 
@@ -53,6 +54,7 @@ def in_worker_process() -> None:
     """Mark this process as a worker's: errors captured here say "worker pid", else "your process"."""
     global _worker_process
     _worker_process = True
+    _mainmodule.in_worker_process()
 
 
 NO_ITEM = object()
