@@ -518,3 +518,27 @@ def test_break_and_close_with_large_arrays_passed_on_prints_nothing(method, cycl
     assert err == "", err[-3000:]
     report = json.loads(out)
     assert report["seen"] > cycles and report["sharers"] == 0, report
+
+
+def test_ctrl_c_while_the_processes_start_raises_it_and_leaves_no_worker(monkeypatch):
+    # before: the thread steps, started after every process, were joined unstarted:
+    # "RuntimeError: cannot join thread before it is started", with the KeyboardInterrupt as its context
+    from torchqueue import _handles
+
+    real_start, starts = _handles.ProcessHandle.start, []
+
+    def start_then_ctrl_c(self):
+        starts.append(self)
+        if len(starts) == 2:
+            raise KeyboardInterrupt
+        real_start(self)
+
+    monkeypatch.setattr(_handles.ProcessHandle, "start", start_then_ctrl_c)
+    seq = tq.Sequence(tq.ProcessStep(double, 1, backend="thread"), tq.ProcessStep(double, 2))
+    with pytest.raises(KeyboardInterrupt) as info:
+        list(seq(range(4)))
+    assert info.value.__context__ is None
+    monkeypatch.setattr(_handles.ProcessHandle, "start", real_start)
+    assert list(seq(range(4))) == [0, 4, 8, 12]  # as after any Ctrl-C: the next call works
+    seq.close()
+    assert_no_workers()

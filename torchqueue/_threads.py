@@ -124,7 +124,8 @@ class ThreadHandle:
         return self._exitcode
 
     def join(self, timeout: float) -> None:
-        self._thread.join(timeout=timeout)
+        if self._thread.ident is not None:  # not started: Ctrl-C while the processes before it started
+            self._thread.join(timeout=timeout)
 
     def force_stop(self) -> None:
         """Nothing can stop a thread: one still in its step's call is left to finish it (it sends nothing)."""
