@@ -145,6 +145,20 @@ def _memory_order(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]] 
     return (view, strides) if view.is_contiguous() else None
 
 
+def _unexpanded(tensor: torch.Tensor) -> torch.Tensor | None:
+    """For a tensor with broadcast dimensions (stride 0: ``expand``), the tensor before them (size 1
+    there), which travels instead: it arrives expanded again, as small as it was sent; else ``None``."""
+    base = tensor
+    for dim, (size, stride) in enumerate(zip(tensor.shape, tensor.stride())):
+        if stride == 0 and size > 1:
+            base = base.narrow(dim, 0, 1)
+    return None if base is tensor else base
+
+
+def _rebuild_expanded(base: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return base.expand(shape)
+
+
 def _shareable_array(obj: np.ndarray) -> bool:
     return obj.nbytes >= ARRAY_MIN_BYTES and not obj.dtype.hasobject and obj.dtype.fields is None
 
@@ -379,6 +393,13 @@ class _Pickler(MainClassPickler):
                     view = (obj.dtype, obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.requires_grad)
                     return _rebuild_passed_tensor, (passed, *view)
             layout = None if obj.is_contiguous() else _memory_order(obj)
+            if (
+                layout is None
+                and not obj.is_contiguous()
+                and not obj.requires_grad
+                and (base := _unexpanded(obj)) is not None
+            ):
+                return _rebuild_expanded, (base, tuple(obj.shape))
             values = obj if layout is None else layout[0]
             if obj.nbytes < GATHER_BYTES:
                 gathering = self._gathering.get(obj.dtype)
