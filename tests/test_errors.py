@@ -286,3 +286,16 @@ def test_a_worker_that_cannot_start_is_reported_with_its_traceback(tmp_path):
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("vanishing_module", None)
+
+
+def raise_bare_stop(x):
+    raise StopIteration
+
+
+def test_an_exception_without_a_message_is_not_said_to_have_a_str_that_raised():
+    # before: "StopIteration in step 's' ... of epoch 0: <StopIteration: its str() raised>" (its str() is "")
+    with tq.Sequence(tq.ProcessStep(raise_bare_stop, 1, name="s")) as seq:
+        with pytest.raises(tq.PipelineError) as info:
+            list(seq(range(3)))
+    first = str(info.value).splitlines()[0]
+    assert first.endswith(" at element 0 of epoch 0")  # as Python prints it: "StopIteration", no ": "

@@ -111,7 +111,7 @@ def capture_at(step: str, exc: BaseException, where: str, in_consumer: bool = Fa
     return Failure(
         step=step,
         exc_type=type(exc).__qualname__,
-        message=_text(exc) or f"<{type(exc).__qualname__}: its str() raised>",
+        message=_message(exc),
         traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         pid=os.getpid(),
         pickled=pickled,
@@ -136,7 +136,8 @@ def rebuild(failure: Failure) -> BaseException:
     """The exception to raise in the consumer for ``failure``."""
     where = failure.where or f"step {failure.step!r} (worker pid {failure.pid})"
     origin = "Input" if failure.in_consumer else "Worker"
-    message = f"{failure.exc_type} in {where}: {failure.message}\n\n{origin} traceback:\n{failure.traceback}"
+    text = f": {failure.message}" if failure.message else ""  # ``raise ValueError`` has none
+    message = f"{failure.exc_type} in {where}{text}\n\n{origin} traceback:\n{failure.traceback}"
     original = None
     if failure.pickled is not None:
         try:
@@ -190,3 +191,12 @@ def _text(exc: BaseException) -> str:
         return str(exc)
     except Exception:
         return ""
+
+
+def _message(exc: BaseException) -> str:
+    """``str(exc)`` (empty for one raised without a message: ``raise StopIteration``), or a placeholder
+    where it raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__qualname__}: its str() raised>"
