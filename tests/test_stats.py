@@ -595,3 +595,10 @@ def test_a_pool_whose_workers_also_run_the_read_counts_the_reads_in_its_share(mo
     graph = _step("graph", 8.0, nworkers=2, cpu_s=8.0, encode_s=0.6)
     hint = _stats(read, graph, elapsed_s=10.0, consumer_cpu_s=0.5, wait=9.0, work=0.5).hint()
     assert hint.startswith("bottleneck: graph (40% busy, 3% on its messages, 45% running read)"), hint
+
+
+def test_the_no_step_half_busy_hint_gives_the_busy_share_the_table_shows_and_the_messages_share_apart():
+    # before: "no step is busy more than half the time (PackStep(32): 31%)" beside the table's util 18%
+    pack = _step("PackStep(32)", 1.8, stream=True, encode_s=0.6, decode_s=0.7)
+    hint = _stats(pack, elapsed_s=10.0, consumer_cpu_s=0.5, wait=9.0, work=0.5).hint()
+    assert "no step is busy more than half the time (PackStep(32): 18% busy, 13% on its messages)" in hint, hint

@@ -173,7 +173,7 @@ def verdict(stats: Stats) -> Verdict:
     if held is not None and (share < LIMITS or top.backend == "thread"):
         return _gil(stats, held, shares[held.name])
     if share < LIMITS:
-        title = f"no step is busy more than half the time ({top.name}: {share:.0%})"
+        title = f"no step is busy more than half the time ({top.name}: {_busy(top, stats)})"
         consumer_limits = stats.consumer_work_s > stats.consumer_wait_s
         if hops > work and hops > HOPS_SHARE * stats.elapsed_s and not consumer_limits:
             return Verdict(top.name, f"the hops limit; {title}", _HOPS.format(who="the steps", hops=hops, work=work))
