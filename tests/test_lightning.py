@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 import torch
 from conftest import assert_no_workers
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 import torchqueue as tq
 from torchqueue import QueueFlowLoader
@@ -226,3 +228,43 @@ def fits_after_teardowns(loader_class) -> list[tuple[int, float]]:
 def test_after_the_teardown_the_next_epoch_gives_dataloaders_batches():
     # DataLoader's next iterator after Lightning's teardown draws a new base seed and starts new workers
     assert fits_after_teardowns(QueueFlowLoader) == fits_after_teardowns(torch.utils.data.DataLoader)
+
+
+class _Counting(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(range(4))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g, w, p: QueueFlowLoader(
+            TensorDataset(torch.arange(16)), 4, shuffle=True, num_workers=w, generator=g, persistent_workers=p
+        ),
+        lambda g, w, p: QueueFlowLoader(
+            tq.QueueFlowDataset([[1, 2, 3], [4, 5]], [tq.UnpackStep(), tq.ProcessStep(torch.tensor, 2)]),
+            num_workers=w,
+            generator=g,
+            persistent_workers=p,
+        ),
+        lambda g, w, p: QueueFlowLoader(_Counting(), 2, num_workers=w, generator=g, persistent_workers=p),
+    ],
+    ids=["map-style", "QueueFlowDataset", "IterableDataset"],
+)
+@pytest.mark.parametrize(("workers", "persistent"), [(0, False), (2, False), (2, True)])
+def test_lightnings_check_that_a_loader_iterates_begins_no_epoch(make, workers, persistent):
+    # Lightning calls iter() on a loader that is not a DataLoader, and drops it. Before, that drew from
+    # the generator (and started workers), so the epochs that followed were not DataLoader's
+    from lightning.pytorch.trainer.connectors.data_connector import _check_dataloader_iterable
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    generator = torch.Generator().manual_seed(0)
+    loader = make(generator, workers, persistent)
+    before = generator.get_state()
+    _check_dataloader_iterable(loader, None, TrainerFn.FITTING)
+    assert torch.equal(generator.get_state(), before)
+    assert not multiprocessing.active_children()
+    reference = make(torch.Generator().manual_seed(0), workers, persistent)
+    assert [repr(batch) for batch in loader] == [repr(batch) for batch in reference]
+    loader.close()
+    reference.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import multiprocessing
+import pickle
 import typing
 
 import numpy as np
@@ -116,35 +116,32 @@ def test_the_loader_is_generic_as_dataloader_is():
     assert [b.tolist() for b in QueueFlowLoader[torch.Tensor]([1, 2], batch_size=2)] == [[1, 2]]
 
 
-class _Counting(torch.utils.data.IterableDataset):
-    def __iter__(self):
-        return iter(range(4))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iter_draws_the_epoch_at_once_as_dataloader_does(workers):
+    # DataLoader's iter() draws its base seed (and, with workers, its first index batches) at once: a draw
+    # from the same random stream before the first next() must not change the batches
+    def batches(loader_class):
+        torch.manual_seed(0)
+        loader = loader_class(TensorDataset(torch.arange(12)), 4, shuffle=True, num_workers=workers)
+        it = iter(loader)
+        torch.nn.Linear(4, 4)  # draws from the global generator, which the loader drew from too
+        out = [batch[0].tolist() for batch in it]
+        getattr(loader, "close", lambda: None)()
+        return out
+
+    assert batches(QueueFlowLoader) == batches(DataLoader)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda g, w, p: QueueFlowLoader(
-            TensorDataset(torch.arange(16)), 4, shuffle=True, num_workers=w, generator=g, persistent_workers=p
-        ),
-        lambda g, w, p: QueueFlowLoader(dataset(), num_workers=w, generator=g, persistent_workers=p),
-        lambda g, w, p: QueueFlowLoader(_Counting(), 2, num_workers=w, generator=g, persistent_workers=p),
-    ],
-    ids=["map-style", "QueueFlowDataset", "IterableDataset"],
-)
-@pytest.mark.parametrize(("workers", "persistent"), [(0, False), (2, False), (2, True)])
-def test_an_iterator_dropped_before_its_first_batch_begins_no_epoch(make, workers, persistent):
-    # Lightning's check that a loader iterates: iter(loader), dropped. Before, it drew from the
-    # generator (and started workers), so the epochs that followed were not DataLoader's
-    generator = torch.Generator().manual_seed(0)
-    loader = make(generator, workers, persistent)
-    before = generator.get_state()
-    iter(loader)
-    it = iter(loader)
-    it.close()
-    assert torch.equal(generator.get_state(), before)
-    assert not multiprocessing.active_children()
-    reference = make(torch.Generator().manual_seed(0), workers, persistent)
-    assert [repr(batch) for batch in loader] == [repr(batch) for batch in reference]
+def chunks_of_epoch(epoch):
+    return [[epoch]]
+
+
+def test_a_queueflow_datasets_loader_sampler_takes_the_epoch_and_pickles():
+    # Lightning calls loader.sampler.set_epoch(e) each epoch
+    loader = QueueFlowLoader(tq.QueueFlowDataset(chunks_of_epoch, [tq.UnpackStep()]))
+    loader.sampler.set_epoch(3)
+    assert loader.epoch == 3 and loader.dataset.epoch == 3 and list(loader) == [3]
+    copied = pickle.loads(pickle.dumps(loader.sampler))  # DataLoader's sampler pickles: so does this one
+    copied.set_epoch(5)
+    assert loader.epoch == 3
     loader.close()
-    reference.close()

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import copy
 import operator
+import sys
+import types
 import warnings
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -225,10 +226,9 @@ class QueueFlowLoader(Generic[_T_co]):
                 set_target_epoch(epoch)
 
     def __iter__(self) -> Iterator[Any]:
-        """The batches of one epoch (the rest of it after ``load_state_dict``). The epoch begins (its
-        draws from the generator, its workers) at the first ``next()``: Lightning calls ``iter()`` on
-        any loader that is not a ``DataLoader``, to check that it iterates, and drops the iterator; an
-        epoch begun there would move the generator on, and train on other batches than DataLoader."""
+        """The batches of one epoch (the rest of it after ``load_state_dict``), begun now, as DataLoader's
+        iterator begins (its draws from the generator, its workers). But for Lightning's check that a
+        loader iterates (``_lightning_probe``): that iterator begins its epoch at its first ``next()``."""
         if self.pin_memory and not torch.cuda.is_available() and not self._warned_pin:
             self._warned_pin = True
             warnings.warn(
@@ -236,9 +236,11 @@ class QueueFlowLoader(Generic[_T_co]):
                 "then device pinned memory won't be used.",
                 stacklevel=2,
             )
-        if not isinstance(self.dataset, IterableDataset):
-            self._map_style.check(self)  # what DataLoader's iterator refuses as it starts
-        return _Unbegun(self._begin)
+        if _lightning_probe(sys._getframe(1)):
+            if not isinstance(self.dataset, IterableDataset):
+                self._map_style.check(self)  # what DataLoader's iterator refuses as it starts
+            return _Unbegun(self._begin)
+        return self._begin()
 
     def _begin(self) -> Iterator[Any]:
         """The epoch's batches, begun now."""
@@ -355,19 +357,35 @@ class QueueFlowLoader(Generic[_T_co]):
 
 class _EpochTaker(Sampler[Any]):
     """DataLoader's sampler of an iterable dataset (endless ``None``), with ``set_epoch`` for the
-    loader it belongs to (``QueueFlowLoader.set_epoch``)."""
+    loader it belongs to (``QueueFlowLoader.set_epoch``). Made at each ``loader.sampler``, so that the
+    loader holds no reference back to itself; a copy (or unpickled one) sets its copy of the loader."""
 
     def __init__(self, sampler: Sampler[Any], loader: QueueFlowLoader[Any]) -> None:
         self._sampler = sampler
-        self._loader = weakref.ref(loader)
+        self._loader = loader
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._sampler)
 
     def set_epoch(self, epoch: int) -> None:
-        loader = self._loader()
-        if loader is not None:
-            loader.set_epoch(epoch)
+        self._loader.set_epoch(epoch)
+
+
+_PROBES = frozenset(
+    {
+        ("lightning.pytorch.trainer.connectors.data_connector", "_check_dataloader_iterable"),
+        ("pytorch_lightning.trainer.connectors.data_connector", "_check_dataloader_iterable"),
+    }
+)
+"""Where Lightning calls ``iter()`` on any loader that is not a ``DataLoader``, to check that it iterates,
+and drops the iterator (it skips a real DataLoader: "calling iter() would be expensive")."""
+
+
+def _lightning_probe(caller: types.FrameType) -> bool:
+    """Whether ``caller`` (the frame that called ``iter(loader)``) is Lightning's check that it iterates.
+    An epoch begun there would draw from the generator and start workers for an iterator nobody reads:
+    the fit would then train on other batches than DataLoader's, which Lightning never probes."""
+    return (caller.f_globals.get("__name__"), caller.f_code.co_name) in _PROBES
 
 
 class _Unbegun(Iterator[Any]):
