@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -235,8 +236,8 @@ FRESH_MODULE = """
         def __len__(self):
             return 1
         def __getitem__(self, i):
-            from torchqueue import _forkserver
-            return "wave" in _forkserver._inherited_modules, "mine" in _forkserver._inherited_modules, VALUE
+            from torchqueue import _preload
+            return "wave" in _preload.inherited(), "mine" in _preload.inherited(), VALUE
 """
 
 NEXT_EPOCHS = """
@@ -384,11 +385,11 @@ def test_a_worker_whose_consumer_stopped_before_sending_its_start_exits_quietly(
 
     read, write = os.pipe()
     os.close(write)  # the consumer is gone: nothing will come
-    reports, report_to = os.pipe()
+    reports, report_to = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     assert _forkserver._bootstrap(read, report_to) == 1
     assert capfd.readouterr().err == ""
-    os.close(reports)
-    os.close(report_to)
+    reports.close()
+    report_to.close()
 
 
 def test_the_names_the_fork_server_keeps_go_in_messages_it_reads_whole():
@@ -400,3 +401,40 @@ def test_the_names_the_fork_server_keeps_go_in_messages_it_reads_whole():
     assert len(messages) > 1 and all(len(m) <= _forkserver._MESSAGE_BYTES for m in messages)
     assert all(m[:1] == _forkserver._KEEP for m in messages)
     assert [n.decode() for m in messages for n in m[1:].split(b"\0") if n] == names
+
+
+def _report_of(load) -> dict | None:
+    """What a worker of the fork server reports after ``load()`` (its step's loading), or ``None``."""
+    import pickle
+
+    from torchqueue import _preload
+
+    reports, report_to = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sys.modules.pop("colorsys", None)  # installed (the standard library), and imported by nothing else here
+    _preload.start_worker(report_to)
+    with _preload.reporting():
+        load()
+    with reports:  # the worker's end is closed once it reported, or chose not to: no wait
+        message = reports.recv(1 << 20)
+    return pickle.loads(message) if message else None
+
+
+def test_a_worker_reports_the_installed_modules_its_step_imported():
+    report = _report_of(lambda: __import__("colorsys"))
+    assert report is not None and "colorsys" in report["names"] and report["argv"] == sys.argv
+    assert report["environ"] == dict(os.environ) and report["cwd"] == os.getcwd()
+
+
+def test_a_worker_whose_step_started_a_thread_as_it_loaded_reports_nothing():
+    # the server would import that module too, and start the thread there: a worker it forked while
+    # that thread held a lock would hang (a reviewer's module did)
+    stop = threading.Event()
+
+    def load():
+        __import__("colorsys")
+        threading.Thread(target=stop.wait, daemon=True).start()
+
+    try:
+        assert _report_of(load) is None
+    finally:
+        stop.set()

@@ -41,18 +41,14 @@ too and the consumer sees them die.
 from __future__ import annotations
 
 import _multiprocessing
-import importlib
 import io
 import multiprocessing
 import os
-import select
 import selectors
 import signal
-import site
 import socket
 import subprocess
 import sys
-import sysconfig
 import threading
 import weakref
 from collections.abc import Iterator
@@ -60,6 +56,7 @@ from multiprocessing import connection, forkserver, popen_forkserver, process, s
 from multiprocessing.context import BaseContext, reduction, set_spawning_popen
 from typing import Any, NoReturn
 
+from torchqueue import _preload
 from torchqueue._semnames import untracked
 
 _THREAD_LIMITS = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
@@ -375,7 +372,7 @@ def serve(fd: int) -> None:
             __import__(module)
         except ImportError:  # the worker imports what it needs
             pass
-    imports = _Imports()
+    imports = _preload.Imports(_THREAD_LIMITS)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a wake-up by set_wakeup_fd, handled in the loop
     sig_r, sig_w = os.pipe()
@@ -396,7 +393,7 @@ def serve(fd: int) -> None:
                     _report_exits(status_of)
                     continue
                 if key.fileobj == imports.reports:
-                    imports.read()
+                    imports.import_pending()  # now, while the workers run: the next epoch's forks need not wait
                     continue
                 message, fds, _, _ = socket.recv_fds(sock, _MESSAGE_BYTES, _FDS_PER_MESSAGE)
                 if not message:  # the consumer closed its end (no pipeline uses the server) or is gone
@@ -411,12 +408,12 @@ def serve(fd: int) -> None:
                     continue
                 received += fds
                 if message == _LAST:
-                    imports.read()  # what earlier workers reported, whatever the order the selector gave
+                    imports.import_pending()  # what earlier workers imported (``_preload``)
                     pid = os.fork()
                     if pid == 0:
                         selector.close()
-                        server_fds = [fd, sig_r, sig_w, imports.reports, *status_of.values()]
-                        os._exit(_child(received, server_fds, imports.report_to))
+                        imports.reports.close()
+                        os._exit(_child(received, [fd, sig_r, sig_w, *status_of.values()], imports.report_to))
                     _started(pid, received, status_of)
                     received = []
 
@@ -468,9 +465,9 @@ def _report_exits(status_of: dict[int, int]) -> None:
             os.close(child_w)
 
 
-def _child(fds: list[int], server_fds: list[int], report_to: int) -> int:
+def _child(fds: list[int], server_fds: list[int], report_to: socket.socket) -> int:
     """In a new worker: drop the server's state, take the consumer's, and run the Process it sent
-    (``report_to``: where it tells the server the installed modules it imported, ``_Imports``)."""
+    (``report_to``: where it reports the installed modules it imported, ``_preload``)."""
     global _inherited_fds
     code = 1
     try:
@@ -492,9 +489,8 @@ def _child(fds: list[int], server_fds: list[int], report_to: int) -> int:
     return code
 
 
-def _bootstrap(child_r: int, report_to: int) -> int:
+def _bootstrap(child_r: int, report_to: socket.socket) -> int:
     """``multiprocessing.spawn._main`` with the consumer's environment, and no ``__main__`` re-import."""
-    global _inherited_modules, _report_to
     parent_sentinel = os.dup(child_r)
     current = process.current_process()
     with os.fdopen(child_r, "rb", closefd=True) as from_parent:
@@ -508,102 +504,8 @@ def _bootstrap(child_r: int, report_to: int) -> int:
             os.environ.clear()
             os.environ.update(data.pop("environ"))
             spawn.prepare(data)
-            _inherited_modules, _report_to = frozenset(sys.modules), report_to
+            _preload.start_worker(report_to)
             process_obj = reduction.pickle.load(from_parent)
         finally:
             del current._inheriting  # type: ignore[attr-defined]
     return int(process_obj._bootstrap(parent_sentinel))
-
-
-class _Imports:
-    """In the server: the installed modules its workers imported as they started, imported here too,
-    so that the workers forked after them have them already.
-
-    A worker forked from the server imports what its step needs (the module of your dataset's class,
-    and what that module imports) as it unpickles the step. DataLoader's forked workers have all of it
-    from your process; without this, every epoch's new workers imported it again (about 3 s a worker
-    for a module that imports ``lightning``, where DataLoader's workers start in milliseconds). Only
-    modules installed in the interpreter's library directories are taken: yours (your script's
-    directory, a project installed in editable mode) are imported by each worker from the file as it
-    is then, so a module edited between epochs is read again, as under ``spawn``.
-    """
-
-    def __init__(self) -> None:
-        self.reports, self.report_to = os.pipe()  # workers write names; the server reads them between forks
-        os.set_blocking(self.reports, False)
-        self._partial = b""
-        self._warned = False
-
-    def read(self) -> None:
-        """Import what workers reported (a line per module name), before the next fork."""
-        data = self._partial
-        try:
-            while chunk := os.read(self.reports, 65536):
-                data += chunk
-        except BlockingIOError:
-            pass
-        *lines, self._partial = data.split(b"\n")
-        for name in sorted({line.decode() for line in lines if line}):  # a package before its modules
-            if name not in sys.modules:
-                try:
-                    importlib.import_module(name)
-                except BaseException:  # noqa: BLE001 (SystemExit too): the workers import it themselves
-                    pass
-        if threading.active_count() > 1 and not self._warned:
-            self._warned = True
-            sys.stderr.write(
-                "torchqueue: a module its fork server imported for your workers started a thread there; "
-                "workers forked while it runs may hang if it holds a lock: use multiprocessing_context='spawn'\n"
-            )
-
-
-_inherited_modules: frozenset[str] = frozenset()  # in a worker: the modules it had from the server
-_report_to: int | None = None  # in a worker, until it reports: the server's pipe for ``report_imports``
-_INSTALLED_KEYS = ("stdlib", "platstdlib", "purelib", "platlib")
-
-
-def _installed_dirs() -> tuple[str, ...]:
-    paths = sysconfig.get_paths()
-    dirs = {paths[key] for key in _INSTALLED_KEYS if key in paths}
-    dirs.update(site.getsitepackages())
-    dirs.add(site.getusersitepackages())
-    return tuple(os.path.join(os.path.realpath(path), "") for path in dirs)
-
-
-def installed(module: Any, dirs: tuple[str, ...]) -> bool:
-    """Whether ``module`` was loaded from a file under ``dirs`` (the interpreter's library directories)."""
-    file = getattr(module, "__file__", None)
-    return isinstance(file, str) and os.path.realpath(file).startswith(dirs)
-
-
-def report_imports() -> None:
-    """In a worker the server forked, once its step is loaded: tell the server the installed modules it
-    imported beyond those it inherited (``_Imports``; lines of at most ``select.PIPE_BUF`` bytes, each
-    written at once; none if the pipe is full). Elsewhere, nothing."""
-    global _report_to
-    report_to, _report_to = _report_to, None
-    if report_to is None:
-        return
-    try:
-        dirs = _installed_dirs()
-        names = [
-            name
-            for name, module in list(sys.modules.items())
-            if name not in _inherited_modules
-            and not name.startswith(("__main__", "__mp_main__"))
-            and installed(module, dirs)
-        ]
-        os.set_blocking(report_to, False)
-        message = b""
-        for name in names:
-            line = name.encode() + b"\n"
-            if len(message) + len(line) > select.PIPE_BUF:
-                os.write(report_to, message)
-                message = b""
-            message += line
-        if message:
-            os.write(report_to, message)
-    except OSError:  # a full pipe (the server is busy importing): the next worker reports again
-        pass
-    finally:
-        os.close(report_to)

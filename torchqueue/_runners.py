@@ -20,6 +20,7 @@ import functools
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from torchqueue import _serialize
@@ -41,9 +42,11 @@ _PASSED_ON = frozenset({Failure, Skipped})
 """Items of a bundle that are not work: an element that failed or was skipped upstream."""
 
 
-def run_worker(ctx: WorkerContext, own_process: bool, loaded: Callable[[], None] | None = None) -> None:
+def run_worker(
+    ctx: WorkerContext, own_process: bool, loading: Callable[[], AbstractContextManager[None]] = nullcontext
+) -> None:
     """A worker's life once started: its worker info and random streams, its step (a failure to load it
-    is the worker's start-up failure: a notice, then ``SystemExit(3)``; ``loaded()`` once it loaded), then
+    is the worker's start-up failure: a notice, then ``SystemExit(3)``; loaded inside ``loading()``), then
     its runner's loop until the pipeline stops. ``own_process``: the worker is a process of its own (its
     random state is its own)."""
     # A fused stage's function is the only user code in its host (stream steps draw no random numbers):
@@ -51,22 +54,21 @@ def run_worker(ctx: WorkerContext, own_process: bool, loaded: Callable[[], None]
     name, index = (ctx.stage_name, ctx.stage_index) if ctx.fused is None else (ctx.fused.name, ctx.fused.index)
     seeds = EpochSeeds(ctx.base_seed, index, WorkerInfo(name, ctx.worker, ctx.nworkers), own_process)
     seeds.enter(0)  # before the step is unpickled: a fork's inherited random state never shows
-    loading = ctx.stage_name, ctx.worker
+    which = ctx.stage_name, ctx.worker  # the step being loaded
     fused = None
     try:
-        step = ctx.step.load()
-        if ctx.fused is not None:
-            loading = ctx.fused.name, 0
-            fused = getattr(ctx.fused.step.load(), "fn")  # noqa: B009
-        elif ctx.premap is not None:  # a pool's worker, running the map stage before it first
-            loading = ctx.premap.name, ctx.worker
-            fused = getattr(ctx.premap.step.load(), "fn")  # noqa: B009
+        with loading():
+            step = ctx.step.load()
+            if ctx.fused is not None:
+                which = ctx.fused.name, 0
+                fused = getattr(ctx.fused.step.load(), "fn")  # noqa: B009
+            elif ctx.premap is not None:  # a pool's worker, running the map stage before it first
+                which = ctx.premap.name, ctx.worker
+                fused = getattr(ctx.premap.step.load(), "fn")  # noqa: B009
     except BaseException:
-        notice = StartupFailure(*loading, traceback.format_exc())
+        notice = StartupFailure(*which, traceback.format_exc())
         ctx.events.put(_serialize.dumps(notice, None), lambda: not ctx.stop.is_set())
         raise SystemExit(3) from None
-    if loaded is not None:
-        loaded()
     runner = RUNNERS[ctx.kind](ctx, seeds)
     runner.ready(own_process)
     try:

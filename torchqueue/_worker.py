@@ -13,7 +13,7 @@ import signal
 
 import torch
 
-from torchqueue import _forkserver, _segments, errors
+from torchqueue import _preload, _segments, errors
 from torchqueue._loop import WorkerContext
 from torchqueue._parentwatch import ParentWatch, clean_up_on_signal
 from torchqueue._runners import run_worker
@@ -33,4 +33,4 @@ def worker_main(ctx: WorkerContext) -> None:
     ParentWatch(ctx.segment_dir).start()
     clean_up_on_signal(ctx.stop, ctx.segment_dir)
     torch.set_num_threads(1)
-    run_worker(ctx, own_process=True, loaded=_forkserver.report_imports)  # what the fork server preloads
+    run_worker(ctx, own_process=True, loading=_preload.reporting)  # what the fork server imports for the next
