@@ -30,6 +30,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
+import hashlib
 import io
 import os
 import pickle
@@ -229,8 +230,10 @@ def _lookup(qualname: str) -> Any:
     return found
 
 
-_definitions: weakref.WeakKeyDictionary[type, bytes] = weakref.WeakKeyDictionary()
-_loaded: dict[bytes, type] = {}  # a receiver's classes built from definitions (each message carries its own)
+_definitions: weakref.WeakKeyDictionary[type, tuple[bytes, str]] = weakref.WeakKeyDictionary()  # and digests
+_loaded: dict[bytes, type] = {}  # a receiver's classes built from definitions
+_read: dict[str, type] = {}  # ... from the files that hold them
+_written: set[str] = set()  # the definitions' files this process wrote (or found written)
 _in_worker = False
 
 
@@ -240,26 +243,46 @@ def in_worker_process() -> None:
     _in_worker = True
 
 
-def reduce_main_class(cls: type) -> tuple[Any, tuple[str, bytes]] | None:
+def reduce_main_class(cls: type, directory: str | None = None) -> tuple[Any, tuple[str, Any]] | None:
     """A reduction for a class of ``__main__`` that its receiver may not find by reference, else ``None``.
 
     A worker finds its own classes by reference in every process it sends to (the consumer, workers
     started as it was). Your process cannot tell: a worker of the fork server, or a spawned worker of a
     notebook, has no ``__main__.<name>`` of yours, so your elements' classes go by name with their
     definition (a namedtuple of chunk descriptors your script defines, as a forked worker would have it).
-    One whose definition cannot be pickled goes by reference."""
+    The receiver takes its own ``__main__.<name>`` where it has one. With a pipeline's ``directory``
+    the definition is written there once, and each message names its file: a definition takes what the
+    class's methods refer to with it (a large table of your script's), too much to send with every
+    element. One whose definition cannot be pickled goes by reference."""
     if cls.__module__ != "__main__" or "<locals>" in cls.__qualname__:
         return None
     if _in_worker and _lookup(cls.__qualname__) is cls:
         return None
-    definition = _definitions.get(cls)
-    if definition is None:
+    known = _definitions.get(cls)
+    if known is None:
         try:
             definition = cloudpickle.dumps(cls)
         except Exception:  # noqa: BLE001 (cloudpickle raises many kinds): as pickle would send it
             return None
-        _definitions[cls] = definition
-    return _main_class, (cls.__qualname__, definition)
+        known = _definitions[cls] = definition, hashlib.sha1(definition).hexdigest()
+    if directory is not None:
+        with contextlib.suppress(OSError):  # no room for it: it goes with the message
+            return _main_class_in_file, (cls.__qualname__, _stored(directory, *known))
+    return _main_class, (cls.__qualname__, known[0])
+
+
+def _stored(directory: str, definition: bytes, digest: str) -> str:
+    """The file in ``directory`` that holds ``definition`` (written by the first sender; the same
+    definition is the same file)."""
+    path = os.path.join(directory, f"class-{digest}")
+    if path not in _written:
+        if not os.path.exists(path):
+            partial = f"{path}.{os.getpid()}.{threading.get_ident()}"
+            with open(partial, "wb") as file:
+                file.write(definition)
+            os.replace(partial, path)  # whole or not there: another sender may write it too
+        _written.add(path)
+    return path
 
 
 class MainClassPickler(pickle.Pickler):
@@ -278,4 +301,15 @@ def _main_class(qualname: str, definition: bytes) -> type:
     cls = _loaded.get(definition)
     if cls is None:
         cls = _loaded[definition] = cloudpickle.loads(definition)
+    return cls
+
+
+def _main_class_in_file(qualname: str, path: str) -> type:
+    found = _lookup(qualname)
+    if isinstance(found, type):
+        return found
+    cls = _read.get(path)
+    if cls is None:
+        with open(path, "rb") as file:
+            cls = _read[path] = _main_class(qualname, file.read())
     return cls

@@ -73,7 +73,7 @@ import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's reductions for what we do not handle)
 
 from torchqueue import _segments
-from torchqueue._mainmodule import MainClassPickler
+from torchqueue._mainmodule import MainClassPickler, reduce_main_class
 from torchqueue._messages import Bundle, Envelope
 from torchqueue._routing import EncodedItem, Source
 from torchqueue._segments import make_segment_dir
@@ -417,7 +417,7 @@ class _Pickler(MainClassPickler):
                 return _rebuild_tensor, (index, start, tuple(obj.shape), obj.requires_grad)
             return _rebuild_tensor, (index, start, tuple(obj.shape), obj.requires_grad, layout[1])
         if isinstance(obj, type):
-            return super().reducer_override(obj)
+            return reduce_main_class(obj, self._segment_dir) or NotImplemented
         if kind is np.ndarray and _shareable_array(obj):
             shared = _shared_place(obj)
             if shared is not None and (passed := self._pass_on(shared[0])) is not None:  # it came from another step
