@@ -135,7 +135,10 @@ def test_the_history_leaves_the_pauses_out_as_the_figures_do():
     running = [snapshot.elapsed_s for snapshot in stats.history]
     assert running == sorted(running) and running[-1] <= stats.elapsed_s
     waits = [snapshot["slow"].wait_in_s for snapshot in stats.history] + [stats["slow"].wait_in_s]
-    assert waits == sorted(waits)  # totals only grow, the pause left out of each
+    # totals only grow, the pause left out of each; within 1 ms: the worker times its waits and your
+    # process the pause, each on its own clock (a CI run saw a total 19 us under the snapshot before it)
+    assert all(later >= earlier - 1e-3 for earlier, later in zip(waits, waits[1:])), waits
+    assert waits[-1] > waits[0]
     times = list(stats.plot().axes[1].get_lines()[0].get_xdata())
     assert times == sorted(times) and times[-1] == pytest.approx(stats.elapsed_s)
 
