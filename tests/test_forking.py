@@ -425,16 +425,40 @@ def test_a_worker_reports_the_installed_modules_its_step_imported():
     assert report["environ"] == dict(os.environ) and report["cwd"] == os.getcwd()
 
 
-def test_a_worker_whose_step_started_a_thread_as_it_loaded_reports_nothing():
+@pytest.mark.parametrize("start", ["threading", "_thread"])
+def test_a_worker_whose_step_started_a_thread_as_it_loaded_reports_nothing(start):
     # the server would import that module too, and start the thread there: a worker it forked while
-    # that thread held a lock would hang (a reviewer's module did)
+    # that thread held a lock would hang (two reviewers' modules did; the second one's thread, started
+    # with _thread, was not in threading.enumerate())
+    import _thread
+
     stop = threading.Event()
 
     def load():
         __import__("colorsys")
-        threading.Thread(target=stop.wait, daemon=True).start()
+        if start == "threading":
+            threading.Thread(target=stop.wait, daemon=True).start()
+        else:
+            _thread.start_new_thread(stop.wait, ())
 
     try:
         assert _report_of(load) is None
     finally:
         stop.set()
+
+
+def test_the_fork_server_keeps_its_signal_handlers_whatever_a_module_it_imports_sets():
+    # a reviewer's module set SIGINT's default handler at import: Ctrl-C then killed the server (the next
+    # epoch failed: BrokenPipeError); one that reset SIGCHLD made every epoch 6 s slower
+    from torchqueue import _preload
+
+    report = {"environ": dict(os.environ), "cwd": os.getcwd(), "argv": sys.argv}
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGCHLD)}
+    try:
+        with _preload._as_in(report, {}):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        assert {number: signal.getsignal(number) for number in before} == before
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)

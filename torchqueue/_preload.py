@@ -13,8 +13,11 @@ before its next fork::
 - Only modules installed in the interpreter's library directories (the standard library,
   site-packages) are reported: yours (your script's directory, a project installed in editable mode)
   are imported by each worker from its file as it is then, so an edit between epochs shows.
-- A worker whose step's loading started a Python thread reports nothing: imported in the server, that
-  module would start its thread there too, and a worker forked while it holds a lock would hang.
+- A worker whose step's loading started a thread (any: ``threading``'s, ``_thread``'s, a library's in C)
+  reports nothing: imported in the server, that module would start its thread there too, and a worker
+  forked while it holds a lock would hang.
+- The server keeps its own handlers of SIGINT (ignored: Ctrl-C is your process's), SIGCHLD and SIGTERM,
+  whatever an imported module sets.
 - The server imports with the reporting worker's environment (your process's, with the server's
   thread-pool limits over it), working directory and ``sys.argv``, as soon as a report comes (while
   the workers run: importing at the next request instead delayed a loader's second epoch by the
@@ -29,6 +32,7 @@ import contextlib
 import importlib
 import os
 import pickle
+import signal
 import site
 import socket
 import sys
@@ -65,6 +69,7 @@ class Imports:
         """Import what the reports name, each with its worker's environment, directory and arguments."""
         self._read()
         pending, self._pending = self._pending, []
+        threads = _threads()
         for report in pending:
             names = [name for name in sorted(report["names"]) if name not in sys.modules]  # a package first
             if names:
@@ -74,7 +79,7 @@ class Imports:
                             importlib.import_module(name)
                         except BaseException:  # noqa: BLE001 (SystemExit too): the workers import it themselves
                             pass
-        if threading.active_count() > 1 and not self._warned:  # its workers saw none: a thread started later
+        if _threads() - threads and not self._warned:  # its workers saw none start: one started here
             self._warned = True
             sys.stderr.write(
                 "torchqueue: a module the fork server imported for your workers started a thread there; "
@@ -82,10 +87,17 @@ class Imports:
             )
 
 
+_KEPT_SIGNALS = (signal.SIGINT, signal.SIGCHLD, signal.SIGTERM)
+"""The server's handlers, which an imported module may set (``signal.signal(SIGINT, ...)``): Ctrl-C would
+then kill the server, and a default SIGCHLD stop it hearing of its workers' exits."""
+
+
 @contextlib.contextmanager
 def _as_in(report: dict[str, Any], limits: dict[str, str]) -> Iterator[None]:
-    """The server's environment, directory and ``sys.argv`` as the reporting worker had them."""
+    """The server's environment, directory and ``sys.argv`` as the reporting worker had them; its own
+    signal handlers kept."""
     environ, cwd, argv = dict(os.environ), os.getcwd(), sys.argv
+    handlers = {number: signal.getsignal(number) for number in _KEPT_SIGNALS}
     try:
         os.environ.clear()
         os.environ.update({**report["environ"], **limits})
@@ -98,6 +110,9 @@ def _as_in(report: dict[str, Any], limits: dict[str, str]) -> Iterator[None]:
         os.environ.update(environ)
         os.chdir(cwd)
         sys.argv = argv
+        for number, handler in handlers.items():
+            if handler is not None:
+                signal.signal(number, handler)
 
 
 def start_worker(report_to: socket.socket) -> None:
@@ -111,13 +126,13 @@ def reporting() -> Iterator[None]:
     """Around a worker's loading of its step: after it, report the installed modules it imported (in a
     worker of the fork server; elsewhere nothing)."""
     global _report_to
-    threads = set(threading.enumerate())
+    threads = _threads()
     yield
     report_to, _report_to = _report_to, None
     if report_to is None:
         return
     with report_to:
-        if any(thread.is_alive() for thread in set(threading.enumerate()) - threads):
+        if _threads() - threads:
             return  # its imports started a thread (see the module docstring)
         dirs = _installed_dirs()
         names = [
@@ -131,6 +146,15 @@ def reporting() -> Iterator[None]:
         with contextlib.suppress(OSError):  # too large, or the socket is full: the next worker reports
             report_to.setblocking(False)
             report_to.send(pickle.dumps(report))
+
+
+def _threads() -> set[int]:
+    """The ids of this process's threads: every one, started by ``threading``, ``_thread`` or a library
+    in C (``/proc/self/task``; where there is none, those ``threading`` knows)."""
+    try:
+        return {int(tid) for tid in os.listdir("/proc/self/task")}
+    except OSError:
+        return {thread.ident or 0 for thread in threading.enumerate()}
 
 
 def installed(module: Any, dirs: tuple[str, ...]) -> bool:
