@@ -293,6 +293,31 @@ def test_elements_of_classes_your_script_defines_reach_the_workers(tmp_path, con
     assert run_program(MAIN_CLASSES_IN, tmp_path, context).splitlines() == ["[50, 14]", "True"]
 
 
+UNSENDABLE_CLASS = """
+    import sys, threading, torchqueue as tq
+
+    class Guarded:
+        lock = threading.Lock()  # cloudpickle cannot send the class by value
+
+    def kind(value):
+        return type(value).__name__
+
+    if __name__ == "__main__":
+        with tq.Sequence(tq.ProcessStep(kind, 1), context="fork") as seq:
+            try:
+                list(seq([Guarded()]))
+            except AttributeError as exc:
+                print(str(exc).splitlines()[0], flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_class_your_script_defines_that_cannot_be_sent_says_what_to_do(tmp_path):
+    # before: "Can't get attribute 'Guarded' on <module '__main__'>" and no more
+    (line,) = run_program(UNSENDABLE_CLASS, tmp_path).splitlines()
+    assert "Can't get attribute 'Guarded'" in line and "define it in a module of its own" in line
+
+
 CONSUMER_KILLED = """
     import os, sys, time, torchqueue as tq
     from torchqueue import _forkserver

@@ -58,7 +58,21 @@ def in_place(
     elements = f"elements {seq}-{seq + bundled - 1}" if bundled else f"element {seq}"
     payload: Any = fail(exc)
     if isinstance(payload, Failure):
-        payload = replace(payload, message=f"{payload.message} (raised {where}: {elements} of epoch {epoch})")
+        message = f"{payload.message} (raised {where}: {elements} of epoch {epoch}){_main_hint(exc)}"
+        payload = replace(payload, message=message)
     if bundled:
         payload = Bundle([payload] * bundled)
     return Envelope(epoch, seq, part, nparts, payload)
+
+
+def _main_hint(exc: Exception) -> str:
+    """What to do when a class of your script's ``__main__`` did not reach the worker: it goes by value
+    (``_mainmodule.reduce_main_class``) unless cloudpickle cannot pickle its definition."""
+    if not (isinstance(exc, AttributeError) and "on <module '__main__'" in str(exc)):
+        return ""
+    return (
+        ". This worker has no __main__ of your script (torchqueue's fork server, or a notebook's spawned "
+        "worker), and the class could not be sent by value (cloudpickle could not pickle its definition: "
+        "a lock or an open file among its class attributes?): define it in a module of its own that your "
+        "script imports"
+    )
