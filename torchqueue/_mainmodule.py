@@ -295,21 +295,29 @@ class MainClassPickler(pickle.Pickler):
 
 
 def _main_class(qualname: str, definition: bytes) -> type:
-    found = _lookup(qualname)
-    if isinstance(found, type):
-        return found
-    cls = _loaded.get(definition)
-    if cls is None:
-        cls = _loaded[definition] = cloudpickle.loads(definition)
-    return cls
+    return _own_class(qualname) or _built(definition)
 
 
 def _main_class_in_file(qualname: str, path: str) -> type:
-    found = _lookup(qualname)
-    if isinstance(found, type):
-        return found
+    own = _own_class(qualname)
+    if own is not None:
+        return own
     cls = _read.get(path)
     if cls is None:
         with open(path, "rb") as file:
-            cls = _read[path] = _main_class(qualname, file.read())
+            cls = _read[path] = _built(file.read())
+    return cls
+
+
+def _own_class(qualname: str) -> type | None:
+    """The receiver's own ``__main__.<qualname>``, if it has that class."""
+    found = _lookup(qualname)
+    return found if isinstance(found, type) else None
+
+
+def _built(definition: bytes) -> type:
+    """The class a definition gives (built once per receiver)."""
+    cls = _loaded.get(definition)
+    if cls is None:
+        cls = _loaded[definition] = cloudpickle.loads(definition)
     return cls

@@ -111,7 +111,7 @@ def capture_at(step: str, exc: BaseException, where: str, in_consumer: bool = Fa
     return Failure(
         step=step,
         exc_type=type(exc).__qualname__,
-        message=_message(exc),
+        message=_text(exc, failed=f"<{type(exc).__qualname__}: its str() raised>"),
         traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         pid=os.getpid(),
         pickled=pickled,
@@ -186,17 +186,10 @@ def _told(original: BaseException, message: str) -> BaseException:
     return original
 
 
-def _text(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:
-        return ""
-
-
-def _message(exc: BaseException) -> str:
-    """``str(exc)`` (empty for one raised without a message: ``raise StopIteration``), or a placeholder
+def _text(exc: BaseException, failed: str = "") -> str:
+    """``str(exc)`` (empty for one raised without a message: ``raise StopIteration``), or ``failed``
     where it raises."""
     try:
         return str(exc)
     except Exception:
-        return f"<{type(exc).__qualname__}: its str() raised>"
+        return failed
