@@ -154,6 +154,21 @@ def test_worker_init_fn_runs_in_every_worker():
     assert {v[1] for v in values} & expected  # the first draw after init_fn in some worker
 
 
+def _init_fails_in_worker_1(worker_id: int) -> None:
+    if worker_id == 1:
+        raise KeyError("no such shard")
+
+
+def test_an_error_in_worker_init_fn_names_it_and_the_worker():
+    loader = QueueFlowLoader(Squares(), batch_size=2, num_workers=2, worker_init_fn=_init_fails_in_worker_1)
+    with pytest.raises(KeyError) as caught:
+        list(loader)
+    loader.close()
+    text = str(caught.value)
+    assert text.startswith("KeyError in worker_init_fn(1) (loader worker 1, pid ")
+    assert "no such shard" in text and "element" not in text.split("\n")[0]
+
+
 def test_state_dict_resumes_mid_epoch_with_exactly_the_remaining_batches():
     def make():
         return QueueFlowLoader(

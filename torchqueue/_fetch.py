@@ -108,7 +108,9 @@ class Fetch:
 
     def __call__(self, job: Job) -> Fetched:
         if job.base_seed != self._seeded:
-            self._start(job.base_seed)
+            failed = self._start(job.base_seed)
+            if failed is not None:  # in this batch's place, as DataLoader's worker answers its first index
+                return failed, self._worker, None, True, job.position
         assert self._fetcher is not None
         if self._worker is None:
             return self._fetch(job), -1, None, True, job.position
@@ -136,24 +138,31 @@ class Fetch:
             where += f" (loader worker {self._worker}, pid {os.getpid()})"
             return FailedBatch(capture_at("fetch", exc, where))
 
-    def _start(self, base_seed: int) -> None:
+    def _start(self, base_seed: int) -> FailedBatch | None:
+        """Seed this worker for ``base_seed`` and call ``worker_init_fn``: what it raised, if it did."""
         collate = _PrivateCollate() if self.collate_fn is default_collate else self.collate_fn
         self._fetcher = _Fetcher(self.dataset, self.auto_collation, collate)
         self._seeded = base_seed
         info = get_worker_info()
         if info is None:  # num_workers=0: fetched in the consumer's process, which DataLoader leaves alone
-            return
+            return None
         worker_id, num_workers = info.id, info.num_workers
         seed = seed_as_dataloader(base_seed, worker_id)
         set_worker_info(dataclasses.replace(info, seed=seed))
         torch_worker._worker_info = torch_worker.WorkerInfo(
             id=worker_id, num_workers=num_workers, seed=seed, dataset=self.dataset
         )
-        if self.init_fn is not None:
-            self.init_fn(worker_id)
         self._worker = worker_id
-        self._initial = _rngstate.capture()
         self._epoch = None
+        failed = None
+        if self.init_fn is not None:
+            try:
+                self.init_fn(worker_id)
+            except Exception as exc:
+                where = f"worker_init_fn({worker_id}) (loader worker {worker_id}, pid {os.getpid()})"
+                failed = FailedBatch(capture_at("fetch", exc, where))
+        self._initial = _rngstate.capture()
+        return failed
 
 
 class _Fetcher:
