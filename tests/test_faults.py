@@ -3,11 +3,13 @@ values that do not unpickle, a full /dev/shm."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -42,6 +44,28 @@ def test_a_timeout_names_the_stuck_step_and_the_oldest_element():
     with pytest.raises(tq.PipelineError, match="TimeoutError"):  # closed, as after any error
         list(seq(range(3)))
     assert_no_workers()
+
+
+def _own_pid(_: object) -> int:
+    return os.getpid()
+
+
+def test_a_timeout_names_a_stopped_worker_and_not_what_its_row_last_said():
+    # before: "'w' (worker 0, pid 7: waiting for room downstream for 1.0 s, ...)" for a process that
+    # was stopped and waited for nothing
+    with tq.Sequence(tq.ProcessStep(_own_pid, 1, name="w"), timeout=1) as seq:
+        iterator = seq(range(50))
+        pid = next(iterator)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError) as info:
+                list(iterator)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # the timeout closed the pipeline: gone
+                os.kill(pid, signal.SIGCONT)
+    message = str(info.value)
+    assert f"Workers stopped (SIGSTOP, Ctrl-Z or a debugger): 'w' (worker 0, pid {pid}); SIGCONT" in message
+    assert "waiting for room downstream" not in message and "waits for its input" not in message
 
 
 def test_a_timeout_with_nothing_held_says_the_input_is_waited_for():

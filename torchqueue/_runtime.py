@@ -75,7 +75,7 @@ from torchqueue._meter import Meter
 from torchqueue._pauses import Paused, Pauses
 from torchqueue._plan import STREAM, THREAD, Plan, StagePlan
 from torchqueue._premap import PremapStage, SlotHolder, Slots
-from torchqueue._stuck import Holder, died_with, holders, timeout_message
+from torchqueue._stuck import Holder, died_with, holders, stopped, timeout_message
 from torchqueue._threads import LocalChannel, ThreadHandle
 from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
 from torchqueue._worker import worker_main
@@ -464,7 +464,8 @@ class Runtime:
             if deadline is not None and now >= deadline:
                 self._check_health()  # a dead worker explains the wait better
                 assert timeout is not None
-                raise TimeoutError(timeout_message(timeout, self._holders(now), self._ready()))
+                halted = stopped(self._owners())
+                raise TimeoutError(timeout_message(timeout, self._holders(now), self._ready(), halted))
             wait = HEALTH_S if deadline is None else min(HEALTH_S, deadline - now)
             try:
                 data = self._edges[self.plan.consumer_edge][0].get(self._writers_alive, timeout=wait)
@@ -487,7 +488,11 @@ class Runtime:
 
     def _holders(self, now: float) -> list[Holder]:
         """The workers that hold elements now (from their stats rows), longest first."""
-        return holders([(stage, worker, process.pid) for stage, worker, process in self._row_owners], self._stats, now)
+        return holders(self._owners(), self._stats, now)
+
+    def _owners(self) -> list[tuple[str, int, int | None]]:
+        """``(step, worker, pid)`` of each stats row, in order."""
+        return [(stage, worker, process.pid) for stage, worker, process in self._row_owners]
 
     def _ready(self) -> tuple[int, int]:
         """How many of the workers' stats rows say their loop began, of how many."""

@@ -10,12 +10,14 @@ when a worker died, so that its ``WorkerDiedError`` names the element it held.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from torchqueue.stats import NFIELDS, Field
 
 IN_FUNCTION = "in its function"
+STOPPED = "stopped (SIGSTOP, Ctrl-Z or a debugger)"
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,28 @@ def holders(workers: list[tuple[str, int, int | None]], rows: Any, now: float) -
         if busy <= 0 and out <= 0:
             continue
         doing, since = (IN_FUNCTION, busy) if busy > 0 else ("waiting for room downstream", out)
+        if _stopped(pid):  # what its row says it does, it does not do now
+            doing = f"{STOPPED}, {'in its function' if busy > 0 else 'sending'}"
         epoch, seq = int(rows[base + Field.AT_EPOCH]), int(rows[base + Field.AT_SEQ])
         found.append(Holder(step, worker, pid, doing, max(0.0, now - since), epoch, seq))
     return sorted(found, key=lambda holder: -holder.seconds)
+
+
+def stopped(workers: list[tuple[str, int, int | None]]) -> list[str]:
+    """The workers (``(step, worker, pid)``) whose process is stopped, each as ``'step' (worker 0, pid 7)``."""
+    return [f"{step!r} (worker {worker}, pid {pid})" for step, worker, pid in workers if _stopped(pid)]
+
+
+def _stopped(pid: int | None) -> bool:
+    """Whether process ``pid`` is stopped by a signal or traced (state ``T`` or ``t`` in ``/proc``)."""
+    if pid is None or pid == os.getpid():  # a thread worker: this process runs
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read()
+    except OSError:  # gone, or no /proc
+        return False
+    return fields[fields.rfind(b")") + 2 : fields.rfind(b")") + 3] in (b"T", b"t")
 
 
 def died_with(holder: Holder, stage: str) -> str:
@@ -59,8 +80,20 @@ def died_with(holder: Holder, stage: str) -> str:
     return f", while {doing} element {holder.seq} of epoch {holder.epoch}{step}"
 
 
-def timeout_message(timeout: float, held: list[Holder], ready: tuple[int, int] = (0, 0)) -> str:
-    """The text of the consumer's ``TimeoutError``; ``ready``: of the workers, how many had started."""
+def timeout_message(
+    timeout: float, held: list[Holder], ready: tuple[int, int] = (0, 0), halted: list[str] | None = None
+) -> str:
+    """The text of the consumer's ``TimeoutError``; ``ready``: of the workers, how many had started;
+    ``halted``: the workers whose process is stopped (``stopped``)."""
+    text = _waited(timeout, held, ready, bool(halted))
+    if halted:
+        text += f". Workers {STOPPED}: {', '.join(halted)}; SIGCONT resumes them"
+    return text
+
+
+def _waited(timeout: float, held: list[Holder], ready: tuple[int, int], halted: bool) -> str:
+    if not held and halted:  # the stopped workers, named next, are the likelier reason than the input
+        return f"no output came within {timeout} seconds, and no step holds an element"
     if not held and ready[0] < ready[1]:
         return (
             f"no output came within {timeout} seconds, and the workers are still starting ({ready[0]} of "
