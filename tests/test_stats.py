@@ -1,6 +1,7 @@
 """stats(): per-step figures, the bottleneck, a readable table and a plot."""
 
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -91,6 +92,7 @@ def test_stats_before_start_are_zero():
     seq = tq.Sequence(tq.ProcessStep(double, 2))
     stats = seq.stats()
     assert stats["double"].elements_in == 0 and stats["double"].nworkers == 2
+    assert stats.bottleneck is None and stats.hint() == "no steps ran yet"  # before: "double", beside that hint
     seq.close()
 
 
@@ -425,6 +427,73 @@ def test_an_input_that_computes_in_your_process_is_said_to_limit_when_no_core_is
     assert "move its work into a first step" in hint
     idle_input = _stats(*steps, consumer_cpu_s=0.1, **figures).hint()  # the same waits, your process idle
     assert "no core was free" in idle_input, idle_input
+
+
+def test_an_input_that_sleeps_is_said_to_limit_though_no_core_is_free(monkeypatch):
+    # before: "no core was free: ... its workers waited for a core", for workers that used no CPU and
+    # waited for an input that slept 20 ms per element, beside other programs that kept the cores busy
+    monkeypatch.setattr(_verdict, "available_cpus", lambda: 2)
+    quiet = _step("f", 0.01, nworkers=2, cpu_s=0.01, wait_in_s=4.25)
+    figures = {"elapsed_s": 2.19, "wait": 2.1, "consumer_cpu_s": 0.05, "idle_cores": 0.0}
+    hint = _stats(quiet, input_s=2.04, **figures).hint()
+    assert "the input limits: the iterable you pass took 2.04 s of the 2.19 s" in hint, hint
+    assert "waited for a core" not in hint
+    assert "no core was free" in _stats(quiet, input_s=0.1, **figures).hint()
+
+
+def hang_on_five(x):
+    if x == 5:
+        threading.Event().wait(30)  # a call that does not come back: the hang that stats() is asked about
+    return x
+
+
+@pytest.mark.parametrize("nworkers", [1, 2])
+def test_stats_taken_during_a_hang_name_the_call_that_holds_it(nworkers):
+    # before, with two workers: "your loop waited 0.01 s for outputs ...: the input limits: ... speed up the
+    # iterable you pass", for a range: the wait going on and the call going on were not counted
+    seq = tq.Sequence(tq.ProcessStep(hang_on_five, nworkers, name="work"), tq.Queue(4))
+    taken = []
+    stats_taken = threading.Event()
+
+    def watch():
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until the call has gone on long enough to be told from others
+            stats = seq.stats()
+            call = stats.oldest_call
+            if call is not None and call.seconds >= 1.2 and call.seconds >= 0.6 * stats.elapsed_s:
+                taken.append(stats)
+                break
+            stats_taken.wait(0.05)
+        stats_taken.set()
+        seq.close()
+
+    watcher = threading.Thread(target=watch)
+    try:
+        with pytest.raises(RuntimeError, match="closed while it was being iterated"):
+            for i, _ in enumerate(seq(range(100))):
+                if i == 0:
+                    watcher.start()
+    finally:
+        stats_taken.set()
+        watcher.join(30)
+        seq.close()
+    (stats,) = taken
+    call = stats.oldest_call
+    assert (call.step, call.seq, call.epoch) == ("work", 5, 0) and call.pid is not None
+    assert stats.consumer_wait_s >= 1.0  # the wait going on counts
+    assert stats.bottleneck == "work"
+    assert f"work holds element 5 of epoch 0: worker {call.worker} (pid {call.pid}) has been in its function" in (
+        stats.hint()
+    )
+    assert "py-spy dump --pid" in stats.hint() and "the input limits" not in stats.hint()
+
+
+def test_a_long_call_like_the_steps_others_is_not_said_to_hold_the_pipeline():
+    call = type("Call", (), {"step": "slow", "worker": 0, "pid": 7, "seconds": 6.0, "epoch": 0, "seq": 3})()
+    slow = _step("slow", 19.0, nworkers=2, elements_in=4, cpu_s=19.0)  # 5 s a call
+    assert "holds element" not in _stats(slow, oldest_call=call, elapsed_s=10.0).hint()
+    stuck = _step("slow", 19.0, nworkers=2, elements_in=40, cpu_s=19.0)  # 0.5 s a call
+    assert "slow holds element 3 of epoch 0" in _stats(stuck, oldest_call=call, elapsed_s=10.0).hint()
 
 
 def test_cores_other_programs_keep_busy_are_not_free_for_more_workers(monkeypatch):

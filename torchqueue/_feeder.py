@@ -73,6 +73,7 @@ class Feeder:
         self._packing = packing
         self.input_s = 0.0  # seconds in the input's ``next`` (the packing's included)
         self.held_s = 0.0  # seconds waiting for a credit: as many elements in flight as the queues allow
+        self.held_since: float | None = None  # when the wait for a credit going on began
         self._reading: tuple[int, Iterator[Any]] | None = None  # the epoch and input in next() (it may block)
         self._position = 0  # the next position of the epoch being fed
         self._turn = threading.Lock()  # the attributes above and below, between the threads
@@ -179,9 +180,17 @@ class Feeder:
         self._emitter.emit(epoch, seq, EndOfEpoch(seq))
 
     def _take_credit(self) -> None:
-        start = time.perf_counter()
-        wait_acquire(self._credits, self._alive)
-        self.held_s += time.perf_counter() - start
+        start = self.held_since = time.perf_counter()
+        try:
+            wait_acquire(self._credits, self._alive)
+        finally:
+            self.held_since = None
+            self.held_s += time.perf_counter() - start
+
+    def held(self, now: float) -> float:
+        """``held_s`` with a wait going on counted up to ``now``."""
+        since = self.held_since
+        return self.held_s + (now - since if since is not None else 0.0)
 
     def _send(self, epoch: int, seq: int, elements: list[Any]) -> int:
         """Send ``elements`` from position ``seq`` as one message; return the next position."""

@@ -75,7 +75,7 @@ from torchqueue._meter import Meter
 from torchqueue._pauses import Paused, Pauses
 from torchqueue._plan import STREAM, THREAD, Plan, StagePlan
 from torchqueue._premap import PremapStage, SlotHolder, Slots
-from torchqueue._stuck import Holder, died_with, holders, stopped, timeout_message
+from torchqueue._stuck import IN_FUNCTION, Holder, died_with, holders, stopped, timeout_message
 from torchqueue._threads import LocalChannel, ThreadHandle
 from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
 from torchqueue._worker import worker_main
@@ -205,6 +205,7 @@ class Runtime:
         self._sample_every = SAMPLE_S
         self._consumer_wait = self._consumer_work = 0.0  # seconds in and between next_outputs calls
         self._handed_at: float | None = None  # when next_outputs last returned
+        self._asked_at: float | None = None  # when the next_outputs call going on began
         self.workers: list[tuple[str, int, Any]] = []  # (stage name, worker index, Process)
         self._row_owners: list[tuple[str, int, Any]] = []  # the same per stats row (a fused stage's: its host's)
         self._workers_up = ctx.Semaphore(0)  # released by each worker once it runs
@@ -432,7 +433,7 @@ class Runtime:
         with self._reading:
             if self._closed:
                 raise Stopped
-            asked = time.perf_counter()
+            asked = self._asked_at = time.perf_counter()
             if self._handed_at is not None:  # since the last outputs: the consumer's own work
                 self._consumer_work += asked - self._handed_at
             try:
@@ -443,6 +444,7 @@ class Runtime:
             finally:
                 handed = time.perf_counter()
                 self._consumer_wait += handed - asked
+                self._asked_at = None
                 self._handed_at = None if self._pauses.paused else handed  # a pause is not your loop's work
 
     def _next_outputs(self, epoch: int, timeout: float | None) -> list[Any]:
@@ -597,6 +599,7 @@ class Runtime:
                 stages[index] = stages[index]._replace(is_stream=False, stream=True)
         for index in self.plan.premapped:
             stages[index] = stages[index]._replace(host=self.plan.stages[index + 1].name)
+        asked = self._asked_at  # a wait for outputs going on (stats() from another thread) counts
         if self._closed_at is None:
             now, cpu_now, idle_now = time.perf_counter(), time.process_time(), idle_seconds()
             paused = self._pauses.taken((now, cpu_now, idle_now))
@@ -609,9 +612,13 @@ class Runtime:
         idle = None
         if idle_now is not None and self._idle_started is not None and paused.idle_s is not None:
             idle = (idle_now - self._idle_started - paused.idle_s) / running
-        consumer = self._consumer_wait, self._consumer_work, cpu, idle
+        waited = self._consumer_wait + (max(0.0, now - asked) if asked is not None else 0.0)
+        consumer = waited, self._consumer_work, cpu, idle
         feeder = self._feeder_body
-        inputs = {"input_s": feeder.input_s, "input_held_s": feeder.held_s} if feeder is not None else {}
+        inputs = {"input_s": feeder.input_s, "input_held_s": feeder.held(now)} if feeder is not None else {}
+        if self._closed_at is None:
+            calls = [holder for holder in self._holders(now) if holder.doing == IN_FUNCTION]
+            inputs["oldest_call"] = calls[0] if calls else None
         return Stats.from_rows(
             stages, self._stats, elapsed, self._samples, self._started, consumer, paused.seconds, **inputs
         )

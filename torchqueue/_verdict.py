@@ -11,7 +11,8 @@ The decision, in order:
    waited for outputs; else the hops do, where the steps together spent more time encoding and
    decoding messages than working; else the input does (said so with its cores where your process
    kept half a core or more busy besides your loop and thread steps: your iterable, read by the
-   feeder thread, is what waits for a core if one does). A start-up that takes a large share of a run is said too.
+   feeder thread, is what waits for a core if one does; or its ``next()`` took half the run, a sleep or a
+   read off a CPU: said before whether a core was free). A start-up that takes a large share of a run is said too.
 4. A step that spends more time encoding and decoding messages than in its work is limited by the
    hops: more workers would not help; fewer, larger messages or fewer stages would. So are the steps
    together where the cores are full (6) and all of them spent more time on messages than working.
@@ -38,13 +39,16 @@ The decision, in order:
 9. A step run in a pool's workers (``StepStats.host``) whose calls wait off a CPU for a quarter of the
    pool's time or more holds the pool's workers with it: a declared queue between the two gives it
    processes of its own again, whose waits overlap the pool's work. Said after rule 1, before rule 8.
+10. A call going on (the figures taken while the pipeline runs, ``Stats.oldest_call``) for half the run
+   and ``STUCK_MIN_S`` or more, and much longer than its step's calls on average, holds every element after it: that call is named, with its worker's pid
+   for ``py-spy dump``. Said after rule 1, before the rest: a hang is what the figures are then asked.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torchqueue.stats import Stats, StepStats
@@ -79,6 +83,12 @@ queues, for the queues to be said to limit (rule 8)."""
 HOSTED_WAIT = 0.25
 """A step run in a pool's workers (``StepStats.host``) whose calls waited off a CPU for this share of the
 pool's workers' time or more holds the pool back: the pool's workers wait with it."""
+
+STUCK_MIN_S = 1.0
+"""A call going on for half the run, at least this long and ``STUCK_TIMES`` a call of its step on average
+is said to hold the pipeline (rule 10)."""
+
+STUCK_TIMES = 4.0
 
 HOPS_SHARE = 0.1
 """Below half busy, the hops are said to limit only where they took more than the steps' work and this
@@ -133,7 +143,7 @@ def verdict(stats: Stats) -> Verdict:
     """What limits the pipeline ``stats`` describes, and what to do (see the module docstring)."""
     steps = list(stats.values())
     if not steps or stats.elapsed_s <= 0 or not any(s.elements_in or s.startup_s for s in steps):
-        return Verdict(steps[0].name if steps else None, "no steps ran yet", "")
+        return Verdict(None, "no steps ran yet", "")
     hosted = {s.name: sum(h.busy_s for h in steps if h.host == s.name) for s in steps}
     shares = {s.name: occupied(s, stats.elapsed_s, hosted[s.name]) for s in steps}
     top = max(steps, key=lambda s: shares[s.name])
@@ -145,6 +155,15 @@ def verdict(stats: Stats) -> Verdict:
             "start-up took most of the run",
             f"the workers took {startup:.2f} s of the {stats.elapsed_s:.2f} s to start, too much for the figures "
             "after it to tell what limits: run longer (persistent workers start once for many epochs)",
+        )
+    call = stats.oldest_call
+    if call is not None and _stuck(stats, call):
+        return Verdict(
+            call.step,
+            f"{call.step} holds element {call.seq} of epoch {call.epoch}",
+            f"worker {call.worker} (pid {call.pid}) has been in its function on it for {call.seconds:.1f} s, and "
+            "the elements after it wait for it, to come out in order: py-spy dump --pid "
+            f"{call.pid} shows where it is (a timeout= raises a TimeoutError that names it)",
         )
     waiting = _waits_in_its_host(stats)
     if waiting is not None:
@@ -215,6 +234,14 @@ def verdict(stats: Stats) -> Verdict:
             "the cores",
         )
     return Verdict(top.name, title, f"give it more workers (now {top.nworkers}; {used:.1f} of {cpus} cores in use)")
+
+
+def _stuck(stats: Stats, call: Any) -> bool:
+    """Whether ``call`` (``Stats.oldest_call``) has gone on so long that it holds the pipeline (rule 10):
+    half the run, ``STUCK_MIN_S``, and ``STUCK_TIMES`` the mean of its step's calls (this one counted)."""
+    step = stats.get(call.step)
+    mean = step.busy_s / max(1, step.elements_in) if step is not None else 0.0
+    return call.seconds >= max(STUCK_MIN_S, LIMITS * stats.elapsed_s, STUCK_TIMES * mean)
 
 
 def _cores_full(stats: Stats, top: StepStats, used: float, cpus: int) -> str:
@@ -313,6 +340,12 @@ def _outside(stats: Stats) -> str:
             f"the input limits: your process kept {feeding:.1f} cores busy besides your loop and thread steps "
             f"while your loop waited {wait:.2f} s for outputs: the iterable you pass (read by a thread of your "
             "process) is slow: speed it up, or move its work into a first step"
+        )
+    elif stats.input_s >= LIMITS * stats.elapsed_s:
+        advice = (
+            f"the input limits: the iterable you pass took {stats.input_s:.2f} s of the {stats.elapsed_s:.2f} s "
+            "to give its elements (read by a thread of your process): speed it up, or move its work into a "
+            "first step"
         )
     elif _no_core_free(stats):
         advice = (

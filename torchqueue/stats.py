@@ -148,6 +148,9 @@ class Stats(Mapping[str, StepStats]):
         input_held_s: Seconds it waited to send the next element: as many were in flight as the queues
             allow, held by a step, by your loop, or behind a slower element (``ordered=True`` delivers
             them in order). Long while the steps wait for input: larger queues let them run ahead.
+        oldest_call: Of the calls of the steps' functions going on when the figures were taken (from a
+            pipeline still running), the one that began first: its ``step``, ``worker``, ``pid``,
+            ``seconds`` so far and the element's ``epoch`` and ``seq``; ``None`` if none was going on.
         history: Earlier snapshots of the same figures, oldest first, taken about every
             quarter second while outputs were consumed (fewer, further apart, in a long run:
             at most a few hundred are kept). Each is a ``Stats`` with totals since the start;
@@ -176,6 +179,7 @@ class Stats(Mapping[str, StepStats]):
         paused_s: float = 0.0,
         input_s: float = 0.0,
         input_held_s: float = 0.0,
+        oldest_call: Any = None,
     ) -> None:
         self._steps = {step.name: step for step in steps}
         self.elapsed_s = elapsed_s
@@ -187,6 +191,7 @@ class Stats(Mapping[str, StepStats]):
         self.paused_s = paused_s
         self.input_s = input_s
         self.input_held_s = input_held_s
+        self.oldest_call = oldest_call
 
     @classmethod
     def from_rows(
@@ -198,7 +203,7 @@ class Stats(Mapping[str, StepStats]):
         started: float | None = None,
         consumer: tuple[float, ...] = (),
         paused_s: float = 0.0,
-        **inputs: float,
+        **inputs: Any,
     ) -> Stats:
         """Sum the shared array's rows, stage by stage (each a ``StageEntry`` or a tuple of its fields:
         a stage that is not shown keeps its rows but gets no entry).
@@ -210,7 +215,7 @@ class Stats(Mapping[str, StepStats]):
         (or until now). ``consumer``: the consumer's ``(wait, work, cpu)`` seconds,
         and the idle cores. ``paused_s``: of ``elapsed_s``, the seconds the pipeline had nothing queued
         (``_pauses``): its workers waited for input all along, and neither that wait nor the time counts.
-        ``inputs``: the feeder's ``input_s`` and ``input_held_s``.
+        ``inputs``: the feeder's ``input_s`` and ``input_held_s``; ``oldest_call``.
         """
         steps, row = [], 0
         now = None if started is None else started + elapsed_s
