@@ -284,6 +284,7 @@ def test_encoding_and_decoding_are_counted_apart_from_the_step_s_work(tmp_path):
         assert len(list(seq(range(20)))) == 20
         stats = seq.stats()
     assert stats["make"].encode_s > 0 and stats["total"].decode_s > 0 and stats["total"].encode_s > 0
+    assert stats["make"].sent_bytes >= 20 * 200_000 * 4 and 0 < stats["total"].sent_bytes < stats["make"].sent_bytes
     header = str(stats).splitlines()[0].split()
     assert "encode_s" in header and "decode_s" in header
     figure = stats.plot()
@@ -293,6 +294,23 @@ def test_encoding_and_decoding_are_counted_apart_from_the_step_s_work(tmp_path):
 def test_the_hint_says_when_the_hops_limit():
     stats = _stats(_step("graph", 3.0, nworkers=1, encode_s=4.0, decode_s=2.0), _step("collate", 1.0))
     assert stats.bottleneck == "graph" and "hops limit" in stats.hint() and "more workers" not in stats.hint()
+
+
+def test_the_hops_advice_says_what_the_hops_cost():
+    # before, for one step making 64 MiB arrays: "send fewer, larger messages (larger elements, ...), or do
+    # two steps' work in one ProcessStep": larger elements copy as many bytes, and there was one step
+    big = _step("make", 0.58, nworkers=2, encode_s=0.62, elements_out=30, sent_bytes=30 * 64 * 2**20)
+    hint = _stats(big, elapsed_s=0.65).hint()
+    assert "copying 64.0 MiB per element into shared memory" in hint and 'backend="thread"' in hint, hint
+    assert "larger elements" not in hint and "two steps" not in hint
+    # before, for a step feeding a RepackStep(7) lists of 2,000 ints: "send fewer, larger messages", where the
+    # cost was each item pickled on its own for the RepackStep to route
+    chunk = _step("chunk", 0.01, encode_s=0.76, sent_bytes=10_000_000)
+    hint = _stats(chunk, _step("RepackStep(7)", 0.16, stream=True), elapsed_s=1.3).hint()
+    assert "items of its outputs are pickled one by one, for RepackStep(7)" in hint and "in chunk itself" in hint
+    small = _step("graph", 3.0, encode_s=4.0, decode_s=2.0, sent_bytes=100 * 180_000)
+    hint = _stats(small, _step("collate", 1.0)).hint()
+    assert "send fewer, larger messages" in hint and "two steps' work in one ProcessStep" in hint, hint
 
 
 def test_the_hint_says_when_the_hops_limit_though_no_step_is_busy_half_the_time():

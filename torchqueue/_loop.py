@@ -158,13 +158,14 @@ class Loop:
         start = time.perf_counter()
         for meter in meters:
             meter.set(Field.OUT_SINCE, start)  # stats() counts a wait still going on
-        encoded = self.emitter.encode_s
+        encoded, sent = self.emitter.encode_s, self.emitter.sent_bytes
         if credits is not None:
             wait_acquire(credits, self.alive)
         send(*args)
         spent = time.perf_counter() - start
         encoding = self.emitter.encode_s - encoded
         meters[-1].add(Field.ENCODE, encoding)
+        meters[-1].add(Field.SENT, self.emitter.sent_bytes - sent)
         for meter in meters:
             meter.set(Field.OUT_SINCE, 0.0)
             meter.add(Field.WAIT_OUT, spent - encoding if meter is meters[-1] else spent)

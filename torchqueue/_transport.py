@@ -68,7 +68,7 @@ class Emitter:
 
     The edge is one channel, or one per worker of a round robin reader: then the element at
     position ``seq`` goes to channel ``seq % len(channels)``. ``encode_s``: the seconds spent
-    encoding so far (the sender's stats count them apart from its waits).
+    encoding so far (the sender's stats count them apart from its waits); ``sent_bytes``: the bytes.
     """
 
     def __init__(
@@ -95,6 +95,7 @@ class Emitter:
         self._split_step = split_step
         self._writer = writer
         self.encode_s = 0.0
+        self.sent_bytes = 0
 
     def emit(self, epoch: int, seq: int, payload: Any) -> int:
         """Send one whole element (or control message) at position ``seq``; return the bytes sent."""
@@ -127,7 +128,9 @@ class Emitter:
             data = _serialize.dumps(envelope._replace(payload=failure), None)
         self.encode_s += time.perf_counter() - start
         channel.put(data, self._alive)
-        return _serialize.message_nbytes(data)
+        nbytes = _serialize.message_nbytes(data)
+        self.sent_bytes += nbytes
+        return nbytes
 
     def idle(self) -> None:
         """The sender has nothing to send for now: free the unused segments it kept for reuse."""

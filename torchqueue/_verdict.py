@@ -94,10 +94,9 @@ HOPS_SHARE = 0.1
 """Below half busy, the hops are said to limit only where they took more than the steps' work and this
 share of the run (a pipeline of cheap steps over small elements waits on anything else first)."""
 
-_HOPS = (
-    "{who} spent {hops:.2f} s encoding and decoding messages and {work:.2f} s in the steps' work: send fewer, "
-    "larger messages (larger elements, a PackStep before a pool), or do two steps' work in one ProcessStep"
-)
+BIG_ELEMENT = 1 << 20
+"""Bytes per element sent from which the hops cost what their bytes cost (copies into shared memory), not
+what their messages do."""
 
 
 def available_cpus() -> int:
@@ -195,14 +194,14 @@ def verdict(stats: Stats) -> Verdict:
         title = f"no step is busy more than half the time ({top.name}: {_busy(top, stats)})"
         consumer_limits = stats.consumer_work_s > stats.consumer_wait_s
         if hops > work and hops > HOPS_SHARE * stats.elapsed_s and not consumer_limits:
-            return Verdict(top.name, f"the hops limit; {title}", _HOPS.format(who="the steps", hops=hops, work=work))
+            return Verdict(top.name, f"the hops limit; {title}", _hops(stats, None, hops, work))
         return Verdict(top.name, title, _outside(stats))
     title = f"bottleneck: {top.name} ({_busy(top, stats)})"
     if top.encode_s + top.decode_s > top.busy_s:
         return Verdict(
             top.name,
             f"the hops limit: {top.name} ({_busy(top, stats)})",
-            _HOPS.format(who="it", hops=top.encode_s + top.decode_s, work=top.busy_s),
+            _hops(stats, top, top.encode_s + top.decode_s, top.busy_s),
         )
     if top.stream:
         return Verdict(
@@ -222,7 +221,7 @@ def verdict(stats: Stats) -> Verdict:
         )
     if (used > cpus - LIMITS or _no_core_free(stats)) and hops > work and hops > HOPS_SHARE * stats.elapsed_s:
         # on full cores the hops' CPU is the work's: the steps' hops, not the busiest step's own, limit
-        return Verdict(top.name, f"the hops limit; {title}", _HOPS.format(who="the steps", hops=hops, work=work))
+        return Verdict(top.name, f"the hops limit; {title}", _hops(stats, None, hops, work))
     if used > cpus - LIMITS:
         return Verdict(top.name, title, _cores_full(stats, top, used, cpus))
     if _no_core_free(stats):
@@ -234,6 +233,33 @@ def verdict(stats: Stats) -> Verdict:
             "the cores",
         )
     return Verdict(top.name, title, f"give it more workers (now {top.nworkers}; {used:.1f} of {cpus} cores in use)")
+
+
+def _hops(stats: Stats, step: StepStats | None, hops: float, work: float) -> str:
+    """The advice where the hops limit: ``step``'s (``None``: the steps' together). What they cost: the
+    bytes, where elements of a megabyte or more are copied into shared memory; the items, pickled one by
+    one for a Pack/Unpack/RepackStep to route; else the messages."""
+    steps = list(stats.values())
+    senders = [step] if step is not None else steps
+    spent = (
+        f"{'it' if step is not None else 'the steps'} spent {hops:.2f} s encoding and decoding messages and "
+        f"{work:.2f} s in the steps' work"
+    )
+    sent, elements = sum(s.sent_bytes for s in senders), sum(s.elements_out for s in senders if s.sent_bytes)
+    if elements and sent / elements >= BIG_ELEMENT:
+        return (
+            f"{spent}, copying {sent / elements / 2**20:.1f} MiB per element into shared memory: the bytes "
+            'cost, not the messages. Thread steps (backend="thread") hand arrays and tensors to each other and '
+            "to your loop without a copy; or send less (a smaller dtype, crop or reduce before sending)"
+        )
+    after = steps[steps.index(step) + 1] if step is not None and steps.index(step) + 1 < len(steps) else None
+    if after is not None and after.stream and not step.stream:  # type: ignore[union-attr]
+        return (
+            f"{spent}: the items of its outputs are pickled one by one, for {after.name} to route them "
+            f"without decoding: give it fewer, larger items, or build the batches in {step.name} itself"  # type: ignore[union-attr]
+        )
+    fuse = ", or do two steps' work in one ProcessStep" if sum(not s.stream for s in steps) >= 2 else ""
+    return f"{spent}: send fewer, larger messages (larger elements, a PackStep before a pool){fuse}"
 
 
 def _stuck(stats: Stats, call: Any) -> bool:

@@ -46,6 +46,7 @@ class Field(IntEnum):
     ENCODE = 15  # seconds spent encoding messages sent (pickling, writing segments)
     DECODE = 16  # seconds spent decoding messages received (unpickling, mapping segments)
     CPU = 17  # CPU seconds the worker used since its loop began, as of its last input (see ``Loop.receive``)
+    SENT = 18  # bytes of the messages sent (pickles and shared memory)
 
 
 NFIELDS = len(Field)
@@ -83,6 +84,9 @@ class StepStats:
         encode_s: Seconds its workers spent encoding the messages they sent (pickling, writing
             tensors into shared memory), summed over workers: not in ``busy_s``.
         decode_s: The same for decoding the messages they received.
+        sent_bytes: Bytes of the messages its workers sent to the next step (pickles and the shared
+            memory of their tensors and arrays); 0 where nothing was encoded (a thread step's outputs to a
+            thread step or to your loop go as they are).
         stream: A Pack/Unpack/RepackStep (or a join): one process, no ``nworkers`` to raise.
         cpu_s: CPU seconds its workers used once started, summed over workers, as of each worker's
             last input (a call still going on is not in it yet): for a worker process, every thread
@@ -117,6 +121,7 @@ class StepStats:
     cpu_s: float = 0.0
     backend: str = "process"
     host: str | None = None
+    sent_bytes: float = 0.0
 
 
 class StageEntry(NamedTuple):
@@ -265,6 +270,7 @@ class Stats(Mapping[str, StepStats]):
                     cpu_s=total[Field.CPU],
                     backend=backend,
                     host=host,
+                    sent_bytes=total[Field.SENT],
                 )
             )
         past = tuple(cls.from_rows(stages, copy, at, None, started, (), paused) for at, paused, copy in history or ())
