@@ -16,6 +16,7 @@ it runs, ``_runners.run_worker`` behind whatever set-up the kind needs).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -80,8 +81,9 @@ class ProcessHandle:
         self.process.join(timeout=timeout)
 
     def force_stop(self) -> None:
-        """Terminate (SIGTERM: inside a long user function, say), then kill what is still there."""
-        if self.process.exitcode is None:
+        """Terminate (SIGTERM: inside a long user function, say), then kill what is still there (at once
+        where it is stopped: a stopped process does not take SIGTERM until it goes on)."""
+        if self.process.exitcode is None and not process_stopped(self.pid):
             logger.debug("%s did not leave when asked: terminating it", self.process.name)
             self.process.terminate()
             self.process.join(timeout=FORCE_JOIN_S)
@@ -105,3 +107,15 @@ class ProcessHandle:
             except ValueError:
                 return f"killed by signal {-code}"
         return f"exited with code {code}"
+
+
+def process_stopped(pid: int | None) -> bool:
+    """Whether process ``pid`` is stopped by a signal or traced (state ``T`` or ``t`` in ``/proc``)."""
+    if pid is None or pid == os.getpid():  # a thread worker: this process runs
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read()
+    except OSError:  # gone, or no /proc
+        return False
+    return fields[fields.rfind(b")") + 2 : fields.rfind(b")") + 3] in (b"T", b"t")

@@ -65,7 +65,7 @@ from torchqueue._channel import Channel, Stopped, StopSignal, wait_acquire
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._feeder import Feeder
 from torchqueue._forkserver import CONTEXT as FORK_SERVER
-from torchqueue._handles import ProcessHandle, WorkerHandle
+from torchqueue._handles import ProcessHandle, WorkerHandle, process_stopped
 from torchqueue._idle import idle_seconds
 from torchqueue._local import LOCAL, LocalContext
 from torchqueue._loop import FusedStage, WorkerContext
@@ -660,7 +660,8 @@ class Runtime:
                 thread.join(timeout=join_s)
         deadline = time.monotonic() + join_s
         for _, _, handle in self.workers:
-            handle.join(timeout=max(0.0, deadline - time.monotonic()))
+            if not process_stopped(handle.pid):  # a stopped one cannot leave: killed next, at once
+                handle.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _make_stop(self) -> None:
         """Terminate, then kill, the workers still there; close the edges (once no thread reads them: a

@@ -10,10 +10,10 @@ when a worker died, so that its ``WorkerDiedError`` names the element it held.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
+from torchqueue._handles import process_stopped
 from torchqueue.stats import NFIELDS, Field
 
 IN_FUNCTION = "in its function"
@@ -48,7 +48,7 @@ def holders(workers: list[tuple[str, int, int | None]], rows: Any, now: float) -
         if busy <= 0 and out <= 0:
             continue
         doing, since = (IN_FUNCTION, busy) if busy > 0 else ("waiting for room downstream", out)
-        if _stopped(pid):  # what its row says it does, it does not do now
+        if process_stopped(pid):  # what its row says it does, it does not do now
             doing = f"{STOPPED}, {'in its function' if busy > 0 else 'sending'}"
         epoch, seq = int(rows[base + Field.AT_EPOCH]), int(rows[base + Field.AT_SEQ])
         found.append(Holder(step, worker, pid, doing, max(0.0, now - since), epoch, seq))
@@ -57,19 +57,7 @@ def holders(workers: list[tuple[str, int, int | None]], rows: Any, now: float) -
 
 def stopped(workers: list[tuple[str, int, int | None]]) -> list[str]:
     """The workers (``(step, worker, pid)``) whose process is stopped, each as ``'step' (worker 0, pid 7)``."""
-    return [f"{step!r} (worker {worker}, pid {pid})" for step, worker, pid in workers if _stopped(pid)]
-
-
-def _stopped(pid: int | None) -> bool:
-    """Whether process ``pid`` is stopped by a signal or traced (state ``T`` or ``t`` in ``/proc``)."""
-    if pid is None or pid == os.getpid():  # a thread worker: this process runs
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read()
-    except OSError:  # gone, or no /proc
-        return False
-    return fields[fields.rfind(b")") + 2 : fields.rfind(b")") + 3] in (b"T", b"t")
+    return [f"{step!r} (worker {worker}, pid {pid})" for step, worker, pid in workers if process_stopped(pid)]
 
 
 def died_with(holder: Holder, stage: str) -> str:

@@ -39,9 +39,10 @@ The decision, in order:
 9. A step run in a pool's workers (``StepStats.host``) whose calls wait off a CPU for a quarter of the
    pool's time or more holds the pool's workers with it: a declared queue between the two gives it
    processes of its own again, whose waits overlap the pool's work. Said after rule 1, before rule 8.
-10. A call going on (the figures taken while the pipeline runs, ``Stats.oldest_call``) for half the run
-   and ``STUCK_MIN_S`` or more, and much longer than its step's calls on average, holds every element after it: that call is named, with its worker's pid
-   for ``py-spy dump``. Said after rule 1, before the rest: a hang is what the figures are then asked.
+10. A call going on (the figures taken while the pipeline runs, ``Stats.oldest_call``) for half the run,
+   ``STUCK_MIN_S`` or more, and ``STUCK_TIMES`` its step's calls on average holds every element after
+   it: that call is named, with its worker's pid for ``py-spy dump``. Said after rule 1, before the
+   rest: a hang is what the figures are then asked.
 """
 
 from __future__ import annotations
