@@ -99,6 +99,23 @@ def test_the_timeout_message_with_nothing_held_tells_start_up_from_input():
     assert "waits for its input" in timeout_message(2.0, [], (3, 3))
 
 
+def test_a_worker_passing_on_an_epochs_end_holds_no_element():
+    # before: a worker killed while it passed on epoch 0's end, every output of that epoch delivered,
+    # died "while sending element 9 of epoch 0" (the last element it had taken)
+    from torchqueue._meter import Meter
+    from torchqueue._stuck import holders
+    from torchqueue.stats import NFIELDS, Field
+
+    rows = [0.0] * (2 * NFIELDS)
+    sending, passing_end = Meter(rows, 0, "work"), Meter(rows, 1, "work")
+    for meter in (sending, passing_end):
+        meter.took(0, 9)
+        meter.set(Field.OUT_SINCE, 1.0)
+    passing_end.holds_none()
+    (held,) = holders([("work", 0, 11), ("work", 1, 12)], rows, now=3.0)
+    assert (held.worker, held.seq, held.doing) == (0, 9, "waiting for room downstream")
+
+
 class BlockingInput:
     """Yields 0, 1, ... ``blocks_at - 1``, then blocks in ``next()`` until released; then yields
     ``late`` (or raises, with ``then_raise``), and ends."""

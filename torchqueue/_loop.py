@@ -135,6 +135,8 @@ class Loop:
         self.seeds.enter(envelope.epoch)  # a new epoch's stream, before the step sees its first element
         if not isinstance(envelope.payload, CONTROL):
             self.meter.took(envelope.epoch, envelope.seq)
+        else:
+            self.meter.holds_none()
         if self.ctx.in_bytes is not None:
             observe_bytes(self.ctx.in_bytes, data, envelope)
         return envelope

@@ -27,6 +27,10 @@ class Meter:
     def get(self, field: Field) -> float:
         return self._array[self._base + field]
 
+    def holds_none(self) -> None:
+        """The worker passes on a control message (an epoch's end): it holds no element any more."""
+        self.set(Field.AT_SEQ, -1)
+
     def took(self, epoch: int, seq: int) -> None:
         """A message to work on, the element at ``seq`` of ``epoch`` (what a consumer's timeout reports)."""
         self.add(Field.MESSAGES, 1)

@@ -364,6 +364,9 @@ class StreamRunner(Loop):
                 emit(failure)
                 for _ in self.epoch_elements(collector, epoch, drain=True):
                     pass
+            self.meter.holds_none()
+            if self.fused_meter is not None:
+                self.fused_meter.holds_none()
             emit(EndOfEpoch(outputs))
             epoch += 1
 

@@ -3,7 +3,7 @@
 Every worker's row of the stats array (see ``stats.Field``) says what the worker does and since
 when: a call of the step's function going on (``BUSY_SINCE``), a wait for room downstream with
 an element in hand (``OUT_SINCE``), and the position of the element it took last
-(``AT_EPOCH``, ``AT_SEQ``). A worker writes these few numbers per element; the consumer reads
+(``AT_EPOCH``, ``AT_SEQ``; ``-1`` once it passes on an epoch's end: it holds none). A worker writes these few numbers per element; the consumer reads
 them only when it gave up waiting, so a stuck step is named without any message to or from it; and
 when a worker died, so that its ``WorkerDiedError`` names the element it held.
 """
@@ -45,7 +45,7 @@ def holders(workers: list[tuple[str, int, int | None]], rows: Any, now: float) -
     for row, (step, worker, pid) in enumerate(workers):
         base = row * NFIELDS
         busy, out = rows[base + Field.BUSY_SINCE], rows[base + Field.OUT_SINCE]
-        if busy <= 0 and out <= 0:
+        if (busy <= 0 and out <= 0) or rows[base + Field.AT_SEQ] < 0:  # passing on an epoch's end: no element
             continue
         doing, since = (IN_FUNCTION, busy) if busy > 0 else ("waiting for room downstream", out)
         if process_stopped(pid):  # what its row says it does, it does not do now
