@@ -3,9 +3,10 @@
 Every worker's row of the stats array (see ``stats.Field``) says what the worker does and since
 when: a call of the step's function going on (``BUSY_SINCE``), a wait for room downstream with
 an element in hand (``OUT_SINCE``), and the position of the element it took last
-(``AT_EPOCH``, ``AT_SEQ``; ``-1`` once it passes on an epoch's end: it holds none). A worker writes these few numbers per element; the consumer reads
-them only when it gave up waiting, so a stuck step is named without any message to or from it; and
-when a worker died, so that its ``WorkerDiedError`` names the element it held.
+(``AT_EPOCH``, ``AT_SEQ``; ``-1`` once it passes on an epoch's end: it holds none). A worker writes
+these few numbers per element; the consumer reads them only when it gave up waiting, so a stuck step
+is named without any message to or from it; and when a worker died, so that its ``WorkerDiedError``
+names the element it held.
 """
 
 from __future__ import annotations
