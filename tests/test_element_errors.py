@@ -71,14 +71,19 @@ def test_a_pool_error_shows_the_item_it_failed_on(steps):
 
 @pytest.mark.parametrize(
     ("item", "shown"),
-    [("x" * 500, "'xxxxxxxx"), (_BadRepr(), "<_BadRepr instance at"), (list(range(1000)), "[0, 1, 2, 3, ...]")],
+    [
+        ("x" * 500, "'xxxxxxxx"),
+        (_BadRepr(), "<_BadRepr instance at"),
+        (list(range(1000)), "[0, 1, 2, 3, ...]"),
+        (torch.arange(100_000.0), "tensor([0.0000e+00,"),  # its repr breaks rows: before, a line of its own
+    ],
 )
 def test_a_pool_error_shows_an_item_shortened(item, shown):
     with tq.Sequence(tq.PoolStep(raise_bad_item, 2, name="f")) as seq:
         with pytest.raises(ValueError) as info:
             list(seq([[item]]))
     first = str(info.value).splitlines()[0]
-    assert f"on its item {shown}" in first and len(first) < 200
+    assert f"on its item {shown}" in first and first.endswith(": bad item") and len(first) < 200
 
 
 def raise_bad_item(item):

@@ -162,8 +162,11 @@ def test_a_failed_sequence_refuses_further_use_with_a_clear_error():
     seq = tq.Sequence(tq.ProcessStep(fail_on_seven))
     with pytest.raises(ValueError):
         list(seq(range(10)))
-    with pytest.raises(tq.PipelineError, match="earlier error"):
+    with pytest.raises(tq.PipelineError, match="earlier error") as info:
         seq.queue_iterable(range(3))
+    # the earlier error in one line (before: its repr, the worker's traceback with \n escapes)
+    assert "\\n" not in str(info.value) and "Traceback" not in str(info.value)
+    assert "earlier error (ValueError: ValueError in step 'fail_on_seven'" in str(info.value)
     seq.close()
 
 

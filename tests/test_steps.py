@@ -1,6 +1,7 @@
 """Step declarations validate their arguments at the call, saying what to change."""
 
 import dataclasses
+import queue
 
 import numpy as np
 import pytest
@@ -83,7 +84,9 @@ def test_steps_are_frozen_declarations():
     [
         ((), ValueError, "at least one step"),
         ((tq.Queue(2),), ValueError, "at least one step"),
-        ((tq.ProcessStep(double), 42), TypeError, "element 1"),
+        ((tq.ProcessStep(double), 42), TypeError, "element 1 is an int: expected a step"),
+        (([tq.ProcessStep(double)],), TypeError, r"element 0 is a list: .*tq\.Sequence\(\*steps\)"),
+        ((tq.ProcessStep(double), queue.Queue(2)), TypeError, r"is a queue\.Queue: .*joins threads, not processes"),
         ((tq.ProcessStep,), TypeError, r"element 0 is the class ProcessStep, not one: .*ProcessStep\(my_function, 2\)"),
         ((tq.ProcessStep(double), tq.Queue), TypeError, r"element 1 is the class Queue, .* e\.g\. Queue\(4\)"),
         ((tq.ProcessStep(double), tq.Queue(1), tq.Queue(2)), ValueError, "two queues"),

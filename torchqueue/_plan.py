@@ -298,6 +298,20 @@ def _as_queue(element: Any) -> Queue | None:
     return None
 
 
+def _article(name: str) -> str:
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _expected(element: Any) -> str:
+    """What a Sequence takes, said for ``element``, which it does not take."""
+    expected = "expected a step (ProcessStep, PoolStep, PackStep, UnpackStep, RepackStep) or a queue (tq.Queue(n))"
+    if isinstance(element, (list, tuple)):
+        return f"{expected}: pass the steps one by one, tq.Sequence(*steps)"
+    if type(element).__module__ == "queue":  # queue.Queue: between threads only
+        return f"{expected}; it joins threads, not processes: tq.Queue(n), or torch.multiprocessing.Queue(n)"
+    return expected
+
+
 def make_plan(elements: tuple[Any, ...]) -> Plan:
     """Validate ``elements`` and lay out stages and edge capacities (see the module docstring)."""
     steps: list[Step] = []
@@ -321,10 +335,9 @@ def make_plan(elements: tuple[Any, ...]) -> Plan:
                 f"e.g. {_EXAMPLES.get(element.__name__, element.__name__ + '()')}"
             )
         else:
-            raise TypeError(
-                f"Sequence element {position} is a {type(element).__name__}: expected a step "
-                "(ProcessStep, PoolStep, PackStep, UnpackStep, RepackStep) or a queue (tq.Queue(n))"
-            )
+            kind = type(element)
+            name = f"queue.{kind.__name__}" if kind.__module__ == "queue" else kind.__name__
+            raise TypeError(f"Sequence element {position} is {_article(name)}: {_expected(element)}")
     if not steps:
         raise ValueError("a Sequence needs at least one step, e.g. tq.Sequence(tq.ProcessStep(fn, 2))")
     capacities.append(pending.capacity if pending else 1)

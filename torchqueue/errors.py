@@ -88,7 +88,7 @@ def capture(
 def _short_repr(item: object) -> str:
     """``repr(item)``, shortened (``reprlib``); a placeholder where its ``__repr__`` raises."""
     try:
-        return _ITEM_REPR.repr(item)
+        return " ".join(_ITEM_REPR.repr(item).split())  # one line: a tensor's repr breaks its rows
     except Exception:
         return f"<{type(item).__qualname__}: its repr() raised>"
 

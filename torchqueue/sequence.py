@@ -232,12 +232,21 @@ class Sequence:
     def _closed_error(self) -> Exception:
         """What a thread gets that was taking outputs when another thread closed this Sequence."""
         if self._error is not None:
-            return PipelineError(f"this Sequence was stopped by an error in another thread ({self._error!r})")
+            return PipelineError(f"this Sequence was stopped by an error in another thread ({self._error_line()})")
         return RuntimeError("this Sequence was closed while it was being iterated")
+
+    def _error_line(self) -> str:
+        """The error that stopped this Sequence, in one line: its type and its message's first line (the
+        whole of it, with the worker's traceback, was raised then)."""
+        error = self._error
+        lines = str(error).splitlines()
+        return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
     def _check_open(self) -> None:
         if self._error is not None:
-            raise PipelineError(f"this Sequence was stopped by an earlier error ({self._error!r}); create a new one")
+            raise PipelineError(
+                f"this Sequence was stopped by an earlier error ({self._error_line()}); create a new one"
+            )
         if self._closed:
             raise RuntimeError("this Sequence is closed")
         if self._runtime is not None and self._runtime.forked_copy:
