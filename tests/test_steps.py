@@ -118,6 +118,12 @@ def test_a_non_iterable_input_raises_in_the_caller():
         with pytest.raises(TypeError, match="iterable"):
             seq.queue_iterable(42)
 
+        def events():
+            yield 1
+
+        with pytest.raises(TypeError, match=r"got function: call it, seq\(events\(\.\.\.\)\)"):
+            seq(events)  # the generator function, not called
+
 
 @pytest.mark.parametrize("context", ["spawn"])
 def test_an_unpicklable_function_raises_when_its_pipeline_starts(context):

@@ -336,7 +336,8 @@ def _iterator(iterable: Iterable[Any]) -> Iterator[Any]:
     try:
         return iter(iterable)
     except TypeError:
-        raise TypeError(f"queue_iterable needs an iterable, got {type(iterable).__name__}") from None
+        called = f": call it, seq({getattr(iterable, '__name__', 'fn')}(...))" if callable(iterable) else ""
+        raise TypeError(f"queue_iterable needs an iterable, got {type(iterable).__name__}{called}") from None
 
 
 class _EpochState:
