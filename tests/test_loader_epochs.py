@@ -210,6 +210,90 @@ def test_a_checkpoint_after_a_whole_epoch_resumes_with_the_next_epoch(kwargs):
     assert all(equal(a, b) for a, b in zip(theirs, ours))
 
 
+class OwnRandomSampler(torch.utils.data.Sampler):
+    """A shuffling sampler that keeps its generator under a name of its own (as bucketing samplers do)."""
+
+    def __init__(self, n: int, kind: str) -> None:
+        self.n, self.kind = n, kind
+        self.rng = {
+            "numpy": lambda: np.random.default_rng(5),
+            "numpy-legacy": lambda: np.random.RandomState(5),
+            "python": lambda: random.Random(5),
+            "torch": lambda: torch.Generator().manual_seed(5),
+        }[kind]()
+
+    def __iter__(self):
+        if self.kind == "torch":
+            return iter(torch.randperm(self.n, generator=self.rng).tolist())
+        if self.kind == "python":
+            return iter(self.rng.sample(range(self.n), self.n))
+        return iter(self.rng.permutation(self.n).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class StatefulSampler(OwnRandomSampler):
+    """The same, saying its own state (torchdata's ``Stateful``): an attribute that is no generator."""
+
+    def __init__(self, n: int, kind: str) -> None:
+        super().__init__(n, "python")
+        self.rng, self.state = None, random.Random(9)  # type: ignore[assignment]
+
+    def __iter__(self):
+        return iter(self.state.sample(range(self.n), self.n))
+
+    def state_dict(self) -> dict:
+        return {"state": self.state.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.setstate(state["state"])
+
+
+class BucketBatches(torch.utils.data.Sampler):
+    """A batch sampler of random batch sizes, its generator under a name of its own, over a sampler."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler) -> None:
+        self.sampler, self.sizes = sampler, np.random.default_rng(11)
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        while indices:
+            size = int(self.sizes.integers(1, 5))
+            yield indices[:size]
+            del indices[:size]
+
+
+@pytest.mark.parametrize("kind", ["numpy", "numpy-legacy", "python", "torch", "stateful", "batch sampler"])
+def test_a_resumed_loader_draws_the_next_epochs_as_an_uninterrupted_one_whatever_keeps_the_samplers_generator(
+    kind, tmp_path
+):
+    # before: only a generator under the sampler's ``generator`` was saved; one under another name came
+    # back at its seed, so the epoch after the resumed one repeated epoch 0's order
+    def loader(cls):
+        if kind == "batch sampler":
+            return cls(Augmented(20), batch_sampler=BucketBatches(OwnRandomSampler(20, "numpy")), num_workers=2)
+        sampler = StatefulSampler(20, kind) if kind == "stateful" else OwnRandomSampler(20, kind)
+        return cls(Augmented(20), batch_size=4, sampler=sampler, num_workers=2)
+
+    reference = loader(DataLoader)
+    theirs = [[batch[:, 0] for batch in reference] for _ in range(3)]
+    first = loader(QueueFlowLoader)
+    ours = [[batch[:, 0] for batch in first]]
+    iterator = iter(first)
+    ours.append([next(iterator)[:, 0]])
+    torch.save(first.state_dict(), tmp_path / "checkpoint.pt")
+    del iterator
+    close(first)
+    resumed = loader(QueueFlowLoader)
+    resumed.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True))
+    ours[1] += [batch[:, 0] for batch in resumed]
+    ours.append([batch[:, 0] for batch in resumed])
+    close(resumed)
+    assert all(equal(a, b) for a, b in zip(theirs, ours)) and len(ours) == 3
+    assert not equal(theirs[0], theirs[2])
+
+
 def test_a_resumed_loader_checkpoints_again():
     reference = make(DataLoader, shuffle=True, num_workers=2)
     theirs = [batch for _ in range(2) for batch in reference]

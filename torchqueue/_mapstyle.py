@@ -137,6 +137,11 @@ class MapStyleEpochs:
         resume = epoch is not None and not epoch.left and epoch.yielded < len(epoch.batches)
         self.resume, self.epoch = (epoch, None) if resume else (None, epoch)
 
+    @property
+    def index_sampler(self) -> Any:
+        """What yields each batch's indices (see ``TorchLoader.index_sampler``)."""
+        return self._torch.index_sampler
+
     def sampler_generator(self) -> torch.Generator | None:
         """The generator the sampler draws each epoch's order from, if it has one."""
         return _epochs.sampler_generator(self._torch.index_sampler)
