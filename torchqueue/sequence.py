@@ -420,6 +420,8 @@ class _EpochIterator(Iterator[Any]):
                     raise RuntimeError("this iterator was superseded by a later iter(seq); its epoch was cancelled")
                 if state.done:
                     raise StopIteration
+                if self._sequence._closed and self._sequence._error is None:  # also between two takes
+                    raise self._sequence._closed_error()
                 self._sequence._check_open()
                 if state.ready:  # another thread sharing this iterator took them
                     return state.ready.popleft()
