@@ -176,6 +176,21 @@ def test_loading_what_is_no_state_dict_of_the_loader_says_so(state, words):
     assert [len(batch) for batch in loader][:2] == [4, 4]  # the loader is as it was
 
 
+def test_a_checkpoint_of_a_loader_over_a_larger_dataset_raises_at_load():
+    # before: accepted, then "IndexError in __getitem__(28) of batch 2 (loader worker 0, ...)" in the epoch
+    larger = make(QueueFlowLoader, n=30, shuffle=True)
+    iterator = iter(larger)
+    next(iterator)
+    state = larger.state_dict()
+    smaller = make(QueueFlowLoader, n=20, shuffle=True)
+    with pytest.raises(ValueError, match=r"this checkpoint's epoch has index 2\d, and this loader's dataset has 20"):
+        smaller.load_state_dict(state)
+    assert sorted(int(i) for batch in smaller for i in batch[:, 0]) == list(range(20))  # as it was
+    same = make(QueueFlowLoader, n=30, shuffle=True)
+    same.load_state_dict(state)
+    assert len([i for batch in same for i in batch[:, 0]]) == 30 - 4
+
+
 @pytest.mark.parametrize("taken", [2, 3, 5])
 @pytest.mark.parametrize("persistent", [False, True])
 def test_resuming_restores_the_workers_random_state(taken, persistent):

@@ -325,6 +325,7 @@ class QueueFlowLoader(Generic[_T_co]):
                 f"load_state_dict() takes what this loader's state_dict() returned, got {what}: "
                 "it has no 'epoch' (save loader.state_dict() with your checkpoint)"
             )
+        _check_indices(state, self.dataset)
         self.set_epoch(state["epoch"])
         self._checkpoints.load_state_dict(state, self.generator, self._map_style, self.num_workers)
 
@@ -410,3 +411,19 @@ class _Unbegun(Iterator[Any]):
         close = getattr(self._batches, "close", None)
         if close is not None:
             close()
+
+
+def _check_indices(state: dict[str, Any], dataset: Any) -> None:
+    """A checkpoint's epoch must index this loader's dataset: one saved over a larger dataset raises here,
+    before anything changes, rather than an ``IndexError`` in a worker later."""
+    try:
+        size = len(dataset)
+    except TypeError:  # an iterable dataset, or a map-style one without a length
+        return
+    for batch in state.get("batches") or ():
+        for index in batch if isinstance(batch, (list, tuple)) else (batch,):
+            if type(index) is int and not -size <= index < size:
+                raise ValueError(
+                    f"this checkpoint's epoch has index {index}, and this loader's dataset has {size} items: "
+                    "load_state_dict() takes the state_dict() of a loader over the same dataset"
+                )
