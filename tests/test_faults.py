@@ -41,6 +41,8 @@ def test_a_timeout_names_the_stuck_step_and_the_oldest_element():
     message = str(info.value)
     assert "within 1 seconds" in message and "'slow'" in message and "'fast'" not in message
     assert "in its function" in message and "oldest is element 5 of epoch 0, in step 'slow'" in message
+    # the figures after it say the same (before: "no step is busy more than half the time ...: the input limits")
+    assert seq.stats().hint().startswith("slow held element 5 of epoch 0 as the pipeline closed: worker ")
     with pytest.raises(tq.PipelineError, match="TimeoutError"):  # closed, as after any error
         list(seq(range(3)))
     assert_no_workers()

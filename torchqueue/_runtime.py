@@ -44,6 +44,7 @@ messages left in it, and so do the workers if this process dies.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing.process
 import multiprocessing.sharedctypes  # noqa: F401  (else imported by the first pipeline's start: ms of its first batch)
@@ -191,6 +192,7 @@ class Runtime:
         self._feeder_error: BaseException | None = None
         self._closed = False
         self._closed_at: float | None = None
+        self._oldest_at_close: Holder | None = None  # the call going on as it closed (see close)
         self._owner = os.getpid()
         self._reading = threading.RLock()  # one thread at a time reads the outputs; close() waits for it
         _runtimes.add(self)
@@ -492,6 +494,11 @@ class Runtime:
         """The workers that hold elements now (from their stats rows), longest first."""
         return holders(self._owners(), self._stats, now)
 
+    def _oldest_call(self, now: float) -> Holder | None:
+        """The call of a step's function going on that began first (``Stats.oldest_call``)."""
+        calls = [holder for holder in self._holders(now) if holder.doing == IN_FUNCTION]
+        return calls[0] if calls else None
+
     def _owners(self) -> list[tuple[str, int, int | None]]:
         """``(step, worker, pid)`` of each stats row, in order."""
         return [(stage, worker, process.pid) for stage, worker, process in self._row_owners]
@@ -616,9 +623,7 @@ class Runtime:
         consumer = waited, self._consumer_work, cpu, idle
         feeder = self._feeder_body
         inputs = {"input_s": feeder.input_s, "input_held_s": feeder.held(now)} if feeder is not None else {}
-        if self._closed_at is None:
-            calls = [holder for holder in self._holders(now) if holder.doing == IN_FUNCTION]
-            inputs["oldest_call"] = calls[0] if calls else None
+        inputs["oldest_call"] = self._oldest_call(now) if self._closed_at is None else self._oldest_at_close
         return Stats.from_rows(
             stages, self._stats, elapsed, self._samples, self._started, consumer, paused.seconds, **inputs
         )
@@ -644,6 +649,10 @@ class Runtime:
         self._paused_at_close = self._pauses.taken((self._closed_at, self._cpu_at_close, self._idle_at_close))
         if self.forked_copy:
             return
+        # the figures after close are those of then: a call going on then (a timeout's) is its process's
+        # last, which close ends; stats() names it without a pid
+        oldest = self._oldest_call(self._closed_at)
+        self._oldest_at_close = dataclasses.replace(oldest, pid=None) if oldest is not None else None
         try:
             self._ask_to_stop(join_s)
         finally:  # also after Ctrl-C during the wait: no worker and no segment outlives close()

@@ -158,6 +158,13 @@ def verdict(stats: Stats) -> Verdict:
         )
     call = stats.oldest_call
     if call is not None and _stuck(stats, call):
+        if call.pid is None:  # taken as the pipeline closed (after a timeout): its process is gone
+            return Verdict(
+                call.step,
+                f"{call.step} held element {call.seq} of epoch {call.epoch} as the pipeline closed",
+                f"worker {call.worker} had been in its function on it for {call.seconds:.1f} s, and the elements "
+                "after it waited for it, to come out in order",
+            )
         return Verdict(
             call.step,
             f"{call.step} holds element {call.seq} of epoch {call.epoch}",

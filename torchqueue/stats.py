@@ -153,9 +153,10 @@ class Stats(Mapping[str, StepStats]):
         input_held_s: Seconds it waited to send the next element: as many were in flight as the queues
             allow, held by a step, by your loop, or behind a slower element (``ordered=True`` delivers
             them in order). Long while the steps wait for input: larger queues let them run ahead.
-        oldest_call: Of the calls of the steps' functions going on when the figures were taken (from a
-            pipeline still running), the one that began first: its ``step``, ``worker``, ``pid``,
-            ``seconds`` so far and the element's ``epoch`` and ``seq``; ``None`` if none was going on.
+        oldest_call: Of the calls of the steps' functions going on when the figures were taken, the one
+            that began first: its ``step``, ``worker``, ``pid``, ``seconds`` so far and the element's
+            ``epoch`` and ``seq``; ``None`` if none was going on. For a closed pipeline, the one going on
+            as it closed (after a timeout: the stuck call), its ``pid`` ``None`` (the process is gone).
         history: Earlier snapshots of the same figures, oldest first, taken about every
             quarter second while outputs were consumed (fewer, further apart, in a long run:
             at most a few hundred are kept). Each is a ``Stats`` with totals since the start;
