@@ -23,6 +23,7 @@ pytestmark = pytest.mark.timeout(60)  # a few tests build Sequences
         (lambda: tq.ProcessStep(double, True), TypeError, "int"),
         (lambda: tq.PoolStep("f", nworkers=2), TypeError, "callable"),
         (lambda: tq.PoolStep(double, nworkers=-1), ValueError, ">= 1"),
+        (lambda: tq.PoolStep(double), TypeError, "nworkers"),  # API.md: PoolStep(fn, nworkers); before: 1
         (lambda: tq.RepackStep(0), ValueError, "batch_size"),
         (lambda: tq.RepackStep(2, drop_last="yes"), TypeError, "drop_last"),
         (lambda: tq.PackStep(0), ValueError, "PackStep"),

@@ -21,7 +21,7 @@ Ends. A first PackStep runs in the feeder thread, which reads the input in the c
 anyway: grouping elements into lists is nothing next to reading them, and the elements then cross
 to the workers as lists (one message per ``n``) rather than one message each. A last UnpackStep runs
 in the consumer's thread, which then reads whole lists and hands out their items. The seed idea's
-``PackStep(256) -> PoolStep(f) -> UnpackStep()`` over tiny elements so moves 1/256th of the messages.
+``PackStep(256) -> PoolStep(f, n) -> UnpackStep()`` over tiny elements so moves 1/256th of the messages.
 
 A ``round_robin`` stage reads one channel per worker (element ``k`` goes to
 channel ``k % nworkers``); its edge's capacity is shared among them.
@@ -39,7 +39,7 @@ Fusion into a pool. A ProcessStep of two or more workers (no more than the pool'
 PoolStep, with no queue declared between them, runs in the pool's workers (``Plan.premapped``,
 ``_premap``): a pool worker takes the ProcessStep's input (a chunk's name), calls its function (reads
 the chunk) and works on the items itself. The items then never cross a process: the seed's
-``ProcessStep(read_chunk, 2) -> PoolStep(event_to_graph)`` had pickled every event into shared memory
+``ProcessStep(read_chunk, 2) -> PoolStep(event_to_graph, n)`` had pickled every event into shared memory
 and out again, and its read processes had been more processes on the cores. What the declaration says
 holds:
 

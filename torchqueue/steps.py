@@ -137,6 +137,8 @@ class PoolStep(_FunctionStep):
         backend: ``"process"`` (default) or ``"thread"``, as for ``ProcessStep``.
     """
 
+    nworkers: int = field()  # no default: a pool's size is yours to choose (API.md: ``PoolStep(fn, nworkers)``)
+
 
 class StreamStep(Step):
     """A step that re-chunks the stream; it runs in one worker and sees its input in order. Its worker
