@@ -118,4 +118,5 @@ def process_stopped(pid: int | None) -> bool:
             fields = stat.read()
     except OSError:  # gone, or no /proc
         return False
-    return fields[fields.rfind(b")") + 2 : fields.rfind(b")") + 3] in (b"T", b"t")
+    state = fields[fields.rfind(b")") + 2 :][:1]  # the field after the command's name, which may hold spaces
+    return state in (b"T", b"t")
