@@ -198,7 +198,8 @@ def test_regression_4_an_error_in_a_stream_step_is_raised_not_hung(steps, elemen
 
 def test_on_error_skip_drops_failing_elements_warns_once_and_counts_them():
     with tq.Sequence(tq.ProcessStep(fail_on_seven, 2, name="checker"), on_error="skip") as seq:
-        with pytest.warns(RuntimeWarning, match="checker") as warned:
+        # the warning names where (before: "step 'checker' raised ValueError: ...", no element)
+        with pytest.warns(RuntimeWarning, match="step 'checker' raised ValueError at element 7 of epoch 0") as warned:
             out = list(seq(list(range(20)) + [7, 7]))
         assert out == [x for x in range(20) if x != 7]
         assert len([w for w in warned if "checker" in str(w.message)]) == 1

@@ -205,7 +205,8 @@ class Loop:
         meter = meter or self.meter
         if not self.ctx.skip_errors:
             return capture(meter.step, exc, epoch, seq, item)
-        return self.skipped(f"{type(exc).__name__}: {exc}", meter)
+        where = f" at element {seq} of epoch {epoch}" if seq is not None else ""
+        return self.skipped(f"{type(exc).__name__}{where}: {exc}", meter)
 
     def skipped(self, summary: str, meter: Meter | None = None) -> Skipped:
         """A step's failure, dropped (``on_error="skip"``): counted, and noticed once per step."""

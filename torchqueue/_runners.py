@@ -294,7 +294,8 @@ class PoolRunner(Loop):
         payload = envelope.payload
         if self.ctx.skip_errors and isinstance(payload, Failure) and payload.step == self.ctx.stage_name:
             # the element could not be split into this pool's parts (not iterable): this step's failure
-            skipped = self.skipped(f"{payload.exc_type}: {payload.message}")
+            where = f" at element {envelope.seq} of epoch {envelope.epoch}"
+            skipped = self.skipped(f"{payload.exc_type}{where}: {payload.message}")
             self.timed(self.emitter.send, envelope._replace(payload=skipped))
             return
         if isinstance(payload, CONTROL):
