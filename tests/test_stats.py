@@ -307,7 +307,12 @@ def test_the_hops_advice_says_what_the_hops_cost():
     # cost was each item pickled on its own for the RepackStep to route
     chunk = _step("chunk", 0.01, encode_s=0.76, sent_bytes=10_000_000)
     hint = _stats(chunk, _step("RepackStep(7)", 0.16, stream=True), elapsed_s=1.3).hint()
-    assert "items of its outputs are pickled one by one, for RepackStep(7)" in hint and "in chunk itself" in hint
+    assert "items of chunk's outputs are pickled one by one, for RepackStep(7)" in hint and "in chunk itself" in hint
+    # the same where no step is busy half the time, the RepackStep's own sends beside them (a reviewer's run)
+    repack = _step("RepackStep(7)", 1.42, stream=True, encode_s=1.42, decode_s=0.28, sent_bytes=5_000_000)
+    chunk = _step("chunk", 0.01, encode_s=3.8, sent_bytes=10_000_000)
+    hint = _stats(chunk, repack, elapsed_s=12.0, wait=11.0).hint()
+    assert "the hops limit" in hint and "items of chunk's outputs are pickled one by one" in hint, hint
     small = _step("graph", 3.0, encode_s=4.0, decode_s=2.0, sent_bytes=100 * 180_000)
     hint = _stats(small, _step("collate", 1.0)).hint()
     assert "send fewer, larger messages" in hint and "two steps' work in one ProcessStep" in hint, hint
@@ -506,8 +511,27 @@ def test_stats_taken_during_a_hang_name_the_call_that_holds_it(nworkers):
     assert "py-spy dump --pid" in stats.hint() and "the input limits" not in stats.hint()
 
 
+def test_a_call_that_hangs_on_the_first_element_is_named():
+    # before: "give it more workers (now 1): ... waiting on files, the network or a sleep": the mean call,
+    # to which the hanging one was compared, counted the hanging one
+    call = type("Call", (), {"step": "work", "worker": 0, "pid": 7, "seconds": 3.2, "epoch": 0, "seq": 0})()
+    call.doing = "in its function"
+    work = _step("work", 3.2, elements_in=1, elements_out=0, cpu_s=0.0)
+    assert _stats(work, oldest_call=call, elapsed_s=5.0).hint().startswith("work holds element 0 of epoch 0")
+
+
+def test_a_stopped_worker_is_named_in_the_figures():
+    # before: left out of ``oldest_call``, and the hint said its step waited on files or a sleep
+    call = type("Call", (), {"step": "w", "worker": 0, "pid": 7, "seconds": 8.0, "epoch": 0, "seq": 11})()
+    call.doing = "stopped (SIGSTOP, Ctrl-Z or a debugger), in its function"
+    hint = _stats(_step("w", 13.2, elements_in=11, cpu_s=0.5), oldest_call=call, elapsed_s=13.2).hint()
+    assert hint.startswith("w's worker 0 is stopped: its process (pid 7) is stopped (SIGSTOP, Ctrl-Z or a debugger)")
+    assert "holding element 11 of epoch 0" in hint and "SIGCONT" in hint
+
+
 def test_a_long_call_like_the_steps_others_is_not_said_to_hold_the_pipeline():
     call = type("Call", (), {"step": "slow", "worker": 0, "pid": 7, "seconds": 6.0, "epoch": 0, "seq": 3})()
+    call.doing = "in its function"
     slow = _step("slow", 19.0, nworkers=2, elements_in=4, cpu_s=19.0)  # 5 s a call
     assert "holds element" not in _stats(slow, oldest_call=call, elapsed_s=10.0).hint()
     stuck = _step("slow", 19.0, nworkers=2, elements_in=40, cpu_s=19.0)  # 0.5 s a call

@@ -88,6 +88,7 @@ def test_steps_are_frozen_declarations():
         ((tq.ProcessStep(double), 42), TypeError, "element 1 is an int: expected a step"),
         (([tq.ProcessStep(double)],), TypeError, r"element 0 is a list: .*tq\.Sequence\(\*steps\)"),
         ((tq.ProcessStep(double), queue.Queue(2)), TypeError, r"is a queue\.Queue: .*joins threads, not processes"),
+        ((tq.ProcessStep(double), queue.SimpleQueue()), TypeError, r"queue\.SimpleQueue: .*joins threads"),
         ((tq.ProcessStep,), TypeError, r"element 0 is the class ProcessStep, not one: .*ProcessStep\(my_function, 2\)"),
         ((tq.ProcessStep(double), tq.Queue), TypeError, r"element 1 is the class Queue, .* e\.g\. Queue\(4\)"),
         ((tq.ProcessStep(double), tq.Queue(1), tq.Queue(2)), ValueError, "two queues"),

@@ -11,6 +11,7 @@ batches, as torchdata's ``StatefulDataLoader`` does for datasets without a state
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -96,22 +97,49 @@ def _samplers(index_sampler: Any) -> dict[str, Any]:
     path, sampler = "sampler", index_sampler
     while sampler is not None and len(chain) < 4 and all(sampler is not s for s in chain.values()):
         chain[path] = sampler
-        path, sampler = path + ".sampler", getattr(sampler, "sampler", None)
+        path, sampler = path + ".sampler", _attribute(sampler, "sampler")
     return chain
 
 
+def _attribute(owner: Any, name: str) -> Any:
+    """``owner.name``, or ``None`` where it has none or reading it raises (a property of yours)."""
+    try:
+        return getattr(owner, name, None)
+    except Exception:
+        return None
+
+
+def _attributes(sampler: Any) -> Iterator[tuple[str, Any]]:
+    """``(path, value)`` of a sampler's attributes (``__dict__`` and ``__slots__``), and of the items of
+    those that are lists, tuples or dicts (``rngs[0]``, ``rngs['train']``)."""
+    names = list(getattr(sampler, "__dict__", {}))
+    for kind in type(sampler).__mro__:
+        slots = kind.__dict__.get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else list(slots)
+    for name in dict.fromkeys(names):
+        value = _attribute(sampler, name)
+        yield name, value
+        if isinstance(value, (list, tuple)):
+            yield from ((f"{name}[{i}]", item) for i, item in enumerate(value[:_ITEMS]))
+        elif isinstance(value, dict):
+            yield from ((f"{name}[{key!r}]", item) for key, item in itertools.islice(value.items(), _ITEMS))
+
+
+_ITEMS = 16
+"""Items of a list, tuple or dict attribute looked at for generators (not a dataset's)."""
+
+
 def sampler_states(index_sampler: Any, saved: tuple[Any, ...]) -> dict[str, tuple[str, Any]]:
-    """The random state the sampler chain keeps, by path: what a sampler with ``state_dict()`` and
-    ``load_state_dict()`` (torchdata's ``Stateful``) returns, else each torch, numpy or Python generator
-    among its attributes (``self.rng = np.random.default_rng(seed)``) but those in ``saved`` (the loader's
-    generator and the sampler's ``generator``, saved apart). The state is the one after the epoch's draws,
-    which the loader makes as the epoch begins: a resumed run draws the next epoch as the uninterrupted one."""
+    """The state of every torch, numpy and Python generator the sampler chain keeps in its attributes
+    (``self.rng = np.random.default_rng(seed)``, in ``__slots__``, in a list of them), by path, but those
+    in ``saved`` (the loader's generator and the sampler's ``generator``, saved apart). The state is the one
+    after the epoch's draws, which the loader makes as the epoch begins: a resumed run draws the next
+    epoch as the uninterrupted one. A sampler's own ``state_dict()`` (torchdata's ``Stateful``) is not
+    asked: it would say the epoch was drawn to its end (``yielded``), and the next one would then be
+    empty; its generators are found as anyone's."""
     states: dict[str, tuple[str, Any]] = {}
     for path, sampler in _samplers(index_sampler).items():
-        if callable(getattr(sampler, "state_dict", None)) and callable(getattr(sampler, "load_state_dict", None)):
-            states[path] = ("state_dict", sampler.state_dict())
-            continue
-        for name, value in getattr(sampler, "__dict__", {}).items():
+        for name, value in _attributes(sampler):
             if all(value is not other for other in saved) and (state := _random_state(value)) is not None:
                 states[f"{path}.{name}"] = state
     return states
@@ -119,28 +147,26 @@ def sampler_states(index_sampler: Any, saved: tuple[Any, ...]) -> dict[str, tupl
 
 def restore_sampler_states(index_sampler: Any, states: dict[str, tuple[str, Any]]) -> None:
     """Put back what ``sampler_states`` saved, where this loader's sampler chain has the same paths."""
-    chain = _samplers(index_sampler)
+    found = {
+        f"{path}.{name}": value
+        for path, sampler in _samplers(index_sampler).items()
+        for name, value in _attributes(sampler)
+    }
     for path, (kind, state) in states.items():
-        if kind == "state_dict":
-            if path in chain:
-                chain[path].load_state_dict(state)
-            continue
-        owner, _, name = path.rpartition(".")
-        value = getattr(chain.get(owner), name, None)
+        value = found.get(path)
         if value is not None and (current := _random_state(value)) is not None and current[0] == kind:
             _set_random_state(value, kind, state)
 
 
 def _random_state(value: Any) -> tuple[str, Any] | None:
-    """``(kind, state)`` of a random generator (plain values and tensors, for ``torch.load(weights_only=True)``),
-    or ``None``: not one."""
+    """``(kind, state)`` of a random generator, in plain values and tensors (``torch.load(weights_only=True)``
+    reads them: a numpy array in a state goes as its bytes), or ``None``: not one."""
     if isinstance(value, torch.Generator):
         return "torch", value.get_state()
     if isinstance(value, np.random.Generator):
-        return "numpy", value.bit_generator.state
+        return "numpy", _plain(value.bit_generator.state)
     if isinstance(value, np.random.RandomState):
-        name, keys, position, has_gauss, gauss = value.get_state()
-        return "numpy-legacy", (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)
+        return "numpy-legacy", _plain(value.get_state())
     if isinstance(value, random.Random) and not isinstance(value, random.SystemRandom):
         return "python", value.getstate()
     return None
@@ -150,9 +176,40 @@ def _set_random_state(value: Any, kind: str, state: Any) -> None:
     if kind == "torch":
         value.set_state(state)
     elif kind == "numpy":
-        value.bit_generator.state = state
+        value.bit_generator.state = _numpy(state)
     elif kind == "numpy-legacy":
-        name, keys, position, has_gauss, gauss = state
-        value.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        value.set_state(_numpy(state))
     else:
         value.setstate(state)
+
+
+_ARRAY = "numpy.ndarray"
+
+
+def _plain(state: Any) -> Any:
+    """``state`` (a numpy generator's: dicts, tuples, ints, arrays) with each array as
+    ``(_ARRAY, dtype, shape, its bytes as a uint8 tensor)``."""
+    if isinstance(state, np.ndarray):
+        return (
+            _ARRAY,
+            state.dtype.str,
+            state.shape,
+            torch.from_numpy(np.ascontiguousarray(state).view(np.uint8).reshape(-1).copy()),
+        )
+    if isinstance(state, dict):
+        return {key: _plain(value) for key, value in state.items()}
+    if isinstance(state, tuple):
+        return tuple(_plain(value) for value in state)
+    return state
+
+
+def _numpy(state: Any) -> Any:
+    """What ``_plain`` was given."""
+    if isinstance(state, tuple) and len(state) == 4 and state[0] == _ARRAY:
+        _, dtype, shape, data = state
+        return data.numpy().view(np.dtype(dtype)).reshape(shape)
+    if isinstance(state, dict):
+        return {key: _numpy(value) for key, value in state.items()}
+    if isinstance(state, tuple):
+        return tuple(_numpy(value) for value in state)
+    return state

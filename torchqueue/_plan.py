@@ -298,6 +298,9 @@ def _as_queue(element: Any) -> Queue | None:
     return None
 
 
+_THREAD_QUEUES = ("queue", "_queue")  # queue.SimpleQueue's module is _queue
+
+
 def _article(name: str) -> str:
     return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
@@ -307,7 +310,7 @@ def _expected(element: Any) -> str:
     expected = "expected a step (ProcessStep, PoolStep, PackStep, UnpackStep, RepackStep) or a queue (tq.Queue(n))"
     if isinstance(element, (list, tuple)):
         return f"{expected}: pass the steps one by one, tq.Sequence(*steps)"
-    if type(element).__module__ == "queue":  # queue.Queue: between threads only
+    if type(element).__module__ in _THREAD_QUEUES:  # queue.Queue, queue.SimpleQueue: between threads only
         return f"{expected}; it joins threads, not processes: tq.Queue(n), or torch.multiprocessing.Queue(n)"
     return expected
 
@@ -336,7 +339,7 @@ def make_plan(elements: tuple[Any, ...]) -> Plan:
             )
         else:
             kind = type(element)
-            name = f"queue.{kind.__name__}" if kind.__module__ == "queue" else kind.__name__
+            name = f"queue.{kind.__name__}" if kind.__module__ in _THREAD_QUEUES else kind.__name__
             raise TypeError(f"Sequence element {position} is {_article(name)}: {_expected(element)}")
     if not steps:
         raise ValueError("a Sequence needs at least one step, e.g. tq.Sequence(tq.ProcessStep(fn, 2))")

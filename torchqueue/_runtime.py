@@ -496,7 +496,7 @@ class Runtime:
 
     def _oldest_call(self, now: float) -> Holder | None:
         """The call of a step's function going on that began first (``Stats.oldest_call``)."""
-        calls = [holder for holder in self._holders(now) if holder.doing == IN_FUNCTION]
+        calls = [holder for holder in self._holders(now) if holder.doing.endswith(IN_FUNCTION)]  # stopped ones too
         return calls[0] if calls else None
 
     def _owners(self) -> list[tuple[str, int, int | None]]:

@@ -157,6 +157,13 @@ def verdict(stats: Stats) -> Verdict:
             "after it to tell what limits: run longer (persistent workers start once for many epochs)",
         )
     call = stats.oldest_call
+    if call is not None and call.doing.startswith("stopped"):  # ``_stuck.STOPPED``: a signal, a debugger
+        return Verdict(
+            call.step,
+            f"{call.step}'s worker {call.worker} is stopped",
+            f"its process (pid {call.pid}) is {call.doing.rpartition(', ')[0]}, holding element {call.seq} of epoch "
+            f"{call.epoch} for {call.seconds:.1f} s: SIGCONT resumes it",
+        )
     if call is not None and _stuck(stats, call):
         if call.pid is None:  # taken as the pipeline closed (after a timeout): its process is gone
             return Verdict(
@@ -260,22 +267,25 @@ def _hops(stats: Stats, step: StepStats | None, hops: float, work: float) -> str
             'cost, not the messages. Thread steps (backend="thread") hand arrays and tensors to each other and '
             "to your loop without a copy; or send less (a smaller dtype, crop or reduce before sending)"
         )
-    after = steps[steps.index(step) + 1] if step is not None and steps.index(step) + 1 < len(steps) else None
-    if after is not None and after.stream and not step.stream:  # type: ignore[union-attr]
-        return (
-            f"{spent}: the items of its outputs are pickled one by one, for {after.name} to route them "
-            f"without decoding: give it fewer, larger items, or build the batches in {step.name} itself"  # type: ignore[union-attr]
-        )
+    routing = [(s, after) for s, after in zip(steps, steps[1:]) if s in senders and after.stream and not s.stream]
+    if routing:  # the sender whose encoding took most, where it took half the hops or more
+        sender, after = max(routing, key=lambda pair: pair[0].encode_s)
+        if sender.encode_s >= LIMITS * hops:
+            return (
+                f"{spent}: the items of {sender.name}'s outputs are pickled one by one, for {after.name} to route "
+                f"them without decoding: give it fewer, larger items, or build the batches in {sender.name} itself"
+            )
     fuse = ", or do two steps' work in one ProcessStep" if sum(not s.stream for s in steps) >= 2 else ""
     return f"{spent}: send fewer, larger messages (larger elements, a PackStep before a pool){fuse}"
 
 
 def _stuck(stats: Stats, call: Any) -> bool:
     """Whether ``call`` (``Stats.oldest_call``) has gone on so long that it holds the pipeline (rule 10):
-    half the run, ``STUCK_MIN_S``, and ``STUCK_TIMES`` the mean of its step's calls (this one counted)."""
+    half the run, ``STUCK_MIN_S``, and ``STUCK_TIMES`` the mean of its step's other calls, where there
+    were others (a hang on the first element has none to compare with)."""
     step = stats.get(call.step)
-    mean = step.busy_s / max(1, step.elements_in) if step is not None else 0.0
-    return call.seconds >= max(STUCK_MIN_S, LIMITS * stats.elapsed_s, STUCK_TIMES * mean)
+    others = (step.busy_s - call.seconds) / (step.elements_in - 1) if step is not None and step.elements_in > 1 else 0.0
+    return call.seconds >= max(STUCK_MIN_S, LIMITS * stats.elapsed_s, STUCK_TIMES * others)
 
 
 def _cores_full(stats: Stats, top: StepStats, used: float, cpus: int) -> str:

@@ -312,7 +312,9 @@ class QueueFlowLoader(Generic[_T_co]):
 
     def state_dict(self) -> dict[str, Any]:
         """Where this epoch stands: resuming yields exactly the batches an uninterrupted run still yields."""
-        return self._checkpoints.state_dict(self.epoch, self.generator, self._map_style, self.num_workers)
+        state = self._checkpoints.state_dict(self.epoch, self.generator, self._map_style, self.num_workers)
+        state["dataset_length"] = _length(self.dataset)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state_dict()``: the next iteration continues that epoch without refetching its
@@ -325,7 +327,7 @@ class QueueFlowLoader(Generic[_T_co]):
                 f"load_state_dict() takes what this loader's state_dict() returned, got {what}: "
                 "it has no 'epoch' (save loader.state_dict() with your checkpoint)"
             )
-        _check_indices(state, self.dataset)
+        _check_dataset(state, self.dataset)
         self.set_epoch(state["epoch"])
         self._checkpoints.load_state_dict(state, self.generator, self._map_style, self.num_workers)
 
@@ -413,17 +415,23 @@ class _Unbegun(Iterator[Any]):
             close()
 
 
-def _check_indices(state: dict[str, Any], dataset: Any) -> None:
-    """A checkpoint's epoch must index this loader's dataset: one saved over a larger dataset raises here,
-    before anything changes, rather than an ``IndexError`` in a worker later."""
+def _length(dataset: Any) -> int | None:
     try:
-        size = len(dataset)
+        return len(dataset)
     except TypeError:  # an iterable dataset, or a map-style one without a length
-        return
-    for batch in state.get("batches") or ():
-        for index in batch if isinstance(batch, (list, tuple)) else (batch,):
-            if type(index) is int and not -size <= index < size:
-                raise ValueError(
-                    f"this checkpoint's epoch has index {index}, and this loader's dataset has {size} items: "
-                    "load_state_dict() takes the state_dict() of a loader over the same dataset"
-                )
+        return None
+
+
+def _check_dataset(state: dict[str, Any], dataset: Any) -> None:
+    """Warn where a checkpoint's epoch, not over yet, was drawn over a dataset of another length: the rest
+    of it indexes that one (an ``IndexError`` in a worker later, or other samples). An epoch that was over
+    resumes with the next one, drawn from this dataset: no warning."""
+    saved, length = state.get("dataset_length"), _length(dataset)
+    left = len(state.get("batches") or ()) - int(state.get("yielded") or 0)
+    if saved is not None and length is not None and saved != length and left > 0 and not state.get("left"):
+        warnings.warn(
+            f"this checkpoint was saved over a dataset of {saved} items, and this loader's has {length}: the "
+            f"{left} batches left of its epoch index that one. Load it into a loader over the same dataset",
+            RuntimeWarning,
+            stacklevel=3,
+        )

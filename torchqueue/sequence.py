@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections.abc
 import multiprocessing
+import re
 import threading
 import warnings
 import weakref
@@ -38,6 +39,9 @@ from torchqueue.errors import PipelineError, TooManyWorkersWarning, rebuild
 from torchqueue.stats import Stats
 
 __all__ = ["Sequence"]
+
+_ERROR_LINE = 300
+"""The most characters of an earlier error quoted when the Sequence is used again."""
 
 _START_METHODS = ("fork", "spawn", "forkserver")
 
@@ -236,11 +240,13 @@ class Sequence:
         return RuntimeError("this Sequence was closed while it was being iterated")
 
     def _error_line(self) -> str:
-        """The error that stopped this Sequence, in one line: its type and its message's first line (the
-        whole of it, with the worker's traceback, was raised then)."""
+        """The error that stopped this Sequence, in one line: its type and its message without the
+        worker's traceback (the whole of it was raised then), shortened."""
         error = self._error
-        lines = str(error).splitlines()
-        return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        message = " ".join(re.split(r"\n\n(?:Worker|Input) traceback:", str(error))[0].split())
+        if len(message) > _ERROR_LINE:
+            message = message[: _ERROR_LINE - 3] + "..."
+        return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
     def _check_open(self) -> None:
         if self._error is not None:
