@@ -250,6 +250,9 @@ class OwnRandomSampler(torch.utils.data.Sampler):
             return iter(self.rng.sample(range(self.n), self.n))
         return iter(self.rng.permutation(self.n).tolist())
 
+    def __len__(self) -> int:
+        return self.n
+
 
 class RandomInAList(torch.utils.data.Sampler):
     """Its generators in a list, and in ``__slots__``."""
@@ -261,9 +264,6 @@ class RandomInAList(torch.utils.data.Sampler):
 
     def __iter__(self):
         return iter(self.rngs[0].permutation(self.n).tolist())
-
-    def __len__(self) -> int:
-        return self.n
 
     def __len__(self) -> int:
         return self.n
