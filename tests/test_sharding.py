@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import h5py
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import BatchSampler, Dataset, DistributedSampler, RandomSampler, SequentialSampler
@@ -9,6 +11,7 @@ from torch.utils.data import BatchSampler, Dataset, DistributedSampler, RandomSa
 import torchqueue as tq
 from torchqueue import QueueFlowLoader
 from torchqueue._sharding import ShardedSampler, shard, shard_chunks
+from torchqueue.sources import H5Chunks, read_h5_chunk
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
 
@@ -119,3 +122,46 @@ def test_a_queueflow_datasets_chunks_are_shared_among_ranks(source):
     # chunks 0, 2, 4 to rank 0; 1, 3 and (padding) 0 again to rank 1
     assert shares == [[0, 50, 2, 52, 4, 54], [1, 51, 3, 53, 0, 50]]
     assert trimmed == [[[0, 50], [2, 52]], [[1, 51], [3, 53]]]  # 5 chunks trimmed to 4 (drop_last)
+
+
+def _event_ids(chunk) -> list[float]:
+    return read_h5_chunk(chunk, keys=["energy"])["energy"].tolist()
+
+
+def test_an_h5chunks_source_that_shares_out_for_its_rank_is_not_shared_out_again(tmp_path):
+    # before: under torch.distributed H5Chunks took its rank's share, and the loader took every
+    # world_size-th chunk of it again: each rank read a quarter of the data, half of it never read
+    paths = []
+    for index in range(2):
+        paths.append(str(tmp_path / f"f{index}.h5"))
+        with h5py.File(paths[-1], "w") as f:
+            f["energy"] = np.arange(40, dtype=np.float32) + 100 * index
+    seen = []
+    for rank in range(2):
+        chunks = H5Chunks(paths, length_key="energy", chunk_size=10, seed=0, rank=rank, world_size=2)
+        dataset = tq.QueueFlowDataset(chunks, [tq.ProcessStep(_event_ids, 1)])
+        try:
+            loader = QueueFlowLoader(dataset, batch_size=None, rank=rank, world_size=2)
+            seen.append(sorted(event for chunk in loader for event in chunk))
+        finally:
+            dataset.close()
+    assert len(seen[0]) == len(seen[1]) == 40 and sorted(seen[0] + seen[1]) == sorted(range(40)) + sorted(
+        range(100, 140)
+    )
+    chunks = H5Chunks(paths, length_key="energy", chunk_size=10, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="source gives rank 0 of 2 its share, and this loader is rank 1 of 2"):
+        QueueFlowLoader(tq.QueueFlowDataset(chunks, [tq.ProcessStep(_event_ids, 1)]), rank=1, world_size=2)
+
+
+def test_under_lightnings_seed_the_ranks_order_is_lightnings(monkeypatch):
+    # Lightning's seed_everything(42) sets PL_GLOBAL_SEED, and the DistributedSampler Lightning puts into a
+    # DataLoader takes it: before, the loader's own took 0 (or the generator's seed), another order
+    monkeypatch.setenv("PL_GLOBAL_SEED", "42")
+    loader = QueueFlowLoader(list(range(40)), batch_size=4, shuffle=True, rank=1, world_size=2)
+    lightnings = DistributedSampler(list(range(40)), num_replicas=2, rank=1, shuffle=True, seed=42)
+    assert [i for batch in loader for i in batch.tolist()] == list(lightnings)
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    plain = QueueFlowLoader(list(range(40)), batch_size=4, shuffle=True, rank=1, world_size=2)
+    assert [i for batch in plain for i in batch.tolist()] == list(
+        DistributedSampler(list(range(40)), num_replicas=2, rank=1, shuffle=True, seed=0)
+    )

@@ -19,6 +19,8 @@ with DataLoader.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -66,11 +68,43 @@ def samplers(
         return sampler, batch_sampler, shuffle
     if sampler is not None:
         return ShardedSampler(sampler, rank, world_size, drop_last), batch_sampler, shuffle
-    seed = int(generator.initial_seed()) if generator is not None else 0
     distributed: DistributedSampler = DistributedSampler(
-        dataset, num_replicas=world_size, rank=rank, shuffle=bool(shuffle), seed=seed, drop_last=drop_last
+        dataset,
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=bool(shuffle),
+        seed=order_seed(generator),
+        drop_last=drop_last,
     )
     return distributed, batch_sampler, None  # the distributed sampler shuffles
+
+
+def order_seed(generator: torch.Generator | None) -> int:
+    """The seed of the ``DistributedSampler`` a loader makes for its rank: Lightning's where it set one
+    (``seed_everything``: ``PL_GLOBAL_SEED``, which the ``DistributedSampler`` Lightning puts into a
+    DataLoader takes), else the generator's initial seed, else 0 (``DistributedSampler``'s default)."""
+    lightning = os.environ.get("PL_GLOBAL_SEED")
+    if lightning is not None:
+        with contextlib.suppress(ValueError):
+            return int(lightning)
+    return int(generator.initial_seed()) if generator is not None else 0
+
+
+def shared_out_by(source: Any, where: Shard) -> bool:
+    """Whether ``source`` (a ``QueueFlowDataset``'s) gives this rank its share itself, as ``H5Chunks`` does
+    under ``torch.distributed`` or given ``rank=``: then the loader takes its chunks as they are (sharing
+    them out again would leave each rank ``1 / world_size`` of its share). A source that shares out for
+    another rank or world size raises."""
+    rank, world_size = getattr(source, "rank", None), getattr(source, "world_size", None)
+    if type(world_size) is not int or world_size <= 1:
+        return False
+    if (rank, world_size) != tuple(where):
+        raise ValueError(
+            f"the QueueFlowDataset's source gives rank {rank} of {world_size} its share, and this loader is rank "
+            f"{where.rank} of {where.world_size}: give the two the same rank and world size (or neither, under "
+            "torch.distributed)"
+        )
+    return True
 
 
 def share(items: list[Any], rank: int, world_size: int, drop_last: bool) -> list[Any]:

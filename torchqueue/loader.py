@@ -101,6 +101,11 @@ class QueueFlowLoader(Generic[_T_co]):
         if generator is not None and not isinstance(generator, torch.Generator):  # DataLoader fails as it iterates
             raise TypeError(f"generator must be a torch.Generator (or None), not {type(generator).__name__}")
         self._shard = _sharding.shard(rank, world_size)
+        # a source that shares out its chunks itself (H5Chunks under torch.distributed) is not shared out again
+        self._chunk_shard = self._shard
+        if self._shard is not None and isinstance(dataset, QueueFlowDataset):
+            if _sharding.shared_out_by(dataset.source, self._shard):
+                self._chunk_shard = None
         explicit = rank is not None or world_size is not None
         if explicit and isinstance(dataset, IterableDataset) and not isinstance(dataset, QueueFlowDataset):
             raise ValueError(
@@ -267,8 +272,8 @@ class QueueFlowLoader(Generic[_T_co]):
     def _iter_pipeline(self) -> Iterator[Any]:
         dataset: QueueFlowDataset = self.dataset
         chunks = dataset.chunks(dataset.epoch)
-        if self._shard is not None:
-            chunks = _sharding.shard_chunks(chunks, *self._shard, drop_last=self._torch.drop_last)
+        if self._chunk_shard is not None:
+            chunks = _sharding.shard_chunks(chunks, *self._chunk_shard, drop_last=self._torch.drop_last)
         outputs = dataset._outputs(chunks, self._torch.timeout or None)
         try:
             if self.batch_size is None:
