@@ -19,7 +19,7 @@ Module map (see ``torchqueue/README.md`` for the life of one element):
 
 import logging
 
-from torchqueue import sources  # tq.sources.H5Chunks after ``import torchqueue as tq`` (h5py loads when used)
+from torchqueue import sources as sources  # tq.sources.H5Chunks after ``import torchqueue as tq``; h5py loads when used
 from torchqueue.dataset import QueueFlowDataset
 from torchqueue.errors import PipelineError, TooManyWorkersWarning, WorkerDiedError
 from torchqueue.loader import QueueFlowLoader
