@@ -4,11 +4,12 @@ With ``rank=`` and ``world_size=`` (or an initialized ``torch.distributed``) a `
 gives its rank one share, as Lightning's ``DistributedSampler`` / ``DistributedSamplerWrapper`` do:
 
 - no sampler: a ``DistributedSampler`` over the dataset (shuffled when ``shuffle=True``, seeded
-  with the generator's initial seed);
+  as Lightning seeds its own, ``order_seed``);
 - a ``DistributedSampler``: taken as it is (it is a share already);
 - another sampler: ``ShardedSampler``, the rank's share of the sampler's indices;
 - a batch sampler: ``ShardedBatchSampler``, the rank's share of its batches;
-- a ``QueueFlowDataset``: ``shard_chunks``, the rank's share of the epoch's chunks.
+- a ``QueueFlowDataset``: ``shard_chunks``, the rank's share of the epoch's chunks, unless its source
+  shares them out itself (``shared_out_by``: ``H5Chunks`` under ``torch.distributed``).
 
 A share takes every ``world_size``-th item from position ``rank``, after padding the list by
 repeating it from its start up to a multiple of ``world_size`` (or trimming it to one, with
