@@ -137,39 +137,56 @@ def sampler_states(index_sampler: Any, saved: tuple[Any, ...]) -> dict[str, tupl
     epoch as the uninterrupted one. A sampler's own ``state_dict()`` (torchdata's ``Stateful``) is not
     asked: it would say the epoch was drawn to its end (``yielded``), and the next one would then be
     empty; its generators are found as anyone's."""
-    states: dict[str, tuple[str, Any]] = {}
-    for path, sampler in _samplers(index_sampler).items():
-        for name, value in _attributes(sampler):
-            if all(value is not other for other in saved) and (state := _random_state(value)) is not None:
-                states[f"{path}.{name}"] = state
-    return states
+    return {
+        path: (kind, _random_state(value, kind))
+        for path, (kind, value) in _generators(index_sampler).items()
+        if all(value is not other for other in saved)
+    }
 
 
 def restore_sampler_states(index_sampler: Any, states: dict[str, tuple[str, Any]]) -> None:
-    """Put back what ``sampler_states`` saved, where this loader's sampler chain has the same paths."""
-    found = {
-        f"{path}.{name}": value
-        for path, sampler in _samplers(index_sampler).items()
-        for name, value in _attributes(sampler)
-    }
+    """Put back what ``sampler_states`` saved, where this loader's sampler chain has a generator of the
+    same kind at the same path."""
+    found = _generators(index_sampler)
     for path, (kind, state) in states.items():
-        value = found.get(path)
-        if value is not None and (current := _random_state(value)) is not None and current[0] == kind:
-            _set_random_state(value, kind, state)
+        if path in found and found[path][0] == kind:
+            _set_random_state(found[path][1], kind, state)
 
 
-def _random_state(value: Any) -> tuple[str, Any] | None:
-    """``(kind, state)`` of a random generator, in plain values and tensors (``torch.load(weights_only=True)``
-    reads them: a numpy array in a state goes as its bytes), or ``None``: not one."""
+def _generators(index_sampler: Any) -> dict[str, tuple[str, Any]]:
+    """``{path: (kind, generator)}`` of the random generators among the sampler chain's attributes."""
+    found = {}
+    for path, sampler in _samplers(index_sampler).items():
+        for name, value in _attributes(sampler):
+            kind = _kind(value)
+            if kind is not None:
+                found[f"{path}.{name}"] = kind, value
+    return found
+
+
+def _kind(value: Any) -> str | None:
+    """Which kind of random generator ``value`` is (``None``: none)."""
     if isinstance(value, torch.Generator):
-        return "torch", value.get_state()
+        return "torch"
     if isinstance(value, np.random.Generator):
-        return "numpy", _plain(value.bit_generator.state)
+        return "numpy"
     if isinstance(value, np.random.RandomState):
-        return "numpy-legacy", _plain(value.get_state())
+        return "numpy-legacy"
     if isinstance(value, random.Random) and not isinstance(value, random.SystemRandom):
-        return "python", value.getstate()
+        return "python"
     return None
+
+
+def _random_state(value: Any, kind: str) -> Any:
+    """A generator's state in plain values and tensors (``torch.load(weights_only=True)`` reads them: a
+    numpy array in a state goes as its bytes)."""
+    if kind == "torch":
+        return value.get_state()
+    if kind == "numpy":
+        return _plain(value.bit_generator.state)
+    if kind == "numpy-legacy":
+        return _plain(value.get_state())
+    return value.getstate()
 
 
 def _set_random_state(value: Any, kind: str, state: Any) -> None:

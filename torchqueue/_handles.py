@@ -109,6 +109,10 @@ class ProcessHandle:
         return f"exited with code {code}"
 
 
+STOPPED = "stopped (SIGSTOP, Ctrl-Z or a debugger)"
+"""How a stopped process (``process_stopped``) is told, in a timeout's report and in the stats' hint."""
+
+
 def process_stopped(pid: int | None) -> bool:
     """Whether process ``pid`` is stopped by a signal or traced (state ``T`` or ``t`` in ``/proc``)."""
     if pid is None or pid == os.getpid():  # a thread worker: this process runs

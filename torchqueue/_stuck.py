@@ -14,11 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torchqueue._handles import process_stopped
+from torchqueue._handles import STOPPED, process_stopped
 from torchqueue.stats import NFIELDS, Field
 
 IN_FUNCTION = "in its function"
-STOPPED = "stopped (SIGSTOP, Ctrl-Z or a debugger)"
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ def holders(workers: list[tuple[str, int, int | None]], rows: Any, now: float) -
             continue
         doing, since = (IN_FUNCTION, busy) if busy > 0 else ("waiting for room downstream", out)
         if process_stopped(pid):  # what its row says it does, it does not do now
-            doing = f"{STOPPED}, {'in its function' if busy > 0 else 'sending'}"
+            doing = f"{STOPPED}, {IN_FUNCTION if busy > 0 else 'sending'}"
         epoch, seq = int(rows[base + Field.AT_EPOCH]), int(rows[base + Field.AT_SEQ])
         found.append(Holder(step, worker, pid, doing, max(0.0, now - since), epoch, seq))
     return sorted(found, key=lambda holder: -holder.seconds)

@@ -51,6 +51,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from torchqueue._handles import STOPPED
+
 if TYPE_CHECKING:
     from torchqueue.stats import Stats, StepStats
 
@@ -157,12 +159,12 @@ def verdict(stats: Stats) -> Verdict:
             "after it to tell what limits: run longer (persistent workers start once for many epochs)",
         )
     call = stats.oldest_call
-    if call is not None and call.doing.startswith("stopped"):  # ``_stuck.STOPPED``: a signal, a debugger
+    if call is not None and call.doing.startswith(STOPPED):  # by a signal, or a debugger
         return Verdict(
             call.step,
             f"{call.step}'s worker {call.worker} is stopped",
-            f"its process (pid {call.pid}) is {call.doing.rpartition(', ')[0]}, holding element {call.seq} of epoch "
-            f"{call.epoch} for {call.seconds:.1f} s: SIGCONT resumes it",
+            f"its process (pid {call.pid}) is {STOPPED}, holding element {call.seq} of epoch {call.epoch} for "
+            f"{call.seconds:.1f} s: SIGCONT resumes it",
         )
     if call is not None and _stuck(stats, call):
         if call.pid is None:  # taken as the pipeline closed (after a timeout): its process is gone

@@ -264,10 +264,7 @@ class QueueFlowLoader(Generic[_T_co]):
         return batches
 
     def _length_or_none(self) -> int | None:
-        try:
-            return len(self)
-        except TypeError:
-            return None
+        return _length(self)
 
     def _iter_pipeline(self) -> Iterator[Any]:
         dataset: QueueFlowDataset = self.dataset
