@@ -95,10 +95,10 @@ def test_a_timeout_while_the_workers_start_says_so():
 
 
 def test_the_timeout_message_with_nothing_held_tells_start_up_from_input():
-    from torchqueue._stuck import timeout_message
+    from torchqueue._stuck import timed_out
 
-    assert "still starting (1 of 3 ready" in timeout_message(2.0, [], (1, 3))
-    assert "waits for its input" in timeout_message(2.0, [], (3, 3))
+    assert "still starting (1 of 3 ready" in str(timed_out(2.0, [], (1, 3)))
+    assert "waits for its input" in str(timed_out(2.0, [], (3, 3)))
 
 
 def test_a_worker_passing_on_an_epochs_end_holds_no_element():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -487,6 +488,30 @@ def test_timeout_raises_dataloaders_error_and_the_next_epoch_starts_afresh():
     loader = QueueFlowLoader(Stuck(), batch_size=None, num_workers=1, timeout=0.5)
     with pytest.raises(RuntimeError, match="DataLoader timed out after 0.5 seconds"):
         list(loader)
+    loader.close()
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_timeout_names_the_stuck_batch_its_indices_and_its_worker(persistent):
+    """Item 2 never comes back: batch 1 (indices [2, 3]), fetched by worker 1 (batch k to worker k % 2)."""
+    loader = QueueFlowLoader(Stuck(), batch_size=2, num_workers=2, timeout=1, persistent_workers=persistent)
+    with pytest.raises(RuntimeError, match="DataLoader timed out after 1 seconds") as raised:
+        list(loader)
+    cause = str(raised.value.__cause__)
+    assert isinstance(raised.value.__cause__, TimeoutError)
+    assert re.fullmatch(
+        r"no batch came within 1 seconds: loader worker 1 \(pid \d+\) has been fetching batch 1 \(indices \[2, 3\]\) "
+        r"for \d\.\d s, in the dataset or collate_fn; py-spy dump --pid \d+ shows where",
+        cause,
+    ), cause
+    loader.close()
+
+
+def test_a_timeout_without_batching_names_the_index():
+    loader = QueueFlowLoader(Stuck(), batch_size=None, num_workers=2, timeout=1)
+    with pytest.raises(RuntimeError) as raised:
+        list(loader)
+    assert "has been fetching batch 2 (index 2) for" in str(raised.value.__cause__)
     loader.close()
 
 

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from torchqueue import _device, _epochs, _forkserver
+from torchqueue._batchtimeout import Handed, outputs_named
 from torchqueue._epochs import Epoch
 from torchqueue._fetch import Fetch, Fetched, Job
 from torchqueue._lookahead import EpochStep, Guess, predictable
@@ -70,6 +71,7 @@ class MapStyleEpochs:
         self.resume: Epoch | None = None  # an epoch load_state_dict left to finish
         self.unbegun: torch.Tensor | None = None  # the generator before an iterator's draws, until it begins
         self._sequence: Sequence | None = None  # the persistent workers
+        self._handed = Handed()  # the jobs handed to them (what a timeout names)
         self._running: weakref.WeakSet[Sequence] = weakref.WeakSet()  # each iterator's own workers (not persistent)
         self._latest: weakref.ref[Sequence] | None = None  # the last of them (``stats``)
         self._latest_stats: Stats | None = None  # its figures when it closed
@@ -257,7 +259,9 @@ class MapStyleEpochs:
             own = self._new_pipeline(num_workers)
             self._latest = weakref.ref(own)
             self._running.add(own)  # weakly: an iterator dropped unstarted takes its workers with it
-            return epoch, _device.deliver(own(jobs), loader.pin_memory, loader.device, fetched=True), own
+            handed = Handed()
+            outputs = outputs_named(own(handed.record(jobs)), handed)
+            return epoch, _device.deliver(outputs, loader.pin_memory, loader.device, fetched=True), own
         outputs = self._persistent_outputs(num_workers, ahead, guessed, jobs)
         return epoch, _device.deliver(outputs, loader.pin_memory, loader.device, fetched=True), None
 
@@ -299,7 +303,7 @@ class MapStyleEpochs:
         workers run from this epoch's last batch into the next one's first.
         """
         if self._sequence is None:
-            self._sequence = self._new_pipeline(num_workers)
+            self._sequence, self._handed = self._new_pipeline(num_workers), Handed()
         sequence = self._sequence
         sequence.timeout = self._torch.timeout or None  # as set now (DataLoader's timeout may be set any time)
         if ahead is not None:
@@ -307,7 +311,7 @@ class MapStyleEpochs:
         if not guessed:  # iterating the new epoch cancels a wrong guess
             if ahead is not None:
                 logger.debug("the epoch guessed ahead is not the one drawn now: it is cancelled")
-            sequence.queue_iterable(jobs)
+            sequence.queue_iterable(self._handed.record(jobs))
             epoch = iter(sequence)
         if predictable(self._torch.index_sampler):
             self._epochs_sent += 1
@@ -319,8 +323,8 @@ class MapStyleEpochs:
                 self._epoch_step.step,
                 lambda position, indices: Job(base_seed, number, indices, position=position),
             )
-            sequence.queue_iterable(self._ahead.jobs())
-        return epoch
+            sequence.queue_iterable(self._handed.record(self._ahead.jobs()))
+        return outputs_named(epoch, self._handed)
 
     def _new_pipeline(self, num_workers: int) -> Sequence:
         if self._server is None and uses_fork_server(self._torch.multiprocessing_context):

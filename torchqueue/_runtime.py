@@ -76,7 +76,7 @@ from torchqueue._meter import Meter
 from torchqueue._pauses import Paused, Pauses
 from torchqueue._plan import STREAM, THREAD, Plan, StagePlan
 from torchqueue._premap import PremapStage, SlotHolder, Slots
-from torchqueue._stuck import IN_FUNCTION, Holder, died_with, holders, stopped, timeout_message
+from torchqueue._stuck import IN_FUNCTION, Holder, died_with, holders, stopped, timed_out
 from torchqueue._threads import LocalChannel, ThreadHandle
 from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
 from torchqueue._worker import worker_main
@@ -469,7 +469,7 @@ class Runtime:
                 self._check_health()  # a dead worker explains the wait better
                 assert timeout is not None
                 halted = stopped(self._owners())
-                raise TimeoutError(timeout_message(timeout, self._holders(now), self._ready(), halted))
+                raise timed_out(timeout, self._holders(now), self._ready(), halted)
             wait = HEALTH_S if deadline is None else min(HEALTH_S, deadline - now)
             try:
                 data = self._edges[self.plan.consumer_edge][0].get(self._writers_alive, timeout=wait)

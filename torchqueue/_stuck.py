@@ -11,6 +11,7 @@ names the element it held.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,9 @@ from torchqueue._handles import STOPPED, process_stopped
 from torchqueue.stats import NFIELDS, Field
 
 IN_FUNCTION = "in its function"
+
+Worker = tuple[str, int, "int | None"]
+"""A worker as the runtime lists them: ``(step, index, pid)``."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class Holder:
         )
 
 
-def holders(workers: list[tuple[str, int, int | None]], rows: Any, now: float) -> list[Holder]:
+def holders(workers: list[Worker], rows: Any, now: float) -> list[Holder]:
     """The workers (``(step, worker, pid)``, one per row in order) that hold an element, longest first."""
     found = []
     for row, (step, worker, pid) in enumerate(workers):
@@ -55,9 +59,14 @@ def holders(workers: list[tuple[str, int, int | None]], rows: Any, now: float) -
     return sorted(found, key=lambda holder: -holder.seconds)
 
 
-def stopped(workers: list[tuple[str, int, int | None]]) -> list[str]:
-    """The workers (``(step, worker, pid)``) whose process is stopped, each as ``'step' (worker 0, pid 7)``."""
-    return [f"{step!r} (worker {worker}, pid {pid})" for step, worker, pid in workers if process_stopped(pid)]
+def stopped(workers: list[Worker]) -> list[Worker]:
+    """The workers whose process is stopped."""
+    return [(step, worker, pid) for step, worker, pid in workers if process_stopped(pid)]
+
+
+def _named(worker: Worker) -> str:
+    step, index, pid = worker
+    return f"{step!r} (worker {index}, pid {pid})"
 
 
 def died_with(holder: Holder, stage: str) -> str:
@@ -68,15 +77,41 @@ def died_with(holder: Holder, stage: str) -> str:
     return f", while {doing} element {holder.seq} of epoch {holder.epoch}{step}"
 
 
-def timeout_message(
-    timeout: float, held: list[Holder], ready: tuple[int, int] = (0, 0), halted: list[str] | None = None
-) -> str:
-    """The text of the consumer's ``TimeoutError``; ``ready``: of the workers, how many had started;
-    ``halted``: the workers whose process is stopped (``stopped``)."""
-    text = _waited(timeout, held, ready, bool(halted))
-    if halted:
-        text += f". Workers {STOPPED}: {', '.join(halted)}; SIGCONT resumes them"
-    return text
+def timed_out(
+    timeout: float, held: list[Holder], ready: tuple[int, int] = (0, 0), halted: list[Worker] | None = None
+) -> TimeoutError:
+    """The consumer's ``TimeoutError``; ``ready``: of the workers, how many had started; ``halted``: the
+    workers whose process is stopped (``stopped``).
+
+    A plain ``TimeoutError`` (what users catch and see), which also carries what it found for a caller
+    that says it in its own terms (a loader names batches): ``timeout``, ``held`` (the workers holding
+    elements, longest first) and ``halted``; ``held_by`` reads them back."""
+    error = TimeoutError(_waited(timeout, held, ready, bool(halted)) + halted_text(halted or []))
+    error.stuck = Stuck(timeout, tuple(held), tuple(halted or ()))  # type: ignore[attr-defined]
+    return error
+
+
+@dataclass(frozen=True)
+class Stuck:
+    """What a consumer's timeout found: no output within ``timeout`` seconds, the workers that ``held``
+    elements (longest first), and those ``halted`` (stopped)."""
+
+    timeout: float
+    held: tuple[Holder, ...]
+    halted: tuple[Worker, ...]
+
+
+def stuck_of(error: BaseException) -> Stuck | None:
+    """What the consumer's timeout ``error`` found (``None``: another ``TimeoutError``)."""
+    return getattr(error, "stuck", None)
+
+
+def halted_text(halted: list[Worker] | tuple[Worker, ...], named: Callable[[Worker], str] | None = None) -> str:
+    """The sentence a timeout's message ends with where workers are stopped (else nothing); ``named``: how
+    a worker is called (``'step' (worker 0, pid 7)``)."""
+    if not halted:
+        return ""
+    return f". Workers {STOPPED}: {', '.join(map(named or _named, halted))}; SIGCONT resumes them"
 
 
 def _waited(timeout: float, held: list[Holder], ready: tuple[int, int], halted: bool) -> str:

@@ -1,0 +1,111 @@
+"""What a map-style loader's timeout names: the batches its workers hold, by their place in the
+epoch and their indices, instead of the pipeline's own terms (step ``'fetch'``, element N).
+
+The loader hands each epoch's jobs to its ``Sequence`` of fetch workers; ``Handed`` keeps them by
+their position in that ``Sequence``'s epoch, which is what the pipeline's ``TimeoutError`` says each
+worker holds (``_stuck.Holder``). Only the last few epochs handed are kept.
+
+    RuntimeError: DataLoader timed out after 3 seconds
+    ... caused by TimeoutError: no batch came within 3 seconds: loader worker 1 (pid 1739) has been
+    fetching batch 3 (indices [12, 13, 14, 15]) for 3.0 s, in the dataset or collate_fn; ...
+"""
+
+from __future__ import annotations
+
+import collections
+import reprlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from torchqueue._fetch import Job
+from torchqueue._stuck import IN_FUNCTION, Holder, Stuck, Worker, halted_text, stuck_of
+
+KEPT_EPOCHS = 3
+"""Epochs of a ``Sequence`` whose jobs are kept (the one iterated, and the next ones queued behind it)."""
+
+_indices_repr = reprlib.Repr()
+_indices_repr.maxlist = _indices_repr.maxtuple = 8
+_indices_repr.maxother = 60
+
+
+class Handed:
+    """The jobs handed to one ``Sequence``'s epochs, by that ``Sequence``'s epoch number and position."""
+
+    def __init__(self) -> None:
+        self._epochs: collections.OrderedDict[int, list[Job]] = collections.OrderedDict()
+        self._queued = 0
+
+    def record(self, jobs: Iterable[Job]) -> Iterable[Job]:
+        """``jobs``, handed as the ``Sequence``'s next epoch: a list as it is (the feeder treats lists as
+        in memory), anything else as it is taken."""
+        number, self._queued = self._queued, self._queued + 1
+        if isinstance(jobs, list):
+            self._keep(number, jobs)
+            return jobs
+        taken: list[Job] = []
+        self._keep(number, taken)
+        return _taking(jobs, taken)
+
+    def _keep(self, number: int, jobs: list[Job]) -> None:
+        self._epochs[number] = jobs
+        while len(self._epochs) > KEPT_EPOCHS:
+            self._epochs.popitem(last=False)
+
+    def job(self, epoch: int, seq: int) -> Job | None:
+        jobs = self._epochs.get(epoch)
+        return jobs[seq] if jobs is not None and 0 <= seq < len(jobs) else None
+
+    def timed_out(self, error: Stuck, current: int) -> TimeoutError | None:
+        """The loader's ``TimeoutError`` for what the pipeline's timeout found: what each worker holds, as batches;
+        ``current``: the ``Sequence``'s epoch being iterated (a batch of a later one was fetched ahead).
+        ``None`` where it names no holder (the pipeline's message says it: start-up, stopped workers)."""
+        named = [text for holder in error.held if (text := self._holding(holder, current)) is not None]
+        if not named:
+            return None
+        stopped = halted_text(error.halted, _worker)
+        return TimeoutError(f"no batch came within {error.timeout} seconds: {'; '.join(named)}{stopped}")
+
+    def _holding(self, holder: Holder, current: int) -> str | None:
+        job = self.job(holder.epoch, holder.seq)
+        if job is None or job.indices is None:
+            return None
+        batch = f"batch {job.position}" if job.position >= 0 else "a batch"
+        if holder.epoch != current:
+            batch += " of the next epoch (fetched ahead)"
+        elif not job.keep:
+            batch += " of the last epoch (fetched again to restore the workers' random state)"
+        indices = _indices_repr.repr(job.indices)
+        what = (
+            f"{batch} (indices {indices})" if isinstance(job.indices, (list, tuple)) else f"{batch} (index {indices})"
+        )
+        worker = _worker((holder.step, holder.worker, holder.pid))
+        if holder.doing == IN_FUNCTION:
+            return (
+                f"{worker} has been fetching {what} for {holder.seconds:.1f} s, in the dataset or collate_fn; "
+                f"py-spy dump --pid {holder.pid} shows where"
+            )
+        return f"{worker} holds {what}, {holder.doing} for {holder.seconds:.1f} s"
+
+
+def _worker(worker: Worker) -> str:
+    _, index, pid = worker
+    return f"loader worker {index} (pid {pid})"
+
+
+def _taking(jobs: Iterable[Job], taken: list[Job]) -> Iterator[Job]:
+    for job in jobs:
+        taken.append(job)
+        yield job
+
+
+def outputs_named(outputs: Iterator[Any], handed: Handed) -> Iterator[Any]:
+    """``outputs`` (an epoch's iterator of the ``Sequence`` ``handed`` was handed to); its ``TimeoutError``
+    raised as the loader's."""
+    try:
+        yield from outputs
+    except TimeoutError as error:
+        stuck = stuck_of(error)
+        named = None if stuck is None else handed.timed_out(stuck, outputs.state.epoch)  # type: ignore[attr-defined]
+        if named is None:
+            raise
+        raise named from None
