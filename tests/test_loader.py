@@ -507,6 +507,36 @@ def test_a_timeout_names_the_stuck_batch_its_indices_and_its_worker(persistent):
     loader.close()
 
 
+class StuckAt(Dataset):
+    """Item ``at`` never comes back (none: every item does)."""
+
+    def __init__(self, at: int | None = None) -> None:
+        self.at = at
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> int:
+        if i == self.at:
+            threading.Event().wait(30)
+        return i
+
+
+def test_a_timeout_in_a_resumed_epoch_names_the_batch_by_its_place_in_the_epoch():
+    loader = QueueFlowLoader(StuckAt(), batch_size=2, num_workers=2)
+    iterator = iter(loader)
+    next(iterator), next(iterator)
+    state = loader.state_dict()
+    loader.close()
+    resumed = QueueFlowLoader(StuckAt(9), batch_size=2, num_workers=2, timeout=1)
+    resumed.load_state_dict(state)
+    with pytest.raises(RuntimeError) as raised:
+        list(resumed)
+    # the third job handed to the resumed epoch's workers; before: "element 2 of epoch 0"
+    assert "fetching batch 4 (indices [8, 9]) for" in str(raised.value.__cause__)
+    resumed.close()
+
+
 def test_a_timeout_without_batching_names_the_index():
     loader = QueueFlowLoader(Stuck(), batch_size=None, num_workers=2, timeout=1)
     with pytest.raises(RuntimeError) as raised:
