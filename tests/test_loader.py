@@ -782,3 +782,33 @@ def test_attributes_set_after_construction_behave_as_dataloaders(num_workers):
     assert list(loader) == [("tagged", [0, 1]), ("tagged", [2, 3]), ("tagged", [4, 5])]
     assert loader.collate_fn is tagged and loader.prefetch_factor == (4 if num_workers else None)
     loader.close()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_batch_sampler_whose_length_is_undefined_works_as_in_dataloader(num_workers):
+    """PyG's DynamicBatchSampler without num_steps: its len() raises ValueError, as DataLoader's len() then does."""
+    from torch_geometric.datasets import FakeDataset
+    from torch_geometric.loader import DynamicBatchSampler
+    from torch_geometric.loader.dataloader import Collater
+
+    torch.manual_seed(0)
+    dataset = FakeDataset(num_graphs=30, avg_num_nodes=10)
+
+    def loader(kind, **kwargs):
+        sampler = DynamicBatchSampler(dataset, max_num=60, mode="node")
+        return kind(dataset, batch_sampler=sampler, collate_fn=Collater(dataset), num_workers=num_workers, **kwargs)
+
+    expected = [batch.x for batch in loader(DataLoader)]
+    ours = loader(QueueFlowLoader, progress=True)
+    got = [batch.x for batch in ours]  # before: ValueError "The length of 'DynamicBatchSampler' is undefined"
+    assert len(got) == len(expected) > 1 and all(map(torch.equal, got, expected))
+    with pytest.raises(ValueError, match="undefined"):
+        len(ours)
+    iterator = iter(ours)
+    next(iterator)
+    state = ours.state_dict()
+    resumed = loader(QueueFlowLoader)
+    resumed.load_state_dict(state)
+    assert all(map(torch.equal, [batch.x for batch in resumed], expected[1:]))
+    ours.close()
+    resumed.close()

@@ -80,7 +80,7 @@ def draw(index_sampler: Any, dataset: Any) -> list[Any]:
     for sized in (index_sampler, dataset):
         try:
             lengths.append(4 * len(sized))
-        except TypeError:
+        except Exception:  # no length (TypeError), or one that is undefined (ValueError: PyG's DynamicBatchSampler)
             continue
     bound = max(lengths)
     batches = list(itertools.islice(index_sampler, bound + 1))

@@ -420,7 +420,7 @@ class _Unbegun(Iterator[Any]):
 def _length(dataset: Any) -> int | None:
     try:
         return len(dataset)
-    except TypeError:  # an iterable dataset, or a map-style one without a length
+    except Exception:  # an iterable dataset, a map-style one without a length, a batch sampler whose is undefined
         return None
 
 
