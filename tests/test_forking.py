@@ -487,3 +487,76 @@ def test_the_fork_server_keeps_its_signal_handlers_whatever_a_module_it_imports_
     finally:
         for number, handler in before.items():
             signal.signal(number, handler)
+
+
+def settings_a_worker_sees(_):
+    import warnings
+
+    ignored = [getattr(message, "pattern", None) for action, message, *_ in warnings.filters if action == "ignore"]
+    probe = "torchqueue probe" in ignored
+    return (
+        torch.randn(1).dtype,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.get_float32_matmul_precision(),
+        probe,
+    )
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_a_worker_computes_with_the_consumers_torch_settings_where_a_forked_one_would(context, user_thread):
+    """Under "fork" a worker of the fork server (another thread runs) computes as a forked DataLoader worker
+    does: float64 where the script set it (before: float32, silently), deterministic algorithms, the warnings
+    it filtered. Under "spawn" nothing is carried, as DataLoader's spawned workers get nothing."""
+    import warnings
+
+    from torchqueue import _forkserver, _inherited
+
+    before = _inherited.capture()
+    with warnings.catch_warnings():  # puts this process's filters back as they were
+        try:
+            torch.set_default_dtype(torch.float64)
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.set_float32_matmul_precision("medium")
+            warnings.filterwarnings("ignore", "torchqueue probe")
+            with tq.Sequence(tq.ProcessStep(settings_a_worker_sees), context=context) as seq:
+                got = list(seq(range(1)))
+                assert (_forkserver.server_pid() is not None) == (context == "fork")
+        finally:
+            before.apply()
+    fresh = (torch.float32, False, "highest", False)
+    assert got == [(torch.float64, True, "medium", True) if context == "fork" else fresh]
+    assert settings_a_worker_sees(None) == fresh  # this process's own settings are back
+
+
+class HoldsAConnection(torch.utils.data.Dataset):
+    """A dataset holding an open sqlite connection (as PyG's OnDiskDataset does): it does not pickle."""
+
+    def __init__(self) -> None:
+        import sqlite3
+
+        self.db = sqlite3.connect(":memory:")
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+@pytest.mark.timeout(60)
+def test_a_loader_whose_dataset_cannot_go_to_the_fork_servers_workers_says_why_and_what_to_do(user_thread):
+    # before: "step 'fetch' cannot be pickled ...: cannot pickle 'sqlite3.Connection' object. Make its function
+    # and what it refers to picklable": a step the user never declared, and no word of the thread that caused it
+    loader = tq.QueueFlowLoader(HoldsAConnection(), batch_size=None, num_workers=1, multiprocessing_context="fork")
+    with pytest.raises(TypeError) as raised:
+        list(loader)
+    message = str(raised.value)
+    assert message.startswith(
+        "the loader's dataset, collate_fn and worker_init_fn cannot be pickled for the 'fork' start method: "
+        "cannot pickle 'sqlite3.Connection' object. Make them picklable (open connections and files lazily"
+    )
+    assert "while other threads run in this process (" in message and "'fetch'" not in message
+    assert threading.current_thread().name not in message.split("threads run in this process (")[1].split(")")[0]
+    loader.close()
+    assert_no_workers()

@@ -83,6 +83,8 @@ class _PrivateCollate:
 class Fetch:
     """A worker's fetch: ``collate([dataset[i] for i in indices])``, seeding the worker as DataLoader does."""
 
+    travels_as = "the loader's dataset, collate_fn and worker_init_fn"  # what a pickling error names
+
     def __init__(
         self,
         dataset: Dataset,

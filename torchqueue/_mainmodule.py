@@ -46,6 +46,8 @@ from typing import Any
 
 import cloudpickle
 
+from torchqueue import _inherited
+
 
 def main_reimported() -> bool:
     """Whether spawned workers re-import ``__main__`` (a script file, or ``python -m``)."""
@@ -164,12 +166,21 @@ class TravellingStep:
     as the worker's start-up failure. Start each worker inside ``starting()``.
     """
 
-    def __init__(self, step: Any, name: str, method: str, as_forked: bool, data: bytes | None = None) -> None:
+    def __init__(
+        self,
+        step: Any,
+        name: str,
+        method: str,
+        as_forked: bool,
+        data: bytes | None = None,
+        settings: _inherited.Settings | None = None,
+    ) -> None:
         self.step = step
         self.name = name
         self.method = method
         self.as_forked = as_forked
         self.data = data
+        self.settings = settings  # the consumer's, for a worker of the fork server (``_inherited``)
         self._duplicates: list[int] = []
 
     @contextlib.contextmanager
@@ -189,20 +200,39 @@ class TravellingStep:
         try:
             data = step_bytes(self.step, self.as_forked)
         except Exception as exc:
-            raise TypeError(
-                f"step {self.name!r} cannot be pickled for the {self.method!r} start method: {exc}. Make its "
-                "function and what it refers to picklable, and create the multiprocessing objects it holds "
-                "with multiprocessing.get_context('spawn')"
-                + (" (under 'fork' too: workers start from a fork server, docs/concepts.md)" if self.as_forked else "")
-            ) from exc
+            raise TypeError(self._unpicklable(exc)) from exc
         finally:
             set_spawning_popen(popen)
-        return TravellingStep, (None, self.name, self.method, self.as_forked, data)
+        settings = _inherited.capture() if self.as_forked else None  # what a fork would have kept
+        return TravellingStep, (None, self.name, self.method, self.as_forked, data, settings)
+
+    def _unpicklable(self, exc: Exception) -> str:
+        """Why the step could not go to its worker, and what to change: a step's function says what it
+        stands for in ``travels_as`` (a loader's fetch: the dataset, collate_fn and worker_init_fn)."""
+        what = getattr(getattr(self.step, "fn", None), "travels_as", None)
+        if what is None:
+            subject, it, advice = f"step {self.name!r}", "it", "Make its function and what it refers to picklable"
+        else:
+            subject, it = what, "them"
+            advice = "Make them picklable (open connections and files lazily: in __getitem__, or in worker_init_fn)"
+        text = (
+            f"{subject} cannot be pickled for the {self.method!r} start method: {exc}. {advice}, and create the "
+            "multiprocessing objects they hold with multiprocessing.get_context('spawn')"
+        )
+        if self.as_forked:
+            others = ", ".join(t.name for t in threading.enumerate() if t is not threading.current_thread())
+            text += (
+                f". Under 'fork' too: while other threads run in this process ({others}), workers start from "
+                f'torchqueue\'s fork server, and get {it} pickled (docs/concepts.md, "How workers start")'
+            )
+        return text
 
     def load(self) -> Any:
-        """In the worker: the step."""
+        """In the worker: the step (first the consumer's settings, for a worker of the fork server)."""
         if self.data is None:  # forked from the consumer's process: the step itself came along
             return self.step
+        if self.settings is not None:
+            self.settings.apply()
         return cloudpickle.loads(self.data)
 
 
