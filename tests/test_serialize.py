@@ -527,3 +527,63 @@ def test_a_class_of_your_script_travels_with_its_definition_once_per_pipeline(se
     assert max(sizes) < 1000
     assert [value.lookup() for value in got] == [0, 1, 2] and [value.i for value in got] == [0, 1, 2]
     assert len([name for name in os.listdir(segment_dir) if name.startswith("class-")]) == 1
+
+
+# -- torch_geometric's Data (``_pyg``) -------------------------------------------------------------
+
+
+def _graph():
+    from torch_geometric.data import Data
+
+    x = torch.arange(12, dtype=torch.float32).reshape(4, 3).t().contiguous().t()  # column-major, as numpy makes
+    data = Data(x=x, edge_index=torch.tensor([[0, 1, 2], [1, 2, 3]]), y=torch.tensor([1.5]))
+    data.name, data.count, data.weights, data.none = "event 7", 3, np.arange(5.0), None
+    return data
+
+
+def _assert_same_graph(got, sent):
+    from torch_geometric.data import Data
+
+    assert type(got) is Data and got.keys() == sent.keys()
+    for key in sent.keys():
+        value, expected = got[key], sent[key]
+        if isinstance(expected, torch.Tensor):
+            assert (
+                torch.equal(value, expected) and value.dtype == expected.dtype and value.stride() == expected.stride()
+            )
+        elif isinstance(expected, np.ndarray):
+            assert np.array_equal(value, expected)
+        else:
+            assert value == expected
+    assert got._store._parent() is got  # the storage knows its Data, as after unpickling
+    assert got.num_nodes == 4 and got.num_edges == 3 and got.is_directed()
+
+
+@pytest.mark.parametrize("items", [False, True])
+def test_a_plain_data_goes_as_its_attributes_and_arrives_as_unpickling_makes_it(items, segment_dir):
+    sent = _graph()
+    data = _serialize.dumps(Envelope(0, 0, 0, 1, [sent, sent.clone()]), segment_dir, items=items)
+    # neither its storage's class nor Data's attribute classes are in the pickle: only the rebuild
+    assert b"GlobalStorage" not in data and b"DataEdgeAttr" not in data
+    for got in _serialize.loads(data).payload:
+        _assert_same_graph(got, sent)
+        again = pickle.loads(pickle.dumps(got))  # a received graph pickles as any Data does
+        _assert_same_graph(again, sent)
+        got.z = torch.ones(4)  # and takes new attributes into its storage
+        assert "z" in got.keys() and got._store["z"] is got.z
+
+
+def test_subclasses_batches_and_data_with_attributes_of_its_own_are_pickled_as_before(segment_dir):
+    from torch_geometric.data import Batch, HeteroData
+
+    batch = Batch.from_data_list([_graph(), _graph()])
+    hetero = HeteroData()
+    hetero["event"].x = torch.ones(2, 2)
+    odd = _graph()
+    odd.__dict__["extra"] = 1  # set on the object, past Data's __setattr__
+    for sent, storage in ((batch, b"GlobalStorage"), (hetero, b"NodeStorage"), (odd, b"GlobalStorage")):
+        data, got = roundtrip(sent, segment_dir)
+        assert type(got) is type(sent) and storage in data  # pickled as pickle pickles them
+    assert torch.equal(got.x, odd.x) and got.__dict__["extra"] == 1
+    data, got = roundtrip(batch, segment_dir)
+    assert got.num_graphs == 2 and torch.equal(got.get_example(1).x, batch.get_example(1).x)

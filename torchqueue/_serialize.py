@@ -41,6 +41,9 @@ process that the receiver connects to when it unpickles. A receiver that
 unpickles after its sender stopped (a pipeline closing) failed there
 (``ConnectionResetError``, ``EOFError``, ``FileNotFoundError``).
 
+A plain torch_geometric ``Data`` is pickled as the mapping of its attributes (``_pyg``): a pool's graphs
+are pickled one by one, and each paid for two objects' state and three classes by name.
+
 Runs of small tensors skip the per-tensor Python on both sides. Pickle never
 asks about exact lists and tuples, so before pickling ``dumps`` looks for runs
 in the message's value (an envelope's payload; each item of a bundle whose
@@ -72,7 +75,7 @@ import numpy as np
 import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's reductions for what we do not handle)
 
-from torchqueue import _segments
+from torchqueue import _pyg, _segments
 from torchqueue._mainmodule import MainClassPickler, reduce_main_class
 from torchqueue._messages import Bundle, Envelope
 from torchqueue._routing import EncodedItem, Source
@@ -299,6 +302,7 @@ class _Pickler(MainClassPickler):
         self._in_runs: set[int] = set()  # ids of the tensors in runs
         self.refs: list[Source] = []  # the segments of the routed items in the message (``_routing``)
         self._ref_index: dict[int, int] = {}
+        self._data_class = _pyg.data_class()  # torch_geometric's Data, pickled as its attributes (``_pyg``)
         self.passes_on = True  # received segments go on as links (items pickled one by one: copied, since
         # a stream step may drop an item, and nobody would remove its link)
 
@@ -416,6 +420,8 @@ class _Pickler(MainClassPickler):
             if layout is None:
                 return _rebuild_tensor, (index, start, tuple(obj.shape), obj.requires_grad)
             return _rebuild_tensor, (index, start, tuple(obj.shape), obj.requires_grad, layout[1])
+        if kind is self._data_class and (reduced := _pyg.reduce_data(obj)) is not None:
+            return reduced
         if isinstance(obj, type):
             return reduce_main_class(obj, self._segment_dir) or NotImplemented
         if kind is np.ndarray and _shareable_array(obj):
