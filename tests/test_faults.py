@@ -55,9 +55,10 @@ def _own_pid(_: object) -> int:
 def test_a_timeout_names_a_stopped_worker_and_not_what_its_row_last_said():
     # before: "'w' (worker 0, pid 7: waiting for room downstream for 1.0 s, ...)" for a process that
     # was stopped and waited for nothing
-    with tq.Sequence(tq.ProcessStep(_own_pid, 1, name="w"), timeout=1) as seq:
+    with tq.Sequence(tq.ProcessStep(_own_pid, 1, name="w")) as seq:
         iterator = seq(range(50))
         pid = next(iterator)
+        seq.timeout = 1  # from the first output: a loaded machine may take longer to start the worker
         os.kill(pid, signal.SIGSTOP)
         try:
             asked = time.monotonic()
@@ -79,9 +80,10 @@ def test_a_timeout_with_nothing_held_says_the_input_is_waited_for():
         yield 1
         threading.Event().wait(30)
 
-    with tq.Sequence(tq.ProcessStep(identity), timeout=0.5) as seq:
+    with tq.Sequence(tq.ProcessStep(identity)) as seq:
         iterator = seq(slow_input())
         assert next(iterator) == 1
+        seq.timeout = 0.5
         with pytest.raises(TimeoutError, match="no step holds an element: the pipeline waits for its input"):
             next(iterator)
 
@@ -239,9 +241,10 @@ def test_the_named_semaphores_are_unlinked_once_every_worker_started_while_a_stu
 
 
 def test_starting_the_next_epoch_behind_a_stuck_element_times_out_too():
-    seq = tq.Sequence(tq.ProcessStep(stuck_on_five), timeout=0.5)
+    seq = tq.Sequence(tq.ProcessStep(stuck_on_five))
     iterator = seq(range(20))
     assert [next(iterator) for _ in range(5)] == [0, 1, 2, 3, 4]
+    seq.timeout = 0.5  # from here: the workers' start (seconds on a loaded machine) counts in a timeout
     deadline = time.monotonic() + 20
     while seq.stats()["stuck_on_five"].busy_s < 0.1:  # element 5 is in the step (not merely queued)
         assert time.monotonic() < deadline
@@ -277,13 +280,14 @@ def test_a_step_inside_its_function_counts_as_busy_while_it_runs_and_is_the_bott
 
 
 def test_a_queueflow_dataset_takes_a_timeout_and_a_loader_passes_its_own():
-    dataset = tq.QueueFlowDataset(range(20), [tq.ProcessStep(stuck_on_five, name="slow")], timeout=0.5)
+    # the timeouts count the workers' start: 2 s leave room for a loaded machine
+    dataset = tq.QueueFlowDataset(range(20), [tq.ProcessStep(stuck_on_five, name="slow")], timeout=2)
     with pytest.raises(TimeoutError, match="'slow'"):
         list(dataset)
     dataset.close()
     dataset = tq.QueueFlowDataset(range(20), [tq.ProcessStep(stuck_on_five, name="slow")])
-    loader = tq.QueueFlowLoader(dataset, timeout=0.5)
-    with pytest.raises(RuntimeError, match="DataLoader timed out after 0.5 seconds") as info:
+    loader = tq.QueueFlowLoader(dataset, timeout=2)
+    with pytest.raises(RuntimeError, match="DataLoader timed out after 2 seconds") as info:
         list(loader)
     assert isinstance(info.value.__cause__, TimeoutError) and "'slow'" in str(info.value.__cause__)
     dataset.close()

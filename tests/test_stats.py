@@ -520,6 +520,16 @@ def test_a_call_that_hangs_on_the_first_element_is_named():
     assert _stats(work, oldest_call=call, elapsed_s=5.0).hint().startswith("work holds element 0 of epoch 0")
 
 
+def test_a_slow_start_does_not_hide_a_call_held_until_a_timeout_closed_the_pipeline():
+    # before: "the queues limit (slow: 50% busy)": the call (1.1 s, until a 1 s timeout) was compared with
+    # half the run, start-up included (the workers took 1 s to start on a loaded machine)
+    call = type("Call", (), {"step": "slow", "worker": 1, "pid": None, "seconds": 1.1, "epoch": 0, "seq": 5})()
+    call.doing = "in its function"
+    slow = _step("slow", 1.1, nworkers=2, elements_in=6, elements_out=5, startup_s=2.0)
+    hint = _stats(slow, oldest_call=call, elapsed_s=2.4, input_held_s=1.0).hint()
+    assert hint.startswith("slow held element 5 of epoch 0 as the pipeline closed: worker 1 had been in its function")
+
+
 def test_a_stopped_worker_is_named_in_the_figures():
     # before: left out of ``oldest_call``, and the hint said its step waited on files or a sleep
     call = type("Call", (), {"step": "w", "worker": 0, "pid": 7, "seconds": 8.0, "epoch": 0, "seq": 11})()

@@ -39,10 +39,10 @@ The decision, in order:
 9. A step run in a pool's workers (``StepStats.host``) whose calls wait off a CPU for a quarter of the
    pool's time or more holds the pool's workers with it: a declared queue between the two gives it
    processes of its own again, whose waits overlap the pool's work. Said after rule 1, before rule 8.
-10. A call going on (the figures taken while the pipeline runs, ``Stats.oldest_call``) for half the run,
-   ``STUCK_MIN_S`` or more, and ``STUCK_TIMES`` its step's calls on average holds every element after
-   it: that call is named, with its worker's pid for ``py-spy dump``. Said after rule 1, before the
-   rest: a hang is what the figures are then asked.
+10. A call going on (the figures taken while the pipeline runs, ``Stats.oldest_call``) for half the
+   run after the workers started, ``STUCK_MIN_S`` or more, and ``STUCK_TIMES`` its step's calls on
+   average holds every element after it: that call is named, with its worker's pid for ``py-spy
+   dump``. Said after rule 1, before the rest: a hang is what the figures are then asked.
 """
 
 from __future__ import annotations
@@ -283,11 +283,13 @@ def _hops(stats: Stats, step: StepStats | None, hops: float, work: float) -> str
 
 def _stuck(stats: Stats, call: Any) -> bool:
     """Whether ``call`` (``Stats.oldest_call``) has gone on so long that it holds the pipeline (rule 10):
-    half the run, ``STUCK_MIN_S``, and ``STUCK_TIMES`` the mean of its step's other calls, where there
-    were others (a hang on the first element has none to compare with)."""
+    half the run after the workers' start, ``STUCK_MIN_S``, and ``STUCK_TIMES`` the mean of its step's
+    other calls, where there were others (a hang on the first element has none to compare with). A slow
+    start does not hide a stuck call: a second spent starting is not a second the call could have run."""
     step = stats.get(call.step)
     others = (step.busy_s - call.seconds) / (step.elements_in - 1) if step is not None and step.elements_in > 1 else 0.0
-    return call.seconds >= max(STUCK_MIN_S, LIMITS * stats.elapsed_s, STUCK_TIMES * others)
+    running = stats.elapsed_s - _startup(stats)
+    return call.seconds >= max(STUCK_MIN_S, LIMITS * running, STUCK_TIMES * others)
 
 
 def _cores_full(stats: Stats, top: StepStats, used: float, cpus: int) -> str:
