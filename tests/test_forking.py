@@ -529,6 +529,20 @@ def test_a_worker_computes_with_the_consumers_torch_settings_where_a_forked_one_
     assert settings_a_worker_sees(None) == fresh  # this process's own settings are back
 
 
+def dynamo_imported(_):
+    return "torch._dynamo" in sys.modules
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_given_the_default_settings_does_not_import_what_setting_them_would(user_thread):
+    # before: every worker of the fork server set deterministic algorithms (off, as they were), which imports
+    # torch._dynamo: its first output came 0.85 s late, and close() waited 1 s more for the server, which
+    # imported it too, as the worker reported
+    assert not torch.are_deterministic_algorithms_enabled()
+    with tq.Sequence(tq.ProcessStep(dynamo_imported)) as seq:
+        assert list(seq(range(2))) == [False, False]
+
+
 class HoldsAConnection(torch.utils.data.Dataset):
     """A dataset holding an open sqlite connection (as PyG's OnDiskDataset does): it does not pickle."""
 

@@ -33,10 +33,17 @@ class Settings:
     warning_filters: tuple[Any, ...]  # ``warnings.filters``, in order, but for categories a worker cannot import
 
     def apply(self) -> None:
-        """Set them in this (worker) process."""
-        torch.set_default_dtype(self.default_dtype)
-        torch.use_deterministic_algorithms(self.deterministic, warn_only=self.deterministic_warn_only)
-        torch.set_float32_matmul_precision(self.matmul_precision)
+        """Set them in this (worker) process: only those that differ from its own. Setting deterministic
+        algorithms imports ``torch._dynamo``, a second in each worker and again in the fork server, to
+        which the worker reports its imports (``_preload``): delayed first outputs and ``close()``."""
+        if torch.get_default_dtype() != self.default_dtype:
+            torch.set_default_dtype(self.default_dtype)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        if (deterministic, warn_only) != (self.deterministic, self.deterministic_warn_only):
+            torch.use_deterministic_algorithms(self.deterministic, warn_only=self.deterministic_warn_only)
+        if torch.get_float32_matmul_precision() != self.matmul_precision:
+            torch.set_float32_matmul_precision(self.matmul_precision)
         warnings.filters[:] = self.warning_filters  # as they are: regexes, or strings matched exactly
         mutated = getattr(warnings, "_filters_mutated", None)  # what filterwarnings calls: caches of earlier
         if mutated is not None:  # warnings (``__warningregistry__``) are looked at again
