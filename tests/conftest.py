@@ -155,6 +155,25 @@ def _inode(name: str) -> int | None:
         return None
 
 
+def segment_spans() -> list[tuple[int, int]]:
+    """The address ranges at which this process maps torchqueue segments now."""
+    spans = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, *rest = line.split(maxsplit=5)
+            if len(rest) == 5 and "/dev/shm/torchqueue-" in rest[4]:
+                low, high = span.split("-")
+                spans.append((int(low, 16), int(high, 16)))
+    return spans
+
+
+def in_a_segment(tensor: torch.Tensor, spans: list[tuple[int, int]] | None = None) -> bool:
+    """Whether ``tensor``'s memory lies in a torchqueue segment this process maps (a view of a received
+    message's shared memory, not a copy of it); ``spans``: ``segment_spans()``, taken once for many."""
+    address = tensor.untyped_storage().data_ptr()
+    return any(low <= address < high for low, high in (segment_spans() if spans is None else spans))
+
+
 def leaked_segments(new: set[str]) -> set[str]:
     """Of ``new`` segments, those this process still maps or that no process maps any more.
 

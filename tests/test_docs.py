@@ -65,4 +65,4 @@ def test_the_migration_page_lists_the_differences_first():
     sections = _sections("from-dataloader.md")
     assert sections[0] == "## What differs, in short", sections
     first = (ROOT / "docs" / "from-dataloader.md").read_text().split("## What stays the same")[0]
-    assert "nothing else changes" not in first and "torch.save(batch)" in first
+    assert "nothing else changes" not in first and "keeps the whole batch's memory" in first

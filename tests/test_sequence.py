@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import double, identity, random_sleep, square, worker_children
+from conftest import double, identity, in_a_segment, random_sleep, segment_spans, square, worker_children
 from torch_geometric.data import Batch, Data
 
 import torchqueue as tq
@@ -241,8 +241,9 @@ def test_received_tensors_live_in_shared_memory_one_segment_per_message():
     with tq.Sequence(tq.ProcessStep(_many_small_tensors, 2)) as seq:
         got = list(seq([10_000, 3]))
     assert [len(g) for g in got] == [10_000, 3]
-    assert all(t.is_shared() for t in got[0])  # 2.5 MB: a view of its segment
-    assert not any(t.is_shared() for t in got[1])  # 768 bytes: copied out, the segment unmapped at once
+    spans = segment_spans()
+    assert all(in_a_segment(t, spans) for t in got[0])  # 2.5 MB: a view of its segment
+    assert not any(in_a_segment(t, spans) for t in got[1])  # 768 bytes: copied out, the segment unmapped at once
     assert all(torch.equal(t, torch.full((64,), float(i))) for i, t in enumerate(got[0]))
     # 10,000 tensors came in one segment: they share one storage mapping
     assert len({t.untyped_storage().data_ptr() for t in got[0]}) == 1

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from conftest import in_a_segment, segment_spans
 
 import torchqueue as tq
 from torchqueue import _segments, _serialize
@@ -49,8 +50,8 @@ def test_small_and_large_values_round_trip_bit_identical(segment_dir):
     assert data[:1] == b"S"
     for key in ("small", "big", "strided", "bool"):
         assert torch.equal(got[key], value[key]), key
-    assert got["big"].is_shared()  # a view of the segment
-    assert not any(got[key].is_shared() for key in ("small", "strided", "bool"))  # copied out: see below
+    assert in_a_segment(got["big"])  # a view of the segment
+    assert not any(in_a_segment(got[key]) for key in ("small", "strided", "bool"))  # copied out: see below
     assert np.array_equal(got["array"], value["array"]) and got["array"].dtype == np.int16
     assert np.array_equal(got["tiny array"], value["tiny array"])
     assert got["text"] == "kept"
@@ -113,9 +114,9 @@ def test_small_tensors_kept_from_a_message_do_not_keep_its_large_ones_in_shared_
     runs = [torch.full((8,), float(i)) for i in range(20)]
     _, (got_images, got_labels, got_ids, got_runs) = roundtrip((images, labels, ids, runs), segment_dir)
     segment = got_images.untyped_storage()
-    assert got_images.is_shared() and segment.nbytes() >= images.nbytes
+    assert in_a_segment(got_images) and segment.nbytes() >= images.nbytes
     for small, sent in [(got_labels, labels), (got_ids, ids), (got_runs[3], runs[3])]:
-        assert torch.equal(small, sent) and not small.is_shared()
+        assert torch.equal(small, sent) and not in_a_segment(small)
         assert small.untyped_storage().data_ptr() != segment.data_ptr()
         assert small.untyped_storage().nbytes() < 4096  # only its own block: not the segment
     path = io.BytesIO()
@@ -127,11 +128,12 @@ def test_small_tensors_kept_from_a_message_do_not_keep_its_large_ones_in_shared_
 def test_a_small_message_of_small_tensors_arrives_copied_out_and_a_large_one_in_its_segment(segment_dir):
     small = {"labels": torch.arange(64), "runs": [torch.full((8,), float(i)) for i in range(20)]}
     _, got = roundtrip(small, segment_dir)  # unmapped at once: kept by the thousand, it holds no descriptor
-    assert not got["labels"].is_shared() and not any(t.is_shared() for t in got["runs"])
+    assert not in_a_segment(got["labels"]) and not any(in_a_segment(t) for t in got["runs"])
     assert torch.equal(got["labels"], small["labels"]) and torch.equal(got["runs"][7], small["runs"][7])
     many = [torch.full((64,), float(i)) for i in range(5000)]  # 1.2 MiB: no second copy of so much
     _, got = roundtrip(many, segment_dir)
-    assert all(t.is_shared() for t in got) and torch.equal(got[4999], many[4999])
+    spans = segment_spans()
+    assert all(in_a_segment(t, spans) for t in got) and torch.equal(got[4999], many[4999])
 
 
 def test_thousands_of_small_outputs_can_be_kept_under_a_low_limit_of_open_files():
@@ -152,6 +154,27 @@ def test_a_received_large_array_is_passed_on_without_a_copy(segment_dir):
     again, passed = roundtrip({"whole": received, "rows": received[100:400]}, segment_dir)
     assert again[:1] == b"P" and _serialize.message_nbytes(again) < 4096  # by reference: no bytes copied
     assert np.array_equal(passed["whole"], array) and np.array_equal(passed["rows"], array[100:400])
+
+
+def _saved(value) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def test_received_tensors_of_two_dtypes_save_with_torch_save_each_its_own_bytes(segment_dir):
+    # before: "Cannot save multiple tensors or storages that view the same data as different types" (the
+    # tensors of a message viewed one storage, its segment), and torch.save(x) wrote the whole segment
+    value = {"x": torch.randn(512, 1024), "edge_index": torch.arange(MIB // 4).reshape(2, -1)}
+    _, got = roundtrip(value, segment_dir)
+    again, passed = roundtrip(got, segment_dir)
+    assert _serialize.message_nbytes(again) < 4096  # passed on by reference, as before
+    for received in (got, passed):
+        assert all(in_a_segment(t) for t in received.values())  # views of the segment, not copies
+        loaded = torch.load(io.BytesIO(_saved(received)))
+        assert all(torch.equal(loaded[key], value[key]) for key in value)
+        assert len(_saved(received["x"])) < value["x"].nbytes + 4096  # its bytes, not the segment's
+        assert len(_saved(received["x"][:10])) < value["x"].nbytes + 4096
 
 
 def _pass_on(data: bytes, segment_dir: str, conn) -> None:
@@ -260,27 +283,28 @@ def raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().reshape(-1).view(torch.uint8)
 
 
-def assert_same(got, want, path="value"):
+def assert_same(got, want, path="value", spans=None):
     """``got`` is ``want`` as it arrives: same types all the way down, tensors alike to the bit."""
     assert type(got) is type(want), path
+    spans = segment_spans() if spans is None else spans
     if isinstance(want, torch.Tensor) and want.layout != torch.strided:
         assert got.layout == want.layout and torch.equal(got.to_dense(), want.to_dense()), path
     elif isinstance(want, torch.Tensor):
         assert (got.shape, got.dtype, got.stride()) == (want.shape, want.dtype, want.stride()), path
-        assert got.requires_grad == want.requires_grad and got.is_shared() == want.is_shared(), path
+        assert got.requires_grad == want.requires_grad and in_a_segment(got, spans) == in_a_segment(want, spans), path
         assert not got.is_conj() and not got.is_neg() and not want.is_conj(), path
         assert torch.equal(raw_bytes(got), raw_bytes(want)), path
     elif dataclasses.is_dataclass(want):
         fields = [field.name for field in dataclasses.fields(want)]
-        assert_same([getattr(got, f) for f in fields], [getattr(want, f) for f in fields], path)
+        assert_same([getattr(got, f) for f in fields], [getattr(want, f) for f in fields], path, spans)
     elif isinstance(want, dict):
         assert list(got) == list(want), path
         for key in want:
-            assert_same(got[key], want[key], f"{path}[{key!r}]")
+            assert_same(got[key], want[key], f"{path}[{key!r}]", spans)
     elif isinstance(want, list | tuple):
         assert len(got) == len(want), path
         for i, (a, b) in enumerate(zip(got, want)):
-            assert_same(a, b, f"{path}[{i}]")
+            assert_same(a, b, f"{path}[{i}]", spans)
     else:
         assert got == want, path
 
@@ -587,3 +611,25 @@ def test_subclasses_batches_and_data_with_attributes_of_its_own_are_pickled_as_b
     assert torch.equal(got.x, odd.x) and got.__dict__["extra"] == 1
     data, got = roundtrip(batch, segment_dir)
     assert got.num_graphs == 2 and torch.equal(got.get_example(1).x, batch.get_example(1).x)
+
+
+def _large_graph(i: int):
+    from torch_geometric.data import Data
+
+    return Data(x=torch.full((20_000, 4), float(i)), edge_index=torch.arange(160_000).reshape(2, -1) + i)
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_of_graphs_from_a_pipeline_saves_with_torch_save():
+    # before: every received Batch of large graphs (float x, int64 edge_index and batch) failed to save
+    from torch_geometric.data import Batch
+
+    steps = (tq.ProcessStep(_large_graph, 2), tq.RepackStep(2), tq.ProcessStep(Batch.from_data_list))
+    with tq.Sequence(*steps) as seq:
+        batches = list(seq(range(4)))
+    for number, batch in enumerate(batches):
+        want = Batch.from_data_list([_large_graph(2 * number), _large_graph(2 * number + 1)])
+        loaded = torch.load(io.BytesIO(_saved(batch)), weights_only=False)
+        assert isinstance(loaded, Batch) and loaded.num_graphs == 2
+        for key in ("x", "edge_index", "batch", "ptr"):
+            assert torch.equal(loaded[key], want[key]), key

@@ -6,8 +6,10 @@ file in the pipeline's directory under ``/dev/shm``, see ``_segments``: its
 sender reuses it once nobody uses it), and the pickle only says where each
 one is. ``loads`` maps the segment once and rebuilds every tensor and array
 as a view of that mapping: no copy on the receiving side, one segment and
-one file descriptor per message however many tensors it holds, and received
-tensors are ``is_shared()``. Except small tensors (gathered, or in runs) of a
+one file descriptor per message however many tensors it holds. Each block
+(a large tensor, or small ones of one dtype) arrives as a storage of its own,
+a slice of the mapping's (``_block``): ``torch.save`` of received tensors finds
+one dtype per storage and writes only their bytes. Except small tensors (gathered, or in runs) of a
 message that also carries large ones, or of a small message: their blocks are
 copied out as they arrive (``_flat``), so that keeping them does not keep the
 segment mapped.
@@ -166,9 +168,9 @@ def _shareable_array(obj: np.ndarray) -> bool:
     return obj.nbytes >= ARRAY_MIN_BYTES and not obj.dtype.hasobject and obj.dtype.fields is None
 
 
-def _shared_place(array: np.ndarray) -> tuple[torch.UntypedStorage, int] | None:
-    """``(storage, byte offset)`` of a large C-contiguous array that views a tensor's shared storage
-    (a segment received from another step, or a shared tensor's ``.numpy()``), else ``None``.
+def _shared_place(array: np.ndarray) -> tuple[tuple[int, int], int] | None:
+    """``((mapping address, size), byte offset)`` of a large C-contiguous array that views a tensor's
+    shared memory (a segment received from another step, or a shared tensor's ``.numpy()``), else ``None``.
 
     Such an array is passed on by reference to its segment (``_Passed``), never copied again: the
     rule ``SHARED_TENSOR_MIN_BYTES`` sets for tensors."""
@@ -180,12 +182,52 @@ def _shared_place(array: np.ndarray) -> tuple[torch.UntypedStorage, int] | None:
     if type(root) is not torch.Tensor or not root.is_cpu:
         return None
     storage = root.untyped_storage()
-    if not storage.is_shared():
+    place = _mapping_of(storage)
+    if place is None:
         return None
-    offset = array.__array_interface__["data"][0] - storage.data_ptr()
-    if offset < 0 or offset + array.nbytes > storage.nbytes():
+    mapping, start = place
+    offset = start + array.__array_interface__["data"][0] - storage.data_ptr()
+    if offset < start or offset + array.nbytes > start + storage.nbytes():
         return None
-    return storage, offset
+    return mapping, offset
+
+
+_BLOCKS = 256
+"""Received blocks of ``SHARED_TENSOR_MIN_BYTES`` or more whose segment this process remembers (the
+most recent ones), so that their tensors can be passed on."""
+
+_blocks: dict[int, tuple[int, int]] = {}  # a block's address -> (address, size) of the mapping it is in
+_blocks_lock = threading.Lock()  # the consumer's threads may each read messages
+
+
+def _block(storage: torch.UntypedStorage, offset: int, nbytes: int) -> torch.UntypedStorage:
+    """Bytes ``offset`` to ``offset + nbytes`` of a mapped segment, as a storage of their own: a view that
+    keeps the mapping alive, so that ``torch.save`` of the tensors viewing it finds one storage per block
+    (it refuses two dtypes viewing one storage) and writes only its bytes, not the segment's."""
+    block = storage[offset : offset + nbytes]
+    if nbytes >= SHARED_TENSOR_MIN_BYTES:  # it may be passed on: where it is
+        with _blocks_lock:
+            _blocks[block.data_ptr()] = (storage.data_ptr(), storage.nbytes())
+            if len(_blocks) > _BLOCKS:
+                del _blocks[next(iter(_blocks))]
+    return block
+
+
+def _mapping_of(storage: torch.UntypedStorage) -> tuple[tuple[int, int], int] | None:
+    """``((address, size) of the mapping, byte offset in it)`` of a storage that is a whole shared mapping
+    (``is_shared()``: a passed-on segment, or a tensor the user shared) or a block of a received segment
+    (``_block``), else ``None``. A remembered block whose memory went since is harmless: ``link`` names
+    a segment only where one maps exactly that range now, and the storage asked about lies in it."""
+    if storage.is_shared():
+        return (storage.data_ptr(), storage.nbytes()), 0
+    address = storage.data_ptr()
+    mapping = _blocks.get(address)
+    if mapping is None:
+        return None
+    start = address - mapping[0]
+    if start < 0 or start + storage.nbytes() > mapping[1]:
+        return None
+    return mapping, start
 
 
 _CONTAINERS = frozenset((list, tuple, dict))
@@ -364,17 +406,18 @@ class _Pickler(MainClassPickler):
                 os.unlink(passed.args[0])
         self._passed.clear()
 
-    def _pass_on(self, storage: torch.UntypedStorage) -> _Passed | None:
-        """The link to the segment ``storage`` maps (made once per message), or ``None``: not a segment."""
+    def _pass_on(self, mapping: tuple[int, int]) -> _Passed | None:
+        """The link to the segment mapped at ``(address, size)`` (made once per message), or ``None``: not a
+        segment."""
         if not self.passes_on:
             return None
-        address = storage.data_ptr()
+        address, size = mapping
         passed = self._passed.get(address)
         if passed is None:
-            names = _segments.link(address, storage.nbytes(), self._segment_dir)
+            names = _segments.link(address, size, self._segment_dir)
             if names is None:
                 return None
-            passed = self._passed[address] = _Passed(names[0], storage.nbytes(), names[1])
+            passed = self._passed[address] = _Passed(names[0], size, names[1])
         return passed
 
     def reducer_override(self, obj: Any) -> Any:
@@ -391,10 +434,11 @@ class _Pickler(MainClassPickler):
         if kind is torch.Tensor and id(obj) in self._in_runs:
             raise _RunElsewhere
         if kind is torch.Tensor and _to_segment(obj):
-            if _passable(obj) and obj.is_shared():
-                passed = self._pass_on(obj.untyped_storage())
-                if passed is not None:
-                    view = (obj.dtype, obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.requires_grad)
+            if _passable(obj) and (place := _mapping_of(obj.untyped_storage())) is not None:
+                passed = self._pass_on(place[0])
+                if passed is not None:  # the element offset in the segment (blocks are aligned to 64 bytes)
+                    offset = place[1] // obj.element_size() + obj.storage_offset()
+                    view = (obj.dtype, offset, tuple(obj.shape), obj.stride(), obj.requires_grad)
                     return _rebuild_passed_tensor, (passed, *view)
             layout = None if obj.is_contiguous() else _memory_order(obj)
             if (
@@ -493,7 +537,10 @@ def _flat(index: int) -> Any:
         if _loading.storage is None:
             raise pickle.UnpicklingError("a torchqueue shared-memory reference outside of its message")
         dtype, offset, nbytes, private = _loading.table[index]
-        raw = torch.empty(0, dtype=torch.uint8).set_(_loading.storage, offset, (nbytes,), (1,))
+        if private:  # copied out below
+            raw = torch.empty(0, dtype=torch.uint8).set_(_loading.storage, offset, (nbytes,), (1,))
+        else:
+            raw = torch.empty(0, dtype=torch.uint8).set_(_block(_loading.storage, offset, nbytes))
         flat = raw.view(dtype) if isinstance(dtype, torch.dtype) else raw.numpy().view(np.dtype(dtype))
         if private:
             flat = flat.clone()
@@ -579,15 +626,18 @@ def _rebuild_passed_tensor(
     strides: tuple[int, ...],
     requires_grad: bool,
 ) -> torch.Tensor:
-    """A tensor passed on (``_Passed``): a view of the segment, with the layout it had."""
-    tensor = torch.empty(0, dtype=dtype).set_(storage, offset, shape, strides)
+    """A tensor passed on (``_Passed``): a view of the segment (of its own bytes there, ``_block``), with
+    the layout it had."""
+    size = dtype.itemsize
+    extent = 0 if 0 in shape else 1 + sum((n - 1) * stride for n, stride in zip(shape, strides))
+    tensor = torch.empty(0, dtype=dtype).set_(_block(storage, offset * size, extent * size), 0, shape, strides)
     return tensor.requires_grad_() if requires_grad else tensor
 
 
 def _rebuild_passed_array(storage: torch.UntypedStorage, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """An array passed on (``_Passed``): a view of the segment at byte ``offset``."""
     count = int(np.prod(shape, dtype=np.int64))
-    raw = torch.empty(0, dtype=torch.uint8).set_(storage, offset, (count * np.dtype(dtype).itemsize,), (1,))
+    raw = torch.empty(0, dtype=torch.uint8).set_(_block(storage, offset, count * np.dtype(dtype).itemsize))
     return raw.numpy().view(np.dtype(dtype)).reshape(shape)
 
 
