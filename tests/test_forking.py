@@ -4,6 +4,7 @@ pipeline closes; every worker gets its step pickled as it starts (shared tensors
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -541,6 +542,64 @@ def test_a_worker_given_the_default_settings_does_not_import_what_setting_them_w
     assert not torch.are_deterministic_algorithms_enabled()
     with tq.Sequence(tq.ProcessStep(dynamo_imported)) as seq:
         assert list(seq(range(2))) == [False, False]
+
+
+NEW_PRECISION_API = """
+    import json, torch, torchqueue as tq
+
+    def seen(_):
+        return [torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cudnn.deterministic,
+                torch.backends.cudnn.benchmark, str(torch.tensor([1 / 3]))]
+
+    if __name__ == "__main__":
+        # before: get_float32_matmul_precision() raised as the first worker started ("mix of the legacy
+        # and new APIs"): no pipeline could start after the API torch recommends
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        torch.backends.cudnn.deterministic = torch.backends.cudnn.benchmark = True
+        torch.set_printoptions(precision=2)
+        with tq.Sequence(tq.ProcessStep(seen)) as seq:
+            print(json.dumps(list(seq(range(1)))))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_takes_the_new_precision_api_the_backends_flags_and_print_options(tmp_path):
+    assert json.loads(run_program(NEW_PRECISION_API, tmp_path)) == [["bf16", True, True, "tensor([0.33])"]]
+
+
+PLUGIN_WARNINGS = """
+    import importlib.util, json, os, sys, warnings, torch, torchqueue as tq
+
+    def plugin(name, path, source):  # as plug-in loaders load modules: from a file, by path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as file:
+            file.write(source)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    if __name__ == "__main__":
+        # before: the worker died before it started (ModuleNotFoundError unpickling the plug-in's
+        # category); and an "error" filter failed the start on a warning of the step's own import
+        categories = plugin("plugin_warnings", "plugins/plugin_warnings.py", "class PluginWarning(UserWarning): pass")
+        warnings.filterwarnings("ignore", category=categories.PluginWarning)
+        with open("noisy.py", "w") as file:
+            file.write("import warnings\\nwarnings.warn('old API', DeprecationWarning)\\n"
+                       "def triple(x):\\n    return 3 * x\\n")
+        sys.path.insert(0, ".")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import noisy
+        warnings.simplefilter("error")  # after the imports, as scripts do
+        with tq.Sequence(tq.ProcessStep(noisy.triple)) as seq:
+            print(json.dumps(list(seq(range(3)))))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_filters_of_plugin_categories_and_error_filters_leave_the_workers_starting_as_forked_ones(tmp_path):
+    assert json.loads(run_program(PLUGIN_WARNINGS, tmp_path)) == [0, 3, 6]
 
 
 class HoldsAConnection(torch.utils.data.Dataset):

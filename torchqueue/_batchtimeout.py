@@ -3,7 +3,7 @@ epoch and their indices, instead of the pipeline's own terms (step ``'fetch'``, 
 
 The loader hands each epoch's jobs to its ``Sequence`` of fetch workers; ``Handed`` keeps them by
 their position in that ``Sequence``'s epoch, which is what the pipeline's ``TimeoutError`` says each
-worker holds (``_stuck.Holder``). Only the last few epochs handed are kept.
+worker holds (``_stuck.Holder``). Only the epoch iterated and those queued behind it are kept.
 
     RuntimeError: DataLoader timed out after 3 seconds
     ... caused by TimeoutError: no batch came within 3 seconds: loader worker 1 (pid 1739) has been
@@ -21,7 +21,8 @@ from torchqueue._fetch import Job
 from torchqueue._stuck import IN_FUNCTION, Holder, Stuck, Worker, halted_text, stuck_of
 
 KEPT_EPOCHS = 3
-"""Epochs of a ``Sequence`` whose jobs are kept (the one iterated, and the next ones queued behind it)."""
+"""Epochs of a ``Sequence`` whose jobs are kept at most (the one iterated, and the next ones queued behind
+it); those before the one iterated go as soon as it is (``forget_before``)."""
 
 _indices_repr = reprlib.Repr()
 _indices_repr.maxlist = _indices_repr.maxtuple = 8
@@ -51,13 +52,21 @@ class Handed:
         while len(self._epochs) > KEPT_EPOCHS:
             self._epochs.popitem(last=False)
 
+    def forget_before(self, epoch: int) -> None:
+        """Let go of the jobs of the epochs before ``epoch``, iterated now: a worker holds none of them any
+        more (iterating an epoch waits until the one before is over), and they would hold an epoch's
+        indices each."""
+        for number in [number for number in self._epochs if number < epoch]:
+            del self._epochs[number]
+
     def job(self, epoch: int, seq: int) -> Job | None:
         jobs = self._epochs.get(epoch)
         return jobs[seq] if jobs is not None and 0 <= seq < len(jobs) else None
 
-    def timed_out(self, error: Stuck, current: int) -> TimeoutError | None:
+    def timed_out(self, error: Stuck, current: int | None) -> TimeoutError | None:
         """The loader's ``TimeoutError`` for what the pipeline's timeout found: what each worker holds, as batches;
-        ``current``: the ``Sequence``'s epoch being iterated (a batch of a later one was fetched ahead).
+        ``current``: the ``Sequence``'s epoch being iterated (a batch of a later one was fetched ahead;
+        ``None``: the timeout came as an epoch left before its end was cancelled, and names its batch).
         ``None`` where it names no holder (the pipeline's message says it: start-up, stopped workers)."""
         named = [text for holder in error.held if (text := self._holding(holder, current)) is not None]
         if not named:
@@ -70,7 +79,9 @@ class Handed:
         if job is None or job.indices is None:
             return None
         batch = f"batch {job.position}" if job.position >= 0 else "a batch"
-        if holder.epoch != current:
+        if current is None:
+            batch += " of the epoch left before its end"
+        elif holder.epoch != current:
             batch += " of the next epoch (fetched ahead)"
         elif not job.keep:
             batch += " of the last epoch (fetched again to restore the workers' random state)"
@@ -101,11 +112,16 @@ def _taking(jobs: Iterable[Job], taken: list[Job]) -> Iterator[Job]:
 def outputs_named(outputs: Iterator[Any], handed: Handed) -> Iterator[Any]:
     """``outputs`` (an epoch's iterator of the ``Sequence`` ``handed`` was handed to); its ``TimeoutError``
     raised as the loader's."""
+    current = outputs.state.epoch  # type: ignore[attr-defined]
+    handed.forget_before(current)
     try:
         yield from outputs
     except TimeoutError as error:
-        stuck = stuck_of(error)
-        named = None if stuck is None else handed.timed_out(stuck, outputs.state.epoch)  # type: ignore[attr-defined]
-        if named is None:
-            raise
-        raise named from None
+        raise named(error, handed, current) from None
+
+
+def named(error: TimeoutError, handed: Handed, current: int | None) -> TimeoutError:
+    """The loader's ``TimeoutError`` for the pipeline's ``error`` (see ``Handed.timed_out``), or ``error``."""
+    stuck = stuck_of(error)
+    loaders = None if stuck is None else handed.timed_out(stuck, current)
+    return error if loaders is None else loaders

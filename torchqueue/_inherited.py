@@ -6,20 +6,57 @@ A DataLoader worker made by ``fork`` computes with the consumer's settings as th
 ``torch.use_deterministic_algorithms(True)`` holds in it, and the warnings the script filtered stay
 filtered. A fork server's worker had none of them: it made float32 tensors where DataLoader's made
 float64, silently. So under ``"fork"`` the settings below are captured in the consumer as each worker
-starts and set in that worker before its step is loaded. What no setting call restores is not carried:
-module globals the script changed at run time, and the seed of ``hash()`` (so the order of a set of
-strings), which a fork shares and a fresh interpreter draws anew (``PYTHONHASHSEED`` fixes it for both).
+starts and set in that worker: torch's before its step is loaded, the warnings filters after (a forked
+worker imports nothing, so it never sees a warning of the step's imports; under the filters, an
+``"error"`` filter would fail the worker's start). What no setting call restores is not carried: module
+globals the script changed at run time, and the seed of ``hash()`` (so the order of a set of strings),
+which a fork shares and a fresh interpreter draws anew (``PYTHONHASHSEED`` fixes it for both).
 Under ``"spawn"`` and ``"forkserver"`` nothing is carried, as DataLoader's workers get nothing there.
+
+A worker sets only what differs from its own, the legacy API before the new one: torch refuses to read
+a precision set through both (``torch.get_float32_matmul_precision()`` raises once the new
+``fp32_precision`` attributes were set), so the new attributes are set only where the legacy calls
+left them otherwise. Deterministic algorithms are set by torch's own switch, not by
+``torch.use_deterministic_algorithms``, which imports ``torch._inductor`` (a second per worker, and
+again in the fork server, which imports what its workers imported); inductor's flag is set where the
+worker imported inductor already.
 """
 
 from __future__ import annotations
 
-import pickle
+import importlib
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+_FLAGS = (
+    # legacy first: setting them sets the new attributes below as the consumer's legacy calls did
+    ("backends.cudnn", "allow_tf32"),
+    ("backends.cudnn", "deterministic"),
+    ("backends.cudnn", "benchmark"),
+    ("utils.deterministic", "fill_uninitialized_memory"),
+    *(
+        (path, "fp32_precision")
+        for path in (
+            "backends",
+            "backends.cuda.matmul",
+            "backends.cudnn",
+            "backends.cudnn.conv",
+            "backends.cudnn.rnn",
+            "backends.mkldnn",
+            "backends.mkldnn.matmul",
+            "backends.mkldnn.conv",
+            "backends.mkldnn.rnn",
+        )
+    ),
+)
+"""``(object under torch, attribute)``: the backends' flags carried as they read in the consumer (those
+this torch has, and that it lets read)."""
+
+_UNREADABLE = object()
 
 
 @dataclass(frozen=True)
@@ -27,24 +64,43 @@ class Settings:
     """The consumer's settings that a forked worker would have had."""
 
     default_dtype: torch.dtype
-    deterministic: bool
-    deterministic_warn_only: bool
-    matmul_precision: str
-    warning_filters: tuple[Any, ...]  # ``warnings.filters``, in order, but for categories a worker cannot import
+    deterministic: tuple[bool, bool]  # (mode, warn_only)
+    matmul_precision: str | None  # the legacy API's; None where torch refuses to read it (both APIs used)
+    flags: tuple[tuple[str, str, Any], ...]  # ``_FLAGS`` with their values
+    print_options: dict[str, Any] | None
+    warning_filters: tuple[Any, ...]  # ``warnings.filters``, each category as (module, qualified name)
 
     def apply(self) -> None:
-        """Set them in this (worker) process: only those that differ from its own. Setting deterministic
-        algorithms imports ``torch._dynamo``, a second in each worker and again in the fork server, to
-        which the worker reports its imports (``_preload``): delayed first outputs and ``close()``."""
+        """Set torch's settings in this (worker) process, where they differ from its own."""
         if torch.get_default_dtype() != self.default_dtype:
             torch.set_default_dtype(self.default_dtype)
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-        if (deterministic, warn_only) != (self.deterministic, self.deterministic_warn_only):
-            torch.use_deterministic_algorithms(self.deterministic, warn_only=self.deterministic_warn_only)
-        if torch.get_float32_matmul_precision() != self.matmul_precision:
+        if _deterministic() != self.deterministic:
+            mode, warn_only = self.deterministic
+            torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
+            inductor = sys.modules.get("torch._inductor.config")
+            if inductor is not None:  # what use_deterministic_algorithms also sets
+                inductor.deterministic = mode
+        if self.matmul_precision is not None and _read(torch.get_float32_matmul_precision) != self.matmul_precision:
             torch.set_float32_matmul_precision(self.matmul_precision)
-        warnings.filters[:] = self.warning_filters  # as they are: regexes, or strings matched exactly
+        for path, name, value in self.flags:
+            owner = _owner(path)
+            if owner is not None and _attribute(owner, name) != value:
+                try:
+                    setattr(owner, name, value)
+                except Exception:  # this torch takes no such value: the worker keeps its own
+                    pass
+        if self.print_options is not None and _print_options() != self.print_options:
+            torch.set_printoptions(**self.print_options)
+
+    def apply_warnings(self) -> None:
+        """Set the consumer's warnings filters in this (worker) process, but those whose category it
+        cannot import (a class of a plug-in module loaded from a path: the filter would not hold)."""
+        filters = []
+        for action, message, category, module, lineno in self.warning_filters:
+            found = _category(*category)
+            if found is not None:
+                filters.append((action, message, found, module, lineno))
+        warnings.filters[:] = filters  # as they are: regexes, or strings matched exactly
         mutated = getattr(warnings, "_filters_mutated", None)  # what filterwarnings calls: caches of earlier
         if mutated is not None:  # warnings (``__warningregistry__``) are looked at again
             mutated()
@@ -52,21 +108,64 @@ class Settings:
 
 def capture() -> Settings:
     """The settings of this (consumer's) process now."""
+    precision = _read(torch.get_float32_matmul_precision)
+    flags = []
+    for path, name in _FLAGS:
+        owner = _owner(path)
+        value = _UNREADABLE if owner is None else _attribute(owner, name)
+        if value is not _UNREADABLE:
+            flags.append((path, name, value))
     return Settings(
         torch.get_default_dtype(),
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.get_float32_matmul_precision(),
-        tuple(entry for entry in warnings.filters if _importable(entry[2])),
+        _deterministic(),
+        None if precision is _UNREADABLE else precision,
+        tuple(flags),
+        _print_options(),
+        tuple(
+            (action, message, (category.__module__, category.__qualname__), module, lineno)
+            for action, message, category, module, lineno in warnings.filters
+            if category.__module__ != "__main__"  # a worker does not import your script
+        ),
     )
 
 
-def _importable(category: type) -> bool:
-    """Whether a worker finds ``category`` by its name (not one of ``__main__``, which it does not import)."""
-    if category.__module__ == "__main__":
-        return False
+def _read(getter: Any) -> Any:
     try:
-        pickle.dumps(category)
-    except Exception:  # defined in a function, say
-        return False
-    return True
+        return getter()
+    except Exception:  # torch refuses to read a precision set through both its APIs
+        return _UNREADABLE
+
+
+def _attribute(owner: Any, name: str) -> Any:
+    try:
+        return getattr(owner, name)
+    except Exception:  # as _read
+        return _UNREADABLE
+
+
+def _deterministic() -> tuple[bool, bool]:
+    return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+def _owner(path: str) -> Any:
+    owner: Any = torch
+    for name in path.split("."):
+        owner = getattr(owner, name, None)
+        if owner is None:
+            return None
+    return owner
+
+
+def _print_options() -> dict[str, Any] | None:
+    get = getattr(torch._tensor_str, "get_printoptions", None)
+    return None if get is None else dict(get())
+
+
+def _category(module: str, qualname: str) -> type | None:
+    try:
+        found: Any = importlib.import_module(module)
+        for name in qualname.split("."):
+            found = getattr(found, name)
+    except Exception:  # not importable here, or defined in a function
+        return None
+    return found if isinstance(found, type) and issubclass(found, Warning) else None

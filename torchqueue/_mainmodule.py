@@ -31,12 +31,14 @@ import ast
 import contextlib
 import functools
 import hashlib
+import importlib
 import io
 import os
 import pickle
 import sys
 import threading
 import types
+import warnings
 import weakref
 from collections import ChainMap
 from collections.abc import Iterator
@@ -146,6 +148,12 @@ class _StepPickler(cloudpickle.Pickler):
             and _defined_on_reimport(obj.__qualname__.partition(".")[0])
         ):
             return NotImplemented  # pickle's own: by reference
+        if isinstance(obj, types.ModuleType) and type(obj) is not types.ModuleType:
+            # a module object of a class of its own, in sys.modules (torch.backends.cudnn): cloudpickle
+            # takes modules of that exact type only, and a step using it did not pickle
+            name = getattr(obj, "__name__", None)
+            if isinstance(name, str) and sys.modules.get(name) is obj:
+                return importlib.import_module, (name,)
         return super().reducer_override(obj)
 
 
@@ -231,9 +239,14 @@ class TravellingStep:
         """In the worker: the step (first the consumer's settings, for a worker of the fork server)."""
         if self.data is None:  # forked from the consumer's process: the step itself came along
             return self.step
-        if self.settings is not None:
-            self.settings.apply()
-        return cloudpickle.loads(self.data)
+        if self.settings is None:
+            return cloudpickle.loads(self.data)
+        self.settings.apply()
+        with warnings.catch_warnings():  # a forked worker imports nothing: no warning of the step's imports
+            warnings.simplefilter("ignore")
+            step = cloudpickle.loads(self.data)
+        self.settings.apply_warnings()
+        return step
 
 
 class _FreshFds:

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from torchqueue import _device, _epochs, _forkserver
-from torchqueue._batchtimeout import Handed, outputs_named
+from torchqueue._batchtimeout import Handed, named, outputs_named
 from torchqueue._epochs import Epoch
 from torchqueue._fetch import Fetch, Fetched, Job
 from torchqueue._lookahead import EpochStep, Guess, predictable
@@ -306,13 +306,18 @@ class MapStyleEpochs:
             self._sequence, self._handed = self._new_pipeline(num_workers), Handed()
         sequence = self._sequence
         sequence.timeout = self._torch.timeout or None  # as set now (DataLoader's timeout may be set any time)
-        if ahead is not None:
-            epoch = iter(sequence)  # the guessed epoch's outputs, queued behind the previous epoch
-        if not guessed:  # iterating the new epoch cancels a wrong guess
+        try:  # iterating an epoch waits until the one before is over: one left by a break is cancelled
             if ahead is not None:
-                logger.debug("the epoch guessed ahead is not the one drawn now: it is cancelled")
-            sequence.queue_iterable(self._handed.record(jobs))
-            epoch = iter(sequence)
+                epoch = iter(sequence)  # the guessed epoch's outputs, queued behind the previous epoch
+            if not guessed:  # iterating the new epoch cancels a wrong guess
+                if ahead is not None:
+                    logger.debug("the epoch guessed ahead is not the one drawn now: it is cancelled")
+                sequence.queue_iterable(self._handed.record(jobs))
+                epoch = iter(sequence)
+        except TimeoutError as error:  # a batch of the epoch left is stuck: DataLoader's error, as in _deliver
+            handed = self._handed
+            self.drop_workers()  # a failed pipeline is closed: the next epoch starts a new one
+            raise self._torch.timed_out() from named(error, handed, None)
         if predictable(self._torch.index_sampler):
             self._epochs_sent += 1
             base_seed, number = self.base_seed, self._epochs_sent

@@ -85,7 +85,7 @@ def timed_out(
 
     A plain ``TimeoutError`` (what users catch and see), which also carries what it found for a caller
     that says it in its own terms (a loader names batches): ``timeout``, ``held`` (the workers holding
-    elements, longest first) and ``halted``; ``held_by`` reads them back."""
+    elements, longest first) and ``halted``; ``stuck_of`` reads them back."""
     error = TimeoutError(_waited(timeout, held, ready, bool(halted)) + halted_text(halted or []))
     error.stuck = Stuck(timeout, tuple(held), tuple(halted or ()))  # type: ignore[attr-defined]
     return error
