@@ -602,6 +602,30 @@ def test_filters_of_plugin_categories_and_error_filters_leave_the_workers_starti
     assert json.loads(run_program(PLUGIN_WARNINGS, tmp_path)) == [0, 3, 6]
 
 
+UNUSED_CATEGORY = """
+    import json, sys, warnings, torchqueue as tq
+
+    def imported(_):
+        return "heavy_library" in sys.modules
+
+    if __name__ == "__main__":
+        # before: each worker imported the module of every category the consumer's filters named, to
+        # set them: after ``import lightning``, lightning and sympy (1.3 s to the first output)
+        with open("heavy_library.py", "w") as file:
+            file.write("class HeavyWarning(UserWarning):\\n    pass\\n")
+        sys.path.insert(0, ".")
+        import heavy_library
+        warnings.filterwarnings("ignore", category=heavy_library.HeavyWarning)
+        with tq.Sequence(tq.ProcessStep(imported)) as seq:
+            print(json.dumps(list(seq(range(1)))))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_imports_no_module_only_for_a_warnings_filter(tmp_path):
+    assert json.loads(run_program(UNUSED_CATEGORY, tmp_path)) == [False]
+
+
 class HoldsAConnection(torch.utils.data.Dataset):
     """A dataset holding an open sqlite connection (as PyG's OnDiskDataset does): it does not pickle."""
 

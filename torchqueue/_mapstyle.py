@@ -315,9 +315,8 @@ class MapStyleEpochs:
                 sequence.queue_iterable(self._handed.record(jobs))
                 epoch = iter(sequence)
         except TimeoutError as error:  # a batch of the epoch left is stuck: DataLoader's error, as in _deliver
-            handed = self._handed
             self.drop_workers()  # a failed pipeline is closed: the next epoch starts a new one
-            raise self._torch.timed_out() from named(error, handed, None)
+            raise self._torch.timed_out() from named(error, self._handed, None)
         if predictable(self._torch.index_sampler):
             self._epochs_sent += 1
             base_seed, number = self.base_seed, self._epochs_sent
