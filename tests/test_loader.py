@@ -531,18 +531,29 @@ def test_a_timeout_as_an_epoch_left_early_is_cancelled_is_dataloaders_and_the_ne
     flag = tmp_path / "stuck"
     flag.touch()
     loader = QueueFlowLoader(StuckAt(9, flag), batch_size=2, num_workers=2, persistent_workers=True, timeout=3)
-    for _ in loader:
-        break  # batch 4 (indices [8, 9]) is fetched ahead, and item 9 is stuck
-    with pytest.raises(RuntimeError, match="DataLoader timed out after 3 seconds") as raised:
-        iter(loader)
-    assert "batch 4 of the epoch left before its end (indices [8, 9])" in str(raised.value.__cause__)
-    flag.unlink()
-    assert [batch.tolist() for batch in loader] == [[2 * k, 2 * k + 1] for k in range(6)]
-    loader.close()
+    try:
+        for _ in loader:
+            break  # batch 4 (indices [8, 9]) is fetched ahead: wait until a worker is stuck in item 9
+        deadline = time.monotonic() + 20
+        while not entered(flag).exists():
+            assert time.monotonic() < deadline, "no worker fetched item 9"
+            time.sleep(0.01)
+        with pytest.raises(RuntimeError, match="DataLoader timed out after 3 seconds") as raised:
+            iter(loader)
+        assert "batch 4 of the epoch left before its end (indices [8, 9])" in str(raised.value.__cause__)
+        flag.unlink()
+        assert [batch.tolist() for batch in loader] == [[2 * k, 2 * k + 1] for k in range(6)]
+    finally:
+        loader.close()
+
+
+def entered(flag: Path) -> Path:
+    return flag.with_name(flag.name + ".entered")
 
 
 class StuckAt(Dataset):
-    """Item ``at`` never comes back (none: every item does); with a ``flag`` file, only while it exists."""
+    """Item ``at`` never comes back (none: every item does); with a ``flag`` file, only while it exists,
+    and a worker fetching it then makes ``<flag>.entered``."""
 
     def __init__(self, at: int | None = None, flag: Path | None = None) -> None:
         self.at, self.flag = at, flag
@@ -552,6 +563,8 @@ class StuckAt(Dataset):
 
     def __getitem__(self, i: int) -> int:
         if i == self.at and (self.flag is None or self.flag.exists()):
+            if self.flag is not None:
+                entered(self.flag).touch()
             threading.Event().wait(30)
         return i
 
