@@ -51,8 +51,17 @@ def test_dataloader_with_workers_takes_its_prefetch_window_first():
 
 def test_persistent_workers_catch_up_on_the_batches_dataloaders_were_handed():
     epoch = Epoch(0, [[i] for i in range(10)], None, None, yielded=1, left=True)
-    assert catch_up(epoch, 2, 2) == (1, [[1], [2], [3], [4]], False)  # 4 + 1 handed out, 1 yielded
-    assert catch_up(Epoch(0, [[0]], None, None, yielded=1, left=True), 2, 2) == (0, [], False)  # run out
+    assert catch_up(epoch, 2, 2) == [(1, [[1], [2], [3], [4]], False)]  # 4 + 1 handed out, 1 yielded
+    assert catch_up(Epoch(0, [[0]], None, None, yielded=1, left=True), 2, 2) == []  # run out
+
+
+def test_an_epoch_left_before_its_first_batch_passes_its_own_catch_up_on():
+    # DataLoader's workers fetched the epoch before's leftovers, then this one's first batches
+    earlier = [(1, [[1], [2]], False)]
+    unadvanced = Epoch(0, [[i] for i in range(10, 20)], None, None, left=True, caught_up=earlier)
+    assert catch_up(unadvanced, 2, 2) == [*earlier, (0, [[10], [11], [12], [13]], False)]
+    advanced = Epoch(0, [[i] for i in range(10, 20)], None, None, yielded=1, left=True, caught_up=earlier)
+    assert catch_up(advanced, 2, 2) == [(1, [[11], [12], [13], [14]], False)]  # its first batch came after them
 
 
 def test_restoring_jobs_give_every_worker_its_state_first_and_keep_the_round_robin():
@@ -77,6 +86,7 @@ def test_restoring_jobs_give_every_worker_its_state_first_and_keep_the_round_rob
 
 def test_a_checkpoint_holds_plain_values_and_restores_the_epoch(tmp_path):
     epoch = Epoch(5, [[0, 1], [2]], torch.zeros(3, dtype=torch.uint8), None, yielded=1, states={1: (None, None, b"x")})
+    epoch.caught_up = [(1, [[7, 8]], False)]  # the batches of the epoch before, fetched first
     path = tmp_path / "state.pt"
     torch.save(checkpoint(epoch, num_workers=2), path)
     state = torch.load(path, weights_only=True)  # as Lightning may read it

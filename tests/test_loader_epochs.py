@@ -151,6 +151,23 @@ def test_an_iterator_left_unfinished_ends_its_epoch_when_the_next_begins(kwargs)
     assert all(equal(a, b) for a, b in zip(theirs, ours))
 
 
+def _unadvanced(cls, **kwargs) -> list[list[torch.Tensor]]:
+    loader = make(cls, shuffle=True, num_workers=2, persistent_workers=True, **kwargs)
+    out = [[next(iter(loader))]]  # an epoch left after one batch
+    for _ in range(2):
+        iter(loader)  # an iterator never advanced: DataLoader's workers fetch its first batches all the same
+    out += [list(loader), list(loader)]
+    close(loader)
+    return out
+
+
+def test_iterators_never_advanced_move_persistent_workers_random_streams_as_dataloaders():
+    # before: the epochs after them drew what DataLoader's drew 4 and 8 batches earlier
+    theirs = _unadvanced(DataLoader)
+    ours = _unadvanced(QueueFlowLoader)
+    assert all(equal(a, b) for a, b in zip(theirs, ours))
+
+
 # -- checkpoints -------------------------------------------------------------------------------
 
 

@@ -56,6 +56,7 @@ class Epoch:
     left: bool = False  # over: run out, or left early
     states: dict[int, RandomState] = field(default_factory=dict)  # per worker, after its last yielded batch
     positions: set[int] | None = None  # out of order: the positions yielded (in order they are range(yielded))
+    caught_up: list[tuple[int, list[Any], bool]] = field(default_factory=list)  # earlier epochs' batches fetched first
 
     @property
     def left_early(self) -> bool:
@@ -127,13 +128,16 @@ def leave(epoch: Epoch, index_sampler: Any, num_workers: int, prefetch_factor: i
     generator.set_state(replay.get_state())
 
 
-def catch_up(previous: Epoch | None, num_workers: int, prefetch_factor: int) -> tuple[int, list[Any], bool]:
+def catch_up(previous: Epoch | None, num_workers: int, prefetch_factor: int) -> list[tuple[int, list[Any], bool]]:
     """The batches of an epoch left early that DataLoader's workers had been handed but that were not
-    yielded, as a part of ``restoring_jobs``: persistent workers fetch them before the next epoch."""
+    yielded, as parts of ``restoring_jobs``: persistent workers fetch them before the next epoch. An
+    epoch left before it yielded anything (an iterator never advanced) had not caught up on the one
+    before it either: its own catch-up comes first, as DataLoader's workers fetched it."""
     if previous is None or not previous.left_early:
-        return 0, [], False
+        return []
     handed = min(pulls(previous.yielded, num_workers, prefetch_factor), len(previous.batches))
-    return previous.yielded, previous.batches[previous.yielded : handed], False
+    earlier = previous.caught_up if previous.yielded == 0 else []
+    return [*earlier, (previous.yielded, previous.batches[previous.yielded : handed], False)]
 
 
 def restoring_jobs(
@@ -169,6 +173,7 @@ def checkpoint(epoch: Epoch, num_workers: int) -> dict[str, Any]:
         "num_workers": num_workers,
         "worker_states": {worker: tuple(state) for worker, state in epoch.states.items()},
         "yielded_positions": sorted(epoch.positions) if epoch.positions is not None else None,
+        "caught_up": [(first, list(batches)) for first, batches, _ in epoch.caught_up],
     }
 
 
@@ -189,6 +194,7 @@ def restored(state: dict[str, Any], num_workers: int) -> Epoch | None:
         bool(state.get("left", False)),
         states,
         set(positions) if positions is not None else None,
+        [(int(first), list(batches), False) for first, batches in state.get("caught_up", [])],
     )
     if epoch.yielded >= len(epoch.batches):
         # Saved after the epoch's last batch but before its iterator ran out (inside the ``for`` loop):

@@ -243,7 +243,8 @@ class MapStyleEpochs:
             epoch, guessed = self._draw(loader, previous, ahead, base_seed)
             # persistent workers are where DataLoader's are only if they went on into a right guess
             restore = self._restorable and self._persistent and not guessed
-            parts = [_epochs.catch_up(previous, num_workers, self.prefetch)] if restore else []
+            parts = _epochs.catch_up(previous, num_workers, self.prefetch) if restore else []
+            epoch.caught_up = list(parts)
             parts.append((0, epoch.batches, True))
         self.epoch = epoch
         seed = epoch.base_seed
