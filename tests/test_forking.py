@@ -657,3 +657,66 @@ def test_a_loader_whose_dataset_cannot_go_to_the_fork_servers_workers_says_why_a
     assert threading.current_thread().name not in message.split("threads run in this process (")[1].split(")")[0]
     loader.close()
     assert_no_workers()
+
+
+class ReadsAMemmap:
+    """A step over arrays mapped from a file: what its worker holds, and the rows it is asked for."""
+
+    def __init__(self, path: str) -> None:
+        import numpy as np
+
+        self.images = np.memmap(path, dtype=np.float32, mode="r+", shape=(8, 6))
+        self.rows = self.images[2:5]  # a view, at an offset into the file
+        self.columns = np.memmap(path, dtype=np.float32, mode="r", shape=(6, 8), order="F")
+        self.strided = self.images[:, ::2]  # not contiguous: copied
+
+    def __call__(self, row: int) -> tuple:
+        import numpy as np
+
+        mapped = [isinstance(a, np.memmap) and a._mmap is not None for a in (self.images, self.rows, self.columns)]
+        arrays = (self.images, self.rows, self.columns, self.strided)
+        return mapped, self.images.filename, [np.array(a).tolist() for a in arrays], float(self.images[row, 0])
+
+
+@pytest.mark.timeout(60)
+def test_a_memmap_reaches_the_fork_servers_workers_mapped_as_a_forked_one(tmp_path, user_thread):
+    # before: pickled as an in-memory copy: a 300 MB memmap cost each worker 300 MB, and writes went unseen
+    import numpy as np
+
+    path = str(tmp_path / "images.f32")
+    np.arange(48, dtype=np.float32).tofile(path)
+    step = ReadsAMemmap(path)
+    with tq.Sequence(tq.ProcessStep(step), context="fork") as seq:
+        ((mapped, filename, arrays, value),) = list(seq([3]))
+        assert mapped == [True, True, True] and filename == step.images.filename and value == 18.0
+        assert arrays == [np.array(a).tolist() for a in (step.images, step.rows, step.columns, step.strided)]
+        step.images[3, 0] = -1.0  # the same mapping in both processes: the worker sees the write
+        assert list(seq([3]))[0][3] == -1.0
+    assert_no_workers()
+
+
+class ReadsAFile:
+    def __init__(self, path: str, mode: str = "rb") -> None:
+        self.file = open(path, mode)  # noqa: SIM115
+        self.file.read(3)
+
+    def __call__(self, n: int) -> bytes:
+        return self.file.read(n)
+
+
+@pytest.mark.timeout(60)
+def test_a_file_open_for_reading_reaches_the_fork_servers_workers_at_its_position(tmp_path, user_thread):
+    # before: TypeError: cannot pickle '_io.BufferedReader' object (DataLoader's forked workers read it)
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(32)))
+    reader, writer = ReadsAFile(str(path)), ReadsAFile(str(path), "r+b")
+    try:
+        with tq.Sequence(tq.ProcessStep(reader), context="fork") as seq:
+            assert list(seq([4, 2])) == [bytes(range(3, 7)), bytes(range(7, 9))]
+        with pytest.raises(TypeError, match="cannot pickle '_io.BufferedRandom' object"):  # opened for writing too
+            with tq.Sequence(tq.ProcessStep(writer), context="fork") as seq:
+                list(seq([1]))
+    finally:
+        reader.file.close()
+        writer.file.close()
+    assert_no_workers()

@@ -11,7 +11,9 @@ Steps. Every worker gets its step pickled (``TravellingStep``), while its proces
 - else by value with cloudpickle: lambdas, closures, and whatever a notebook or ``python -c``
   defined (a worker cannot import those). Workers of torchqueue's fork server (``"fork"``, see
   ``_forkserver``) re-import nothing, so there what ``__main__`` defines always goes by value, and
-  a lock goes as a new lock, as a forked child would have it (not held: nobody holds it there).
+  what a forked child shares with its parent goes as ``_forkcopies`` rebuilds it: a lock as a new
+  lock (not held: nobody holds it there), a ``numpy.memmap`` mapped again, a file open for reading
+  opened again.
 
 Tensors, semaphores and ``multiprocessing`` values inside a step go as multiprocessing sends them
 to a process it starts: a CPU tensor's storage is moved to shared memory and its file descriptor
@@ -49,6 +51,7 @@ from typing import Any
 import cloudpickle
 
 from torchqueue import _inherited
+from torchqueue._forkcopies import AS_FORKED
 
 
 def main_reimported() -> bool:
@@ -136,7 +139,7 @@ class _StepPickler(cloudpickle.Pickler):
     def __init__(self, file: io.BytesIO, as_forked: bool) -> None:
         self._main_by_reference = not as_forked and main_reimported()
         tables = [ForkingPickler._extra_reducers, cloudpickle.Pickler.dispatch_table]  # type: ignore[attr-defined]
-        self.dispatch_table = ChainMap(*([_LOCK_COPIES] if as_forked else []), *tables)  # read by __init__
+        self.dispatch_table = ChainMap(*([AS_FORKED] if as_forked else []), *tables)  # read by __init__
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
 
     def reducer_override(self, obj: Any) -> Any:
@@ -155,12 +158,6 @@ class _StepPickler(cloudpickle.Pickler):
             if isinstance(name, str) and sys.modules.get(name) is obj:
                 return importlib.import_module, (name,)
         return super().reducer_override(obj)
-
-
-_LOCK_COPIES = {
-    type(threading.Lock()): lambda lock: (threading.Lock, ()),
-    type(threading.RLock()): lambda lock: (threading.RLock, ()),
-}
 
 
 class TravellingStep:
