@@ -542,3 +542,26 @@ def test_ctrl_c_while_the_processes_start_raises_it_and_leaves_no_worker(monkeyp
     assert list(seq(range(4))) == [0, 4, 8, 12]  # as after any Ctrl-C: the next call works
     seq.close()
     assert_no_workers()
+
+
+def test_ctrl_c_before_the_workers_start_leaves_no_segment_directory(monkeypatch):
+    # before: a KeyboardInterrupt after the segments' directory was made, before the workers' start
+    # (here: as the semaphores' names are taken), left one /dev/shm/torchqueue-* directory per try
+    from torchqueue import _runtime
+
+    real_names = _runtime._semnames.semaphore_names
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    mine = f"torchqueue-{os.getpid()}-"
+    before = {p for p in os.listdir("/dev/shm") if p.startswith(mine)}
+    monkeypatch.setattr(_runtime._semnames, "semaphore_names", ctrl_c)
+    seq = tq.Sequence(tq.ProcessStep(double, 2))
+    with pytest.raises(KeyboardInterrupt):
+        list(seq(range(4)))
+    monkeypatch.setattr(_runtime._semnames, "semaphore_names", real_names)
+    assert list(seq(range(4))) == [0, 2, 4, 6]
+    seq.close()
+    assert {p for p in os.listdir("/dev/shm") if p.startswith(mine)} <= before
+    assert_no_workers()

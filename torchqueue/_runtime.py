@@ -182,9 +182,6 @@ class Runtime:
         self._unpack: _ConsumerUnpack | None = None  # a last UnpackStep (made once the rows are laid out)
         self._stats = ctx.RawArray("d", NFIELDS * sum(s.nworkers for s in plan.stages))
         self._segment_dir: str | None = None  # a pipeline of threads passes objects as they are
-        if ctx is not LOCAL:
-            self._segment_dir = _serialize.make_segment_dir()
-            _segments.survive_lease_breaks()  # the feeder leases the segments it reuses
         self._bytes_out = {a: ctx.RawValue("d", 0.0) for a in assigners}  # per segment, at its end
         self._rows: dict[int, int] = {}  # stage index -> its first row in the stats array
         self._epochs: queue.Queue[tuple[int, Iterator[Any], bool] | None] = queue.Queue()  # None: stop
@@ -219,7 +216,10 @@ class Runtime:
         self._holds_server = ctx is FORK_SERVER
         if self._holds_server:
             _forkserver.hold()
-        try:
+        try:  # from here on an error (Ctrl-C too) closes what was made: the segments' directory too
+            if ctx is not LOCAL:
+                self._segment_dir = _serialize.make_segment_dir()
+                _segments.survive_lease_breaks()  # the feeder leases the segments it reuses
             self._start_workers(steps, ordered, skip_errors, assigners)
         except BaseException:
             self.close()
