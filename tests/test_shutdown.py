@@ -14,7 +14,7 @@ import time
 
 import psutil
 import pytest
-from conftest import START_METHODS, assert_no_workers, double, random_sleep, worker_children
+from conftest import START_METHODS, assert_no_workers, double, identity, random_sleep, worker_children
 
 import torchqueue as tq
 
@@ -564,4 +564,54 @@ def test_ctrl_c_before_the_workers_start_leaves_no_segment_directory(monkeypatch
     assert list(seq(range(4))) == [0, 2, 4, 6]
     seq.close()
     assert {p for p in os.listdir("/dev/shm") if p.startswith(mine)} <= before
+    assert_no_workers()
+
+
+def test_ctrl_c_as_the_feeder_starts_stops_the_workers_already_started(monkeypatch):
+    # before: Thread.start() waits for the new thread, and a KeyboardInterrupt there escaped the start's
+    # clean-up: the runtime never reached the Sequence, so its workers and segments outlived close()
+    from torchqueue import _runtime
+
+    real_start = _runtime.Runtime._start_feeder
+
+    def start_then_ctrl_c(self, left=None):
+        real_start(self, left)
+        raise KeyboardInterrupt
+
+    mine = f"torchqueue-{os.getpid()}-"
+    before = {p for p in os.listdir("/dev/shm") if p.startswith(mine)}
+    monkeypatch.setattr(_runtime.Runtime, "_start_feeder", start_then_ctrl_c)
+    seq = tq.Sequence(tq.ProcessStep(double, 2))
+    with pytest.raises(KeyboardInterrupt):
+        list(seq(range(4)))
+    assert_no_workers()
+    monkeypatch.setattr(_runtime.Runtime, "_start_feeder", real_start)
+    assert list(seq(range(4))) == [0, 2, 4, 6]
+    seq.close()
+    assert {p for p in os.listdir("/dev/shm") if p.startswith(mine)} <= before
+    assert_no_workers()
+
+
+@pytest.mark.parametrize("where", ["_next_iterator", "queue"])
+def test_ctrl_c_between_queuing_an_epoch_and_returning_its_iterator_cancels_it(monkeypatch, where):
+    # before: the epoch queued without an iterator gave its outputs to the next call's iterator, and so
+    # on: seq(["B0", "B1"]) yielded ["A0", "A1", "A2"]
+    from torchqueue import _runtime
+
+    target = (tq.Sequence, "_next_iterator") if where == "_next_iterator" else (_runtime.Runtime, "queue")
+    real = getattr(*target)
+
+    def then_ctrl_c(self, *args):
+        if where == "queue":
+            real(self, *args)  # the runtime took the epoch; Ctrl-C comes before it is counted
+        raise KeyboardInterrupt
+
+    seq = tq.Sequence(tq.ProcessStep(identity, 2))
+    monkeypatch.setattr(*target, then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        seq(["A0", "A1", "A2"])
+    monkeypatch.setattr(*target, real)
+    assert list(seq(["B0", "B1"])) == ["B0", "B1"]
+    assert list(seq(["C0"])) == ["C0"]
+    seq.close()
     assert_no_workers()

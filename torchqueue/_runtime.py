@@ -216,29 +216,30 @@ class Runtime:
         self._holds_server = ctx is FORK_SERVER
         if self._holds_server:
             _forkserver.hold()
-        try:  # from here on an error (Ctrl-C too) closes what was made: the segments' directory too
+        self._feeder: threading.Thread | None = None
+        self._unlinker: threading.Thread | None = None
+        try:  # from here on an error (Ctrl-C too) closes what was made: the segments' directory, the workers
             if ctx is not LOCAL:
                 self._segment_dir = _serialize.make_segment_dir()
                 _segments.survive_lease_breaks()  # the feeder leases the segments it reuses
             self._start_workers(steps, ordered, skip_errors, assigners)
+            if plan.consumer_runs_last:
+                last = plan.stages[-1]
+                meter = Meter(self._stats, self._rows[last.index], last.name)
+                self._unpack = _ConsumerUnpack(last.step, meter, skip_errors, self._warn_skipped)
+            self._feeder = self._start_feeder()  # Thread.start() waits for the thread: Ctrl-C may come there
+            processes = sum(handle.in_own_process for _, _, handle in self.workers)
+            if processes:  # else a pipeline of threads (``LOCAL``): it has no named semaphores
+                self._unlinker = threading.Thread(
+                    target=self._unlink_once_up,
+                    args=(processes, self._workers_up),
+                    name=f"torchqueue-semaphores-{name}",
+                    daemon=True,
+                )
+                self._unlinker.start()
         except BaseException:
             self.close()
             raise
-        if plan.consumer_runs_last:
-            last = plan.stages[-1]
-            meter = Meter(self._stats, self._rows[last.index], last.name)
-            self._unpack = _ConsumerUnpack(last.step, meter, skip_errors, self._warn_skipped)
-        self._feeder = self._start_feeder()
-        processes = sum(handle.in_own_process for _, _, handle in self.workers)
-        self._unlinker: threading.Thread | None = None
-        if processes:  # else a pipeline of threads (``LOCAL``): it has no named semaphores
-            self._unlinker = threading.Thread(
-                target=self._unlink_once_up,
-                args=(processes, self._workers_up),
-                name=f"torchqueue-semaphores-{name}",
-                daemon=True,
-            )
-            self._unlinker.start()
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -664,7 +665,7 @@ class Runtime:
         for channel in (c for edge in self._edges for c in edge):  # threads waiting on a local edge
             channel.wake()
         self._epochs.put(None)
-        for thread in (getattr(self, "_feeder", None), getattr(self, "_unlinker", None)):
+        for thread in (getattr(self, "_feeder", None), getattr(self, "_unlinker", None)):  # a start may have failed
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=join_s)
         deadline = time.monotonic() + join_s

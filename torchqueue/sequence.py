@@ -18,6 +18,7 @@ goes on unharmed. ``queue_iterable`` is safe from any thread.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import multiprocessing
 import re
 import threading
@@ -191,7 +192,7 @@ class Sequence:
         """Queue one epoch: start feeding ``iterable`` (lazily) and return at once."""
         self._check_open()
         iterator = _iterator(iterable)
-        with self._queuing:
+        with self._queuing, self._interruptible():
             self._queue(iterator, isinstance(iterable, (range, collections.abc.Sequence)))
 
     def __call__(self, iterable: Iterable[Any]) -> _EpochIterator:
@@ -199,7 +200,7 @@ class Sequence:
         iteration is going on (``RuntimeError``)."""
         self._check_open()
         iterator = _iterator(iterable)
-        with self._queuing:
+        with self._queuing, self._interruptible():
             self._check_one_consumer()
             self._queue(iterator, isinstance(iterable, (range, collections.abc.Sequence)))
             return self._next_iterator()
@@ -320,6 +321,17 @@ class Sequence:
         self._interrupted = True
         if self._runtime is not None:  # a second Ctrl-C during close() still stops everything (``Runtime.close``)
             self._runtime.close(join_s=ERROR_JOIN_S)
+
+    @contextlib.contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        """Ctrl-C while an epoch is being queued, or before its iterator is returned, is Ctrl-C while
+        iterating (``_interrupt``): an epoch the runtime took, with no iterator of its own or no number
+        counted, would hand its outputs to the next call's iterator (the epochs then shifted by one)."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self._interrupt()
+            raise
 
     def _restart_if_interrupted(self) -> None:
         """After Ctrl-C (``_interrupt``), forget the stopped runtime and its epochs (``_queuing`` held)."""
