@@ -859,3 +859,33 @@ def test_a_batch_sampler_whose_length_is_undefined_works_as_in_dataloader(num_wo
     assert all(map(torch.equal, [batch.x for batch in resumed], expected[1:]))
     ours.close()
     resumed.close()
+
+
+class KillsItsWorkerAt(torch.utils.data.Dataset):
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> int:
+        if i == self.index:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return i
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_worker_that_dies_is_named_with_the_batch_it_was_fetching(persistent):
+    # before: "worker 0 of step 'fetch' (pid 987) died: killed by signal SIGKILL, while working on element 4
+    # of epoch 0": the loader's internal step and the position of a job in its pipeline
+    loader = QueueFlowLoader(KillsItsWorkerAt(17), batch_size=4, num_workers=2, persistent_workers=persistent)
+    try:
+        with pytest.raises(tq.WorkerDiedError) as info:
+            list(loader)
+    finally:
+        loader.close()
+    words = r"loader worker 0 \(pid \d+\) died: killed by signal SIGKILL, while fetching batch 4 "
+    assert re.fullmatch(words + r"\(indices \[16, 17, 18, 19\]\)", str(info.value)), str(info.value)

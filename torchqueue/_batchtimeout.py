@@ -1,5 +1,6 @@
-"""What a map-style loader's timeout names: the batches its workers hold, by their place in the
-epoch and their indices, instead of the pipeline's own terms (step ``'fetch'``, element N).
+"""What a map-style loader's timeout, or a worker's death, names: the batches its workers hold, by
+their place in the epoch and their indices, instead of the pipeline's own terms (step ``'fetch'``,
+element N).
 
 The loader hands each epoch's jobs to its ``Sequence`` of fetch workers; ``Handed`` keeps them by
 their position in that ``Sequence``'s epoch, which is what the pipeline's ``TimeoutError`` says each
@@ -8,6 +9,9 @@ worker holds (``_stuck.Holder``). Only the epoch iterated and those queued behin
     RuntimeError: DataLoader timed out after 3 seconds
     ... caused by TimeoutError: no batch came within 3 seconds: loader worker 1 (pid 1739) has been
     fetching batch 3 (indices [12, 13, 14, 15]) for 3.0 s, in the dataset or collate_fn; ...
+
+    WorkerDiedError: loader worker 0 (pid 987) died: killed by signal SIGKILL, while fetching batch 4
+    (indices [16, 17, 18, 19])
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torchqueue._fetch import Job
-from torchqueue._stuck import IN_FUNCTION, Holder, Stuck, Worker, halted_text, stuck_of
+from torchqueue._stuck import IN_FUNCTION, Holder, Stuck, Worker, died_of, halted_text, stuck_of
+from torchqueue.errors import WorkerDiedError
 
 KEPT_EPOCHS = 3
 """Epochs of a ``Sequence`` whose jobs are kept at most (the one iterated, and the next ones queued behind
@@ -74,7 +79,34 @@ class Handed:
         stopped = halted_text(error.halted, _worker)
         return TimeoutError(f"no batch came within {error.timeout} seconds: {'; '.join(named)}{stopped}")
 
-    def _holding(self, holder: Holder, current: int) -> str | None:
+    def worker_died(self, error: WorkerDiedError, current: int | None) -> WorkerDiedError:
+        """The loader's ``WorkerDiedError`` for the pipeline's ``error``: the worker and the batch it held
+        (see ``timed_out``); ``error`` itself where the pipeline found nothing more (a death at start-up)."""
+        died = died_of(error)
+        if died is None:
+            return error
+        text = f"{_worker(died.worker)} died: {died.exit}"
+        what = None if died.held is None else self._batch(died.held, current)
+        if what is not None:
+            text += f", while {'fetching' if died.held.doing == IN_FUNCTION else 'sending'} {what}"  # type: ignore[union-attr]
+        loaders = WorkerDiedError(text)
+        loaders.died = died  # type: ignore[attr-defined]
+        return loaders
+
+    def _holding(self, holder: Holder, current: int | None) -> str | None:
+        what = self._batch(holder, current)
+        if what is None:
+            return None
+        worker = _worker((holder.step, holder.worker, holder.pid))
+        if holder.doing == IN_FUNCTION:
+            return (
+                f"{worker} has been fetching {what} for {holder.seconds:.1f} s, in the dataset or collate_fn; "
+                f"py-spy dump --pid {holder.pid} shows where"
+            )
+        return f"{worker} holds {what}, {holder.doing} for {holder.seconds:.1f} s"
+
+    def _batch(self, holder: Holder, current: int | None) -> str | None:
+        """The batch ``holder`` holds, with its indices (``None``: no batch of a kept epoch)."""
         job = self.job(holder.epoch, holder.seq)
         if job is None or job.indices is None:
             return None
@@ -86,16 +118,9 @@ class Handed:
         elif not job.keep:
             batch += " of the last epoch (fetched again to restore the workers' random state)"
         indices = _indices_repr.repr(job.indices)
-        what = (
+        return (
             f"{batch} (indices {indices})" if isinstance(job.indices, (list, tuple)) else f"{batch} (index {indices})"
         )
-        worker = _worker((holder.step, holder.worker, holder.pid))
-        if holder.doing == IN_FUNCTION:
-            return (
-                f"{worker} has been fetching {what} for {holder.seconds:.1f} s, in the dataset or collate_fn; "
-                f"py-spy dump --pid {holder.pid} shows where"
-            )
-        return f"{worker} holds {what}, {holder.doing} for {holder.seconds:.1f} s"
 
 
 def _worker(worker: Worker) -> str:
@@ -111,13 +136,15 @@ def _taking(jobs: Iterable[Job], taken: list[Job]) -> Iterator[Job]:
 
 def outputs_named(outputs: Iterator[Any], handed: Handed) -> Iterator[Any]:
     """``outputs`` (an epoch's iterator of the ``Sequence`` ``handed`` was handed to); its ``TimeoutError``
-    raised as the loader's."""
+    and ``WorkerDiedError`` raised as the loader's."""
     current = outputs.state.epoch  # type: ignore[attr-defined]
     handed.forget_before(current)
     try:
         yield from outputs
     except TimeoutError as error:
         raise named(error, handed, current) from None
+    except WorkerDiedError as error:
+        raise handed.worker_died(error, current) from None
 
 
 def named(error: TimeoutError, handed: Handed, current: int | None) -> TimeoutError:

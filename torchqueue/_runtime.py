@@ -76,7 +76,7 @@ from torchqueue._meter import Meter
 from torchqueue._pauses import Paused, Pauses
 from torchqueue._plan import STREAM, THREAD, Plan, StagePlan
 from torchqueue._premap import PremapStage, SlotHolder, Slots
-from torchqueue._stuck import IN_FUNCTION, Holder, died_with, holders, stopped, timed_out
+from torchqueue._stuck import IN_FUNCTION, Died, Holder, died_with, holders, stopped, timed_out
 from torchqueue._threads import LocalChannel, ThreadHandle
 from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
 from torchqueue._worker import worker_main
@@ -532,11 +532,14 @@ class Runtime:
                 held = [h for h in self._holders(time.perf_counter()) if h.pid == handle.pid]
                 began = self._began(handle)
                 when = "" if began else " before it started"
-                raise WorkerDiedError(
+                error = WorkerDiedError(
                     f"worker {worker} of step {stage!r} (pid {handle.pid}) died{when}: {handle.describe_exit()}"
                     + (died_with(held[0], stage) if held else "")
                     + ("" if began else self._reimport_hint())
-                ) from None  # not "during handling of" the wait it ended
+                )
+                if began:  # what it found, for a caller that says it in its own terms (a loader names batches)
+                    error.died = Died((stage, worker, handle.pid), handle.describe_exit(), held[0] if held else None)  # type: ignore[attr-defined]
+                raise error from None  # not "during handling of" the wait it ended
 
     def _began(self, handle: Any) -> bool:
         """Whether the worker's loop began (its stats row says so)."""

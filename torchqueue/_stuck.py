@@ -69,6 +69,21 @@ def _named(worker: Worker) -> str:
     return f"{step!r} (worker {index}, pid {pid})"
 
 
+@dataclass(frozen=True)
+class Died:
+    """What the consumer found when a worker died after it started: the worker, how it ended (its exit
+    code or signal, in words), and what it held (``None``: nothing)."""
+
+    worker: Worker
+    exit: str
+    held: Holder | None
+
+
+def died_of(error: BaseException) -> Died | None:
+    """What the consumer found about the worker whose death ``error`` reports (``None``: not known)."""
+    return getattr(error, "died", None)
+
+
 def died_with(holder: Holder, stage: str) -> str:
     """What a worker that died held, for its ``WorkerDiedError``: the element it worked on or was sending
     (a step fused into its ``stage`` named)."""
