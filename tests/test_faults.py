@@ -482,5 +482,5 @@ def test_a_full_dev_shm_raises_oserror_enospc_saying_what_did_not_fit_and_what_t
     for name, step in [("step", "'big'"), ("input", "'input'")]:
         kind, code, message = out[name]
         assert kind == "OSError" and code == 28, out[name]
-        assert f"step {step}" in message and "16.0 MiB" in message and "MiB free of 8.0 MiB" in message
+        assert f"step {step}" in message and "16.0 MiB did not fit" in message and "MiB free of 8.0 MiB" in message
         assert "--shm-size" in message and "tq.Queue(n)" in message

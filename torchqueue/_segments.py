@@ -456,12 +456,14 @@ def no_room(directory: str, size: int) -> OSError:
     """The error for a full /dev/shm (``ENOSPC``): what did not fit, what is free, and what to change."""
     try:
         fs = os.statvfs(directory)
-        free = f"{_mib(fs.f_bavail * fs.f_frsize)} free of {_mib(fs.f_blocks * fs.f_frsize)}"
+        free = f"now {_mib(fs.f_bavail * fs.f_frsize)} free of {_mib(fs.f_blocks * fs.f_frsize)}"
     except OSError:
         free = "its free space unknown"
     return OSError(
         errno.ENOSPC,
-        f"No space left on device: a message of {_mib(size)} does not fit in /dev/shm ({free}). Give the "
+        # the space is read after the failed write let its own pages go, and others' messages come and go
+        f"No space left on device: a message of {_mib(size)} did not fit in /dev/shm as it was written ({free}). "
+        "Give the "
         "machine or container more shared memory (Docker: docker run --shm-size=8g; Kubernetes: an emptyDir "
         "volume with medium Memory mounted at /dev/shm), or send smaller elements, or lower the queue "
         "capacities (tq.Queue(n)): every element in flight holds its tensors in /dev/shm",
