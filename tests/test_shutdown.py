@@ -544,51 +544,37 @@ def test_ctrl_c_while_the_processes_start_raises_it_and_leaves_no_worker(monkeyp
     assert_no_workers()
 
 
-def test_ctrl_c_before_the_workers_start_leaves_no_segment_directory(monkeypatch):
-    # before: a KeyboardInterrupt after the segments' directory was made, before the workers' start
-    # (here: as the semaphores' names are taken), left one /dev/shm/torchqueue-* directory per try
+def _own_segment_dirs() -> set[str]:
+    mine = f"torchqueue-{os.getpid()}-"
+    return {name for name in os.listdir("/dev/shm") if name.startswith(mine)}
+
+
+@pytest.mark.parametrize("where", ["semaphore_names", "_start_feeder"])
+def test_ctrl_c_as_a_pipeline_starts_leaves_no_worker_and_no_segment_directory(monkeypatch, where):
+    # before: a KeyboardInterrupt after the segments' directory was made, before the workers' start (here:
+    # as the semaphores' names are taken), left one /dev/shm/torchqueue-* directory per try; one as the
+    # feeder thread started (Thread.start() waits for it) escaped the start's clean-up: the runtime never
+    # reached the Sequence, so its workers and segments outlived close()
     from torchqueue import _runtime
 
-    real_names = _runtime._semnames.semaphore_names
+    owner = _runtime._semnames if where == "semaphore_names" else _runtime.Runtime
+    real = getattr(owner, where)
 
-    def ctrl_c(*args):
+    def then_ctrl_c(*args):
+        if where == "_start_feeder":
+            real(*args)
         raise KeyboardInterrupt
 
-    mine = f"torchqueue-{os.getpid()}-"
-    before = {p for p in os.listdir("/dev/shm") if p.startswith(mine)}
-    monkeypatch.setattr(_runtime._semnames, "semaphore_names", ctrl_c)
-    seq = tq.Sequence(tq.ProcessStep(double, 2))
-    with pytest.raises(KeyboardInterrupt):
-        list(seq(range(4)))
-    monkeypatch.setattr(_runtime._semnames, "semaphore_names", real_names)
-    assert list(seq(range(4))) == [0, 2, 4, 6]
-    seq.close()
-    assert {p for p in os.listdir("/dev/shm") if p.startswith(mine)} <= before
-    assert_no_workers()
-
-
-def test_ctrl_c_as_the_feeder_starts_stops_the_workers_already_started(monkeypatch):
-    # before: Thread.start() waits for the new thread, and a KeyboardInterrupt there escaped the start's
-    # clean-up: the runtime never reached the Sequence, so its workers and segments outlived close()
-    from torchqueue import _runtime
-
-    real_start = _runtime.Runtime._start_feeder
-
-    def start_then_ctrl_c(self, left=None):
-        real_start(self, left)
-        raise KeyboardInterrupt
-
-    mine = f"torchqueue-{os.getpid()}-"
-    before = {p for p in os.listdir("/dev/shm") if p.startswith(mine)}
-    monkeypatch.setattr(_runtime.Runtime, "_start_feeder", start_then_ctrl_c)
+    before = _own_segment_dirs()
+    monkeypatch.setattr(owner, where, then_ctrl_c)
     seq = tq.Sequence(tq.ProcessStep(double, 2))
     with pytest.raises(KeyboardInterrupt):
         list(seq(range(4)))
     assert_no_workers()
-    monkeypatch.setattr(_runtime.Runtime, "_start_feeder", real_start)
-    assert list(seq(range(4))) == [0, 2, 4, 6]
+    monkeypatch.setattr(owner, where, real)
+    assert list(seq(range(4))) == [0, 2, 4, 6]  # as after any Ctrl-C: the next call works
     seq.close()
-    assert {p for p in os.listdir("/dev/shm") if p.startswith(mine)} <= before
+    assert _own_segment_dirs() <= before
     assert_no_workers()
 
 
