@@ -86,9 +86,9 @@ class Handed:
         if died is None:
             return error
         text = f"{_worker(died.worker)} died: {died.exit}"
-        what = None if died.held is None else self._batch(died.held, current)
-        if what is not None:
-            text += f", while {'fetching' if died.held.doing == IN_FUNCTION else 'sending'} {what}"  # type: ignore[union-attr]
+        held = died.held
+        if held is not None and (what := self._batch(held, current)) is not None:
+            text += f", while {'fetching' if held.doing == IN_FUNCTION else 'sending'} {what}"
         loaders = WorkerDiedError(text)
         loaders.died = died  # type: ignore[attr-defined]
         return loaders

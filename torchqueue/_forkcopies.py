@@ -30,22 +30,32 @@ _SHARED_MODES = {"r": "r", "readonly": "r", "r+": "r+", "readwrite": "r+", "w+":
 
 
 def _memmap(array: np.memmap) -> Any:
-    """A memory-mapped array as the same mapping of its file, where it is one contiguous part of a shared one."""
+    """A memory-mapped array as the same mapping of its file, where it is one contiguous part of a shared one
+    (else a copy, as pickle makes it)."""
+    place = _place_in_file(array)
+    if place is None:
+        return array.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+    filename, mode, offset = place
+    order = "C" if array.flags.c_contiguous else "F"
+    return np.memmap, (filename, array.dtype, mode, offset, array.shape, order)
+
+
+def _place_in_file(array: np.memmap) -> tuple[str, str, int] | None:
+    """The file, the shared mode to map it in and the byte offset of ``array``'s data, where a worker can map
+    the same bytes again: a contiguous, non-empty array of a shared mapping whose file is still there."""
     mapping, filename = getattr(array, "_mmap", None), getattr(array, "filename", None)
     mode = _SHARED_MODES.get(getattr(array, "mode", None))  # type: ignore[arg-type]
     contiguous = array.flags.c_contiguous or array.flags.f_contiguous
     if mapping is None or filename is None or mode is None or not contiguous or array.size == 0:
-        return array.__reduce_ex__(pickle.HIGHEST_PROTOCOL)  # a copy, as pickle makes it
+        return None
+    if not os.path.isfile(filename):  # removed since it was mapped: only this process has the bytes
+        return None
     try:
         mapped_at = np.frombuffer(mapping, dtype=np.uint8).__array_interface__["data"][0]
     except ValueError:  # the mapping was closed
-        return array.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
-    if not os.path.isfile(filename):  # removed since it was mapped: only this process has the bytes
-        return array.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        return None
     mapped_from = array.offset - array.offset % mmap.ALLOCATIONGRANULARITY  # where numpy's mapping starts
-    offset = mapped_from + array.__array_interface__["data"][0] - mapped_at
-    order = "C" if array.flags.c_contiguous else "F"
-    return np.memmap, (filename, array.dtype, mode, offset, array.shape, order)
+    return filename, mode, mapped_from + array.__array_interface__["data"][0] - mapped_at
 
 
 def _binary_reader(file: io.BufferedReader | io.FileIO) -> Any:

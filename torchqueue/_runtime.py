@@ -530,15 +530,16 @@ class Runtime:
         for stage, worker, handle in self.workers:
             if handle.exitcode is not None and self._alive():
                 held = [h for h in self._holders(time.perf_counter()) if h.pid == handle.pid]
-                began = self._began(handle)
+                began, exit_text = self._began(handle), handle.describe_exit()
                 when = "" if began else " before it started"
                 error = WorkerDiedError(
-                    f"worker {worker} of step {stage!r} (pid {handle.pid}) died{when}: {handle.describe_exit()}"
+                    f"worker {worker} of step {stage!r} (pid {handle.pid}) died{when}: {exit_text}"
                     + (died_with(held[0], stage) if held else "")
                     + ("" if began else self._reimport_hint())
                 )
                 if began:  # what it found, for a caller that says it in its own terms (a loader names batches)
-                    error.died = Died((stage, worker, handle.pid), handle.describe_exit(), held[0] if held else None)  # type: ignore[attr-defined]
+                    died = Died((stage, worker, handle.pid), exit_text, held[0] if held else None)
+                    error.died = died  # type: ignore[attr-defined]
                 raise error from None  # not "during handling of" the wait it ended
 
     def _began(self, handle: Any) -> bool:

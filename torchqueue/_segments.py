@@ -463,8 +463,7 @@ def no_room(directory: str, size: int) -> OSError:
         errno.ENOSPC,
         # the space is read after the failed write let its own pages go, and others' messages come and go
         f"No space left on device: a message of {_mib(size)} did not fit in /dev/shm as it was written ({free}). "
-        "Give the "
-        "machine or container more shared memory (Docker: docker run --shm-size=8g; Kubernetes: an emptyDir "
+        "Give the machine or container more shared memory (Docker: docker run --shm-size=8g; Kubernetes: an emptyDir "
         "volume with medium Memory mounted at /dev/shm), or send smaller elements, or lower the queue "
         "capacities (tq.Queue(n)): every element in flight holds its tensors in /dev/shm",
     )

@@ -207,7 +207,7 @@ class Sequence:
 
     def __iter__(self) -> _EpochIterator:
         """The outputs of the next queued epoch."""
-        with self._queuing:
+        with self._queuing, self._interruptible():
             return self._next_iterator()
 
     def stats(self) -> Stats:
@@ -291,8 +291,7 @@ class Sequence:
                 previous.abandon(self._runtime, self.timeout)
             except Stopped:  # closed meanwhile by another thread
                 raise self._closed_error() from None
-            except KeyboardInterrupt:  # Ctrl-C while cancelling: as while iterating
-                self._interrupt()
+            except KeyboardInterrupt:  # Ctrl-C while cancelling: as while iterating (``_interruptible``)
                 raise
             except BaseException as exc:  # a dead worker while cancelling
                 self._fail(exc)
@@ -324,9 +323,9 @@ class Sequence:
 
     @contextlib.contextmanager
     def _interruptible(self) -> Iterator[None]:
-        """Ctrl-C while an epoch is being queued, or before its iterator is returned, is Ctrl-C while
-        iterating (``_interrupt``): an epoch the runtime took, with no iterator of its own or no number
-        counted, would hand its outputs to the next call's iterator (the epochs then shifted by one)."""
+        """Ctrl-C while an epoch is being queued, cancelled, or before its iterator is returned, is Ctrl-C
+        while iterating (``_interrupt``): an epoch the runtime took, with no iterator of its own or no
+        number counted, would hand its outputs to the next call's iterator (the epochs then shifted by one)."""
         try:
             yield
         except KeyboardInterrupt:
