@@ -141,6 +141,57 @@ def test_an_input_error_says_it_came_from_the_input_in_the_consumers_process():
     assert "Input traceback" in message and "failing_source" in message
 
 
+class Unsendable:
+    def __reduce__(self):
+        raise RuntimeError("this object does not pickle")
+
+
+def test_an_input_element_that_does_not_pickle_is_named_as_the_inputs():
+    with tq.Sequence(tq.ProcessStep(double, name="f")) as seq:
+        with pytest.raises(TypeError) as info:
+            list(seq([1, Unsendable(), 3]))
+    first = str(info.value).splitlines()[0]
+    assert first == (
+        "TypeError in the input iterable (read in the consumer's own process) at element 1 of epoch 0: "
+        "the element cannot be sent to step 'f' in another process: this object does not pickle"
+    )
+    assert "Input traceback" in str(info.value) and "produced" not in str(info.value)
+
+
+def unsendable_every_500th(x):
+    return Unsendable() if x % 500 == 499 else x
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_outputs_that_do_not_pickle_are_skipped_with_on_error_skip_in_their_places(backend):
+    """Small elements travel bundled: each one that does not pickle is dropped alone, its neighbours kept."""
+    steps = (tq.ProcessStep(unsendable_every_500th, backend=backend, name="make"), tq.ProcessStep(identity))
+    with tq.Sequence(*steps, on_error="skip") as seq:
+        with pytest.warns(RuntimeWarning, match="step 'make' produced a value that cannot be sent"):
+            assert list(seq(range(2000))) == [x for x in range(2000) if x % 500 != 499]
+        assert seq.stats()["make"].skipped == 4
+        assert list(seq([1, 2])) == [1, 2]
+
+
+def test_an_unpicklable_element_among_many_small_ones_is_named_by_its_own_position():
+    with tq.Sequence(tq.ProcessStep(identity, name="f")) as seq:
+        with pytest.raises(TypeError, match="at element 1500 of epoch 0: the element cannot be sent to step 'f'"):
+            list(seq([Unsendable() if i == 1500 else i for i in range(2000)]))
+    with tq.Sequence(tq.ProcessStep(unsendable_every_500th, name="make"), tq.ProcessStep(identity)) as seq:
+        with pytest.raises(TypeError, match="step 'make' .* at element 499 of epoch 0: step 'make' produced"):
+            list(seq(range(2000)))
+
+
+def test_a_thread_steps_value_that_does_not_pickle_shows_a_traceback_of_your_process():
+    steps = (tq.ProcessStep(lambda x: Unsendable(), backend="thread", name="make"), tq.ProcessStep(identity))
+    with tq.Sequence(*steps) as seq:
+        with pytest.raises(TypeError) as info:
+            list(seq([1]))
+    message = str(info.value)
+    assert message.startswith(f"TypeError in step 'make' (in your process, pid {os.getpid()}) at element 0 of epoch 0")
+    assert "Your process's traceback" in message and "Worker traceback" not in message
+
+
 def open_missing(x):
     with open(f"/nonexistent/{x}"):
         pass

@@ -90,8 +90,17 @@ class Loop:
         self.fused_cpu = 0.0  # of it, the fused stage's: its calls and its sends (``StreamRunner.emit_fused``)
         self.input_wait = 0.0  # seconds the last message received was waited for
         writer = ctx.stage_name if fused is None else fused.name
+        writer_meter = self.meter if self.fused_meter is None else self.fused_meter
         self.emitter = Emitter(
-            ctx.outbox, self.alive, ctx.split, ctx.split_step, writer, ctx.segment_dir, ctx.sends_items, ctx.local_out
+            ctx.outbox,
+            self.alive,
+            ctx.split,
+            ctx.split_step,
+            writer,
+            ctx.segment_dir,
+            ctx.sends_items,
+            ctx.local_out,
+            lambda error, epoch, seq: self.failed(error, epoch, seq, writer_meter),
         )
 
     def run(self, step: Any, fused: Callable[[Any], Any] | None = None) -> None:

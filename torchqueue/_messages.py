@@ -69,7 +69,8 @@ class Failure:
 
     ``pickled`` is the pickled exception when it pickles, else ``None``. ``where`` says where it
     was raised, for the message (``"step 'f' (worker pid 12) at element 13 of epoch 0"``);
-    ``in_consumer``: raised in the consumer's own process (by the input iterable).
+    ``in_consumer``: raised in the consumer's own process (by the input iterable, a thread step, or the
+    feeder sending an element).
     """
 
     step: str

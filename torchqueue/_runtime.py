@@ -80,7 +80,7 @@ from torchqueue._stuck import IN_FUNCTION, Died, Holder, died_with, holders, sto
 from torchqueue._threads import LocalChannel, ThreadHandle
 from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
 from torchqueue._worker import worker_main
-from torchqueue.errors import PipelineError, WorkerDiedError, capture
+from torchqueue.errors import INPUT, PipelineError, WorkerDiedError, capture
 from torchqueue.stats import NFIELDS, Field, Stats
 
 logger = logging.getLogger("torchqueue")
@@ -393,7 +393,7 @@ class Runtime:
                 self._alive,
                 split,
                 reader.name if reader else "",
-                packing.name if packing else "input",
+                packing.name if packing else INPUT,
                 self._segment_dir,
                 self.plan.sends_items(start),
                 self.plan.local_edge(start + 1),

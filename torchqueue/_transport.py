@@ -32,7 +32,7 @@ from torchqueue import _segments, _serialize
 from torchqueue._channel import Channel
 from torchqueue._messages import CONTROL, Bundle, Envelope, Failure, Skipped
 from torchqueue._unreadable import in_place
-from torchqueue.errors import capture
+from torchqueue.errors import INPUT, capture, capture_at
 from torchqueue.stats import NFIELDS, Field
 
 PART_S = 0.02
@@ -81,11 +81,14 @@ class Emitter:
         segment_dir: str | None,
         items: bool = False,
         local: bool = False,
+        on_failure: Callable[[Exception, int, int], Failure | Skipped] | None = None,
     ):
         """``sizer``: the pool that reads this edge (``None``: no pool, elements go whole);
         ``split_step``: its name, for errors; ``writer``: the step whose outputs these are; ``items``: the
         reader routes items (``_routing``): list elements go item by item; ``local``: the reader runs in
-        this process (a thread step, the consumer): envelopes go as they are, nothing is encoded."""
+        this process (a thread step, the consumer): envelopes go as they are, nothing is encoded;
+        ``on_failure(error, epoch, seq)``: what goes in place of an element that cannot be encoded (a step's
+        failure, or skipped); default: the writer's failure (the feeder's: the input's)."""
         self._items = items
         self._local = local
         self._channels = channels
@@ -94,6 +97,7 @@ class Emitter:
         self._sizer = sizer
         self._split_step = split_step
         self._writer = writer
+        self._on_failure = on_failure
         self.encode_s = 0.0
         self.sent_bytes = 0
 
@@ -124,13 +128,37 @@ class Emitter:
         try:
             data = _serialize.dumps(envelope, self._segment_dir, more, self._items)
         except Exception as exc:
-            failure = capture(self._writer, _unsendable(self._writer, exc), envelope.epoch, envelope.seq)
-            data = _serialize.dumps(envelope._replace(payload=failure), None)
+            data = _serialize.dumps(envelope._replace(payload=self._in_place_of(envelope, exc)), None)
         self.encode_s += time.perf_counter() - start
         channel.put(data, self._alive)
         nbytes = _serialize.message_nbytes(data)
         self.sent_bytes += nbytes
         return nbytes
+
+    def _in_place_of(self, envelope: Envelope, exc: Exception) -> Any:
+        """What goes in place of a payload that could not be encoded (``exc``): its failure, skipped under
+        ``on_error="skip"``; in a bundle, each element's own, or the element itself where it pickles alone
+        (a bundle's elements are small), so that every position is kept and the culprit is named."""
+        payload = envelope.payload
+        if not isinstance(payload, Bundle):
+            return self._failed(_unsendable(self._writer, self._split_step, exc), envelope.epoch, envelope.seq)
+        items = []
+        for offset, item in enumerate(payload.items):
+            try:
+                _serialize.dumps(item, None)
+            except Exception as item_exc:
+                error = _unsendable(self._writer, self._split_step, item_exc)
+                item = self._failed(error, envelope.epoch, envelope.seq + offset)
+            items.append(item)
+        return Bundle(items)
+
+    def _failed(self, error: Exception, epoch: int, seq: int) -> Failure | Skipped:
+        if self._on_failure is not None:  # a step's worker: its Loop fails, or skips
+            return self._on_failure(error, epoch, seq)
+        if self._writer != INPUT:
+            return capture(self._writer, error, epoch, seq)
+        where = f"the input iterable (read in the consumer's own process) at element {seq} of epoch {epoch}"
+        return capture_at(INPUT, error, where, in_consumer=True)
 
     def idle(self) -> None:
         """The sender has nothing to send for now: free the unused segments it kept for reuse."""
@@ -138,11 +166,13 @@ class Emitter:
             _segments.trim(self._segment_dir)
 
 
-def _unsendable(writer: str, exc: Exception) -> Exception:
-    """The error for a value ``writer`` could not send: ``OSError`` (``ENOSPC``) for a full /dev/shm,
-    else ``TypeError``."""
+def _unsendable(writer: str, reader: str, exc: Exception) -> Exception:
+    """The error for a value ``writer`` could not send to ``reader``: ``OSError`` (``ENOSPC``) for a full
+    /dev/shm, else ``TypeError``."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         error: Exception = OSError(errno.ENOSPC, f"could not send an element: {exc.strerror}")
+    elif writer == INPUT:
+        error = TypeError(f"the element cannot be sent to step {reader!r} in another process: {exc}")
     else:
         error = TypeError(f"step {writer!r} produced a value that cannot be sent to another process: {exc}")
     error.__cause__ = exc

@@ -58,6 +58,8 @@ def in_worker_process() -> None:
 
 
 NO_ITEM = object()
+INPUT = "input"
+"""The name the input iterable goes by where a step's name would be (the feeder writes its elements)."""
 """``capture``'s ``item`` when the call was on a whole element (not one item of a ``PoolStep``'s)."""
 
 _ITEM_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
@@ -82,7 +84,7 @@ def capture(
         where += f" at element {seq} of epoch {epoch}"
     if item is not NO_ITEM:
         where += f", on its item {_short_repr(item)}"
-    return capture_at(step, exc, where)
+    return capture_at(step, exc, where, in_consumer=not _worker_process)
 
 
 def _short_repr(item: object) -> str:
@@ -97,7 +99,7 @@ def capture_input(exc: BaseException, epoch: int, seq: int) -> Failure:
     """Wrap ``exc``, raised by the user's input iterable (read in the consumer's process) when asked
     for the element at position ``seq`` of ``epoch``."""
     where = f"the input iterable (read in the consumer's own process) at element {seq} of epoch {epoch}"
-    return capture_at("input", exc, where, in_consumer=True)
+    return capture_at(INPUT, exc, where, in_consumer=True)
 
 
 def capture_at(step: str, exc: BaseException, where: str, in_consumer: bool = False) -> Failure:
@@ -135,7 +137,7 @@ def _round_trip(exc: BaseException) -> bytes | None:
 def rebuild(failure: Failure) -> BaseException:
     """The exception to raise in the consumer for ``failure``."""
     where = failure.where or f"step {failure.step!r} (worker pid {failure.pid})"
-    origin = "Input" if failure.in_consumer else "Worker"
+    origin = "Worker" if not failure.in_consumer else "Input" if failure.step == INPUT else "Your process's"
     text = f": {failure.message}" if failure.message else ""  # ``raise ValueError`` has none
     message = f"{failure.exc_type} in {where}{text}\n\n{origin} traceback:\n{failure.traceback}"
     original = None
