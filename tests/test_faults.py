@@ -75,6 +75,34 @@ def test_a_timeout_names_a_stopped_worker_and_not_what_its_row_last_said():
     assert "waiting for room downstream" not in message and "waits for its input" not in message
 
 
+def _sum(values: list[int]) -> int:
+    return sum(values)
+
+
+def test_a_timeout_names_a_stopped_fused_process_once_and_it_before_the_steps_waiting_on_it():
+    # before: "The oldest is element 5 of epoch 0, in step 'pool'" (a worker waiting for room, named first
+    # as the longest by microseconds), and the one stopped process listed twice, once per step it runs
+    steps = (tq.PoolStep(identity, nworkers=2, name="pool"), tq.RepackStep(4), tq.ProcessStep(_sum, 1, name="sum"))
+    with tq.Sequence(*steps, tq.Queue(1)) as seq:
+        iterator = seq([[i, i + 1] for i in range(0, 4000, 2)])
+        assert next(iterator) == 6
+        (pid,) = {pid for step, _, pid in seq._runtime._owners() if step == "sum"}
+        seq.timeout = 1
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError) as info:
+                list(iterator)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    message = str(info.value)
+    assert (
+        f"Workers stopped (SIGSTOP, Ctrl-Z or a debugger): 'RepackStep(4)' and 'sum' (worker 0, pid {pid});" in message
+    )
+    oldest = message.split("The oldest is ")[1]
+    assert "in step 'pool'" not in oldest and message.count(f"pid {pid})") == 1
+
+
 def test_a_timeout_with_nothing_held_says_the_input_is_waited_for():
     def slow_input():
         yield 1
@@ -479,8 +507,8 @@ def test_a_full_dev_shm_raises_oserror_enospc_saying_what_did_not_fit_and_what_t
     done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=50, env=env)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    for name, step in [("step", "'big'"), ("input", "'input'")]:
+    for name, where in [("step", "in step 'big'"), ("input", "in the input iterable")]:
         kind, code, message = out[name]
         assert kind == "OSError" and code == 28, out[name]
-        assert f"step {step}" in message and "16.0 MiB did not fit" in message and "MiB free of 8.0 MiB" in message
+        assert where in message and "16.0 MiB did not fit" in message and "MiB free of 8.0 MiB" in message
         assert "--shm-size" in message and "tq.Queue(n)" in message

@@ -19,6 +19,7 @@ from torchqueue._handles import STOPPED, process_stopped
 from torchqueue.stats import NFIELDS, Field
 
 IN_FUNCTION = "in its function"
+WAITING = "waiting for room downstream"
 
 Worker = tuple[str, int, "int | None"]
 """A worker as the runtime lists them: ``(step, index, pid)``."""
@@ -44,19 +45,21 @@ class Holder:
 
 
 def holders(workers: list[Worker], rows: Any, now: float) -> list[Holder]:
-    """The workers (``(step, worker, pid)``, one per row in order) that hold an element, longest first."""
+    """The workers (``(step, worker, pid)``, one per row in order) that hold an element: those in their
+    function or stopped first (a cause), then those waiting for room downstream (what a cause makes of
+    the steps before it, within milliseconds of each other); longest first in each."""
     found = []
     for row, (step, worker, pid) in enumerate(workers):
         base = row * NFIELDS
         busy, out = rows[base + Field.BUSY_SINCE], rows[base + Field.OUT_SINCE]
         if (busy <= 0 and out <= 0) or rows[base + Field.AT_SEQ] < 0:  # passing on an epoch's end: no element
             continue
-        doing, since = (IN_FUNCTION, busy) if busy > 0 else ("waiting for room downstream", out)
+        doing, since = (IN_FUNCTION, busy) if busy > 0 else (WAITING, out)
         if process_stopped(pid):  # what its row says it does, it does not do now
             doing = f"{STOPPED}, {IN_FUNCTION if busy > 0 else 'sending'}"
         epoch, seq = int(rows[base + Field.AT_EPOCH]), int(rows[base + Field.AT_SEQ])
         found.append(Holder(step, worker, pid, doing, max(0.0, now - since), epoch, seq))
-    return sorted(found, key=lambda holder: -holder.seconds)
+    return sorted(found, key=lambda holder: (holder.doing == WAITING, -holder.seconds))
 
 
 def stopped(workers: list[Worker]) -> list[Worker]:
@@ -126,7 +129,16 @@ def halted_text(halted: list[Worker] | tuple[Worker, ...], named: Callable[[Work
     a worker is called (``'step' (worker 0, pid 7)``)."""
     if not halted:
         return ""
-    return f". Workers {STOPPED}: {', '.join(map(named or _named, halted))}; SIGCONT resumes them"
+    by_pid: dict[int | None, list[Worker]] = {}
+    for worker in halted:  # a fused step runs in its host's process: one process, two names
+        by_pid.setdefault(worker[2], []).append(worker)
+    names = [
+        " and ".join(f"{step!r}" for step, *_ in workers[:-1]) + " and " + (named or _named)(workers[-1])
+        if len(workers) > 1
+        else (named or _named)(workers[0])
+        for workers in by_pid.values()
+    ]
+    return f". Workers {STOPPED}: {', '.join(names)}; SIGCONT resumes them."
 
 
 def _waited(timeout: float, held: list[Holder], ready: tuple[int, int], halted: bool) -> str:
