@@ -298,6 +298,36 @@ def test_a_stream_step_between_workers_routes_items_and_the_writers_send_them_it
     assert not make_plan((tq.ProcessStep(abs, 2), Mine(4), tq.ProcessStep(sum, 2))).routes_items(1)
 
 
+def nest(x):
+    return [[x, x + 1], [x + 2]]
+
+
+def triple(x):
+    return 3 * x
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize(
+    "steps",
+    [
+        (tq.ProcessStep(nest), tq.UnpackStep(), tq.PoolStep(triple, 2)),
+        (tq.ProcessStep(nest), tq.UnpackStep(), tq.Queue(3), tq.PoolStep(triple, 1)),
+        (tq.ProcessStep(nest), tq.UnpackStep(), tq.PackStep(1), tq.UnpackStep(), tq.PoolStep(triple, 2)),
+    ],
+    ids=["unpack-pool", "unpack-queue-pool", "unpack-pack-unpack-pool"],
+)
+def test_an_unpack_step_feeding_a_pool_hands_it_lists_it_can_split(steps, skip):
+    # before: "PoolStep needs iterable elements (lists, tuples, ...), got EncodedItem": the UnpackStep routed
+    # its items undecoded, and each item, a pool's element, must be split into parts (with skip: all dropped)
+    plan = make_plan(steps)
+    last_unpack = max(i for i, stage in enumerate(plan.stages) if type(stage.step) is tq.UnpackStep)
+    assert not plan.routes_items(last_unpack)
+    with tq.Sequence(*steps, on_error="skip" if skip else "raise") as seq:
+        assert list(seq([0, 10])) == [[0, 3], [6], [30, 33], [36]]
+        stats = seq.stats()
+        assert sum(stats[name].skipped for name in stats) == 0
+
+
 def test_routed_items_are_unpickled_only_where_a_function_takes_them(tmp_path):
     with tq.Sequence(
         tq.ProcessStep(logged(str(tmp_path)), 2), tq.RepackStep(3), tq.ProcessStep(values, 2, name="take")

@@ -66,22 +66,33 @@ def _tag_jitter(x):
     return tag(jitter(x))
 
 
+_DEPTH = {  # how many list levels an element has after each kind of step, from how many it had
+    "process": lambda depth: min(depth, 1),  # tag() tags a list's items, a list inside one whole
+    "pool": lambda depth: min(depth, 2),
+    "pack": lambda depth: depth + 1,
+    "unpack": lambda depth: depth - 1,
+    "repack": lambda depth: depth,
+}
+
+
 @st.composite
 def pipelines(draw):
-    """Step kinds chosen so that every element is a list where a step needs an iterable."""
+    """Step kinds chosen so that every element is a list where a step needs an iterable. The input's
+    elements are lists of ints, or lists of lists of ints (so that an UnpackStep can feed a pool)."""
     kinds = []
-    listy = True  # the input epochs are lists of lists
+    depth = start = draw(st.integers(1, 2))
     for _ in range(draw(st.integers(1, 4))):
-        options = ["process", "pack"] + (["pool", "unpack", "repack"] if listy else [])
+        options = ["process", "pack"] + (["pool", "unpack", "repack"] if depth >= 1 else [])
         kind = draw(st.sampled_from(options))
         arg = draw(st.integers(1, 4)) if kind in ("pack", "repack") else None
         kinds.append((kind, arg))
-        listy = kind in ("pack", "repack", "pool") or (kind == "process" and listy)
-        if kind == "unpack":
-            listy = False
+        depth = _DEPTH[kind](depth)
     workers = [draw(st.integers(1, 3)) for _ in kinds]
     capacities = [draw(st.sampled_from([0, 1, 3])) for _ in kinds]
-    epochs = draw(st.lists(st.lists(st.lists(st.integers(0, 99), max_size=5), max_size=8), min_size=1, max_size=3))
+    element = st.lists(st.integers(0, 99), max_size=5)
+    if start == 2:
+        element = st.lists(element, max_size=4)
+    epochs = draw(st.lists(st.lists(element, max_size=8), min_size=1, max_size=3))
     return kinds, workers, capacities, epochs
 
 

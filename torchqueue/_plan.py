@@ -196,7 +196,10 @@ class Plan:
             return False
         if self.in_this_process(stage) or self.local_edge(self.output_edge(stage)):
             return False  # its input and output are objects, not pickles
-        return type(self.stages[stage].step) in (RepackStep, UnpackStep, JoinStep)
+        kind = type(self.stages[stage].step)
+        if kind is UnpackStep and self.splits_into(stage):
+            return False  # its outputs are a pool's elements, split into parts: it must see their items
+        return kind in (RepackStep, UnpackStep, JoinStep)
 
     def sends_items(self, stage: int) -> bool:
         """Whether the writers at ``stage``'s output (-1: the feeder) send list elements item by item: their
