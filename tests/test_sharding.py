@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import h5py
 import numpy as np
 import pytest
@@ -105,6 +107,7 @@ def identity(x):
     return x
 
 
+@pytest.mark.filterwarnings("ignore:a QueueFlowDataset shared out over ranks without length=")
 @pytest.mark.parametrize("source", [chunks_of, [[0, 50], [1, 51], [2, 52], [3, 53], [4, 54]]])
 def test_a_queueflow_datasets_chunks_are_shared_among_ranks(source):
     dataset = tq.QueueFlowDataset(source, [tq.ProcessStep(identity, 1), tq.UnpackStep()])
@@ -128,6 +131,7 @@ def _event_ids(chunk) -> list[float]:
     return read_h5_chunk(chunk, keys=["energy"])["energy"].tolist()
 
 
+@pytest.mark.filterwarnings("ignore:a QueueFlowDataset shared out over ranks without length=")
 def test_an_h5chunks_source_that_shares_out_for_its_rank_is_not_shared_out_again(tmp_path):
     # before: under torch.distributed H5Chunks took its rank's share, and the loader took every
     # world_size-th chunk of it again: each rank read a quarter of the data, half of it never read
@@ -151,6 +155,56 @@ def test_an_h5chunks_source_that_shares_out_for_its_rank_is_not_shared_out_again
     chunks = H5Chunks(paths, length_key="energy", chunk_size=10, rank=0, world_size=2)
     with pytest.raises(ValueError, match="source gives rank 0 of 2 its share, and this loader is rank 1 of 2"):
         QueueFlowLoader(tq.QueueFlowDataset(chunks, [tq.ProcessStep(_event_ids, 1)]), rank=1, world_size=2)
+
+
+def _read_events(chunk) -> list[float]:
+    return read_h5_chunk(chunk, keys=["energy"])["energy"].tolist()
+
+
+def _uneven_files(tmp_path) -> list[str]:
+    paths = []
+    for name, n in (("a.h5", 25), ("b.h5", 8)):  # chunks of 4: the last of each file shorter
+        paths.append(str(tmp_path / name))
+        with h5py.File(paths[-1], "w") as f:
+            f["energy"] = np.arange(n, dtype=np.float32) + (100 if name == "b.h5" else 0)
+    return paths
+
+
+@pytest.mark.parametrize("length", [16, 17, 20])
+def test_with_a_length_every_rank_yields_exactly_len_loader_batches_whatever_its_chunks_give(tmp_path, length):
+    # before: 9 and 10 batches (17 and 20 events) on the two ranks: a DDP step that one rank never takes
+    paths = _uneven_files(tmp_path)
+    steps = [tq.ProcessStep(_read_events, 1), tq.UnpackStep()]
+    counts, events = [], []
+    for rank in range(2):
+        dataset = tq.QueueFlowDataset(H5Chunks(paths, "energy", chunk_size=4, shuffle=False), steps, length=length)
+        loader = QueueFlowLoader(dataset, batch_size=2, rank=rank, world_size=2)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                epochs = [[batch.tolist() for batch in loader] for _ in range(2)]
+        finally:
+            loader.close()
+        assert epochs[0] == epochs[1]  # the next epoch whole: the pass cut short was cancelled
+        counts.append(len(epochs[0]))
+        events.append([event for batch in epochs[0] for event in batch])
+        if len(events[-1]) != length:  # yielded more or fewer than the length says: said
+            assert any("outputs its QueueFlowDataset's length= says" in str(w.message) for w in caught)
+    assert counts == [len(loader)] * 2 == [(length + 1) // 2] * 2
+    # chunks 0, 2, 4, 6, 8 of 9 (+ chunk 0 again, padding) to rank 0: 17 events; 1, 3, 5, 7, 0 to rank 1: 20
+    natural = [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 104, 105, 106, 107]
+    assert events[0][: min(length, 17)] == natural[:length]
+    if length == 20:  # rank 0's 17 events and 3 of its chunks' again, from their start, as DistributedSampler pads
+        assert events[0][17:] == [0.0, 1.0, 2.0]
+
+
+def test_ranks_without_a_length_are_warned_that_their_batch_counts_may_differ():
+    dataset = tq.QueueFlowDataset([[1, 2], [3]], [tq.ProcessStep(identity, 1), tq.UnpackStep()])
+    try:
+        with pytest.warns(UserWarning, match="without length=.*as many batches only if every chunk"):
+            assert list(QueueFlowLoader(dataset, rank=0, world_size=2)) == [1, 2]
+    finally:
+        dataset.close()
 
 
 def test_under_lightnings_seed_the_ranks_order_is_lightnings(monkeypatch):

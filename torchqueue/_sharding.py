@@ -9,7 +9,8 @@ gives its rank one share, as Lightning's ``DistributedSampler`` / ``DistributedS
 - another sampler: ``ShardedSampler``, the rank's share of the sampler's indices;
 - a batch sampler: ``ShardedBatchSampler``, the rank's share of its batches;
 - a ``QueueFlowDataset``: ``shard_chunks``, the rank's share of the epoch's chunks, unless its source
-  shares them out itself (``shared_out_by``: ``H5Chunks`` under ``torch.distributed``).
+  shares them out itself (``shared_out_by``: ``H5Chunks`` under ``torch.distributed``); and, where
+  the dataset has a ``length=``, exactly ``length`` outputs on every rank (``equal_outputs``).
 
 A share takes every ``world_size``-th item from position ``rank``, after padding the list by
 repeating it from its start up to a multiple of ``world_size`` (or trimming it to one, with
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -185,3 +187,46 @@ def shard_chunks(chunks: Iterable[Any], rank: int, world_size: int, drop_last: b
         yield from mine
     else:
         yield head[(rank - last) % count]
+
+
+def equal_outputs(first: Iterator[Any], passes: Callable[[], Iterator[Any]], length: int | None) -> Iterator[Any]:
+    """A rank's outputs of one epoch over a ``QueueFlowDataset``: exactly ``length`` (the dataset's
+    ``length=``, this rank's outputs), so that every rank makes as many batches and no collective waits.
+
+    ``first`` is a pass over the rank's chunks; ``passes()`` begins another. A pass that yields more is cut
+    at ``length`` (the rest of it cancelled); one that yields fewer is followed by another pass over the
+    same chunks, as ``DistributedSampler`` pads a share by repeating it, until ``length`` came. Either
+    warns: the length is not what the pipeline yields. Without a ``length`` the outputs go as they come."""
+    if length is None:
+        yield from first
+        return
+    given, outputs = 0, first
+    while True:
+        begun = given
+        try:
+            for output in outputs:
+                if given == length:
+                    if begun == 0:  # a pass that pads is cut at the length: as it should be
+                        warnings.warn(
+                            f"this rank's pipeline yields more than the {length} outputs its QueueFlowDataset's "
+                            "length= says: the epoch is cut there, so that every rank makes as many batches; "
+                            "give the dataset this rank's length",
+                            stacklevel=2,
+                        )
+                    return
+                yield output
+                given += 1
+        finally:
+            close = getattr(outputs, "close", None)
+            if close is not None:
+                close()  # a pass cut short: its epoch is cancelled
+        if given == length or given == begun:  # done, or an empty pass: nothing to repeat
+            return
+        if begun == 0:
+            warnings.warn(
+                f"this rank's pipeline yielded {given} of the {length} outputs its QueueFlowDataset's length= "
+                "says: its chunks are read again from the start for the rest, so that every rank makes as many "
+                "batches; give the dataset this rank's length",
+                stacklevel=2,
+            )
+        outputs = passes()

@@ -152,6 +152,7 @@ class QueueFlowLoader(Generic[_T_co]):
         self.epoch = 0
         self._bar_epoch = 0  # the number the next epoch's progress bar shows (``set_epoch`` sets it)
         self._warned_pin = False
+        self._warned_ranks = False
         self._map_style = MapStyleEpochs(self._torch, dataset, persistent_workers, num_workers)
         self._checkpoints = Checkpoints()
         self._initialized = True
@@ -267,11 +268,20 @@ class QueueFlowLoader(Generic[_T_co]):
         return _length(self)
 
     def _iter_pipeline(self) -> Iterator[Any]:
-        dataset: QueueFlowDataset = self.dataset
-        chunks = dataset.chunks(dataset.epoch)
-        if self._chunk_shard is not None:
-            chunks = _sharding.shard_chunks(chunks, *self._chunk_shard, drop_last=self._torch.drop_last)
-        outputs = dataset._outputs(chunks, self._torch.timeout or None)
+        """The epoch's batches over a ``QueueFlowDataset``: its pipeline's outputs for this rank's chunks,
+        exactly ``length`` of them under ranks where it has one (``_sharding.equal_outputs``), batched where asked."""
+        outputs = self._pipeline_outputs()
+        if self._shard is not None and self._shard.world_size > 1:
+            if self.dataset.length is None and not self._warned_ranks:
+                self._warned_ranks = True
+                warnings.warn(
+                    "a QueueFlowDataset shared out over ranks without length=: each rank gets as many chunks, but "
+                    "as many batches only if every chunk gives as many outputs, and a rank with fewer leaves the "
+                    "others waiting in their collectives; give QueueFlowDataset(..., length=this_ranks_outputs), "
+                    "and every rank yields exactly len(loader) batches",
+                    stacklevel=4,
+                )
+            outputs = _sharding.equal_outputs(outputs, self._pipeline_outputs, self.dataset.length)
         try:
             if self.batch_size is None:
                 yield from outputs
@@ -288,6 +298,14 @@ class QueueFlowLoader(Generic[_T_co]):
             if not self._torch.timeout:  # the dataset's own timeout
                 raise
             raise self._torch.timed_out() from exc
+
+    def _pipeline_outputs(self) -> Iterator[Any]:
+        """One pass of the pipeline over this rank's chunks of the dataset's epoch (begun at the first ``next``)."""
+        dataset: QueueFlowDataset = self.dataset
+        chunks = dataset.chunks(dataset.epoch)
+        if self._chunk_shard is not None:
+            chunks = _sharding.shard_chunks(chunks, *self._chunk_shard, drop_last=self._torch.drop_last)
+        yield from dataset._outputs(chunks, self._torch.timeout or None)
 
     # -- Lightning's teardown -------------------------------------------------------------------
 
