@@ -512,3 +512,34 @@ def test_a_full_dev_shm_raises_oserror_enospc_saying_what_did_not_fit_and_what_t
         assert kind == "OSError" and code == 28, out[name]
         assert where in message and "16.0 MiB did not fit" in message and "MiB free of 8.0 MiB" in message
         assert "--shm-size" in message and "tq.Queue(n)" in message
+
+
+def _broken_receive(self):
+    raise ValueError("a failure in torchqueue's own loop")
+
+
+def test_a_worker_that_fails_outside_its_step_says_so_with_its_traceback_in_its_death(monkeypatch):
+    # before: "died: exited with code 1", the cause only on the worker's stderr (a select() of an fd over
+    # 1024 was one: nothing in the error said what to change)
+    from torchqueue import _loop
+
+    monkeypatch.setattr(_loop.Loop, "receive", _broken_receive)  # the fork's workers inherit it
+    with tq.Sequence(tq.ProcessStep(identity, name="w"), context="fork") as seq:
+        with pytest.raises(tq.WorkerDiedError) as info:
+            list(seq([1, 2]))
+    message = str(info.value)
+    assert "worker 0 of step 'w'" in message and "exited with code 1" in message
+    assert "raising outside your function" in message
+    assert message.rstrip().endswith("ValueError: a failure in torchqueue's own loop")
+
+
+def test_a_loader_worker_that_fails_outside_the_dataset_says_so_in_its_death(monkeypatch):
+    from torchqueue import _loop
+
+    monkeypatch.setattr(_loop.Loop, "receive", _broken_receive)
+    loader = tq.QueueFlowLoader(list(range(8)), batch_size=2, num_workers=1, multiprocessing_context="fork")
+    with pytest.raises(tq.WorkerDiedError) as info:
+        list(loader)
+    message = str(info.value)
+    assert message.startswith("loader worker 0 (pid ") and "raising outside your function" in message
+    assert message.rstrip().endswith("ValueError: a failure in torchqueue's own loop")

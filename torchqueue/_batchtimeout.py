@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torchqueue._fetch import Job
-from torchqueue._stuck import IN_FUNCTION, Holder, Stuck, Worker, died_of, halted_text, stuck_of
+from torchqueue._stuck import IN_FUNCTION, Holder, Stuck, Worker, died_of, halted_text, raised_text, stuck_of
 from torchqueue.errors import WorkerDiedError
 
 KEPT_EPOCHS = 3
@@ -89,7 +89,7 @@ class Handed:
         held = died.held
         if held is not None and (what := self._batch(held, current)) is not None:
             text += f", while {'fetching' if held.doing == IN_FUNCTION else 'sending'} {what}"
-        loaders = WorkerDiedError(text)
+        loaders = WorkerDiedError(text + raised_text(died.raised))
         loaders.died = died  # type: ignore[attr-defined]
         return loaders
 

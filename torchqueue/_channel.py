@@ -3,14 +3,14 @@
 Each message is a length-prefixed byte string on an OS pipe. A semaphore
 counts free slots (``capacity`` messages at most are in the pipe), one lock
 serialises writers and one serialises readers. Both pipe ends are
-non-blocking and every wait is a ``select`` or a lock/semaphore acquire with a
+non-blocking and every wait is a ``poll`` or a lock/semaphore acquire with a
 short timeout, after which the caller's ``alive`` check runs: a stop request or
 a dead peer ends the wait instead of hanging it. A reader waiting for data
 also watches the pipeline's ``StopSignal``, so that an idle worker leaves at
 once when the pipeline closes, not at its next timeout.
 
     writers (any process)            readers (any process)
-      slots.acquire()   ─┐          ┌─ rlock: select + read one whole message
+      slots.acquire()   ─┐          ┌─ rlock: poll + read one whole message
       wlock: write len+bytes ─► pipe ─► slots.release()
 
 A writer killed in the middle of a message leaves the pipe unusable; its
@@ -28,6 +28,17 @@ from typing import Any
 
 POLL_S = 0.05
 """How often a blocked call wakes to run its ``alive`` check."""
+
+
+def _ready(fds: list[int], events: int, timeout_s: float) -> list[int]:
+    """The fds of ``fds`` ready for ``events`` (or hung up, or failed: a read or write then says so) within
+    ``timeout_s``. ``poll``, not ``select``: a process may hold more than 1024 files (a dataset of tensors
+    sent to a fork server's worker holds one each), and ``select`` refuses any fd from 1024 up."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, events)
+    return [fd for fd, _ in poller.poll(timeout_s * 1000.0)]
+
 
 _HEADER = struct.Struct("<Q")
 
@@ -155,7 +166,7 @@ def _wait_readable(fd: int, timeout: float | None, alive: Callable[[], bool], st
     waited = 0.0
     while True:
         step = POLL_S if timeout is None else min(POLL_S, max(timeout - waited, 0.0))
-        readable, _, _ = select.select(fds, [], [], step)
+        readable = _ready(fds, select.POLLIN, step)
         if fd in readable:
             return True
         if readable and stop is not None and stop.is_set():
@@ -175,8 +186,7 @@ def _write_all(fd: int, buffers: list[bytes], alive: Callable[[], bool]) -> None
         try:
             written = os.writev(fd, views)
         except BlockingIOError:
-            _, writable, _ = select.select([], [fd], [], POLL_S)
-            if not writable and not alive():
+            if not _ready([fd], select.POLLOUT, POLL_S) and not alive():
                 raise Stopped from None
             continue
         while views and written >= views[0].nbytes:
@@ -194,8 +204,7 @@ def _read_exact(fd: int, size: int, alive: Callable[[], bool]) -> bytearray:
         try:
             n = os.readv(fd, [view[got:]])
         except BlockingIOError:
-            readable, _, _ = select.select([fd], [], [], POLL_S)
-            if not readable and not alive():
+            if not _ready([fd], select.POLLIN, POLL_S) and not alive():
                 raise Stopped from None
             continue
         if n == 0:

@@ -103,5 +103,15 @@ class StartupFailure:
     traceback: str
 
 
+@dataclass(frozen=True)
+class WorkerFailure:
+    """A worker's loop raised outside the step's function (torchqueue's own code, or the system under it),
+    just before the worker exits: its traceback, which the consumer's ``WorkerDiedError`` shows."""
+
+    step: str
+    worker: int
+    traceback: str
+
+
 CONTROL = (EndOfEpoch, Failure, Skipped)
 """Payloads every stage passes on untouched (a ``Bundle`` is not one: its items are work)."""

@@ -27,7 +27,16 @@ from torchqueue import _serialize
 from torchqueue._channel import Stopped
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._loop import Loop, WorkerContext
-from torchqueue._messages import CONTROL, Bundle, EndOfEpoch, Envelope, Failure, Skipped, StartupFailure
+from torchqueue._messages import (
+    CONTROL,
+    Bundle,
+    EndOfEpoch,
+    Envelope,
+    Failure,
+    Skipped,
+    StartupFailure,
+    WorkerFailure,
+)
 from torchqueue._meter import Meter
 from torchqueue._plan import Kind
 from torchqueue._premap import listed, waiting_workers
@@ -75,6 +84,10 @@ def run_worker(
         runner.run(step, fused)
     except Stopped:
         pass
+    except Exception:  # not the step's (its errors go in its elements' places): said, then the worker dies
+        notice = WorkerFailure(ctx.stage_name, ctx.worker, traceback.format_exc())
+        ctx.events.put(_serialize.dumps(notice, None), lambda: not ctx.stop.is_set())
+        raise
 
 
 class _UpstreamFailure(Exception):

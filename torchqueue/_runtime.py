@@ -71,12 +71,12 @@ from torchqueue._idle import idle_seconds
 from torchqueue._local import LOCAL, LocalContext
 from torchqueue._loop import FusedStage, WorkerContext
 from torchqueue._mainmodule import TravellingStep, main_reimported
-from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, StartupFailure
+from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, StartupFailure, WorkerFailure
 from torchqueue._meter import Meter
 from torchqueue._pauses import Paused, Pauses
 from torchqueue._plan import STREAM, THREAD, Plan, StagePlan
 from torchqueue._premap import PremapStage, SlotHolder, Slots
-from torchqueue._stuck import IN_FUNCTION, Died, Holder, died_with, holders, stopped, timed_out
+from torchqueue._stuck import IN_FUNCTION, Died, Holder, died_with, holders, raised_text, stopped, timed_out
 from torchqueue._threads import LocalChannel, ThreadHandle
 from torchqueue._transport import Emitter, PartSizer, observe_bytes, read
 from torchqueue._worker import worker_main
@@ -187,6 +187,7 @@ class Runtime:
         self._epochs: queue.Queue[tuple[int, Iterator[Any], bool] | None] = queue.Queue()  # None: stop
         self._warned: set[str] = set()
         self._feeder_error: BaseException | None = None
+        self._failures: dict[tuple[str, int], str] = {}  # a worker's traceback, said as it failed (WorkerFailure)
         self._closed = False
         self._closed_at: float | None = None
         self._oldest_at_close: Holder | None = None  # the call going on as it closed (see close)
@@ -525,6 +526,8 @@ class Runtime:
                 )
             if isinstance(notice, SkipNotice):
                 self._warn_skipped(notice.step, notice.summary)
+            if isinstance(notice, WorkerFailure):
+                self._failures[(notice.step, notice.worker)] = notice.traceback
         if self._feeder_error is not None:
             raise PipelineError(f"torchqueue's feeder thread failed: {self._feeder_error!r}") from self._feeder_error
         for stage, worker, handle in self.workers:
@@ -532,13 +535,15 @@ class Runtime:
                 held = [h for h in self._holders(time.perf_counter()) if h.pid == handle.pid]
                 began, exit_text = self._began(handle), handle.describe_exit()
                 when = "" if began else " before it started"
+                raised = self._failures.get((stage, worker))
                 error = WorkerDiedError(
                     f"worker {worker} of step {stage!r} (pid {handle.pid}) died{when}: {exit_text}"
                     + (died_with(held[0], stage) if held else "")
                     + ("" if began else self._reimport_hint())
+                    + raised_text(raised)
                 )
                 if began:  # what it found, for a caller that says it in its own terms (a loader names batches)
-                    died = Died((stage, worker, handle.pid), exit_text, held[0] if held else None)
+                    died = Died((stage, worker, handle.pid), exit_text, held[0] if held else None, raised)
                     error.died = died  # type: ignore[attr-defined]
                 raise error from None  # not "during handling of" the wait it ended
 

@@ -75,11 +75,18 @@ def _named(worker: Worker) -> str:
 @dataclass(frozen=True)
 class Died:
     """What the consumer found when a worker died after it started: the worker, how it ended (its exit
-    code or signal, in words), and what it held (``None``: nothing)."""
+    code or signal, in words), what it held (``None``: nothing), and the traceback of what it raised
+    outside its step's function, where it said so before it died (``WorkerFailure``)."""
 
     worker: Worker
     exit: str
     held: Holder | None
+    raised: str | None = None
+
+
+def raised_text(raised: str | None) -> str:
+    """What a dead worker's ``WorkerDiedError`` adds for the traceback it said as it failed (else nothing)."""
+    return f", raising outside your function (in torchqueue or the system under it):\n{raised}" if raised else ""
 
 
 def died_of(error: BaseException) -> Died | None:
