@@ -83,6 +83,22 @@ def test_lengths_are_cached_and_a_changed_file_is_read_again(files, tmp_path, mo
     assert opened == [files[1]]
 
 
+def test_a_file_written_after_the_plan_was_made_is_planned_again_at_the_next_epoch(files, tmp_path):
+    # before: a plan made once (in a datamodule) kept a file's old length: a shorter file was read as far
+    # as it goes, and its missing events were dropped without a word
+    chunks = H5Chunks(files, "energy", chunk_size=4, shuffle=False, cache_dir=tmp_path / "cache")
+    assert sum(stop - start for _, start, stop in chunks(0)) == 42
+    write(files[0], 9)
+    os.utime(files[0], ns=(0, 0))  # whatever its mtime, its size changed
+    epoch = chunks(1)
+    assert events(epoch) == events([(files[0], 0, 9), (files[1], 0, 10), (files[2], 0, 7)])
+    assert chunks.lengths == [9, 10, 7] and chunks.events == 26 and len(chunks) == len(epoch) == 8
+    assert sum(len(read_h5_chunk(chunk, ["energy"])["energy"]) for chunk in epoch) == 26
+    os.remove(files[2])
+    with pytest.raises(FileNotFoundError, match="f2.h5 .it was there when H5Chunks was made"):
+        chunks(2)
+
+
 def test_a_glob_pickling_and_no_open_file(files, tmp_path):
     plan = H5Chunks(str(tmp_path / "f*.h5"), "energy", chunk_size=5, shuffle=False)
     assert plan.files == files

@@ -164,27 +164,45 @@ class H5Chunks:
         self.seed = seed
         self.drop_last = drop_last
         self.rank, self.world_size = shard(rank, world_size) or (0, 1)
-        cache = _LengthCache(os.fspath(cache_dir) if cache_dir is not None else None)
-        self.lengths = cache.lengths(self.files, length_key)
+        self._cache = _LengthCache(os.fspath(cache_dir) if cache_dir is not None else None)
+        self._plan_files()
         if keys:
             _check_keys(self.files, _key_list(keys))
+
+    def _plan_files(self) -> None:
+        """Each file's length (from the cache where the file is unchanged) and the chunks that cover them."""
+        self._stamps = _stamps(self.files)
+        self.lengths = self._cache.lengths(self.files, self.length_key)
         self._plan = [
-            (path, start, min(start + chunk_size, length))
+            (path, start, min(start + self.chunk_size, length))
             for path, length in zip(self.files, self.lengths)
-            for start in range(0, length, chunk_size)
+            for start in range(0, length, self.chunk_size)
         ]
+
+    def _replan_if_changed(self) -> None:
+        """A file written since the plan was made (another size or mtime) has its length read again: a
+        shorter one would otherwise be read as far as it goes, its missing events dropped without a word."""
+        stamps = _stamps(self.files)
+        if stamps != self._stamps:
+            changed = [path for path, old, new in zip(self.files, self._stamps, stamps) if old != new]
+            logger.info("H5Chunks: %d file(s) changed since planned, lengths read again: %s", len(changed), changed[:3])
+            self._plan_files()
 
     @property
     def events(self) -> int:
         """Events in all files (each counted once)."""
+        self._replan_if_changed()
         return sum(self.lengths)
 
     def __len__(self) -> int:
         """Chunks per epoch for this rank."""
+        self._replan_if_changed()
         return per_rank(len(self._plan), self.world_size, self.drop_last)
 
     def __call__(self, epoch: int = 0) -> list[Chunk]:
-        """This rank's chunks for ``epoch``."""
+        """This rank's chunks for ``epoch``, over the files as they are now (a file written since is
+        planned again)."""
+        self._replan_if_changed()
         plan = list(self._plan)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(plan))
@@ -196,6 +214,18 @@ class H5Chunks:
             f"H5Chunks({len(self.files)} files, {self.events} events, chunk_size={self.chunk_size}, "
             f"rank {self.rank} of {self.world_size}, {len(self)} chunks per epoch)"
         )
+
+
+def _stamps(paths: list[str]) -> list[tuple[int, int]]:
+    """``(size, mtime_ns)`` of each file; a missing one raises ``FileNotFoundError`` naming it."""
+    stamps = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"HDF5 file not found: {path} (it was there when H5Chunks was made)") from None
+        stamps.append((stat.st_size, stat.st_mtime_ns))
+    return stamps
 
 
 def _open_h5(h5py: Any, path: str) -> Any:
