@@ -357,6 +357,26 @@ def test_a_resumed_loader_draws_the_next_epochs_as_an_uninterrupted_one_whatever
     assert not equal(theirs[0], theirs[2])
 
 
+class IntsOnly(list):
+    """A dataset that is a list, its ``__getitem__`` taking ints only."""
+
+    def __getitem__(self, index):
+        return torch.tensor(list.__getitem__(self, int(index)))
+
+
+def test_a_checkpoint_never_indexes_a_dataset_that_is_a_list_as_it_looks_for_the_samplers_generators():
+    # before: state_dict() looked into RandomSampler.data_source as into a list of generators: dataset[:16],
+    # and "int() argument must be ... not 'slice'" from the user's __getitem__ (Lightning saving a checkpoint)
+    dataset = IntsOnly(range(40))
+    loader = QueueFlowLoader(dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    it = iter(loader)
+    first = next(it)
+    state = loader.state_dict()
+    resumed = QueueFlowLoader(dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    resumed.load_state_dict(state)
+    assert [b.tolist() for b in resumed] == [b.tolist() for b in it] and len(first) == 4
+
+
 def test_a_resumed_loader_checkpoints_again():
     reference = make(DataLoader, shuffle=True, num_workers=2)
     theirs = [batch for _ in range(2) for batch in reference]

@@ -111,7 +111,8 @@ def _attribute(owner: Any, name: str) -> Any:
 
 def _attributes(sampler: Any) -> Iterator[tuple[str, Any]]:
     """``(path, value)`` of a sampler's attributes (``__dict__`` and ``__slots__``), and of the items of
-    those that are lists, tuples or dicts (``rngs[0]``, ``rngs['train']``)."""
+    those that are plain lists, tuples or dicts (``rngs[0]``, ``rngs['train']``): not of a subclass, which
+    may be a dataset (``RandomSampler.data_source``) whose ``__getitem__`` takes no slice."""
     names = list(getattr(sampler, "__dict__", {}))
     for kind in type(sampler).__mro__:
         slots = kind.__dict__.get("__slots__", ())
@@ -119,9 +120,9 @@ def _attributes(sampler: Any) -> Iterator[tuple[str, Any]]:
     for name in dict.fromkeys(names):
         value = _attribute(sampler, name)
         yield name, value
-        if isinstance(value, (list, tuple)):
+        if type(value) in (list, tuple):
             yield from ((f"{name}[{i}]", item) for i, item in enumerate(value[:_ITEMS]))
-        elif isinstance(value, dict):
+        elif type(value) is dict:
             yield from ((f"{name}[{key!r}]", item) for key, item in itertools.islice(value.items(), _ITEMS))
 
 
