@@ -147,3 +147,54 @@ def test_ctrl_c_in_a_pipeline_with_a_stream_step_between_leaves_it_usable(backen
         print(json.dumps({{"got": got[:1], "again": again, "left": workers(), "shm": shm()}}))
     """)
     assert report == {"got": [1], "again": [13, 5], "left": [], "shm": []}
+
+
+_SERVER_CTRL_C = """
+import os, signal, threading, time
+import psutil
+import torch
+import torchqueue as tq
+
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()  # another thread: the fork server starts workers
+
+
+def ctrl_c_while_the_server_imports_torch():
+    while True:  # polls the server's memory map: torch's library mapped means its import is under way
+        for child in psutil.Process().children():
+            try:
+                if "torchqueue._forkserver" in " ".join(child.cmdline()) and "libtorch" in open(
+                    f"/proc/{child.pid}/maps"
+                ).read():
+                    os.killpg(0, signal.SIGINT)  # as a terminal's Ctrl-C or a notebook's interrupt: the group
+                    return
+            except (OSError, psutil.Error):
+                pass
+
+
+threading.Thread(target=ctrl_c_while_the_server_imports_torch, daemon=True).start()
+loader = tq.QueueFlowLoader([torch.full((2,), float(i)) for i in range(16)], batch_size=4, num_workers=2)
+try:
+    list(loader)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted")
+print("again", len(list(loader)))
+loader.close()
+"""
+
+
+def test_ctrl_c_to_the_process_group_while_the_fork_server_starts_is_the_consumers_alone():
+    # before: the fork server died of it inside `import torch`, its traceback printed beside your
+    # KeyboardInterrupt, and it stayed a zombie until the next pipeline started
+    done = subprocess.run(
+        [sys.executable, "-c", _SERVER_CTRL_C],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        timeout=100,
+        start_new_session=True,  # its own process group, which it interrupts
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["interrupted", "again", "4"]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]

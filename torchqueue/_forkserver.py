@@ -177,7 +177,8 @@ class _Client:
         self._linked = set()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
-            command = (
+            command = (  # Ctrl-C is the consumer's: ignored from the first line, not after torch's import
+                "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
                 f"import sys; sys.path[:] = {_sys_path()!r}; "
                 f"from torchqueue._forkserver import serve; serve({theirs.fileno()})"
             )
