@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 
 import pytest
 import torch
@@ -171,6 +172,23 @@ def test_outputs_that_do_not_pickle_are_skipped_with_on_error_skip_in_their_plac
             assert list(seq(range(2000))) == [x for x in range(2000) if x % 500 != 499]
         assert seq.stats()["make"].skipped == 4
         assert list(seq([1, 2])) == [1, 2]
+
+
+def lock_for_three(x):
+    return threading.Lock() if x == 3 else 10 * x
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_a_pool_items_value_that_does_not_pickle_is_dropped_as_an_item_that_raised(backend):
+    # before: "TypeError: 'Skipped' object is not iterable" in the join: the whole part was skipped
+    steps = (tq.PackStep(4), tq.PoolStep(lock_for_three, 2, name="fp", backend=backend), tq.ProcessStep(identity))
+    with tq.Sequence(*steps, on_error="skip") as seq:
+        with pytest.warns(RuntimeWarning, match="step 'fp' produced a value that cannot be sent"):
+            assert list(seq(range(8))) == [[0, 10, 20], [40, 50, 60, 70]]
+        assert seq.stats()["fp"].skipped == 1
+    with tq.Sequence(*steps) as seq:
+        with pytest.raises(TypeError, match="step 'fp' .*at element 0 of epoch 0: step 'fp' produced a value"):
+            list(seq(range(8)))
 
 
 def test_an_unpicklable_element_among_many_small_ones_is_named_by_its_own_position():

@@ -101,9 +101,13 @@ def canonical(value):
 
 
 def leaves(value):
-    """Every non-list value inside ``value`` (unordered packing regroups them, never changes them)."""
+    """Every non-list value inside ``value`` (unordered packing regroups them, never changes them), with the
+    tags put on it: a tagged list (a step's call on an item that is a list, after an unordered PackStep
+    grouped it as the elements came) counts as its leaves, each tagged."""
     if isinstance(value, list):
         return [leaf for item in value for leaf in leaves(item)]
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "t" and isinstance(value[1], list):
+        return [("t", leaf) for leaf in leaves(value[1])]
     return [value]
 
 

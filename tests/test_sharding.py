@@ -198,6 +198,23 @@ def test_with_a_length_every_rank_yields_exactly_len_loader_batches_whatever_its
         assert events[0][17:] == [0.0, 1.0, 2.0]
 
 
+def _odd_chunks_give_nothing(chunk: int) -> list[int]:
+    return [chunk * 10 + i for i in range(3)] if chunk % 2 == 0 else []
+
+
+def test_a_rank_whose_chunks_give_nothing_raises_rather_than_yield_fewer_batches_than_the_others():
+    # before: rank 1 yielded 0 of its 9 batches without a word; under DDP gloo aborted ("Received data size
+    # doesn't match expected size") in the collective after the epoch, or the other rank waited forever
+    steps = [tq.ProcessStep(_odd_chunks_give_nothing, 1), tq.UnpackStep()]
+    dataset = tq.QueueFlowDataset(list(range(6)), steps, length=9)
+    try:
+        assert len(list(QueueFlowLoader(dataset, rank=0, world_size=2))) == 9
+        with pytest.raises(RuntimeError, match="yielded 0 of the 9 outputs .* its chunks gave none: nothing to pad"):
+            list(QueueFlowLoader(dataset, rank=1, world_size=2))
+    finally:
+        dataset.close()
+
+
 def test_ranks_without_a_length_are_warned_that_their_batch_counts_may_differ():
     dataset = tq.QueueFlowDataset([[1, 2], [3]], [tq.ProcessStep(identity, 1), tq.UnpackStep()])
     try:

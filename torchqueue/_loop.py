@@ -74,6 +74,7 @@ class WorkerContext:
     local_out: bool = False  # its output edge joins two parties of one process: messages go as they are
     premap: PremapStage | None = None  # pools: the map stage whose calls run here first (``_premap``)
     first_epoch: int = 0  # the number of the first epoch it gets (stream stages count epochs themselves)
+    joined: tuple[str, int] | None = None  # a join: its pool's name and first stats row (whose items it sends)
 
 
 class Loop:
@@ -91,6 +92,10 @@ class Loop:
         self.input_wait = 0.0  # seconds the last message received was waited for
         writer = ctx.stage_name if fused is None else fused.name
         writer_meter = self.meter if self.fused_meter is None else self.fused_meter
+        sends_parts = ctx.kind == Kind.POOL
+        if fused is None and ctx.joined is not None:  # what it sends are the pool's items: theirs to fail or skip
+            writer, row = ctx.joined
+            writer_meter, sends_parts = Meter(ctx.stats, row, writer), True
         self.emitter = Emitter(
             ctx.outbox,
             self.alive,
@@ -100,7 +105,8 @@ class Loop:
             ctx.segment_dir,
             ctx.sends_items,
             ctx.local_out,
-            lambda error, epoch, seq: self.failed(error, epoch, seq, writer_meter),
+            lambda error, epoch, seq, item: self.failed(error, epoch, seq, writer_meter, item),
+            pool=sends_parts,
         )
 
     def run(self, step: Any, fused: Callable[[Any], Any] | None = None) -> None:

@@ -74,7 +74,7 @@ from torchqueue._mainmodule import TravellingStep, main_reimported
 from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, StartupFailure, WorkerFailure
 from torchqueue._meter import Meter
 from torchqueue._pauses import Paused, Pauses
-from torchqueue._plan import STREAM, THREAD, Plan, StagePlan
+from torchqueue._plan import POOL, STREAM, THREAD, Plan, StagePlan
 from torchqueue._premap import PremapStage, SlotHolder, Slots
 from torchqueue._stuck import IN_FUNCTION, Died, Holder, died_with, holders, raised_text, stopped, timed_out
 from torchqueue._threads import LocalChannel, ThreadHandle
@@ -305,6 +305,7 @@ class Runtime:
                     local_out=self.plan.local_edge(self.plan.output_edge(stage.index)),
                     premap=self._premaps.get(stage.index),
                     first_epoch=self._first_epoch,
+                    joined=self._joined(stage),
                 )
                 row += 1
                 hosted = fused or self.plan.premap_of(stage.index)
@@ -406,6 +407,13 @@ class Runtime:
             self.plan.credits(start) // BUNDLE_SHARE,
             packing=None if packing is None else (packing.step, Meter(self._stats, self._rows[0], packing.name)),
         )
+
+    def _joined(self, stage: StagePlan) -> tuple[str, int] | None:
+        """A join's pool: its name and first stats row (``WorkerContext.joined``); ``None`` for any other stage."""
+        if not stage.internal or stage.index == 0 or self.plan.stages[stage.index - 1].kind != POOL:
+            return None
+        pool = self.plan.stages[stage.index - 1]
+        return pool.name, self._rows[pool.index]
 
     def _sizer(self, pool: int) -> PartSizer:
         """How the writers into stage ``pool`` (a PoolStep) split elements, from its stats rows."""

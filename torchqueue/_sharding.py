@@ -196,7 +196,8 @@ def equal_outputs(first: Iterator[Any], passes: Callable[[], Iterator[Any]], len
     ``first`` is a pass over the rank's chunks; ``passes()`` begins another. A pass that yields more is cut
     at ``length`` (the rest of it cancelled); one that yields fewer is followed by another pass over the
     same chunks, as ``DistributedSampler`` pads a share by repeating it, until ``length`` came. Either
-    warns: the length is not what the pipeline yields. Without a ``length`` the outputs go as they come."""
+    warns: the length is not what the pipeline yields. A pass that yields nothing short of ``length``
+    raises ``RuntimeError``: nothing to pad with. Without a ``length`` the outputs go as they come."""
     if length is None:
         yield from first
         return
@@ -220,8 +221,20 @@ def equal_outputs(first: Iterator[Any], passes: Callable[[], Iterator[Any]], len
             close = getattr(outputs, "close", None)
             if close is not None:
                 close()  # a pass cut short: its epoch is cancelled
-        if given == length or given == begun:  # done, or an empty pass: nothing to repeat
+        if given == length:
             return
+        if given == begun:  # an empty pass: nothing to repeat, and a rank short of its batches stalls the others
+            why = (
+                "its chunks gave none"
+                if begun == 0
+                else "its chunks read again gave none (a source that is an iterator is used up: give a list or a "
+                "source(epoch))"
+            )
+            raise RuntimeError(
+                f"this rank's pipeline yielded {given} of the {length} outputs its QueueFlowDataset's length= "
+                f"says, and {why}: nothing to pad with. Every rank must make as many batches, or the others wait "
+                "for it in their collectives: see what this rank's share of the chunks yields"
+            )
         if begun == 0:
             warnings.warn(
                 f"this rank's pipeline yielded {given} of the {length} outputs its QueueFlowDataset's length= "

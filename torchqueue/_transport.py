@@ -32,7 +32,7 @@ from torchqueue import _segments, _serialize
 from torchqueue._channel import Channel
 from torchqueue._messages import CONTROL, Bundle, Envelope, Failure, Skipped
 from torchqueue._unreadable import in_place
-from torchqueue.errors import INPUT, capture, capture_at
+from torchqueue.errors import INPUT, NO_ITEM, capture, capture_at
 from torchqueue.stats import NFIELDS, Field
 
 PART_S = 0.02
@@ -81,14 +81,16 @@ class Emitter:
         segment_dir: str | None,
         items: bool = False,
         local: bool = False,
-        on_failure: Callable[[Exception, int, int], Failure | Skipped] | None = None,
+        on_failure: Callable[[Exception, int, int, object], Failure | Skipped] | None = None,
+        pool: bool = False,
     ):
         """``sizer``: the pool that reads this edge (``None``: no pool, elements go whole);
         ``split_step``: its name, for errors; ``writer``: the step whose outputs these are; ``items``: the
         reader routes items (``_routing``): list elements go item by item; ``local``: the reader runs in
         this process (a thread step, the consumer): envelopes go as they are, nothing is encoded;
-        ``on_failure(error, epoch, seq)``: what goes in place of an element that cannot be encoded (a step's
-        failure, or skipped); default: the writer's failure (the feeder's: the input's)."""
+        ``on_failure(error, epoch, seq, item)``: what goes in place of an element (or a pool's item) that
+        cannot be encoded (a step's failure, or skipped); default: the writer's failure (the feeder's: the
+        input's); ``pool``: the writer is a pool's worker, its payloads parts (lists of its items' results)."""
         self._items = items
         self._local = local
         self._channels = channels
@@ -98,6 +100,7 @@ class Emitter:
         self._split_step = split_step
         self._writer = writer
         self._on_failure = on_failure
+        self._pool = pool
         self.encode_s = 0.0
         self.sent_bytes = 0
 
@@ -128,33 +131,58 @@ class Emitter:
         try:
             data = _serialize.dumps(envelope, self._segment_dir, more, self._items)
         except Exception as exc:
-            data = _serialize.dumps(envelope._replace(payload=self._in_place_of(envelope, exc)), None)
+            data = self._instead(envelope, exc, more)
         self.encode_s += time.perf_counter() - start
         channel.put(data, self._alive)
         nbytes = _serialize.message_nbytes(data)
         self.sent_bytes += nbytes
         return nbytes
 
+    def _instead(self, envelope: Envelope, exc: Exception, more: int) -> bytes:
+        """The message that goes in place of ``envelope``, which could not be encoded (``exc``): the
+        culprits among its elements or items replaced (``_in_place_of``), else the whole payload's failure
+        (skipped under ``on_error="skip"``)."""
+        replaced = self._in_place_of(envelope, exc)
+        if replaced is not None:
+            try:
+                return _serialize.dumps(envelope._replace(payload=replaced), self._segment_dir, more, self._items)
+            except Exception:  # the rest fails as a whole too (/dev/shm full): the payload's failure
+                pass
+        failure = self._failed(_unsendable(self._writer, self._split_step, exc), envelope.epoch, envelope.seq)
+        return _serialize.dumps(envelope._replace(payload=failure), None)
+
     def _in_place_of(self, envelope: Envelope, exc: Exception) -> Any:
-        """What goes in place of a payload that could not be encoded (``exc``): its failure, skipped under
-        ``on_error="skip"``; in a bundle, each element's own, or the element itself where it pickles alone
-        (a bundle's elements are small), so that every position is kept and the culprit is named."""
+        """A bundle's elements, or a pool part's items (a list of results), with each one that does not
+        pickle alone replaced: in a bundle by its own failure (skipped under ``on_error="skip"``), so that
+        every position is kept and the culprit named; in a pool's part the item is dropped when skipped (as
+        an item whose call raised), else the part is its failure. ``None``: none is the
+        culprit alone, or the payload is neither (the whole payload fails)."""
         payload = envelope.payload
-        if not isinstance(payload, Bundle):
-            return self._failed(_unsendable(self._writer, self._split_step, exc), envelope.epoch, envelope.seq)
-        items = []
-        for offset, item in enumerate(payload.items):
+        pool_part = self._pool and type(payload) is list
+        if not (isinstance(payload, Bundle) or pool_part) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+            return None
+        items, found = [], False
+        for offset, item in enumerate(payload.items if isinstance(payload, Bundle) else payload):
             try:
                 _serialize.dumps(item, None)
             except Exception as item_exc:
+                found = True
                 error = _unsendable(self._writer, self._split_step, item_exc)
-                item = self._failed(error, envelope.epoch, envelope.seq + offset)
+                if not pool_part:
+                    items.append(self._failed(error, envelope.epoch, envelope.seq + offset))
+                    continue
+                failed = self._failed(error, envelope.epoch, envelope.seq)
+                if isinstance(failed, Failure):
+                    return failed
+                continue  # skipped: the item is left out of its part
             items.append(item)
-        return Bundle(items)
+        if not found:
+            return None
+        return Bundle(items) if not pool_part else items
 
-    def _failed(self, error: Exception, epoch: int, seq: int) -> Failure | Skipped:
+    def _failed(self, error: Exception, epoch: int, seq: int, item: object = NO_ITEM) -> Failure | Skipped:
         if self._on_failure is not None:  # a step's worker: its Loop fails, or skips
-            return self._on_failure(error, epoch, seq)
+            return self._on_failure(error, epoch, seq, item)
         if self._writer != INPUT:
             return capture(self._writer, error, epoch, seq)
         where = f"the input iterable (read in the consumer's own process) at element {seq} of epoch {epoch}"
