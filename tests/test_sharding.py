@@ -189,7 +189,8 @@ def test_with_a_length_every_rank_yields_exactly_len_loader_batches_whatever_its
         counts.append(len(epochs[0]))
         events.append([event for batch in epochs[0] for event in batch])
         if len(events[-1]) != length:  # yielded more or fewer than the length says: said
-            assert any("outputs its QueueFlowDataset's length= says" in str(w.message) for w in caught)
+            said = [w for w in caught if "outputs its QueueFlowDataset's length= says" in str(w.message)]
+            assert said and all(w.filename == __file__ for w in said)  # your loop's line, not torchqueue's
     assert counts == [len(loader)] * 2 == [(length + 1) // 2] * 2
     # chunks 0, 2, 4, 6, 8 of 9 (+ chunk 0 again, padding) to rank 0: 17 events; 1, 3, 5, 7, 0 to rank 1: 20
     natural = [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 104, 105, 106, 107]
@@ -218,8 +219,9 @@ def test_a_rank_whose_chunks_give_nothing_raises_rather_than_yield_fewer_batches
 def test_ranks_without_a_length_are_warned_that_their_batch_counts_may_differ():
     dataset = tq.QueueFlowDataset([[1, 2], [3]], [tq.ProcessStep(identity, 1), tq.UnpackStep()])
     try:
-        with pytest.warns(UserWarning, match="without length=.*as many batches only if every chunk"):
+        with pytest.warns(UserWarning, match="without length=.*as many batches only if every chunk") as caught:
             assert list(QueueFlowLoader(dataset, rank=0, world_size=2)) == [1, 2]
+        assert caught[0].filename == __file__
     finally:
         dataset.close()
 

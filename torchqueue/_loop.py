@@ -105,7 +105,7 @@ class Loop:
             ctx.segment_dir,
             ctx.sends_items,
             ctx.local_out,
-            lambda error, epoch, seq, item: self.failed(error, epoch, seq, writer_meter, item),
+            lambda error, epoch, seq: self.failed(error, epoch, seq, writer_meter),
             pool=sends_parts,
         )
 

@@ -410,10 +410,8 @@ class Runtime:
 
     def _joined(self, stage: StagePlan) -> tuple[str, int] | None:
         """A join's pool: its name and first stats row (``WorkerContext.joined``); ``None`` for any other stage."""
-        if not stage.internal or stage.index == 0 or self.plan.stages[stage.index - 1].kind != POOL:
-            return None
-        pool = self.plan.stages[stage.index - 1]
-        return pool.name, self._rows[pool.index]
+        pool = self.plan.stages[stage.index - 1] if stage.internal and stage.index > 0 else None
+        return (pool.name, self._rows[pool.index]) if pool is not None and pool.kind == POOL else None
 
     def _sizer(self, pool: int) -> PartSizer:
         """How the writers into stage ``pool`` (a PoolStep) split elements, from its stats rows."""

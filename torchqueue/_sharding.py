@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DistributedSampler, IterableDataset, Sampler
 
+from torchqueue._runtime import _user_stacklevel
+
 
 class Shard(NamedTuple):
     rank: int
@@ -212,7 +214,7 @@ def equal_outputs(first: Iterator[Any], passes: Callable[[], Iterator[Any]], len
                             f"this rank's pipeline yields more than the {length} outputs its QueueFlowDataset's "
                             "length= says: the epoch is cut there, so that every rank makes as many batches; "
                             "give the dataset this rank's length",
-                            stacklevel=2,
+                            stacklevel=_user_stacklevel(),
                         )
                     return
                 yield output
@@ -240,6 +242,6 @@ def equal_outputs(first: Iterator[Any], passes: Callable[[], Iterator[Any]], len
                 f"this rank's pipeline yielded {given} of the {length} outputs its QueueFlowDataset's length= "
                 "says: its chunks are read again from the start for the rest, so that every rank makes as many "
                 "batches; give the dataset this rank's length",
-                stacklevel=2,
+                stacklevel=_user_stacklevel(),
             )
         outputs = passes()

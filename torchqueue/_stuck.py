@@ -139,11 +139,9 @@ def halted_text(halted: list[Worker] | tuple[Worker, ...], named: Callable[[Work
     by_pid: dict[int | None, list[Worker]] = {}
     for worker in halted:  # a fused step runs in its host's process: one process, two names
         by_pid.setdefault(worker[2], []).append(worker)
+    name = named or _named
     names = [
-        " and ".join(f"{step!r}" for step, *_ in workers[:-1]) + " and " + (named or _named)(workers[-1])
-        if len(workers) > 1
-        else (named or _named)(workers[0])
-        for workers in by_pid.values()
+        " and ".join([*(repr(step) for step, *_ in workers[:-1]), name(workers[-1])]) for workers in by_pid.values()
     ]
     return f". Workers {STOPPED}: {', '.join(names)}; SIGCONT resumes them."
 

@@ -26,13 +26,13 @@ import errno
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 from torchqueue import _segments, _serialize
 from torchqueue._channel import Channel
 from torchqueue._messages import CONTROL, Bundle, Envelope, Failure, Skipped
 from torchqueue._unreadable import in_place
-from torchqueue.errors import INPUT, NO_ITEM, capture, capture_at
+from torchqueue.errors import INPUT, capture, capture_at
 from torchqueue.stats import NFIELDS, Field
 
 PART_S = 0.02
@@ -81,14 +81,14 @@ class Emitter:
         segment_dir: str | None,
         items: bool = False,
         local: bool = False,
-        on_failure: Callable[[Exception, int, int, object], Failure | Skipped] | None = None,
+        on_failure: Callable[[Exception, int, int], Failure | Skipped] | None = None,
         pool: bool = False,
     ):
         """``sizer``: the pool that reads this edge (``None``: no pool, elements go whole);
         ``split_step``: its name, for errors; ``writer``: the step whose outputs these are; ``items``: the
         reader routes items (``_routing``): list elements go item by item; ``local``: the reader runs in
         this process (a thread step, the consumer): envelopes go as they are, nothing is encoded;
-        ``on_failure(error, epoch, seq, item)``: what goes in place of an element (or a pool's item) that
+        ``on_failure(error, epoch, seq)``: what goes in place of an element (or a pool's item) that
         cannot be encoded (a step's failure, or skipped); default: the writer's failure (the feeder's: the
         input's); ``pool``: the writer is a pool's worker, its payloads parts (lists of its items' results)."""
         self._items = items
@@ -159,7 +159,7 @@ class Emitter:
         culprit alone, or the payload is neither (the whole payload fails)."""
         payload = envelope.payload
         pool_part = self._pool and type(payload) is list
-        if not (isinstance(payload, Bundle) or pool_part) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        if not (isinstance(payload, Bundle) or pool_part) or _no_room(exc):
             return None
         items, found = [], False
         for offset, item in enumerate(payload.items if isinstance(payload, Bundle) else payload):
@@ -180,9 +180,9 @@ class Emitter:
             return None
         return Bundle(items) if not pool_part else items
 
-    def _failed(self, error: Exception, epoch: int, seq: int, item: object = NO_ITEM) -> Failure | Skipped:
+    def _failed(self, error: Exception, epoch: int, seq: int) -> Failure | Skipped:
         if self._on_failure is not None:  # a step's worker: its Loop fails, or skips
-            return self._on_failure(error, epoch, seq, item)
+            return self._on_failure(error, epoch, seq)
         if self._writer != INPUT:
             return capture(self._writer, error, epoch, seq)
         where = f"the input iterable (read in the consumer's own process) at element {seq} of epoch {epoch}"
@@ -194,10 +194,15 @@ class Emitter:
             _segments.trim(self._segment_dir)
 
 
+def _no_room(exc: Exception) -> TypeGuard[OSError]:
+    """Whether ``exc`` says /dev/shm is full (``ENOSPC``): what did not fit is no element's fault."""
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+
 def _unsendable(writer: str, reader: str, exc: Exception) -> Exception:
     """The error for a value ``writer`` could not send to ``reader``: ``OSError`` (``ENOSPC``) for a full
     /dev/shm, else ``TypeError``."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if _no_room(exc):
         error: Exception = OSError(errno.ENOSPC, f"could not send an element: {exc.strerror}")
     elif writer == INPUT:
         error = TypeError(f"the element cannot be sent to step {reader!r} in another process: {exc}")

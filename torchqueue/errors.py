@@ -58,9 +58,10 @@ def in_worker_process() -> None:
 
 
 NO_ITEM = object()
+"""``capture``'s ``item`` when the call was on a whole element (not one item of a ``PoolStep``'s)."""
+
 INPUT = "input"
 """The name the input iterable goes by where a step's name would be (the feeder writes its elements)."""
-"""``capture``'s ``item`` when the call was on a whole element (not one item of a ``PoolStep``'s)."""
 
 _ITEM_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
 _ITEM_REPR.maxstring = _ITEM_REPR.maxother = 60

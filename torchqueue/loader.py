@@ -35,6 +35,7 @@ from torchqueue import _device, _progress, _sharding
 from torchqueue._checkpoint import Checkpoints
 from torchqueue._fetch import Batches
 from torchqueue._mapstyle import MapStyleEpochs
+from torchqueue._runtime import _user_stacklevel
 from torchqueue._torchloader import TorchLoader
 from torchqueue.dataset import QueueFlowDataset, checked_epoch
 from torchqueue.stats import Stats
@@ -279,7 +280,7 @@ class QueueFlowLoader(Generic[_T_co]):
                     "as many batches only if every chunk gives as many outputs, and a rank with fewer leaves the "
                     "others waiting in their collectives; give QueueFlowDataset(..., length=this_ranks_outputs), "
                     "and every rank yields exactly len(loader) batches",
-                    stacklevel=4,
+                    stacklevel=_user_stacklevel(),
                 )
             outputs = _sharding.equal_outputs(outputs, self._pipeline_outputs, self.dataset.length)
         try:
