@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -244,6 +245,29 @@ def test_regression_6_a_dead_worker_raises_worker_died_error_naming_step_and_cau
     assert time.monotonic() - start < 15
 
 
+@pytest.fixture
+def sigchld_ignored():
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGCHLD, previous)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_a_dead_worker_is_seen_where_sigchld_is_ignored(context, sigchld_ignored):
+    # Daemons and servers ignore SIGCHLD: the kernel then reaps the children as they exit, waitpid
+    # fails, and multiprocessing took a dead worker for a running one: the loop waited for ever.
+    start = time.monotonic()
+    with tq.Sequence(tq.ProcessStep(kill_self, 2, name="fragile"), context=context) as seq:
+        with pytest.raises(tq.WorkerDiedError, match="fragile.*ignores SIGCHLD") as info:
+            list(seq(range(50)))
+    assert "the system reaped it" in str(info.value)
+    assert time.monotonic() - start < 15
+    with tq.Sequence(tq.ProcessStep(double, 2), context=context) as seq:  # workers that leave as asked: no error
+        assert list(seq(range(20))) == [2 * x for x in range(20)]
+        assert list(seq(range(5))) == [0, 2, 4, 6, 8]
+
+
 def die_in_the_middle_of_sending(x):
     """Returns ``x``, and the worker is killed once half of the message carrying it is in the pipe
     (as the OOM killer might do while a large output is written)."""
@@ -303,3 +327,15 @@ def test_an_exception_without_a_message_is_not_said_to_have_a_str_that_raised():
             list(seq(range(3)))
     first = str(info.value).splitlines()[0]
     assert first.endswith(" at element 0 of epoch 0")  # as Python prints it: "StopIteration", no ": "
+
+
+def run_a_pipeline_of_processes(n):
+    with tq.Sequence(tq.ProcessStep(double, 1)) as seq:
+        return list(seq(range(n)))
+
+
+def test_a_pipeline_of_processes_inside_a_worker_says_what_to_do_instead():
+    # before: multiprocessing's bare "AssertionError: daemonic processes are not allowed to have children"
+    with tq.Sequence(tq.ProcessStep(run_a_pipeline_of_processes, 1, name="outer")) as seq:
+        with pytest.raises(RuntimeError, match="outer.*cannot start a worker process here.*backend='thread'"):
+            list(seq([3]))

@@ -6,6 +6,7 @@ import random
 import re
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -384,6 +385,16 @@ def test_pin_memory_without_cuda_warns_once_and_goes_on():
         first = list(loader)
     second = list(loader)
     assert len(first) == len(second) == 6
+
+
+def test_pin_memory_device_warns_that_it_is_deprecated_as_dataloader_does():
+    def warned(kind):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batches = [b.tolist() for b in kind(list(range(8)), batch_size=4, pin_memory=True, pin_memory_device="cpu")]
+        return batches, sorted(str(w.message) for w in caught)
+
+    assert warned(QueueFlowLoader) == warned(DataLoader)  # before: no word of the deprecation
 
 
 def test_device_cuda_without_cuda_raises_at_construction():
@@ -890,3 +901,58 @@ def test_a_worker_that_dies_is_named_with_the_batch_it_was_fetching(persistent):
         loader.close()
     words = r"loader worker 0 \(pid \d+\) died: killed by signal SIGKILL, while fetching batch 4 "
     assert re.fullmatch(words + r"\(indices \[16, 17, 18, 19\]\)", str(info.value)), str(info.value)
+
+
+class BucketBatches(torch.utils.data.Sampler):
+    """A batch sampler that draws its epoch's batches as ``iter()`` is called (not lazily, as torch's do)."""
+
+    def __init__(self, n, size):
+        self.n, self.size, self.generator = n, size, torch.Generator().manual_seed(0)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        return iter([order[i : i + self.size] for i in range(0, self.n, self.size)])
+
+    def __len__(self):
+        return -(-self.n // self.size)
+
+
+@pytest.mark.parametrize("num_workers, persistent", [(0, False), (2, False), (2, True)])
+def test_a_sampler_that_draws_as_iter_is_called_gives_dataloaders_batches(num_workers, persistent):
+    # DataLoader's new multi-process iterator calls iter() on the sampler twice and drops the first
+    # (with persistent workers, only the first epoch's does); QueueFlowLoader called it once, and every
+    # epoch's batches differed from DataLoader's
+    def epochs(kind):
+        loader = kind(
+            list(range(20)), batch_sampler=BucketBatches(20, 4), num_workers=num_workers, persistent_workers=persistent
+        )
+        return [[batch.tolist() for batch in loader] for _ in range(3)]
+
+    assert epochs(QueueFlowLoader) == epochs(DataLoader)
+
+
+class ChannelsLastClips(torch.utils.data.Dataset):
+    """Video clips ``(T, C, H, W)`` stored channels_last."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return (
+            torch.arange(4 * 3 * 8 * 8, dtype=torch.float32)
+            .reshape(4, 3, 8, 8)
+            .add(i)
+            .to(memory_format=torch.channels_last)
+        )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batches_are_laid_out_as_dataloaders_in_its_workers_and_in_its_own_process(num_workers):
+    # DataLoader's workers stack into a new storage (out=): a contiguous batch; its own process keeps
+    # the samples' memory format. Before, QueueFlowLoader's workers kept it too: .view(4, -1) raised
+    def batches(kind):
+        return list(kind(ChannelsLastClips(), batch_size=4, num_workers=num_workers))
+
+    expected, got = batches(DataLoader), batches(QueueFlowLoader)
+    assert [b.stride() for b in got] == [b.stride() for b in expected] and all(map(torch.equal, got, expected))
+    assert all(b.is_contiguous() for b in got) == bool(num_workers)

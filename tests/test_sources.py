@@ -193,3 +193,18 @@ def test_a_file_that_is_not_hdf5_is_named_in_the_error(tmp_path):
         read_h5_chunk((str(path), 0, 1), ["energy"])
     with pytest.raises(FileNotFoundError, match="missing.h5: it cannot be opened"):
         read_h5_chunk((str(tmp_path / "missing.h5"), 0, 1), ["energy"])
+
+
+def test_a_damaged_block_is_named_with_its_file_and_events(tmp_path):
+    path = str(tmp_path / "run_042.h5")
+    with h5py.File(path, "w") as f:
+        f.create_dataset("energy", data=np.arange(1000, dtype=np.float32), chunks=(100,), compression="gzip")
+    with h5py.File(path, "r") as f:
+        offset = f["energy"].id.get_chunk_info(5).byte_offset  # the block of events 500-599
+    with open(path, "r+b") as f:
+        f.seek(offset + 2)
+        f.write(b"\xff" * 40)
+    assert read_h5_chunk((path, 0, 500), ["energy"])["energy"].tolist() == list(range(500))  # the rest reads
+    # before: "Can't synchronously read data (filter returned failure during read)", no file named
+    with pytest.raises(OSError, match=rf"{path}: cannot read 'energy'\[500:750\] \(.*filter returned failure"):
+        read_h5_chunk((path, 500, 750), ["energy"])

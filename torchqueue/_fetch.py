@@ -31,8 +31,10 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+import torch
 import torch.utils.data._utils.worker as torch_worker
 from torch.utils.data import Dataset, default_collate
+from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_collate_fn_map
 
 from torchqueue import _rngstate
 from torchqueue._messages import Failure
@@ -62,22 +64,43 @@ worker's id, what changed in its random state (``None``: nothing, or not in a wo
 
 
 class _PrivateCollate:
-    """torch's ``default_collate``, stacking the batch in this process's own memory.
+    """torch's ``default_collate`` as a DataLoader worker runs it, stacking the batch in this process's
+    own memory.
 
     In a DataLoader worker ``default_collate`` stacks straight into a new shared-memory file,
     whose pages the kernel must allocate (about 1.5 GB/s here). A torchqueue worker's transport
     copies the batch into a segment it reuses (``_segments``: 6-10 GB/s), so stacking into the
-    heap and copying is faster. The batch's values are the same; only ``default_collate`` sees
-    no worker info, the dataset does.
+    heap and copying is faster. The batch is the same, laid out the same: stacked with ``out=`` as in
+    DataLoader's workers (always contiguous, where a plain ``torch.stack`` keeps the samples' memory
+    format), only into memory of this process; ``default_collate`` sees no worker info, the dataset does.
     """
 
     def __call__(self, batch: Any) -> Any:
         info = torch_worker._worker_info
+        if info is None:  # no worker (num_workers=0): as DataLoader's own process collates
+            return default_collate(batch)
         torch_worker._worker_info = None
         try:
-            return default_collate(batch)
+            collate_map = default_collate_fn_map
+            if collate_map.get(torch.Tensor) is collate_tensor_fn:  # not replaced by the user: stack as a worker
+                collate_map = {**collate_map, torch.Tensor: _stack_as_in_a_worker}
+            return collate(batch, collate_fn_map=collate_map)
         finally:
             torch_worker._worker_info = info
+
+
+def _stack_as_in_a_worker(batch: list[Any], *, collate_fn_map: Any = None) -> Any:
+    """torch's ``collate_tensor_fn`` in a DataLoader worker, with the batch's storage in this process's
+    memory rather than a new shared-memory file."""
+    elem = batch[0]
+    if elem.is_nested or elem.layout != torch.strided:  # torch's errors for nested and sparse tensors
+        return collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
+    numel = sum(x.numel() for x in batch)
+    storage = elem._typed_storage()._new_wrapped_storage(
+        torch.UntypedStorage(numel * elem.element_size(), device=elem.device)
+    )
+    out = elem.new(storage).resize_(len(batch), *list(elem.size()))
+    return torch.stack(batch, 0, out=out)
 
 
 class Fetch:

@@ -16,6 +16,7 @@ it runs, ``_runners.run_worker`` behind whatever set-up the kind needs).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 from collections.abc import Callable
@@ -67,15 +68,32 @@ class ProcessHandle:
         self.process = ctx.Process(target=target, args=args, name=name, daemon=True)  # type: ignore[attr-defined]
         self._starting = starting
         self.pid: int | None = None
+        self._own_child = ctx.get_start_method() in ("fork", "spawn")  # not a fork server's: this process reaps it
+        self._reaped = False  # gone, its exit status reaped by the system (see ``exitcode``)
 
     def start(self) -> None:
+        if multiprocessing.current_process().daemon:  # multiprocessing's own word is a bare AssertionError
+            raise RuntimeError(
+                "torchqueue cannot start a worker process here: this code runs in a worker process (of a "
+                "pipeline, or a DataLoader), and such a process cannot have children of its own. Make what "
+                "it would run steps of the outer pipeline, or give its steps backend='thread'"
+            )
         with self._starting():
             self.process.start()
         self.pid = self.process.pid
 
     @property
     def exitcode(self) -> int | None:
-        return self.process.exitcode
+        """Its exit status, ``None`` while it runs. Where this process ignores ``SIGCHLD`` (daemons and
+        servers do), the kernel reaps its children as they exit and multiprocessing, whose ``waitpid``
+        then fails, reports a dead child as running for ever: so a child whose status cannot be read is
+        asked without reaping it (``WNOWAIT``), and one that is no longer this process's child is gone,
+        with ``UNKNOWN_EXIT`` (given to multiprocessing too, so that nothing signals its pid again)."""
+        code = self.process.exitcode
+        if code is None and self._own_child and self.pid is not None and _reaped_by_system(self.pid):
+            self._reaped = True
+            self.process._popen.returncode = code = UNKNOWN_EXIT  # its Popen's status: join, close, kill see it
+        return code
 
     def join(self, timeout: float) -> None:
         self.process.join(timeout=timeout)
@@ -83,30 +101,49 @@ class ProcessHandle:
     def force_stop(self) -> None:
         """Terminate (SIGTERM: inside a long user function, say), then kill what is still there (at once
         where it is stopped: a stopped process does not take SIGTERM until it goes on)."""
-        if self.process.exitcode is None and not process_stopped(self.pid):
+        if self.exitcode is None and not process_stopped(self.pid):
             logger.debug("%s did not leave when asked: terminating it", self.process.name)
             self.process.terminate()
             self.process.join(timeout=FORCE_JOIN_S)
-        if self.process.exitcode is None:
+        if self.exitcode is None:
             self.process.kill()
             self.process.join(timeout=FORCE_JOIN_S)
-        if self.process.exitcode is None:
+        if self.exitcode is None:
             logger.warning("worker pid %s did not exit after SIGKILL", self.process.pid)
 
     def close(self) -> None:
-        if self.process.exitcode is not None:
+        if self.exitcode is not None:
             self.process.close()
 
     def describe_exit(self) -> str:
-        code = self.process.exitcode
+        code = self.exitcode
         if code is None:
             return "running"
+        if self._reaped:
+            return (
+                "exited, with a status nobody can read: this process ignores SIGCHLD "
+                "(signal.signal(signal.SIGCHLD, signal.SIG_IGN)), so the system reaped it at once"
+            )
         if code < 0:
             try:
                 return f"killed by signal {signal.Signals(-code).name}"
             except ValueError:
                 return f"killed by signal {-code}"
         return f"exited with code {code}"
+
+
+UNKNOWN_EXIT = 255
+"""The exit status given to a worker reaped by the system (``ProcessHandle.exitcode``)."""
+
+
+def _reaped_by_system(pid: int) -> bool:
+    """Whether ``pid``, a child this process started, is no longer its child: it exited and, ``SIGCHLD``
+    being ignored here, the kernel reaped it (a running or unreaped child is left as it is: ``WNOWAIT``)."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return False
 
 
 STOPPED = "stopped (SIGSTOP, Ctrl-Z or a debugger)"

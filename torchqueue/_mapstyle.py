@@ -278,6 +278,11 @@ class MapStyleEpochs:
         """A new epoch, drawn from the generator as DataLoader's iterator draws it; and whether it is
         ``ahead``, the guess queued when the last one began. ``base_seed``: drawn already."""
         if base_seed is None:
+            if loader.num_workers > 0 and (self.base_seed is None or not self._persistent):
+                # a new multi-process DataLoader iterator calls iter() on the sampler twice (as it starts,
+                # and in its _reset) and drops the first: a sampler that draws its order in __iter__
+                # itself, not lazily, draws once more, before the base seed
+                iter(self._torch.index_sampler)
             base_seed = self._next_base_seed(loader)
         generator = self.sampler_generator()
         drawn_from = generator.get_state() if generator is not None else None

@@ -236,6 +236,12 @@ class QueueFlowLoader(Generic[_T_co]):
         """The batches of one epoch (the rest of it after ``load_state_dict``), begun now, as DataLoader's
         iterator begins (its draws from the generator, its workers). But for Lightning's check that a
         loader iterates (``_lightning_probe``): that iterator begins its epoch at its first ``next()``."""
+        if self.pin_memory and self.pin_memory_device and not self._warned_pin:  # as DataLoader's iterator warns
+            warnings.warn(
+                "pin_memory_device is deprecated, the current accelerator will be used as the device,"
+                f"ignore pin_memory_device='{self.pin_memory_device}'.",
+                stacklevel=2,
+            )
         if self.pin_memory and not torch.cuda.is_available() and not self._warned_pin:
             self._warned_pin = True
             warnings.warn(

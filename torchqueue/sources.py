@@ -270,7 +270,11 @@ def read_h5_chunk(chunk: Chunk, keys: Sequence[str], permute_seed: int | None = 
         for key in keys:
             if key not in f:
                 raise KeyError(f"key {key!r} not found in {path}")
-            out[key] = f[key][start:stop]
+            try:
+                out[key] = f[key][start:stop]
+            except OSError as exc:  # a damaged block: h5py's error names neither the file nor the events
+                message = f"{path}: cannot read {key!r}[{start}:{stop}] ({exc})"
+                raise (OSError(exc.errno, message) if exc.errno else OSError(message)) from exc
     if (
         permute_seed is not None
     ):  # one order for all keys; a chunk reaching past the end is as short as slicing makes it
