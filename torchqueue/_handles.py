@@ -122,7 +122,8 @@ class ProcessHandle:
         if self._reaped:
             return (
                 "exited, with a status nobody can read: this process ignores SIGCHLD "
-                "(signal.signal(signal.SIGCHLD, signal.SIG_IGN)), so the system reaped it at once"
+                "(signal.signal(signal.SIGCHLD, signal.SIG_IGN)), so the system reaped it at once "
+                "(or something in this process reaps every child: os.waitpid(-1, ...))"
             )
         if code < 0:
             try:
