@@ -76,7 +76,8 @@ class ProcessHandle:
             raise RuntimeError(
                 "torchqueue cannot start a worker process here: this code runs in a worker process (of a "
                 "pipeline, or a DataLoader), and such a process cannot have children of its own. Make what "
-                "it would run steps of the outer pipeline, or give its steps backend='thread'"
+                "it would run steps of the outer pipeline, or give its steps backend='thread' (a "
+                "QueueFlowLoader there: num_workers=0)"
             )
         with self._starting():
             self.process.start()
