@@ -234,8 +234,12 @@ def _open_h5(h5py: Any, path: str) -> Any:
         return h5py.File(path, "r")
     except OSError as exc:
         reason = "it is not an HDF5 file" if "signature" in str(exc) else "it cannot be opened"
-        message = f"{path}: {reason} ({exc})"
-        raise (OSError(exc.errno, message) if exc.errno else OSError(message)) from exc
+        raise _renamed(exc, f"{path}: {reason} ({exc})") from exc
+
+
+def _renamed(exc: OSError, message: str) -> OSError:
+    """``exc`` (h5py's, which names no file) again with ``message``, its errno kept (so its subclass)."""
+    return OSError(exc.errno, message) if exc.errno else OSError(message)
 
 
 def _check_keys(paths: list[str], keys: list[str]) -> None:
@@ -273,8 +277,7 @@ def read_h5_chunk(chunk: Chunk, keys: Sequence[str], permute_seed: int | None = 
             try:
                 out[key] = f[key][start:stop]
             except OSError as exc:  # a damaged block: h5py's error names neither the file nor the events
-                message = f"{path}: cannot read {key!r}[{start}:{stop}] ({exc})"
-                raise (OSError(exc.errno, message) if exc.errno else OSError(message)) from exc
+                raise _renamed(exc, f"{path}: cannot read {key!r}[{start}:{stop}] ({exc})") from exc
     if (
         permute_seed is not None
     ):  # one order for all keys; a chunk reaching past the end is as short as slicing makes it
