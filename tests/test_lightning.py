@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 
 import pytest
@@ -160,6 +161,48 @@ def test_a_mid_epoch_checkpoint_restores_the_loader_position(tmp_path):
     # the rest of epoch 0 (3 batches of 8 were done: not again), then epoch 1 as uninterrupted
     assert resumed.seen[0] == reference.seen[0][24:]
     assert resumed.seen[1] == reference.seen[1]
+
+
+def logged_chunk(log, epoch_and_chunk) -> list[int]:
+    """The 8 points of a chunk; the chunk is written to ``log`` (one line per read)."""
+    epoch, chunk = epoch_and_chunk
+    with open(log, "a") as f:
+        f.write(f"{epoch} {chunk}\n")
+    return list(range(8 * chunk, 8 * chunk + 8))
+
+
+class LoggedPipeline(lightning.LightningDataModule):
+    def __init__(self, log) -> None:
+        super().__init__()
+        steps = [tq.ProcessStep(functools.partial(logged_chunk, log), 2), tq.UnpackStep(), tq.ProcessStep(point, 2)]
+        self.dataset = tq.QueueFlowDataset(lambda epoch: [(epoch, k) for k in range(8)], steps, length=64)
+
+    def train_dataloader(self):
+        return QueueFlowLoader(self.dataset, batch_size=8)
+
+
+def test_a_mid_epoch_checkpoint_of_a_queueflowdataset_resumes_without_reading_the_consumed_chunks(tmp_path):
+    fit = dict(default_root_dir=tmp_path, limit_val_batches=0)
+    reference, data = Model(), LoggedPipeline(tmp_path / "reference.log")
+    trainer(max_epochs=2, enable_checkpointing=False, **fit).fit(reference, datamodule=data)
+    data.dataset.close()
+
+    every_3_steps = lightning.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}"
+    )
+    data = LoggedPipeline(tmp_path / "first.log")
+    trainer(max_epochs=1, callbacks=[every_3_steps], **fit).fit(Model(), datamodule=data)
+    data.dataset.close()
+
+    resumed, data = Model(), LoggedPipeline(tmp_path / "resumed.log")
+    trainer(max_epochs=2, enable_checkpointing=False, **fit).fit(
+        resumed, datamodule=data, ckpt_path=str(tmp_path / "ckpt" / "step=3.ckpt")
+    )
+    data.dataset.close()
+    assert resumed.seen == [reference.seen[0][24:], reference.seen[1]]
+    # 3 batches of 8 were chunks 0-2 of epoch 0: the resumed fit reads from chunk 3 (before: from chunk 0)
+    reads = sorted(tuple(map(int, line.split())) for line in (tmp_path / "resumed.log").read_text().splitlines())
+    assert reads == [(0, k) for k in range(3, 8)] + [(1, k) for k in range(8)]
 
 
 def test_no_worker_outlives_fit_with_persistent_workers(tmp_path):

@@ -956,3 +956,41 @@ def test_batches_are_laid_out_as_dataloaders_in_its_workers_and_in_its_own_proce
     expected, got = batches(DataLoader), batches(QueueFlowLoader)
     assert [b.stride() for b in got] == [b.stride() for b in expected] and all(map(torch.equal, got, expected))
     assert all(b.is_contiguous() for b in got) == bool(num_workers)
+
+
+class Reading:
+    """A sample type with a collate function of its own in torch's ``default_collate_fn_map``."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def collate_readings(batch, *, collate_fn_map=None):
+    """Which worker collates the batch (``get_worker_info()``): as a user's entry of the map sees it."""
+    info = torch.utils.data.get_worker_info()
+    return [r.value for r in batch], None if info is None else (info.id, info.num_workers)
+
+
+# registered as this module is imported, as a library registers its types: so in every worker too (a
+# worker of the fork server or a spawned one imports this module to unpickle the dataset)
+torch.utils.data._utils.collate.default_collate_fn_map[Reading] = collate_readings
+
+
+class Readings(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return Reading(i)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_collate_function_registered_for_a_type_sees_the_worker_as_in_dataloader(num_workers):
+    # before, QueueFlowLoader's workers collated with get_worker_info() None: a function of
+    # default_collate_fn_map that asked which worker it ran in (to seed, to shard) was told "none"
+    def batches(kind):
+        return list(kind(Readings(), batch_size=2, num_workers=num_workers))
+
+    expected = batches(DataLoader)
+    assert batches(QueueFlowLoader) == expected
+    assert all((info is None) == (num_workers == 0) for _, info in expected)

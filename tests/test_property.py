@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import torchqueue as tq
 from torchqueue._generators import pack, repack, unpack
+from torchqueue._origins import Resumed
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -126,4 +127,30 @@ def test_random_pipelines_match_the_sequential_reference(pipeline, ordered):
         else:
             assert len(out) == len(want)
             assert Counter(map(canonical, leaves(out))) == Counter(map(canonical, leaves(want)))
+    assert_no_workers()
+
+
+def _with_origins(iterator):
+    out = []
+    while True:
+        try:
+            out.append(iterator._next_with_origin())
+        except StopIteration:
+            return out
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pipeline=pipelines(), data=st.data())
+def test_a_random_pipeline_resumed_after_any_output_yields_exactly_the_rest(pipeline, data):
+    """Every output's origin (``_origins``) restarts the epoch right after it: the rest comes, exact, and
+    with the origins an uninterrupted run gives (so a resumed run checkpoints again)."""
+    kinds, workers, capacities, epochs = pipeline
+    with tq.Sequence(*build(kinds, workers, capacities), context="fork") as seq:
+        full = _with_origins(seq._resumable(epochs[0]))
+        assert [value for value, _ in full] == reference(kinds, epochs[0])
+        cuts = data.draw(st.lists(st.integers(0, max(0, len(full) - 1)), max_size=3)) if full else []
+        for cut in cuts:
+            start, skips = full[cut][1]
+            assert start >= 0, full[cut]
+            assert _with_origins(seq._resumable(epochs[0], Resumed(start, skips))) == full[cut + 1 :]
     assert_no_workers()

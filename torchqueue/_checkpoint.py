@@ -6,11 +6,15 @@ keeps its index batches, what was yielded and the workers' random states) and th
 (the loader's, and its sampler's when that is another). An iterable dataset has no index to resume
 from: ``Stream`` counts the batches its epoch yielded, and a resumed loader runs that epoch again
 from the generator's state before it began (its workers get the same seeds) and drops as many
-batches, as torchdata's ``StatefulDataLoader`` does for datasets without a state.
+batches, as torchdata's ``StatefulDataLoader`` does for datasets without a state. A ``QueueFlowDataset``
+says where each batch came from (``_origins``): a resumed loader restarts its epoch right after the last
+batch yielded, and runs no step again on what came before it (but on the elements a Repack- or
+UnpackStep had used in part).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import random
 from collections.abc import Iterator
@@ -21,24 +25,42 @@ import torch
 
 from torchqueue import _epochs
 from torchqueue._mapstyle import MapStyleEpochs
+from torchqueue._origins import UNTRACKED, Origin, Resumed
 
 
 class Stream:
-    """An iterable dataset's epoch, as far as it went."""
+    """An iterable dataset's epoch, as far as it went.
 
-    def __init__(self, generator_before: torch.Tensor | None, skip: int) -> None:
+    Over a ``QueueFlowDataset`` each batch comes with its origin (``_origins``): the producing side
+    appends it to ``origins`` as it makes the batch, ``counted`` takes it as the batch is yielded (the
+    batches may be made ahead, by a pinning thread), and a checkpoint saves the last one. A loader resumed
+    from it (``resume``) restarts the epoch there: no step runs again on the batches yielded before."""
+
+    def __init__(self, generator_before: torch.Tensor | None, skip: int, resume: Origin | None = None) -> None:
         self.generator_before = generator_before  # the loader's generator before the epoch's draws
-        self.skip = skip  # batches a loaded checkpoint had yielded: computed again, not yielded
-        self.yielded = 0
+        self.skip = 0 if resume is not None else skip  # batches yielded before: computed again, not yielded
+        self.yielded = skip if resume is not None else 0
         self.over = False  # it ran out
+        self.resume = None if resume is None else Resumed(resume[0], resume[1])  # where the epoch restarts
+        self.origins: collections.deque[Origin] = collections.deque()  # of the batches made, not yet yielded
+        self.origin: Origin | None = resume  # of the last batch yielded (``UNTRACKED``: not known)
 
     def counted(self, batches: Iterator[Any]) -> Iterator[Any]:
         """``batches``, counted, but for the first ``skip``."""
         for batch in batches:
             self.yielded += 1
+            origin = self.origins.popleft() if self.origins else UNTRACKED
             if self.yielded > self.skip:
+                self.origin = origin
                 yield batch
         self.over = True
+
+    def saved_origin(self) -> list[Any] | None:
+        """The origin a checkpoint saves (plain lists), or ``None`` where it is not known."""
+        origin = self.origin
+        if origin is None or origin[0] < 0 or self.yielded < self.skip:
+            return None
+        return [origin[0], [list(pair) for pair in origin[1]]]
 
 
 class Checkpoints:
@@ -46,12 +68,13 @@ class Checkpoints:
 
     def __init__(self) -> None:
         self._stream: Stream | None = None  # an iterable dataset's epoch: batches yielded so far
-        self._skip = 0  # an iterable dataset's batches to compute again and drop (``load_state_dict``)
+        self._skip = 0  # an iterable dataset's batches yielded before (``load_state_dict``)
+        self._resume: Origin | None = None  # a QueueFlowDataset's: where its epoch restarts, if known
 
     def stream(self, generator_before: torch.Tensor | None) -> Stream:
         """Count a new epoch of an iterable dataset (``generator_before``: before its draws)."""
-        self._stream = Stream(generator_before, self._skip)
-        self._skip = 0
+        self._stream = Stream(generator_before, self._skip, self._resume)
+        self._skip, self._resume = 0, None
         return self._stream
 
     def state_dict(
@@ -65,6 +88,7 @@ class Checkpoints:
         state["generator"] = generator.get_state() if generator is not None else None
         if self._stream is not None:  # an iterable dataset: how far its epoch went (0 once it ran out)
             state["stream_yielded"] = 0 if self._stream.over else self._stream.yielded
+            state["stream_origin"] = None if self._stream.over else self._stream.saved_origin()
             if not self._stream.over:  # resumed, the epoch runs again from its start
                 state["generator"] = self._stream.generator_before
         if epochs.unbegun is not None:  # iter() drew a base seed, the epoch has not begun: as if not called
@@ -87,7 +111,18 @@ class Checkpoints:
             sampler_generator.set_state(state["sampler_generator"])
         restore_sampler_states(epochs.index_sampler, state.get("sampler_states", {}))
         self._skip, self._stream, epochs.unbegun = state.get("stream_yielded", 0), None, None
+        self._resume = _origin(state.get("stream_origin")) if self._skip else None
         epochs.restore(_epochs.restored(state, num_workers))
+
+
+def _origin(saved: Any) -> Origin | None:
+    """The origin ``Stream.saved_origin`` saved, or ``None`` (none saved, or not one)."""
+    try:
+        start, skips = saved
+        origin = int(start), tuple((int(stage), int(used)) for stage, used in skips)
+    except (TypeError, ValueError):
+        return None
+    return origin if origin[0] >= 0 else None
 
 
 def _samplers(index_sampler: Any) -> dict[str, Any]:

@@ -50,14 +50,16 @@ class Collector:
         self._release = release
         self._parts: dict[tuple[int, int], list[Any]] = {}
         self._missing: dict[tuple[int, int], int] = {}
-        # the elements of one message, as a list; ordered: epoch -> {seq: ...}; unordered: epoch -> deque
-        self._by_seq: dict[int, dict[int, list[Any]]] = defaultdict(dict)
-        self._arrived: dict[int, deque[list[Any]]] = defaultdict(deque)
+        # the elements of one message, as a list, and its origin; ordered: epoch -> {seq: ...}; unordered:
+        # epoch -> deque
+        self._by_seq: dict[int, dict[int, tuple[list[Any], Any]]] = defaultdict(dict)
+        self._arrived: dict[int, deque[tuple[list[Any], Any]]] = defaultdict(deque)
         self._next: dict[int, int] = defaultdict(int)  # positions taken so far
         self._end: dict[int, EndOfEpoch] = {}
+        self.origin: Any = None  # the origin of the message ``take`` returned last
 
     def add(self, envelope: Envelope) -> None:
-        epoch, seq, part, nparts, payload = envelope
+        epoch, seq, part, nparts, payload, origin = envelope
         if nparts != 1:
             key = (epoch, seq)
             parts = self._parts.setdefault(key, [None] * nparts)
@@ -66,33 +68,34 @@ class Collector:
             if self._missing[key]:
                 return
             del self._parts[key], self._missing[key]
-            payload = join_parts(parts)
+            payload = join_parts(parts)  # every part carries the element's origin
         elements = payload.items if isinstance(payload, Bundle) else [payload]
         if self._ordered:
-            self._by_seq[epoch][seq] = elements
+            self._by_seq[epoch][seq] = elements, origin
         elif isinstance(payload, EndOfEpoch):
             self._end[epoch] = payload
         else:
-            self._arrived[epoch].append(elements)
+            self._arrived[epoch].append((elements, origin))
 
     def take(self, epoch: int) -> list[Any]:
         """The next elements of ``epoch`` that are ready, those of one message (the ``EndOfEpoch`` last,
-        alone), or ``NOTHING``. Gives the message's credit back."""
+        alone), or ``NOTHING``. Gives the message's credit back. ``origin`` is then the message's: its
+        first element's (``_origins``; the others' positions say theirs)."""
         if self._ordered:
             waiting = self._by_seq.get(epoch)
             position = self._next[epoch]
             if not waiting or position not in waiting:
                 return NOTHING
-            elements = waiting.pop(position)
+            elements, self.origin = waiting.pop(position)
         else:
             arrived = self._arrived.get(epoch)
             if arrived:
-                elements = arrived.popleft()
+                elements, self.origin = arrived.popleft()
             else:
                 end = self._end.get(epoch)
                 if end is None or self._next[epoch] != end.count:
                     return NOTHING
-                elements = [self._end.pop(epoch)]
+                elements, self.origin = [self._end.pop(epoch)], None
         self._next[epoch] += len(elements)
         for _ in elements:  # one credit per element (a bundle holds one per item)
             self._release()

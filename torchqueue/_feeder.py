@@ -24,6 +24,7 @@ error of the input names the element's position in the input.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -34,6 +35,7 @@ from torchqueue._bundle import BundlePolicy
 from torchqueue._channel import POLL_S, Stopped, wait_acquire
 from torchqueue._messages import Bundle, EndOfEpoch, Envelope
 from torchqueue._meter import Meter
+from torchqueue._origins import Resumed
 from torchqueue._transport import Emitter
 from torchqueue.errors import capture_input
 from torchqueue.stats import Field
@@ -48,7 +50,7 @@ class Feeder:
 
     def __init__(
         self,
-        epochs: queue.Queue[tuple[int, Iterator[Any], bool] | None],
+        epochs: queue.Queue[tuple[int, Iterator[Any], bool, Resumed | None] | None],
         emitter: Emitter,
         credits: Any,
         alive: Callable[[], bool],
@@ -71,6 +73,7 @@ class Feeder:
         self._policy = BundlePolicy()
         self._sent = 0
         self._packing = packing
+        self._resume: Resumed | None = None  # the restart of the epoch being fed
         self.input_s = 0.0  # seconds in the input's ``next`` (the packing's included)
         self.held_s = 0.0  # seconds waiting for a credit: as many elements in flight as the queues allow
         self.held_since: float | None = None  # when the wait for a credit going on began
@@ -143,12 +146,19 @@ class Feeder:
                     raise _Retired  # noqa: B012 (the retired thread drops it)
                 self._reading = None
 
-    def _feed(self, epoch: int, iterator: Iterator[Any], in_memory: bool, generation: int) -> None:
+    def _feed(
+        self, epoch: int, iterator: Iterator[Any], in_memory: bool, resume: Resumed | None, generation: int
+    ) -> None:
+        """Feed one epoch; ``resume``: it restarts there, its first ``resume.start`` positions left out (read,
+        and packed where the feeder packs, but not sent), and its first element carries it (``_origins``)."""
         iterator = _Input(self, iterator, epoch, generation)
         read = None  # packing: the input, counted (positions then number lists, not elements)
         if self._packing is not None:
             read = _Counted(iterator, self._packing[1])
             iterator = self._packing[0].stream(read)
+        self._resume = resume
+        if resume is not None and resume.start:
+            iterator = itertools.islice(iterator, resume.start, None)
         seq = self._position = 0
         pending: list[Any] = []
         last = time.perf_counter()
@@ -198,10 +208,11 @@ class Feeder:
             return seq
         for _ in elements:
             self._take_credit()
+        origin = self._resume if seq == 0 else None  # a resumed epoch's first element says so
         if len(elements) == 1:
-            nbytes = self._emitter.emit(epoch, seq, elements[0])
+            nbytes = self._emitter.emit(epoch, seq, elements[0], origin)
         else:
-            nbytes = self._emitter.send(Envelope(epoch, seq, 0, 1, Bundle(elements)))
+            nbytes = self._emitter.send(Envelope(epoch, seq, 0, 1, Bundle(elements), origin))
         self._policy.observe_message(nbytes, len(elements))
         with self._turn:
             self._position = seq + len(elements)

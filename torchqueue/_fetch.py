@@ -72,21 +72,17 @@ class _PrivateCollate:
     copies the batch into a segment it reuses (``_segments``: 6-10 GB/s), so stacking into the
     heap and copying is faster. The batch is the same, laid out the same: stacked with ``out=`` as in
     DataLoader's workers (always contiguous, where a plain ``torch.stack`` keeps the samples' memory
-    format), only into memory of this process; ``default_collate`` sees no worker info, the dataset does.
+    format), only into memory of this process. The functions of ``default_collate_fn_map`` see the worker
+    in ``get_worker_info()``, as in DataLoader's (torch's own for tensors is the one replaced).
     """
 
     def __call__(self, batch: Any) -> Any:
-        info = torch_worker._worker_info
-        if info is None:  # no worker (num_workers=0): as DataLoader's own process collates
+        if torch_worker._worker_info is None:  # no worker (num_workers=0): as DataLoader's own process collates
             return default_collate(batch)
-        torch_worker._worker_info = None
-        try:
-            collate_map = default_collate_fn_map
-            if collate_map.get(torch.Tensor) is collate_tensor_fn:  # not replaced by the user: stack as a worker
-                collate_map = {**collate_map, torch.Tensor: _stack_as_in_a_worker}
-            return collate(batch, collate_fn_map=collate_map)
-        finally:
-            torch_worker._worker_info = info
+        collate_map = default_collate_fn_map
+        if collate_map.get(torch.Tensor) is collate_tensor_fn:  # not replaced by the user: stack as a worker
+            collate_map = {**collate_map, torch.Tensor: _stack_as_in_a_worker}
+        return collate(batch, collate_fn_map=collate_map)  # the map's functions see the worker, as in DataLoader
 
 
 def _stack_as_in_a_worker(batch: list[Any], *, collate_fn_map: Any = None) -> Any:

@@ -6,7 +6,7 @@ yields that epoch's outputs, so a partial batch can never cross an epoch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from itertools import islice
 from typing import Any, TypeVar
 
@@ -73,3 +73,69 @@ def repack(elements: Iterable[Any], batch_size: int, drop_last: bool = False) ->
                 batch = []
     if batch and not drop_last:
         yield batch
+
+
+# -- with the cursor each output leaves: what a checkpoint resumes from (``_origins``) ------------------
+
+Positioned = Iterable[tuple[int, Any]]
+"""An epoch's elements with their input positions."""
+
+Cursor = tuple[int, "int | None"]
+"""Where an output leaves its step's input: ``(position, None)``, after the whole element at
+``position``; ``(position, k)``, after its first ``k`` items."""
+
+
+def pack_tracked(elements: Positioned, n: int) -> Iterator[tuple[list[Any], Cursor]]:
+    """``pack``, each list with its cursor."""
+    batch: list[Any] = []
+    position = -1
+    for position, element in elements:
+        batch.append(element)
+        if len(batch) == n:
+            yield batch, (position, None)
+            batch = []
+    if batch:
+        yield batch, (position, None)
+
+
+def items_with_cursors(position: int, items: Iterable[Any], skip: int) -> Iterator[tuple[Any, Cursor]]:
+    """The items of the element at ``position``, each with the cursor after it (the first ``skip`` left out)."""
+    size = len(items) if isinstance(items, Sized) else None
+    used = 0
+    for item in items:
+        used += 1
+        if used > skip:
+            yield item, (position, None if used == size else used)
+
+
+def _no_skip() -> int:
+    return 0
+
+
+def unpack_tracked(elements: Positioned, skip: Callable[[], int] = _no_skip) -> Iterator[tuple[Any, Cursor]]:
+    """``unpack``, each item with its cursor; ``skip()``: items of the element at position 0 left out (asked
+    once that element is there: a resumed epoch's first element says it)."""
+    for position, element in elements:
+        yield from items_with_cursors(position, element, skip() if position == 0 else 0)
+
+
+def repack_tracked(
+    elements: Positioned, batch_size: int, drop_last: bool = False, skip: Callable[[], int] = _no_skip
+) -> Iterator[tuple[list[Any], Cursor]]:
+    """``repack``, each list with its cursor; ``skip()``: as for ``unpack_tracked``."""
+    batch: list[Any] = []
+    cursor: Cursor = (-1, None)
+    for position, element in elements:
+        items = [element] if is_single_item(element) else element
+        size = len(items) if isinstance(items, Sized) else None
+        iterator = iter(items)
+        used = sum(1 for _ in islice(iterator, skip())) if position == 0 else 0
+        while taken := list(islice(iterator, batch_size - len(batch))):  # a list's worth at a time
+            batch += taken
+            used += len(taken)
+            if len(batch) == batch_size:
+                yield batch, (position, None if used == size else used)
+                batch = []
+        cursor = (position, None)
+    if batch and not drop_last:
+        yield batch, cursor

@@ -1,13 +1,15 @@
 """The one vocabulary of what travels between processes.
 
-Data moves in an envelope, a plain tuple ``(epoch, seq, part, nparts, payload)``:
+Data moves in an envelope, a plain tuple ``(epoch, seq, part, nparts, payload, origin)``:
 
 - ``epoch``: the number of the queued iterable (0, 1, ...) the element belongs to;
 - ``seq``: its position in that epoch, counted where positions are assigned
   (the feeder, or a stream step that re-chunks);
 - ``part`` / ``nparts``: a PoolStep hands an element out as ``nparts`` groups of
   items; everything else travels whole as part 0 of 1;
-- ``payload``: the user's value, or one of the control messages below.
+- ``payload``: the user's value, or one of the control messages below;
+- ``origin``: where the epoch's input would restart to go on after this element (``_origins``);
+  ``None`` for the feeder's elements, whose positions say it.
 
 Control messages are frozen dataclasses. They crossed a process boundary as
 pickles, so compare them with ``isinstance``, never ``is``.
@@ -25,18 +27,19 @@ class Envelope(NamedTuple):
     part: int
     nparts: int
     payload: Any
+    origin: Any = None
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        """Pickled as ``_envelope(epoch, seq, part, nparts, bundled, payload)``: the position comes
+        """Pickled as ``_envelope(epoch, seq, part, nparts, bundled, origin, payload)``: the position comes
         first, so that it can be read from the pickle even when the payload fails to rebuild
         (``_unreadable``); ``bundled``: the number of elements of a ``Bundle`` payload, else 0."""
         payload = self.payload
         bundled = len(payload.items) if type(payload) is Bundle else 0
-        return _envelope, (self.epoch, self.seq, self.part, self.nparts, bundled, payload)
+        return _envelope, (self.epoch, self.seq, self.part, self.nparts, bundled, self.origin, payload)
 
 
-def _envelope(epoch: int, seq: int, part: int, nparts: int, bundled: int, payload: Any) -> Envelope:
-    return Envelope(epoch, seq, part, nparts, payload)
+def _envelope(epoch: int, seq: int, part: int, nparts: int, bundled: int, origin: Any, payload: Any) -> Envelope:
+    return Envelope(epoch, seq, part, nparts, payload, origin)
 
 
 @dataclass(frozen=True)

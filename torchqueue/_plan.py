@@ -61,7 +61,7 @@ from __future__ import annotations
 import enum
 import multiprocessing.queues
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +92,9 @@ class JoinStep(StreamStep):
 
     def stream(self, elements: Iterator[Any]) -> Iterator[Any]:
         return elements
+
+    def tracked(self, elements: Iterator[tuple[int, Any]], skip: Callable[[], int]) -> Iterator[tuple[Any, Any]]:
+        return ((element, (position, None)) for position, element in elements)
 
 
 @dataclass(frozen=True)

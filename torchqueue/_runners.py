@@ -38,6 +38,7 @@ from torchqueue._messages import (
     WorkerFailure,
 )
 from torchqueue._meter import Meter
+from torchqueue._origins import UNTRACKED, Tracker
 from torchqueue._plan import Kind
 from torchqueue._premap import listed, waiting_workers
 from torchqueue._seeding import EpochSeeds
@@ -125,7 +126,7 @@ class MapRunner(Loop):
             payload = Skipped(self.ctx.stage_name)
         else:
             payload = self.call(fn, payload, envelope.epoch, envelope.seq)
-        self.timed(self.emitter.emit, envelope.epoch, envelope.seq, payload)
+        self.timed(self.emitter.emit, envelope.epoch, envelope.seq, payload, envelope.origin)
 
     def call_bundle(self, fn: Callable[[Any], Any], items: list[Any], epoch: int, seq: int) -> list[Any]:
         """``[fn(item) ...]`` with a Failure / Skipped in the place of each item that raised;
@@ -199,7 +200,7 @@ class PoolRunner(Loop):
         nparts, results, index, kept = 1, [], 0, []
         while index < len(items):
             if nparts == 1 and index < len(items) - 1:  # until it shares, whenever another worker waits
-                nparts, items, kept = self.hand_off(epoch, seq, items, index)
+                nparts, items, kept = self.hand_off(epoch, seq, items, index, envelope.origin)
             result = self.call(fn, items[index], epoch, seq, item=True)
             if isinstance(result, Failure):
                 results = result
@@ -208,9 +209,10 @@ class PoolRunner(Loop):
                 results.append(result)
             index += 1
         del items
-        self.timed(self.emitter.send, Envelope(epoch, seq, 0, nparts, results), POOL_SPARE)
+        origin = envelope.origin
+        self.timed(self.emitter.send, Envelope(epoch, seq, 0, nparts, results, origin), POOL_SPARE)
         for part, part_items in kept:  # parts it could not hand off
-            self.handle(Envelope(epoch, seq, part, nparts, part_items), fn)
+            self.handle(Envelope(epoch, seq, part, nparts, part_items, origin), fn)
 
     def in_slot(self, premap: Callable[[Any], Any], element: Any, epoch: int, seq: int) -> Any:
         """``premap(element)`` (the step's function in ``_premap.listed``: its items), called in a free slot
@@ -263,7 +265,7 @@ class PoolRunner(Loop):
                 meter.set(Field.IN_SINCE, now)
 
     def hand_off(
-        self, epoch: int, seq: int, items: list[Any], done: int
+        self, epoch: int, seq: int, items: list[Any], done: int, origin: Any = None
     ) -> tuple[int, list[Any], list[tuple[int, list[Any]]]]:
         """Share the items after ``items[done]`` with the pool's workers waiting for input now, a part each
         (worth ``PART_S`` of work or more), through the pool's own channel: as many parts as it has room
@@ -286,7 +288,7 @@ class PoolRunner(Loop):
         for index, part in enumerate(parts[1:], 1):
             start = time.perf_counter()
             try:
-                data = _serialize.dumps(Envelope(epoch, seq, index, len(parts), part), ctx.segment_dir)
+                data = _serialize.dumps(Envelope(epoch, seq, index, len(parts), part, origin), ctx.segment_dir)
             except Exception:
                 ctx.inbox.unreserve()
                 kept.append((index, part))
@@ -346,26 +348,29 @@ class StreamRunner(Loop):
         each output before it is sent."""
         assert isinstance(step, StreamStep)
         collector = Collector(self.ctx.ordered, self.ctx.in_credits.release)
+        origins = Tracker(self.ctx.stage_index, self.ctx.ordered)
         epoch = self.ctx.first_epoch
         self._fused_idle_since = time.perf_counter()
         while True:
             outputs = 0
+            origins.epoch_begins()
 
-            def emit(payload: Any) -> None:
+            def emit(payload: Any, origin: Any = None) -> None:
                 nonlocal outputs
                 if fused is not None:
-                    self.emit_fused(fused, epoch, outputs, payload)  # noqa: B023
+                    self.emit_fused(fused, epoch, outputs, payload, origin)  # noqa: B023
                 else:
-                    self.timed(self.emitter.emit, epoch, outputs, payload, credits=self.ctx.out_credits)  # noqa: B023
+                    self.timed(self.emitter.emit, epoch, outputs, payload, origin, credits=self.ctx.out_credits)  # noqa: B023
                 outputs += 1
 
-            elements = self.epoch_elements(collector, epoch)
+            elements = self.epoch_elements(collector, epoch, origins)
             taken = [-1]  # the input position of the element the step took last
             failure: Failure | None = None
             try:
-                for output in step.stream(self.checked(step, elements, epoch, taken)):
+                tracked = step.tracked(self.checked(step, elements, epoch, taken), origins.first_skip)
+                for output, cursor in tracked:
                     self.meter.add(Field.OUT, 1)
-                    emit(output)
+                    emit(output, origins.given_on(_origin_of(origins, cursor)))
                     del output  # held no longer than sent: what it refers to is freed, its segments given back
             except _UpstreamFailure as upstream:
                 failure = upstream.failure
@@ -376,7 +381,7 @@ class StreamRunner(Loop):
                 failure = capture(self.ctx.stage_name, exc, epoch, taken[0] if taken[0] >= 0 else None)
             if failure is not None:
                 emit(failure)
-                for _ in self.epoch_elements(collector, epoch, drain=True):
+                for _ in self.epoch_elements(collector, epoch, origins, drain=True):
                     pass
             self.meter.holds_none()
             if self.fused_meter is not None:
@@ -384,7 +389,7 @@ class StreamRunner(Loop):
             emit(EndOfEpoch(outputs))
             epoch += 1
 
-    def emit_fused(self, fn: Callable[[Any], Any], epoch: int, seq: int, payload: Any) -> None:
+    def emit_fused(self, fn: Callable[[Any], Any], epoch: int, seq: int, payload: Any, origin: Any = None) -> None:
         """Send ``fn(payload)`` for the output at ``seq``, counted as the fused stage would count it in a
         process of its own: its call busy, the time it waited for this output as its wait for input. To
         the stream step, the call and the send are both its wait for room downstream."""
@@ -401,24 +406,29 @@ class StreamRunner(Loop):
                 payload = self.call(fn, payload, epoch, seq, meter)
         called = time.perf_counter()
         self.meter.add(Field.WAIT_OUT, called - start)
-        self.timed(self.emitter.emit, epoch, seq, payload, credits=self.ctx.out_credits, meters=(meter,))
+        self.timed(self.emitter.emit, epoch, seq, payload, origin, credits=self.ctx.out_credits, meters=(meter,))
         self._fused_idle_since = time.perf_counter()
         self.fused_cpu += self.cpu_clock() - cpu  # the fused stage's CPU, the call's and the send's, not the host's
         meter.set(Field.CPU, self.fused_cpu)
 
-    def epoch_elements(self, collector: Collector, epoch: int, drain: bool = False) -> Iterator[tuple[int, Any]]:
+    def epoch_elements(
+        self, collector: Collector, epoch: int, origins: Tracker, drain: bool = False
+    ) -> Iterator[tuple[int, Any]]:
         """The elements of ``epoch`` in order, until its end, with their input positions (in arrival
-        order when unordered); an upstream Failure is raised."""
+        order when unordered), their origins told to ``origins``; an upstream Failure is raised."""
         position = -1
         while True:
             elements = collector.take(epoch)
             if elements is NOTHING:
                 collector.add(self.receive())
                 continue
+            origin = collector.origin
             for payload in elements:
                 position += 1
                 if isinstance(payload, EndOfEpoch):
                     return
+                origins.took(position, origin)
+                origin = None  # a bundle's later elements: their positions say it
                 if isinstance(payload, Skipped):
                     continue
                 if isinstance(payload, Failure):
@@ -429,8 +439,9 @@ class StreamRunner(Loop):
 
     def checked(
         self, step: StreamStep, elements: Iterator[tuple[int, Any]], epoch: int, taken: list[int]
-    ) -> Iterator[Any]:
-        """The elements the step can take (``step.check``); ``taken[0]``: the position of the last one."""
+    ) -> Iterator[tuple[int, Any]]:
+        """The elements the step can take (``step.check``), with their positions; ``taken[0]``: the
+        position of the last one."""
         for position, element in elements:
             self.meter.add(Field.IN, 1)
             taken[0] = position
@@ -441,7 +452,15 @@ class StreamRunner(Loop):
                     raise
                 self.failed(exc, epoch, position)
                 continue
-            yield element
+            yield position, element
+
+
+def _origin_of(origins: Tracker, cursor: Any) -> Any:
+    """The origin of a stream step's output that leaves its input at ``cursor`` (``_generators.Cursor``)."""
+    if cursor is None:
+        return UNTRACKED
+    position, used = cursor
+    return origins.after(position) if used is None else origins.within(position, used)
 
 
 RUNNERS: dict[Kind, type[Loop]] = {Kind.MAP: MapRunner, Kind.POOL: PoolRunner, Kind.STREAM: StreamRunner}

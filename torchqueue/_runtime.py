@@ -61,7 +61,7 @@ from contextlib import contextmanager, nullcontext
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from torchqueue import _forkserver, _segments, _semnames, _serialize
+from torchqueue import _forkserver, _generators, _segments, _semnames, _serialize
 from torchqueue._channel import Channel, Stopped, StopSignal, wait_acquire
 from torchqueue._collect import NOTHING, Collector
 from torchqueue._feeder import Feeder
@@ -73,6 +73,7 @@ from torchqueue._loop import FusedStage, WorkerContext
 from torchqueue._mainmodule import TravellingStep, main_reimported
 from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, StartupFailure, WorkerFailure
 from torchqueue._meter import Meter
+from torchqueue._origins import UNTRACKED, Resumed, Tracker
 from torchqueue._pauses import Paused, Pauses
 from torchqueue._plan import POOL, STREAM, THREAD, Plan, StagePlan
 from torchqueue._premap import PremapStage, SlotHolder, Slots
@@ -180,11 +181,13 @@ class Runtime:
         self._last_assigner = assigners[-1]  # the consumer closes the last segment
         self._collector = Collector(ordered, self._credits[assigners[-1]].release)
         self._unpack: _ConsumerUnpack | None = None  # a last UnpackStep (made once the rows are laid out)
+        self.track_origins = False  # whether ``next_outputs`` tells each output's origin (a last UnpackStep's)
+        self.origins: list[Any] | None = None  # the origins of what ``next_outputs`` returned last (``_origins``)
         self._stats = ctx.RawArray("d", NFIELDS * sum(s.nworkers for s in plan.stages))
         self._segment_dir: str | None = None  # a pipeline of threads passes objects as they are
         self._bytes_out = {a: ctx.RawValue("d", 0.0) for a in assigners}  # per segment, at its end
         self._rows: dict[int, int] = {}  # stage index -> its first row in the stats array
-        self._epochs: queue.Queue[tuple[int, Iterator[Any], bool] | None] = queue.Queue()  # None: stop
+        self._epochs: queue.Queue[tuple[int, Iterator[Any], bool, Resumed | None] | None] = queue.Queue()  # None: stop
         self._warned: set[str] = set()
         self._feeder_error: BaseException | None = None
         self._failures: dict[tuple[str, int], str] = {}  # a worker's traceback, said as it failed (WorkerFailure)
@@ -227,7 +230,7 @@ class Runtime:
             if plan.consumer_runs_last:
                 last = plan.stages[-1]
                 meter = Meter(self._stats, self._rows[last.index], last.name)
-                self._unpack = _ConsumerUnpack(last.step, meter, skip_errors, self._warn_skipped)
+                self._unpack = _ConsumerUnpack(last.step, meter, skip_errors, self._warn_skipped, last.index, ordered)
             self._feeder = self._start_feeder()  # Thread.start() waits for the thread: Ctrl-C may come there
             processes = sum(handle.in_own_process for _, _, handle in self.workers)
             if processes:  # else a pipeline of threads (``LOCAL``): it has no named semaphores
@@ -351,10 +354,11 @@ class Runtime:
 
     # -- feeding -------------------------------------------------------------------------------
 
-    def queue(self, epoch: int, iterator: Iterator[Any], in_memory: bool) -> None:
-        """Queue one epoch's input; ``in_memory``: reading it never blocks (it may be bundled)."""
+    def queue(self, epoch: int, iterator: Iterator[Any], in_memory: bool, resume: Resumed | None = None) -> None:
+        """Queue one epoch's input; ``in_memory``: reading it never blocks (it may be bundled); ``resume``:
+        the epoch restarts there (``_origins``)."""
         self._pauses.queued()
-        self._epochs.put((epoch, iterator, in_memory))
+        self._epochs.put((epoch, iterator, in_memory, resume))
 
     def _alive(self) -> bool:
         return not self._closed and not self._stop.is_set()
@@ -467,9 +471,12 @@ class Runtime:
                     self._last_health = now
                     self._check_health()
                     self._sample(now)
+                origin = self._collector.origin
                 if self._unpack is None:
+                    self.origins = [origin]  # a bundle's later elements: their positions say theirs
                     return payloads
-                outputs = self._unpack(payloads, epoch)
+                self.origins = [] if self.track_origins else None
+                outputs = self._unpack(payloads, epoch, origin, self.origins)
                 if outputs:  # an empty list unpacked to nothing (a cancelled epoch's pool parts are empty)
                     return outputs
                 continue
@@ -784,23 +791,35 @@ class _ConsumerUnpack:
     Errors are the step's, as in a process of its own: an element that is not iterable is a
     ``TypeError`` at its position (dropped and counted under ``on_error="skip"``)."""
 
-    def __init__(self, step: Any, meter: Meter, skip_errors: bool, warn: Any) -> None:
+    def __init__(self, step: Any, meter: Meter, skip_errors: bool, warn: Any, stage: int, ordered: bool) -> None:
         self._step = step
         self._meter = meter
         self._skip = skip_errors
         self._warn = warn
         self._positions: dict[int, int] = {}
+        self._stage, self._ordered = stage, ordered
+        self._origins: dict[int, tuple[int, Tracker]] = {}  # epoch -> (input positions so far, their origins)
 
-    def __call__(self, payloads: list[Any], epoch: int) -> list[Any]:
+    def __call__(self, payloads: list[Any], epoch: int, origin: Any, origins: list[Any] | None) -> list[Any]:
+        """The outputs of ``payloads`` (of one message, whose origin is ``origin``); ``origins``: a list to
+        add each output's origin to (``None``: not asked)."""
         outputs: list[Any] = []
         for payload in payloads:
             if isinstance(payload, CONTROL):
                 if isinstance(payload, EndOfEpoch):
                     self._positions.pop(epoch, None)
+                    self._origins.pop(epoch, None)
+                else:
+                    self._took(epoch, origin)
                 outputs.append(payload)
+                if origins is not None:
+                    origins.append(UNTRACKED)
+                origin = None
                 continue
             position = self._positions.get(epoch, 0)
             self._positions[epoch] = position + 1
+            tracker = self._took(epoch, origin)
+            origin = None  # a bundle's later elements: their positions say it
             self._meter.add(Field.IN, 1)
             try:
                 self._step.check(payload)
@@ -812,6 +831,22 @@ class _ConsumerUnpack:
                 self._warn(self._meter.step, f"{type(exc).__name__}: {exc}")
                 continue
             before = len(outputs)
-            outputs.extend(payload)
+            taken = self._origins[epoch][0] - 1  # the element's input position
+            skip = tracker.skip if taken == 0 else 0
+            if origins is None and not skip:
+                outputs.extend(payload)
+            else:
+                for item, (_, used) in _generators.items_with_cursors(taken, payload, skip):
+                    outputs.append(item)
+                    if origins is not None:
+                        origin_of = tracker.after(taken) if used is None else tracker.within(taken, used)
+                        origins.append(tracker.given_on(origin_of))
             self._meter.add(Field.OUT, len(outputs) - before)
         return outputs
+
+    def _took(self, epoch: int, origin: Any) -> Tracker:
+        """Count one more input position of ``epoch`` (its origin told); return the epoch's tracker."""
+        taken, tracker = self._origins.get(epoch) or (0, Tracker(self._stage, self._ordered))
+        tracker.took(taken, origin)
+        self._origins[epoch] = taken + 1, tracker
+        return tracker

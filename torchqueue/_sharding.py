@@ -191,7 +191,9 @@ def shard_chunks(chunks: Iterable[Any], rank: int, world_size: int, drop_last: b
         yield head[(rank - last) % count]
 
 
-def equal_outputs(first: Iterator[Any], passes: Callable[[], Iterator[Any]], length: int | None) -> Iterator[Any]:
+def equal_outputs(
+    first: Iterator[Any], passes: Callable[[], Iterator[Any]], length: int | None, given: int = 0
+) -> Iterator[Any]:
     """A rank's outputs of one epoch over a ``QueueFlowDataset``: exactly ``length`` (the dataset's
     ``length=``, this rank's outputs), so that every rank makes as many batches and no collective waits.
 
@@ -199,17 +201,20 @@ def equal_outputs(first: Iterator[Any], passes: Callable[[], Iterator[Any]], len
     at ``length`` (the rest of it cancelled); one that yields fewer is followed by another pass over the
     same chunks, as ``DistributedSampler`` pads a share by repeating it, until ``length`` came. Either
     warns: the length is not what the pipeline yields. A pass that yields nothing short of ``length``
-    raises ``RuntimeError``: nothing to pad with. Without a ``length`` the outputs go as they come."""
+    raises ``RuntimeError``: nothing to pad with. Without a ``length`` the outputs go as they come.
+    ``given``: the outputs the epoch gave before ``first`` (a resumed one's): ``first`` is the rest of its
+    first pass."""
     if length is None:
         yield from first
         return
-    given, outputs = 0, first
+    outputs, resumed = first, given > 0
     while True:
         begun = given
+        first_pass = outputs is first
         try:
             for output in outputs:
                 if given == length:
-                    if begun == 0:  # a pass that pads is cut at the length: as it should be
+                    if first_pass:  # a pass that pads is cut at the length: as it should be
                         warnings.warn(
                             f"this rank's pipeline yields more than the {length} outputs its QueueFlowDataset's "
                             "length= says: the epoch is cut there, so that every rank makes as many batches; "
@@ -225,7 +230,8 @@ def equal_outputs(first: Iterator[Any], passes: Callable[[], Iterator[Any]], len
                 close()  # a pass cut short: its epoch is cancelled
         if given == length:
             return
-        if given == begun:  # an empty pass: nothing to repeat, and a rank short of its batches stalls the others
+        if given == begun and not (first_pass and resumed):  # an empty pass: nothing to repeat, and a rank short
+            # of its batches stalls the others (the rest of a resumed first pass may be empty)
             why = (
                 "its chunks gave none"
                 if begun == 0
@@ -237,7 +243,7 @@ def equal_outputs(first: Iterator[Any], passes: Callable[[], Iterator[Any]], len
                 f"says, and {why}: nothing to pad with. Every rank must make as many batches, or the others wait "
                 "for it in their collectives: see what this rank's share of the chunks yields"
             )
-        if begun == 0:
+        if first_pass:
             warnings.warn(
                 f"this rank's pipeline yielded {given} of the {length} outputs its QueueFlowDataset's length= "
                 "says: its chunks are read again from the start for the rest, so that every rank makes as many "

@@ -8,7 +8,7 @@ go through to send and to receive.
         │   (cannot be sent: the step's error, in place)                in the element's place (_unreadable)
         └─ Channel.put (one channel, or seq % n: round robin)
 
-Envelopes carry ``(epoch, seq, part, nparts, payload)``; a receiver that reorders (a ``Collector``)
+Envelopes carry ``(epoch, seq, part, nparts, payload, origin)``; a receiver that reorders (a ``Collector``)
 joins the parts and puts the epoch back in order. ``observe_bytes`` keeps the running mean of bytes
 per element a stream stage receives (the feeder's bundle policy reads it).
 
@@ -104,19 +104,20 @@ class Emitter:
         self.encode_s = 0.0
         self.sent_bytes = 0
 
-    def emit(self, epoch: int, seq: int, payload: Any) -> int:
-        """Send one whole element (or control message) at position ``seq``; return the bytes sent."""
+    def emit(self, epoch: int, seq: int, payload: Any, origin: Any = None) -> int:
+        """Send one whole element (or control message) at position ``seq``; return the bytes sent.
+        ``origin``: the element's (``_origins``)."""
         if self._sizer is None or isinstance(payload, CONTROL):
-            return self.send(Envelope(epoch, seq, 0, 1, payload))
+            return self.send(Envelope(epoch, seq, 0, 1, payload, origin))
         try:
             items = list(payload)
         except TypeError as exc:
             error = TypeError(f"PoolStep needs iterable elements (lists, tuples, ...), got {type(payload).__name__}")
             error.__cause__ = exc
-            return self.send(Envelope(epoch, seq, 0, 1, capture(self._split_step, error, epoch, seq)))
+            return self.send(Envelope(epoch, seq, 0, 1, capture(self._split_step, error, epoch, seq), origin))
         parts = split(items, self._sizer.parts(len(items)))
         return sum(
-            self.send(Envelope(epoch, seq, index, len(parts), part), len(parts) - 1 - index)
+            self.send(Envelope(epoch, seq, index, len(parts), part, origin), len(parts) - 1 - index)
             for index, part in enumerate(parts)
         )
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from torchqueue._origins import Origin, Resumed
 from torchqueue.sequence import Sequence
 
 __all__ = ["QueueFlowDataset"]
@@ -106,6 +107,22 @@ class QueueFlowDataset(IterableDataset):
     def _outputs(self, chunks: Iterable[Any], timeout: float | None = None) -> Iterator[Any]:
         """The pipeline's outputs for ``chunks`` (``QueueFlowLoader`` passes a rank's share of an epoch's,
         and its ``timeout``, if it has one, instead of the dataset's)."""
+        return self._sequence_for(timeout)(chunks)
+
+    def _outputs_with_origins(
+        self, chunks: Iterable[Any], timeout: float | None = None, resume: Resumed | None = None
+    ) -> Iterator[tuple[Any, Origin]]:
+        """``(output, origin)`` for each of the pipeline's outputs for ``chunks``: a checkpoint resumes from
+        an origin (``_origins``), ``resume``, without running the steps on what came before it."""
+        epoch = self._sequence_for(timeout)._resumable(chunks, resume)
+        while True:
+            try:
+                yield epoch._next_with_origin()
+            except StopIteration:
+                return
+
+    def _sequence_for(self, timeout: float | None) -> Sequence:
+        """The pipeline, ready for an epoch (``timeout``: the loader's, instead of the dataset's)."""
         if get_worker_info() is not None:
             raise RuntimeError(
                 "QueueFlowDataset runs its own worker processes and cannot run inside DataLoader workers: "
@@ -114,7 +131,7 @@ class QueueFlowDataset(IterableDataset):
         if self._stopped:
             self._sequence, self._stopped = self._new_sequence(), False
         self._sequence.timeout = timeout if timeout is not None else self.timeout
-        return self._sequence(chunks)
+        return self._sequence
 
     def stats(self) -> Any:
         """The pipeline's ``tq.Stats``."""

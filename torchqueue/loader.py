@@ -32,9 +32,10 @@ import torch
 from torch.utils.data import IterableDataset, Sampler
 
 from torchqueue import _device, _progress, _sharding
-from torchqueue._checkpoint import Checkpoints
+from torchqueue._checkpoint import Checkpoints, Stream
 from torchqueue._fetch import Batches
 from torchqueue._mapstyle import MapStyleEpochs
+from torchqueue._origins import UNTRACKED, Origin, Resumed
 from torchqueue._runtime import _user_stacklevel
 from torchqueue._torchloader import TorchLoader
 from torchqueue.dataset import QueueFlowDataset, checked_epoch
@@ -260,7 +261,7 @@ class QueueFlowLoader(Generic[_T_co]):
         if isinstance(self.dataset, IterableDataset):
             generator_before = self.generator.get_state() if self.generator is not None else None
             stream = self._checkpoints.stream(generator_before)  # before DataLoader's iterator draws
-            source = self._iter_pipeline() if isinstance(self.dataset, QueueFlowDataset) else iter(self._torch)
+            source = self._iter_pipeline(stream) if isinstance(self.dataset, QueueFlowDataset) else iter(self._torch)
             batches = stream.counted(_device.deliver(source, self.pin_memory, self.device))
         else:
             batches = self._map_style.iterate(self)
@@ -274,10 +275,12 @@ class QueueFlowLoader(Generic[_T_co]):
     def _length_or_none(self) -> int | None:
         return _length(self)
 
-    def _iter_pipeline(self) -> Iterator[Any]:
+    def _iter_pipeline(self, stream: Stream) -> Iterator[Any]:
         """The epoch's batches over a ``QueueFlowDataset``: its pipeline's outputs for this rank's chunks,
-        exactly ``length`` of them under ranks where it has one (``_sharding.equal_outputs``), batched where asked."""
-        outputs = self._pipeline_outputs()
+        exactly ``length`` of them under ranks where it has one (``_sharding.equal_outputs``), batched where
+        asked; each batch's origin goes to ``stream`` as it is made (``_checkpoint``), and the epoch restarts
+        at ``stream.resume``."""
+        outputs = self._pipeline_outputs(stream.resume)
         if self._shard is not None and self._shard.world_size > 1:
             if self.dataset.length is None and not self._warned_ranks:
                 self._warned_ranks = True
@@ -288,31 +291,44 @@ class QueueFlowLoader(Generic[_T_co]):
                     "and every rank yields exactly len(loader) batches",
                     stacklevel=_user_stacklevel(),
                 )
-            outputs = _sharding.equal_outputs(outputs, self._pipeline_outputs, self.dataset.length)
+            given = stream.yielded * (self.batch_size or 1) if stream.resume is not None else 0
+            outputs = _sharding.equal_outputs(outputs, self._padding_pass, self.dataset.length, given)
         try:
             if self.batch_size is None:
-                yield from outputs
+                for output, origin in outputs:
+                    stream.origins.append(origin)
+                    yield output
                 return
             batch: list[Any] = []
-            for item in outputs:
+            origin = UNTRACKED
+            for item, origin in outputs:
                 batch.append(item)
                 if len(batch) == self.batch_size:
+                    stream.origins.append(origin)
                     yield self._torch.collate_fn(batch)
                     batch = []
             if batch and not self._torch.drop_last:
+                stream.origins.append(origin)
                 yield self._torch.collate_fn(batch)
         except TimeoutError as exc:
             if not self._torch.timeout:  # the dataset's own timeout
                 raise
             raise self._torch.timed_out() from exc
 
-    def _pipeline_outputs(self) -> Iterator[Any]:
-        """One pass of the pipeline over this rank's chunks of the dataset's epoch (begun at the first ``next``)."""
+    def _pipeline_outputs(self, resume: Resumed | None = None) -> Iterator[tuple[Any, Origin]]:
+        """One pass of the pipeline over this rank's chunks of the dataset's epoch (begun at the first
+        ``next``), each output with its origin; ``resume``: the pass restarts there."""
         dataset: QueueFlowDataset = self.dataset
         chunks = dataset.chunks(dataset.epoch)
         if self._chunk_shard is not None:
             chunks = _sharding.shard_chunks(chunks, *self._chunk_shard, drop_last=self._torch.drop_last)
-        yield from dataset._outputs(chunks, self._torch.timeout or None)
+        yield from dataset._outputs_with_origins(chunks, self._torch.timeout or None, resume)
+
+    def _padding_pass(self) -> Iterator[tuple[Any, Origin]]:
+        """A pass that repeats a rank's chunks to make up its ``length``: its outputs' origins say nothing
+        of where the epoch stands (a checkpoint there computes the epoch's start again)."""
+        for output, _ in self._pipeline_outputs():
+            yield output, UNTRACKED
 
     # -- Lightning's teardown -------------------------------------------------------------------
 

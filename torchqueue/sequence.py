@@ -32,6 +32,7 @@ from torchqueue._channel import Stopped
 from torchqueue._forkserver import CONTEXT as FORK_SERVER
 from torchqueue._local import LOCAL
 from torchqueue._messages import EndOfEpoch, Failure, Skipped
+from torchqueue._origins import Origin, Resumed, Tracker
 from torchqueue._plan import STREAM, Plan, make_plan
 from torchqueue._runtime import ERROR_JOIN_S, Runtime, _user_stacklevel, travelling_steps
 from torchqueue._seeding import draw_base_seed
@@ -198,12 +199,26 @@ class Sequence:
     def __call__(self, iterable: Iterable[Any]) -> _EpochIterator:
         """``queue_iterable(iterable)`` then ``iter(self)``; nothing is queued if another thread's
         iteration is going on (``RuntimeError``)."""
+        return self._epoch(iterable)
+
+    def _resumable(self, iterable: Iterable[Any], resume: Resumed | None = None) -> _EpochIterator:
+        """``self(iterable)``, whose iterator also tells each output's origin (``_next_with_origin``), where
+        a checkpoint restarts the epoch to go on after it; ``resume``: the epoch restarts there."""
+        return self._epoch(iterable, resume, origins=True)
+
+    def _epoch(self, iterable: Iterable[Any], resume: Resumed | None = None, origins: bool = False) -> _EpochIterator:
         self._check_open()
         iterator = _iterator(iterable)
         with self._queuing, self._interruptible():
             self._check_one_consumer()
-            self._queue(iterator, isinstance(iterable, (range, collections.abc.Sequence)))
-            return self._next_iterator()
+            self._queue(iterator, isinstance(iterable, (range, collections.abc.Sequence)), resume)
+            if origins:
+                assert self._runtime is not None  # started by _queue
+                self._runtime.track_origins = True
+            epoch = self._next_iterator()
+        if origins:
+            epoch.state.tracker = Tracker(len(self._plan.stages), self._ordered)
+        return epoch
 
     def __iter__(self) -> _EpochIterator:
         """The outputs of the next queued epoch."""
@@ -262,10 +277,10 @@ class Sequence:
                 "and their queues belong to that process. Create a new Sequence in this process"
             )
 
-    def _queue(self, iterator: Iterator[Any], in_memory: bool) -> None:
+    def _queue(self, iterator: Iterator[Any], in_memory: bool, resume: Resumed | None = None) -> None:
         self._restart_if_interrupted()
         runtime = self._start()
-        runtime.queue(self._queued, iterator, in_memory)
+        runtime.queue(self._queued, iterator, in_memory, resume)
         self._queued += 1
 
     def _check_one_consumer(self) -> None:
@@ -372,6 +387,9 @@ class _EpochState:
     def __init__(self, epoch: int, iterator: _EpochIterator) -> None:
         self.epoch = epoch
         self.ready: collections.deque[Any] = collections.deque()  # outputs taken from the runtime, not yet yielded
+        self.tracker: Tracker | None = None  # asked for origins (``Sequence._resumable``): the outputs' positions
+        self.origins: collections.deque[Origin] = collections.deque()  # then the origin of each value in ``ready``
+        self.position = 0  # then the position of the next output
         self.control: EndOfEpoch | Failure | None = None  # what comes once ``ready`` is empty
         self.done = False
         self.abandoned = False
@@ -389,9 +407,16 @@ class _EpochState:
             and self._iterator() is not None
         )
 
-    def take(self, payloads: list[Any]) -> None:
-        """Keep the values of ``payloads`` (skipped elements dropped) up to the first control message."""
-        for payload in payloads:
+    def take(self, payloads: list[Any], origins: list[Any] | None) -> None:
+        """Keep the values of ``payloads`` (skipped elements dropped) up to the first control message;
+        ``origins``: theirs (``_origins``; one short: the later ones' positions say theirs), kept where asked."""
+        tracker = self.tracker
+        for index, payload in enumerate(payloads):
+            if tracker is not None and type(payload) is not EndOfEpoch:
+                tracker.took(self.position, origins[index] if origins and index < len(origins) else None)
+                if type(payload) not in _CONTROL:
+                    self.origins.append(tracker.after(self.position))
+                self.position += 1
             if type(payload) not in _CONTROL:
                 self.ready.append(payload)
             elif not isinstance(payload, Skipped):
@@ -429,6 +454,11 @@ class _EpochIterator(Iterator[Any]):
                 pass
         return self._next_slowly()
 
+    def _next_with_origin(self) -> tuple[Any, Origin]:
+        """The next output and its origin (``Sequence._resumable``'s iterator: one consumer)."""
+        value = next(self)
+        return value, self.state.origins.popleft()
+
     def _next_slowly(self) -> Any:
         state = self.state
         with state.lock:
@@ -452,7 +482,7 @@ class _EpochIterator(Iterator[Any]):
         runtime = sequence._runtime
         assert runtime is not None  # started by queue_iterable
         try:
-            state.take(runtime.next_outputs(state.epoch, sequence.timeout))
+            state.take(runtime.next_outputs(state.epoch, sequence.timeout), runtime.origins)
         except BaseException as exc:  # a dead worker, a timeout, Ctrl-C, ...: nothing can be trusted to go on
             state.done = True
             if isinstance(exc, Stopped) or runtime.closed:  # another thread closed the Sequence

@@ -151,6 +151,13 @@ class StreamStep(Step):
     def check(self, element: Any) -> None:
         """Raise ``TypeError`` for an element this step cannot take (default: any is fine)."""
 
+    def tracked(self, elements: Iterator[tuple[int, Any]], skip: Callable[[], int]) -> Iterator[tuple[Any, Any]]:
+        """``stream`` over ``(position, element)`` pairs, each output with the cursor it leaves in the
+        input (``_generators.Cursor``; ``None``: not known, a checkpoint then computes the epoch's start
+        again); ``skip()``: items of the element at position 0 to leave out (a resumed epoch's), asked once
+        that element is there."""
+        return ((output, None) for output in self.stream(element for _, element in elements))
+
 
 def _require_iterable(step: StreamStep, element: Any) -> None:
     try:
@@ -183,6 +190,11 @@ class PackStep(StreamStep):
     def stream(self, elements: Iterator[Any]) -> Iterator[list[Any]]:
         return _generators.pack(elements, self.n)
 
+    def tracked(self, elements: Iterator[tuple[int, Any]], skip: Callable[[], int]) -> Iterator[tuple[Any, Any]]:
+        if type(self).stream is not PackStep.stream:  # a subclass's own stream: where it leaves the input is unknown
+            return super().tracked(elements, skip)
+        return _generators.pack_tracked(elements, self.n)
+
 
 @dataclass(frozen=True)
 class UnpackStep(StreamStep):
@@ -202,6 +214,11 @@ class UnpackStep(StreamStep):
 
     def stream(self, elements: Iterator[Iterable[Any]]) -> Iterator[Any]:
         return _generators.unpack(elements)
+
+    def tracked(self, elements: Iterator[tuple[int, Any]], skip: Callable[[], int]) -> Iterator[tuple[Any, Any]]:
+        if type(self).stream is not UnpackStep.stream:  # a subclass's own stream: where it leaves the input is unknown
+            return super().tracked(elements, skip)
+        return _generators.unpack_tracked(elements, skip)
 
     def check(self, element: Any) -> None:
         _require_iterable(self, element)
@@ -247,6 +264,11 @@ class RepackStep(StreamStep):
 
     def stream(self, elements: Iterator[Any]) -> Iterator[list[Any]]:
         return _generators.repack(elements, self.batch_size, self.drop_last)
+
+    def tracked(self, elements: Iterator[tuple[int, Any]], skip: Callable[[], int]) -> Iterator[tuple[Any, Any]]:
+        if type(self).stream is not RepackStep.stream:  # a subclass's own stream: where it leaves the input is unknown
+            return super().tracked(elements, skip)
+        return _generators.repack_tracked(elements, self.batch_size, self.drop_last, skip)
 
     def check(self, element: Any) -> None:
         if _generators.is_array(element):
