@@ -931,6 +931,28 @@ def test_a_sampler_that_draws_as_iter_is_called_gives_dataloaders_batches(num_wo
     assert epochs(QueueFlowLoader) == epochs(DataLoader)
 
 
+class GlobalBucketBatches(BucketBatches):
+    """``BucketBatches`` drawing from torch's global generator, as the loader draws its base seed without
+    a ``generator=``: the order of the two draws decides the batches."""
+
+    def __iter__(self):
+        order = torch.randperm(self.n).tolist()
+        return iter([order[i : i + self.size] for i in range(0, self.n, self.size)])
+
+
+def test_without_workers_a_sampler_that_draws_as_iter_is_called_draws_before_the_base_seed():
+    # DataLoader's single-process iterator calls iter() on the sampler as it is made, then draws its base
+    # seed; QueueFlowLoader called iter() at the first batch: after the seed, and not at all for an
+    # iterator dropped before its first batch, so the epochs after differed from DataLoader's
+    def epochs(kind):
+        torch.manual_seed(0)
+        loader = kind(list(range(20)), batch_sampler=GlobalBucketBatches(20, 4))
+        iter(loader)  # made and dropped before its first batch (Lightning's sanity checks do so)
+        return [[batch.tolist() for batch in loader] for _ in range(3)] + [torch.rand(()).item()]
+
+    assert epochs(QueueFlowLoader) == epochs(DataLoader)
+
+
 class ChannelsLastClips(torch.utils.data.Dataset):
     """Video clips ``(T, C, H, W)`` stored channels_last."""
 

@@ -179,3 +179,74 @@ def test_where_the_origin_is_not_known_the_epoch_is_computed_again_and_the_rest_
     assert len(head) + len(rest) == len(full)
     if kwargs.get("own"):  # in order: exactly the rest
         assert sorted(map(sorted, head + rest)) == full
+
+
+def test_a_checkpoint_at_a_ranks_short_last_batch_resumes_with_nothing_left(tmp_path):
+    # a reviewer's find: the outputs given were counted as batches times the batch size (6 for 2 + 2 + 1),
+    # past the rank's length of 5, and the resumed loader padded for ever
+    def make():
+        steps = [tq.ProcessStep(functools.partial(list_logged, tmp_path / "calls.log"), 1), tq.UnpackStep()]
+        dataset = tq.QueueFlowDataset(list(range(2)), steps, length=5)  # this rank: element 0, 5 outputs
+        return QueueFlowLoader(dataset, batch_size=2, rank=0, world_size=2)
+
+    loader = make()
+    for _ in loader:
+        state = loader.state_dict()  # taken in the loop: the last one at the short batch
+    loader.close()
+    assert state["stream_yielded"] == 3
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert list(resumed) == []
+    resumed.close()
+
+
+class LengthRaises(list):
+    """A list whose ``len()`` raises, as some lazy containers' do."""
+
+    def __len__(self):
+        raise TypeError("length not known")
+
+
+def items_in_a_length_raising_list(i: int) -> LengthRaises:
+    return LengthRaises([10 * i, 10 * i + 1, 10 * i + 2])
+
+
+def test_elements_whose_length_raises_are_repacked_and_resumed():
+    # a reviewer's find: the stream steps' cursors asked len() of every element that has a __len__
+    def make():
+        steps = [tq.ProcessStep(items_in_a_length_raising_list, 1), tq.RepackStep(2)]
+        return QueueFlowLoader(tq.QueueFlowDataset(list(range(3)), steps))
+
+    whole = make()
+    full = list(whole)
+    whole.close()
+    assert full == [[0, 1], [2, 10], [11, 12], [20, 21], [22]]
+    head, state = taken(make(), 3)
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert head + list(resumed) == full
+    resumed.close()
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_checkpoint_saved_again_before_the_first_batch_keeps_its_place(tmp_path, ordered):
+    # a reviewer's find (older than the origins): saved again between load_state_dict and iter(), the
+    # checkpoint had no place in the epoch, and its resume began the epoch again
+    def make():
+        steps = [tq.ProcessStep(functools.partial(list_logged, tmp_path / "calls.log"), 1), tq.RepackStep(2)]
+        return QueueFlowLoader(tq.QueueFlowDataset(list(range(2)), steps, ordered=ordered))
+
+    _, state = taken(make(), 2)
+    loaded = make()
+    loaded.load_state_dict(state)
+    before_iter = loaded.state_dict()
+    iterator = iter(loaded)
+    before_next = loaded.state_dict()
+    del iterator
+    loaded.close()
+    for saved in (before_iter, before_next):
+        assert saved["stream_yielded"] == 2
+        resumed = make()
+        resumed.load_state_dict(saved)
+        assert len(list(resumed)) == 3  # 10 items in lists of 2: the 3 not yielded
+        resumed.close()

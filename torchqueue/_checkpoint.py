@@ -31,10 +31,12 @@ from torchqueue._origins import UNTRACKED, Origin, Resumed
 class Stream:
     """An iterable dataset's epoch, as far as it went.
 
-    Over a ``QueueFlowDataset`` each batch comes with its origin (``_origins``): the producing side
-    appends it to ``origins`` as it makes the batch, ``counted`` takes it as the batch is yielded (the
-    batches may be made ahead, by a pinning thread), and a checkpoint saves the last one. A loader resumed
-    from it (``resume``) restarts the epoch there: no step runs again on the batches yielded before."""
+    Over a ``QueueFlowDataset`` the producing side tells, as it makes each batch, which of its pipeline's
+    outputs it ends with (``made``: the pass's iterator and the outputs it had yielded; ``None`` for a
+    batch of a pass that pads a rank's share). ``counted`` asks that pass the batch's origin
+    (``_origins``) as the batch is yielded (the batches may be made ahead, by a pinning thread), and a
+    checkpoint saves the last one. A loader resumed from it (``resume``) restarts the epoch there: no
+    step runs again on the batches yielded before."""
 
     def __init__(self, generator_before: torch.Tensor | None, skip: int, resume: Origin | None = None) -> None:
         self.generator_before = generator_before  # the loader's generator before the epoch's draws
@@ -42,25 +44,40 @@ class Stream:
         self.yielded = skip if resume is not None else 0
         self.over = False  # it ran out
         self.resume = None if resume is None else Resumed(resume[0], resume[1])  # where the epoch restarts
-        self.origins: collections.deque[Origin] = collections.deque()  # of the batches made, not yet yielded
-        self.origin: Origin | None = resume  # of the last batch yielded (``UNTRACKED``: not known)
+        self.made: collections.deque[tuple[Any, int] | None] = collections.deque()  # batches made, not yielded
+        self._origin: Origin | None = resume  # of the last batch yielded (``UNTRACKED``: not known) ...
+        self._last: Any = _TOLD  # ... or, until asked, what tells it (``made``'s)
 
     def counted(self, batches: Iterator[Any]) -> Iterator[Any]:
         """``batches``, counted, but for the first ``skip``."""
         for batch in batches:
             self.yielded += 1
-            origin = self.origins.popleft() if self.origins else UNTRACKED
+            made = self.made.popleft() if self.made else None
             if self.yielded > self.skip:
-                self.origin = origin
+                self._last = made
+                if self.yielded % _ASK_EVERY == 0:
+                    self.origin()  # the pass forgets what it kept for the batches before
                 yield batch
         self.over = True
 
+    def origin(self) -> Origin | None:
+        """The origin of the last batch yielded (``UNTRACKED``: not known; ``None``: none yielded, not resumed)."""
+        if self._last is not _TOLD:
+            made, self._last = self._last, _TOLD
+            self._origin = UNTRACKED if made is None else made[0]._origin_after(made[1])
+        return self._origin
+
     def saved_origin(self) -> list[Any] | None:
         """The origin a checkpoint saves (plain lists), or ``None`` where it is not known."""
-        origin = self.origin
-        if origin is None or origin[0] < 0 or self.yielded < self.skip:
-            return None
-        return [origin[0], [list(pair) for pair in origin[1]]]
+        return _plain_origin(self.origin()) if self.yielded >= self.skip else None
+
+
+_TOLD = object()
+"""``Stream._last`` when its origin was asked already."""
+
+_ASK_EVERY = 64
+"""Batches between two askings of the origin as they are yielded: the pass keeps what tells the origins of
+the outputs since (a few bytes each)."""
 
 
 class Checkpoints:
@@ -87,10 +104,13 @@ class Checkpoints:
             state.update(_epochs.checkpoint(epoch, num_workers))
         state["generator"] = generator.get_state() if generator is not None else None
         if self._stream is not None:  # an iterable dataset: how far its epoch went (0 once it ran out)
-            state["stream_yielded"] = 0 if self._stream.over else self._stream.yielded
-            state["stream_origin"] = None if self._stream.over else self._stream.saved_origin()
-            if not self._stream.over:  # resumed, the epoch runs again from its start
+            over = self._stream.over
+            state["stream_yielded"] = 0 if over else max(self._stream.yielded, self._stream.skip)
+            state["stream_origin"] = None if over else self._stream.saved_origin()
+            if not over:  # resumed, the epoch runs again from its start
                 state["generator"] = self._stream.generator_before
+        elif self._skip:  # loaded, and not begun since: where the loaded checkpoint stood (its generator is put back)
+            state["stream_yielded"], state["stream_origin"] = self._skip, _plain_origin(self._resume)
         if epochs.unbegun is not None:  # iter() drew a base seed, the epoch has not begun: as if not called
             state["generator"] = epochs.unbegun
         sampler_generator = epochs.sampler_generator()
@@ -113,6 +133,13 @@ class Checkpoints:
         self._skip, self._stream, epochs.unbegun = state.get("stream_yielded", 0), None, None
         self._resume = _origin(state.get("stream_origin")) if self._skip else None
         epochs.restore(_epochs.restored(state, num_workers))
+
+
+def _plain_origin(origin: Origin | None) -> list[Any] | None:
+    """``origin`` in plain lists, for a checkpoint (``None``: not known)."""
+    if origin is None or origin[0] < 0:
+        return None
+    return [origin[0], [list(pair) for pair in origin[1]]]
 
 
 def _origin(saved: Any) -> Origin | None:

@@ -32,6 +32,7 @@ finished epoch: the uninterrupted run would have gone on to its end.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,10 +74,11 @@ DRAW_AT_LEAST = 100_000
 """Index batches an epoch may have whatever its sampler's and dataset's lengths say (see ``draw``)."""
 
 
-def draw(index_sampler: Any, dataset: Any) -> list[Any]:
-    """Every index batch of an epoch, drawn as it begins. A sampler that goes on beyond four times its
-    length, four times its dataset's and ``DRAW_AT_LEAST`` raises: an endless sampler would
-    otherwise be drawn until memory runs out, where DataLoader pulls its batches one at a time."""
+def draw(index_sampler: Any, dataset: Any, indices: Iterator[Any] | None = None) -> list[Any]:
+    """Every index batch of an epoch, drawn as it begins (from ``indices``, the sampler's iterator, where it
+    was made already). A sampler that goes on beyond four times its length, four times its dataset's and
+    ``DRAW_AT_LEAST`` raises: an endless sampler would otherwise be drawn until memory runs out, where
+    DataLoader pulls its batches one at a time."""
     lengths = [DRAW_AT_LEAST]
     for sized in (index_sampler, dataset):
         try:
@@ -84,7 +86,7 @@ def draw(index_sampler: Any, dataset: Any) -> list[Any]:
         except Exception:  # no length (TypeError), or one that is undefined (ValueError: PyG's DynamicBatchSampler)
             continue
     bound = max(lengths)
-    batches = list(itertools.islice(index_sampler, bound + 1))
+    batches = list(itertools.islice(index_sampler if indices is None else indices, bound + 1))
     if len(batches) > bound:
         raise RuntimeError(
             f"the sampler gave more than {bound:,} index batches for one epoch: QueueFlowLoader draws an epoch's "

@@ -98,9 +98,19 @@ def pack_tracked(elements: Positioned, n: int) -> Iterator[tuple[list[Any], Curs
         yield batch, (position, None)
 
 
+def length(items: Any) -> int | None:
+    """``len(items)``, or ``None`` where it has none (a generator) or it raises."""
+    if not isinstance(items, Sized):
+        return None
+    try:
+        return len(items)
+    except Exception:
+        return None
+
+
 def items_with_cursors(position: int, items: Iterable[Any], skip: int) -> Iterator[tuple[Any, Cursor]]:
     """The items of the element at ``position``, each with the cursor after it (the first ``skip`` left out)."""
-    size = len(items) if isinstance(items, Sized) else None
+    size = length(items)
     used = 0
     for item in items:
         used += 1
@@ -127,7 +137,7 @@ def repack_tracked(
     cursor: Cursor = (-1, None)
     for position, element in elements:
         items = [element] if is_single_item(element) else element
-        size = len(items) if isinstance(items, Sized) else None
+        size = length(items)
         iterator = iter(items)
         used = sum(1 for _ in islice(iterator, skip())) if position == 0 else 0
         while taken := list(islice(iterator, batch_size - len(batch))):  # a list's worth at a time

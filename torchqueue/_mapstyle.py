@@ -116,10 +116,12 @@ class MapStyleEpochs:
         if self.epoch is not None:
             self._leave(loader, self.epoch)  # a new iterator ends the last one's epoch (DataLoader's _reset)
         if loader.num_workers == 0 and self.resume is None:
-            # DataLoader's single-process iterator draws its base seed now, the order at its first batch;
+            # DataLoader's single-process iterator calls iter() on its sampler now (a sampler that draws its
+            # order in __iter__ itself draws then) and draws its base seed, the order at its first batch;
             # a checkpoint taken in between saves the generator as it was before (``state_dict``)
             self.unbegun = loader.generator.get_state() if loader.generator is not None else None
-            return self._begin_lazily(loader, self._next_base_seed(loader))
+            indices = iter(self._torch.index_sampler)  # as DataLoader's iterator: before its base seed (below)
+            return self._begin_lazily(loader, self._next_base_seed(loader), indices)
         epoch, outputs, own = self._begin(loader)
         return self._deliver(loader, epoch, outputs, own)
 
@@ -173,9 +175,9 @@ class MapStyleEpochs:
             self._server.close()
             self._server = None
 
-    def _begin_lazily(self, loader: Settings, base_seed: int) -> Iterator[Any]:
+    def _begin_lazily(self, loader: Settings, base_seed: int, indices: Iterator[Any]) -> Iterator[Any]:
         self.unbegun = None
-        epoch, outputs, own = self._begin(loader, base_seed)
+        epoch, outputs, own = self._begin(loader, base_seed, indices)
         yield from self._deliver(loader, epoch, outputs, own)
 
     def _deliver(
@@ -224,10 +226,10 @@ class MapStyleEpochs:
                 self._ahead.drop()
 
     def _begin(
-        self, loader: Settings, base_seed: int | None = None
+        self, loader: Settings, base_seed: int | None = None, indices: Iterator[Any] | None = None
     ) -> tuple[Epoch, Iterator[Fetched], Sequence | None]:
         """Begin an epoch (a new one, or the one ``restore`` left to finish) and start fetching;
-        ``base_seed``: drawn already (``_next_base_seed``).
+        ``base_seed``: drawn already (``_next_base_seed``); ``indices``: the sampler's iterator, made already.
 
         Returns the epoch, its outputs, and the workers of this iterator alone (``None`` with
         persistent workers or none)."""
@@ -240,7 +242,7 @@ class MapStyleEpochs:
             parts = [(epoch.yielded, epoch.batches[epoch.yielded :], True)]
             restore = self._restorable and epoch.positions is None
         else:
-            epoch, guessed = self._draw(loader, previous, ahead, base_seed)
+            epoch, guessed = self._draw(loader, previous, ahead, base_seed, indices)
             # persistent workers are where DataLoader's are only if they went on into a right guess
             restore = self._restorable and self._persistent and not guessed
             parts = _epochs.catch_up(previous, num_workers, self.prefetch) if restore else []
@@ -273,10 +275,16 @@ class MapStyleEpochs:
         return self.base_seed
 
     def _draw(
-        self, loader: Settings, previous: Epoch | None, ahead: Guess | None, base_seed: int | None
+        self,
+        loader: Settings,
+        previous: Epoch | None,
+        ahead: Guess | None,
+        base_seed: int | None,
+        indices: Iterator[Any] | None = None,
     ) -> tuple[Epoch, bool]:
         """A new epoch, drawn from the generator as DataLoader's iterator draws it; and whether it is
-        ``ahead``, the guess queued when the last one began. ``base_seed``: drawn already."""
+        ``ahead``, the guess queued when the last one began. ``base_seed``: drawn already; ``indices``: the
+        sampler's iterator, made already."""
         if base_seed is None:
             if loader.num_workers > 0 and (self.base_seed is None or not self._persistent):
                 # a new multi-process DataLoader iterator calls iter() on the sampler twice (as it starts,
@@ -292,7 +300,7 @@ class MapStyleEpochs:
             assert ahead.batches is not None  # take() drew it
             batches = ahead.batches
         else:
-            batches = _epochs.draw(self._torch.index_sampler, self._dataset)
+            batches = _epochs.draw(self._torch.index_sampler, self._dataset, indices)
         epoch = Epoch(base_seed, batches, drawn_from, generator.get_state() if generator is not None else None)
         if loader.num_workers > 0 and not self._torch.in_order:
             epoch.positions = set()  # batches come as they are ready: a checkpoint lists which were yielded

@@ -89,9 +89,13 @@ class Tracker:
         """The origin of what ends with the whole element at ``position``."""
         return self._origins.get(position, UNTRACKED)
 
+    def before(self, position: int) -> Origin:
+        """The origin of what ends right before the element at ``position``."""
+        return self.before_first if position == 0 else self._origins.get(position - 1, UNTRACKED)
+
     def within(self, position: int, used: int) -> Origin:
         """The origin of what ends with ``used`` items of the element at ``position``."""
-        before = self.before_first if position == 0 else self._origins.get(position - 1, UNTRACKED)
+        before = self.before(position)
         if before[0] < 0:
             return UNTRACKED
         return before[0], (*before[1], (self.stage, used))
@@ -111,3 +115,47 @@ def resolved(origin: Any, position: int, start: int = 0) -> Origin:
     if origin is None:
         return (start + position + 1, ())
     return origin
+
+
+class PositionsRun:
+    """Consecutive outputs of the consumer, one per input position (a message's values): the origin of
+    each is told by its position, but the first's, which came with the message (``_origins``)."""
+
+    __slots__ = ("first", "count", "_positions", "_first_position", "_first_origin", "_start")
+
+    def __init__(self, first: int, positions: list[int], first_origin: Origin, start: int, ordered: bool) -> None:
+        self.first, self.count = first, len(positions)
+        self._positions = positions
+        self._first_position = positions[0] if positions else -1
+        self._first_origin = first_origin if ordered else UNTRACKED
+        self._start = start if ordered else -1
+
+    def origin(self, offset: int) -> Origin:
+        position = self._positions[offset]
+        if position == self._first_position:
+            return self._first_origin
+        return UNTRACKED if self._start < 0 else (self._start + position + 1, ())
+
+
+class ItemsRun:
+    """The items of one element, as a last UnpackStep in the consumer's process hands them out: the
+    origin of each is the items of the element used so far."""
+
+    __slots__ = ("first", "count", "_before", "_after", "_stage", "_used", "_size")
+
+    def __init__(
+        self, first: int, count: int, before: Origin, after: Origin, stage: int, used: int, size: int | None
+    ) -> None:
+        self.first, self.count = first, count
+        self._before, self._after, self._stage, self._used, self._size = before, after, stage, used, size
+
+    def origin(self, offset: int) -> Origin:
+        used = self._used + offset + 1
+        if used == self._size:
+            return self._after
+        if self._before[0] < 0:
+            return UNTRACKED
+        return self._before[0], (*self._before[1], (self._stage, used))
+
+
+Run = PositionsRun | ItemsRun

@@ -45,6 +45,7 @@ messages left in it, and so do the workers if this process dies.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import multiprocessing.process
 import multiprocessing.sharedctypes  # noqa: F401  (else imported by the first pipeline's start: ms of its first batch)
@@ -73,7 +74,7 @@ from torchqueue._loop import FusedStage, WorkerContext
 from torchqueue._mainmodule import TravellingStep, main_reimported
 from torchqueue._messages import CONTROL, EndOfEpoch, Envelope, SkipNotice, StartupFailure, WorkerFailure
 from torchqueue._meter import Meter
-from torchqueue._origins import UNTRACKED, Resumed, Tracker
+from torchqueue._origins import ItemsRun, Resumed, Tracker
 from torchqueue._pauses import Paused, Pauses
 from torchqueue._plan import POOL, STREAM, THREAD, Plan, StagePlan
 from torchqueue._premap import PremapStage, SlotHolder, Slots
@@ -181,8 +182,9 @@ class Runtime:
         self._last_assigner = assigners[-1]  # the consumer closes the last segment
         self._collector = Collector(ordered, self._credits[assigners[-1]].release)
         self._unpack: _ConsumerUnpack | None = None  # a last UnpackStep (made once the rows are laid out)
-        self.track_origins = False  # whether ``next_outputs`` tells each output's origin (a last UnpackStep's)
-        self.origins: list[Any] | None = None  # the origins of what ``next_outputs`` returned last (``_origins``)
+        self.track_origins = False  # whether ``next_outputs`` tells the runs of a last UnpackStep's items
+        self.origin: Any = None  # the origin of the message ``next_outputs`` returned last (``_origins``)
+        self.runs: list[ItemsRun] | None = None  # and, of a last UnpackStep's, the origins of its items
         self._stats = ctx.RawArray("d", NFIELDS * sum(s.nworkers for s in plan.stages))
         self._segment_dir: str | None = None  # a pipeline of threads passes objects as they are
         self._bytes_out = {a: ctx.RawValue("d", 0.0) for a in assigners}  # per segment, at its end
@@ -471,12 +473,11 @@ class Runtime:
                     self._last_health = now
                     self._check_health()
                     self._sample(now)
-                origin = self._collector.origin
+                self.origin = self._collector.origin
                 if self._unpack is None:
-                    self.origins = [origin]  # a bundle's later elements: their positions say theirs
                     return payloads
-                self.origins = [] if self.track_origins else None
-                outputs = self._unpack(payloads, epoch, origin, self.origins)
+                self.runs = [] if self.track_origins else None
+                outputs = self._unpack(payloads, epoch, self.origin, self.runs)
                 if outputs:  # an empty list unpacked to nothing (a cancelled epoch's pool parts are empty)
                     return outputs
                 continue
@@ -800,10 +801,11 @@ class _ConsumerUnpack:
         self._stage, self._ordered = stage, ordered
         self._origins: dict[int, tuple[int, Tracker]] = {}  # epoch -> (input positions so far, their origins)
 
-    def __call__(self, payloads: list[Any], epoch: int, origin: Any, origins: list[Any] | None) -> list[Any]:
-        """The outputs of ``payloads`` (of one message, whose origin is ``origin``); ``origins``: a list to
-        add each output's origin to (``None``: not asked)."""
+    def __call__(self, payloads: list[Any], epoch: int, origin: Any, runs: list[ItemsRun] | None) -> list[Any]:
+        """The outputs of ``payloads`` (of one message, whose origin is ``origin``); ``runs``: a list to add
+        each element's ``ItemsRun`` to (``None``: not asked), its ``first`` counted among these values."""
         outputs: list[Any] = []
+        values = 0  # the values among ``outputs`` (failures are not)
         for payload in payloads:
             if isinstance(payload, CONTROL):
                 if isinstance(payload, EndOfEpoch):
@@ -812,8 +814,6 @@ class _ConsumerUnpack:
                 else:
                     self._took(epoch, origin)
                 outputs.append(payload)
-                if origins is not None:
-                    origins.append(UNTRACKED)
                 origin = None
                 continue
             position = self._positions.get(epoch, 0)
@@ -833,15 +833,15 @@ class _ConsumerUnpack:
             before = len(outputs)
             taken = self._origins[epoch][0] - 1  # the element's input position
             skip = tracker.skip if taken == 0 else 0
-            if origins is None and not skip:
-                outputs.extend(payload)
-            else:
-                for item, (_, used) in _generators.items_with_cursors(taken, payload, skip):
-                    outputs.append(item)
-                    if origins is not None:
-                        origin_of = tracker.after(taken) if used is None else tracker.within(taken, used)
-                        origins.append(tracker.given_on(origin_of))
-            self._meter.add(Field.OUT, len(outputs) - before)
+            outputs.extend(itertools.islice(payload, skip, None) if skip else payload)
+            count = len(outputs) - before
+            if runs is not None:
+                size = _generators.length(payload)
+                runs.append(
+                    ItemsRun(values, count, tracker.before(taken), tracker.after(taken), self._stage, skip, size)
+                )
+            values += count
+            self._meter.add(Field.OUT, count)
         return outputs
 
     def _took(self, epoch: int, origin: Any) -> Tracker:

@@ -202,8 +202,8 @@ def equal_outputs(
     same chunks, as ``DistributedSampler`` pads a share by repeating it, until ``length`` came. Either
     warns: the length is not what the pipeline yields. A pass that yields nothing short of ``length``
     raises ``RuntimeError``: nothing to pad with. Without a ``length`` the outputs go as they come.
-    ``given``: the outputs the epoch gave before ``first`` (a resumed one's): ``first`` is the rest of its
-    first pass."""
+    ``given``: the outputs the epoch gave before ``first`` (a resumed one's: its batches times the batch
+    size, which counts a short last batch whole), and ``first`` the rest of its first pass."""
     if length is None:
         yield from first
         return
@@ -213,7 +213,7 @@ def equal_outputs(
         first_pass = outputs is first
         try:
             for output in outputs:
-                if given == length:
+                if given >= length:  # more than it: a resumed epoch whose last batch was short
                     if first_pass:  # a pass that pads is cut at the length: as it should be
                         warnings.warn(
                             f"this rank's pipeline yields more than the {length} outputs its QueueFlowDataset's "
@@ -228,7 +228,7 @@ def equal_outputs(
             close = getattr(outputs, "close", None)
             if close is not None:
                 close()  # a pass cut short: its epoch is cancelled
-        if given == length:
+        if given >= length:
             return
         if given == begun and not (first_pass and resumed):  # an empty pass: nothing to repeat, and a rank short
             # of its batches stalls the others (the rest of a resumed first pass may be empty)

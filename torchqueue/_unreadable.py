@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from torchqueue._messages import Bundle, Envelope, Failure, Skipped
+from torchqueue._origins import UNTRACKED
 from torchqueue._serialize import pickle_part
 
 _INTS = frozenset({"BININT", "BININT1", "BININT2", "LONG1", "LONG4", "INT", "LONG"})
@@ -62,7 +63,7 @@ def in_place(
         payload = replace(payload, message=message)
     if bundled:
         payload = Bundle([payload] * bundled)
-    return Envelope(epoch, seq, part, nparts, payload)
+    return Envelope(epoch, seq, part, nparts, payload, UNTRACKED)  # its origin is not readable either
 
 
 def _main_hint(exc: Exception) -> str:

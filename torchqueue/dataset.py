@@ -11,7 +11,7 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from torchqueue._origins import Origin, Resumed
+from torchqueue._origins import Resumed
 from torchqueue.sequence import Sequence
 
 __all__ = ["QueueFlowDataset"]
@@ -109,17 +109,12 @@ class QueueFlowDataset(IterableDataset):
         and its ``timeout``, if it has one, instead of the dataset's)."""
         return self._sequence_for(timeout)(chunks)
 
-    def _outputs_with_origins(
+    def _resumable_outputs(
         self, chunks: Iterable[Any], timeout: float | None = None, resume: Resumed | None = None
-    ) -> Iterator[tuple[Any, Origin]]:
-        """``(output, origin)`` for each of the pipeline's outputs for ``chunks``: a checkpoint resumes from
-        an origin (``_origins``), ``resume``, without running the steps on what came before it."""
-        epoch = self._sequence_for(timeout)._resumable(chunks, resume)
-        while True:
-            try:
-                yield epoch._next_with_origin()
-            except StopIteration:
-                return
+    ) -> Any:
+        """The pipeline's outputs for ``chunks``, an iterator that also tells where the epoch restarts to go
+        on after each (``Sequence._resumable``); ``resume``: the epoch restarts there."""
+        return self._sequence_for(timeout)._resumable(chunks, resume)
 
     def _sequence_for(self, timeout: float | None) -> Sequence:
         """The pipeline, ready for an epoch (``timeout``: the loader's, instead of the dataset's)."""

@@ -21,11 +21,12 @@ Over a ``QueueFlowDataset`` it runs that pipeline, batching and collating only w
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 import sys
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -35,7 +36,7 @@ from torchqueue import _device, _progress, _sharding
 from torchqueue._checkpoint import Checkpoints, Stream
 from torchqueue._fetch import Batches
 from torchqueue._mapstyle import MapStyleEpochs
-from torchqueue._origins import UNTRACKED, Origin, Resumed
+from torchqueue._origins import Resumed
 from torchqueue._runtime import _user_stacklevel
 from torchqueue._torchloader import TorchLoader
 from torchqueue.dataset import QueueFlowDataset, checked_epoch
@@ -280,7 +281,8 @@ class QueueFlowLoader(Generic[_T_co]):
         exactly ``length`` of them under ranks where it has one (``_sharding.equal_outputs``), batched where
         asked; each batch's origin goes to ``stream`` as it is made (``_checkpoint``), and the epoch restarts
         at ``stream.resume``."""
-        outputs = self._pipeline_outputs(stream.resume)
+        passes: list[Any] = []  # the first pass's outputs (``Sequence._resumable``) while they come
+        outputs = self._first_pass(stream.resume, passes)
         if self._shard is not None and self._shard.world_size > 1:
             if self.dataset.length is None and not self._warned_ranks:
                 self._warned_ranks = True
@@ -292,43 +294,53 @@ class QueueFlowLoader(Generic[_T_co]):
                     stacklevel=_user_stacklevel(),
                 )
             given = stream.yielded * (self.batch_size or 1) if stream.resume is not None else 0
-            outputs = _sharding.equal_outputs(outputs, self._padding_pass, self.dataset.length, given)
+            padding = functools.partial(self._padding_pass, passes)
+            outputs = _sharding.equal_outputs(outputs, padding, self.dataset.length, given)
+
+        def made() -> None:  # a batch is made: what tells its origin once it is yielded (``Stream``)
+            stream.made.append((passes[0], passes[0]._consumed()) if passes else None)
+
         try:
             if self.batch_size is None:
-                for output, origin in outputs:
-                    stream.origins.append(origin)
+                for output in outputs:
+                    made()
                     yield output
                 return
             batch: list[Any] = []
-            origin = UNTRACKED
-            for item, origin in outputs:
+            for item in outputs:
                 batch.append(item)
                 if len(batch) == self.batch_size:
-                    stream.origins.append(origin)
+                    made()
                     yield self._torch.collate_fn(batch)
                     batch = []
             if batch and not self._torch.drop_last:
-                stream.origins.append(origin)
+                made()
                 yield self._torch.collate_fn(batch)
         except TimeoutError as exc:
             if not self._torch.timeout:  # the dataset's own timeout
                 raise
             raise self._torch.timed_out() from exc
 
-    def _pipeline_outputs(self, resume: Resumed | None = None) -> Iterator[tuple[Any, Origin]]:
-        """One pass of the pipeline over this rank's chunks of the dataset's epoch (begun at the first
-        ``next``), each output with its origin; ``resume``: the pass restarts there."""
+    def _first_pass(self, resume: Resumed | None, passes: list[Any]) -> Iterator[Any]:
+        """The epoch's pass over this rank's chunks (begun at the first ``next``), its iterator in ``passes``
+        (it tells each output's origin); ``resume``: it restarts there."""
+        epoch = self.dataset._resumable_outputs(self._rank_chunks(), self._torch.timeout or None, resume)
+        passes.append(epoch)
+        yield from epoch
+
+    def _padding_pass(self, passes: list[Any]) -> Iterator[Any]:
+        """A pass that repeats a rank's chunks to make up its ``length``: where the epoch stands is not told
+        by its outputs' origins (a checkpoint there computes the epoch's start again)."""
+        passes.clear()
+        yield from self.dataset._outputs(self._rank_chunks(), self._torch.timeout or None)
+
+    def _rank_chunks(self) -> Iterable[Any]:
+        """This rank's chunks of the dataset's epoch."""
         dataset: QueueFlowDataset = self.dataset
         chunks = dataset.chunks(dataset.epoch)
         if self._chunk_shard is not None:
             chunks = _sharding.shard_chunks(chunks, *self._chunk_shard, drop_last=self._torch.drop_last)
-        yield from dataset._outputs_with_origins(chunks, self._torch.timeout or None, resume)
-
-    def _padding_pass(self) -> Iterator[tuple[Any, Origin]]:
-        """A pass that repeats a rank's chunks to make up its ``length``: its outputs' origins say nothing
-        of where the epoch stands (a checkpoint there computes the epoch's start again)."""
-        for output, _ in self._pipeline_outputs():
-            yield output, UNTRACKED
+        return chunks
 
     # -- Lightning's teardown -------------------------------------------------------------------
 

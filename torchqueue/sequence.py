@@ -32,7 +32,7 @@ from torchqueue._channel import Stopped
 from torchqueue._forkserver import CONTEXT as FORK_SERVER
 from torchqueue._local import LOCAL
 from torchqueue._messages import EndOfEpoch, Failure, Skipped
-from torchqueue._origins import Origin, Resumed, Tracker
+from torchqueue._origins import UNTRACKED, ItemsRun, Origin, PositionsRun, Resumed, Run, Tracker
 from torchqueue._plan import STREAM, Plan, make_plan
 from torchqueue._runtime import ERROR_JOIN_S, Runtime, _user_stacklevel, travelling_steps
 from torchqueue._seeding import draw_base_seed
@@ -388,8 +388,9 @@ class _EpochState:
         self.epoch = epoch
         self.ready: collections.deque[Any] = collections.deque()  # outputs taken from the runtime, not yet yielded
         self.tracker: Tracker | None = None  # asked for origins (``Sequence._resumable``): the outputs' positions
-        self.origins: collections.deque[Origin] = collections.deque()  # then the origin of each value in ``ready``
-        self.position = 0  # then the position of the next output
+        self.runs: collections.deque[Run] = collections.deque()  # then the origins of the values taken, in runs
+        self.values = 0  # and the number of values taken
+        self.position = 0  # and the input position of the next payload
         self.control: EndOfEpoch | Failure | None = None  # what comes once ``ready`` is empty
         self.done = False
         self.abandoned = False
@@ -407,21 +408,60 @@ class _EpochState:
             and self._iterator() is not None
         )
 
-    def take(self, payloads: list[Any], origins: list[Any] | None) -> None:
+    def take(self, payloads: list[Any], origin: Any = None, runs: list[ItemsRun] | None = None) -> None:
         """Keep the values of ``payloads`` (skipped elements dropped) up to the first control message;
-        ``origins``: theirs (``_origins``; one short: the later ones' positions say theirs), kept where asked."""
-        tracker = self.tracker
-        for index, payload in enumerate(payloads):
-            if tracker is not None and type(payload) is not EndOfEpoch:
-                tracker.took(self.position, origins[index] if origins and index < len(origins) else None)
-                if type(payload) not in _CONTROL:
-                    self.origins.append(tracker.after(self.position))
-                self.position += 1
+        where asked, with their origins: the message's ``origin`` (``_origins``), or a last UnpackStep's
+        ``runs``."""
+        if self.tracker is not None:
+            self._take_tracked(payloads, origin, runs)
+            return
+        for payload in payloads:
             if type(payload) not in _CONTROL:
                 self.ready.append(payload)
             elif not isinstance(payload, Skipped):
                 self.control = payload
                 return
+
+    def _take_tracked(self, payloads: list[Any], origin: Any, runs: list[ItemsRun] | None) -> None:
+        """``take``, and a run of the values' origins (those of ``runs``, else one by their positions)."""
+        tracker = self.tracker
+        assert tracker is not None
+        first, position, positions = self.position, self.position, []
+        for payload in payloads:
+            if type(payload) is EndOfEpoch:
+                self.control = payload
+                break
+            if type(payload) not in _CONTROL:
+                self.ready.append(payload)
+                positions.append(position)
+            position += 1
+            if not isinstance(payload, (Skipped, EndOfEpoch)) and type(payload) in _CONTROL:
+                self.control = payload
+                break
+        if position > first:
+            tracker.took(first, origin)  # a resumed epoch's first element: where it restarted
+            if runs is None:
+                self.runs.append(
+                    PositionsRun(self.values, positions, tracker.after(first), tracker.start, tracker.ordered)
+                )
+            else:
+                for run in runs:
+                    run.first += self.values
+                    self.runs.append(run)
+        self.values += len(positions)
+        self.position = position
+
+    def origin_after(self, consumed: int) -> Origin:
+        """The origin of the ``consumed``-th value (1 on): where the epoch restarts to go on after it. Runs
+        before it are forgotten: a checkpoint asks only of the values consumed, which only grow."""
+        if consumed <= 0:
+            return self.tracker.before_first if self.tracker is not None else UNTRACKED
+        runs = self.runs  # the producing thread may append meanwhile: only popleft and [0] here
+        while runs and runs[0].first + runs[0].count < consumed:
+            runs.popleft()
+        if not runs or not runs[0].first < consumed <= runs[0].first + runs[0].count:
+            return UNTRACKED
+        return runs[0].origin(consumed - 1 - runs[0].first)
 
     def abandon(self, runtime: Runtime | None, timeout: float | None) -> None:
         """Cancel the rest of this epoch (its outputs are dropped); waits for a thread taking outputs of it,
@@ -454,10 +494,18 @@ class _EpochIterator(Iterator[Any]):
                 pass
         return self._next_slowly()
 
+    def _consumed(self) -> int:
+        """The values this iterator has yielded (``Sequence._resumable``'s iterator: one consumer)."""
+        return self.state.values - len(self.state.ready)
+
+    def _origin_after(self, consumed: int) -> Origin:
+        """The origin of the ``consumed``-th value it yielded (``_EpochState.origin_after``)."""
+        return self.state.origin_after(consumed)
+
     def _next_with_origin(self) -> tuple[Any, Origin]:
-        """The next output and its origin (``Sequence._resumable``'s iterator: one consumer)."""
+        """The next output and its origin."""
         value = next(self)
-        return value, self.state.origins.popleft()
+        return value, self.state.origin_after(self._consumed())
 
     def _next_slowly(self) -> Any:
         state = self.state
@@ -482,7 +530,7 @@ class _EpochIterator(Iterator[Any]):
         runtime = sequence._runtime
         assert runtime is not None  # started by queue_iterable
         try:
-            state.take(runtime.next_outputs(state.epoch, sequence.timeout), runtime.origins)
+            state.take(runtime.next_outputs(state.epoch, sequence.timeout), runtime.origin, runtime.runs)
         except BaseException as exc:  # a dead worker, a timeout, Ctrl-C, ...: nothing can be trusted to go on
             state.done = True
             if isinstance(exc, Stopped) or runtime.closed:  # another thread closed the Sequence
