@@ -52,11 +52,10 @@ class Stream:
         """``batches``, counted, but for the first ``skip``."""
         for batch in batches:
             self.yielded += 1
-            made = self.made.popleft() if self.made else None
+            self._last = self.made.popleft() if self.made else None
+            if self.yielded % _ASK_EVERY == 0:
+                self.origin()  # the pass forgets what it kept for the batches before (dropped ones' too)
             if self.yielded > self.skip:
-                self._last = made
-                if self.yielded % _ASK_EVERY == 0:
-                    self.origin()  # the pass forgets what it kept for the batches before
                 yield batch
         self.over = True
 
@@ -70,6 +69,17 @@ class Stream:
     def saved_origin(self) -> list[Any] | None:
         """The origin a checkpoint saves (plain lists), or ``None`` where it is not known."""
         return _plain_origin(self.origin()) if self.yielded >= self.skip else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Where the epoch stands, without the pass that tells origins (a pickled or copied loader)."""
+        self.origin()
+        state = dict(self.__dict__)
+        del state["made"], state["_last"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.made, self._last = collections.deque(), _TOLD
 
 
 _TOLD = object()

@@ -61,7 +61,7 @@ class Tracker:
 
     def epoch_begins(self) -> None:
         self.start = 0  # the feeder positions this epoch left out
-        self.before_first: Origin = EPOCH_START  # the restart before this reader's first element
+        self.before_first: Origin = EPOCH_START if self.ordered else UNTRACKED  # the restart before its first element
         self.skip = 0  # items of its first element this reader leaves out
         self.resumed: Resumed | None = None  # the restart of a resumed epoch, until given on
         self._origins: dict[int, Origin] = {}  # the last two elements' (position -> origin)
@@ -123,10 +123,14 @@ class PositionsRun:
 
     __slots__ = ("first", "count", "_positions", "_first_position", "_first_origin", "_start")
 
-    def __init__(self, first: int, positions: list[int], first_origin: Origin, start: int, ordered: bool) -> None:
+    def __init__(
+        self, first: int, positions: list[int], first_position: int, first_origin: Origin, start: int, ordered: bool
+    ) -> None:
+        """``positions``: the values'; ``first_position``: the message's first payload's (a value, or one
+        skipped), which the message's origin is of."""
         self.first, self.count = first, len(positions)
         self._positions = positions
-        self._first_position = positions[0] if positions else -1
+        self._first_position = first_position
         self._first_origin = first_origin if ordered else UNTRACKED
         self._start = start if ordered else -1
 

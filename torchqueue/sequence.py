@@ -442,7 +442,7 @@ class _EpochState:
             tracker.took(first, origin)  # a resumed epoch's first element: where it restarted
             if runs is None:
                 self.runs.append(
-                    PositionsRun(self.values, positions, tracker.after(first), tracker.start, tracker.ordered)
+                    PositionsRun(self.values, positions, first, tracker.after(first), tracker.start, tracker.ordered)
                 )
             else:
                 for run in runs:
