@@ -95,10 +95,7 @@ class Tracker:
 
     def within(self, position: int, used: int) -> Origin:
         """The origin of what ends with ``used`` items of the element at ``position``."""
-        before = self.before(position)
-        if before[0] < 0:
-            return UNTRACKED
-        return before[0], (*before[1], (self.stage, used))
+        return _cut(self.before(position), self.stage, used)
 
     def given_on(self, origin: Origin) -> Any:
         """``origin`` as sent with an output: the first output of a resumed epoch also says where it restarted."""
@@ -106,15 +103,6 @@ class Tracker:
         if resumed is None:
             return origin
         return Resumed(resumed.start, resumed.skips, origin)
-
-
-def resolved(origin: Any, position: int, start: int = 0) -> Origin:
-    """The origin of an output at ``position`` of an epoch that started at ``start`` (the consumer's view)."""
-    if isinstance(origin, Resumed):
-        origin = origin.origin
-    if origin is None:
-        return (start + position + 1, ())
-    return origin
 
 
 class PositionsRun:
@@ -155,11 +143,14 @@ class ItemsRun:
 
     def origin(self, offset: int) -> Origin:
         used = self._used + offset + 1
-        if used == self._size:
-            return self._after
-        if self._before[0] < 0:
-            return UNTRACKED
-        return self._before[0], (*self._before[1], (self._stage, used))
+        return self._after if used == self._size else _cut(self._before, self._stage, used)
 
 
 Run = PositionsRun | ItemsRun
+
+
+def _cut(before: Origin, stage: int, used: int) -> Origin:
+    """The origin of what ends with ``used`` items of the element of ``stage`` that follows ``before``."""
+    if before[0] < 0:
+        return UNTRACKED
+    return before[0], (*before[1], (stage, used))

@@ -435,7 +435,7 @@ class _EpochState:
                 self.ready.append(payload)
                 positions.append(position)
             position += 1
-            if not isinstance(payload, (Skipped, EndOfEpoch)) and type(payload) in _CONTROL:
+            if type(payload) is Failure:  # it takes a position, and ends what the epoch yields
                 self.control = payload
                 break
         if position > first:
